@@ -1,0 +1,211 @@
+"""Readings and the one table of signal names and units.
+
+A reading is one measured value at one instant from one source. Names follow COVESA VSS for
+vehicle signals (``Vehicle.Speed``) and carry the OBIS code for meter quantities
+(``1-0:1.8.0``). Units are UCUM-style codes (``km/h``, ``Cel``, ``%``, ``Wh``, ``W``, ``mV``,
+``mA``, ``km``, ``/min``). Money and energy are integers; floats only where the source is
+truly continuous (a temperature), never NaN or infinite.
+
+Time status follows OCMF: ``S`` synced clock, ``U`` unsynced (a Pi without RTC before NTP),
+``R`` relative (monotonic since boot).
+
+``SIGNALS`` maps every name an adapter may emit to its unit. Adapters look names up here so
+that a typo in a PID table or register map fails at import/test time, not in the field.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+from agent.errors import ConfigError
+
+Value = int | float | str | bytes
+
+MAX_NAME_LEN = 128
+MAX_UNIT_LEN = 16
+MAX_SOURCE_LEN = 64
+MAX_TEXT_VALUE_LEN = 256
+
+
+class TimeStatus(str, Enum):
+    SYNCED = "S"
+    UNSYNCED = "U"
+    RELATIVE = "R"
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One value. ``flags`` marks readings an adapter found implausible (e.g. ``"implausible"``)."""
+
+    name: str
+    value: Value
+    unit: str
+    ts_ns: int
+    time_status: TimeStatus = TimeStatus.SYNCED
+    source: str = ""
+    flags: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not 0 < len(self.name) <= MAX_NAME_LEN:
+            raise ValueError(f"reading name must be 1..{MAX_NAME_LEN} chars, got {self.name!r}")
+        value = self.value
+        if isinstance(value, bool) or not isinstance(value, int | float | str | bytes):
+            raise ValueError(f"{self.name}: value must be int, float, str or bytes")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{self.name}: value must be finite, got {value!r}")
+        if isinstance(value, str | bytes) and len(value) > MAX_TEXT_VALUE_LEN:
+            raise ValueError(f"{self.name}: value longer than {MAX_TEXT_VALUE_LEN}")
+        if not isinstance(self.unit, str) or len(self.unit) > MAX_UNIT_LEN:
+            raise ValueError(f"{self.name}: unit must be at most {MAX_UNIT_LEN} chars")
+        if isinstance(self.ts_ns, bool) or not isinstance(self.ts_ns, int) or self.ts_ns < 0:
+            raise ValueError(f"{self.name}: ts_ns must be a non-negative int")
+        if not isinstance(self.time_status, TimeStatus):
+            object.__setattr__(self, "time_status", TimeStatus(self.time_status))
+        if not isinstance(self.source, str) or len(self.source) > MAX_SOURCE_LEN:
+            raise ValueError(f"{self.name}: source must be at most {MAX_SOURCE_LEN} chars")
+        if not all(isinstance(f, str) and f for f in self.flags):
+            raise ValueError(f"{self.name}: flags must be non-empty strings")
+
+    def to_cbor_item(self) -> list[object]:
+        """The envelope's array form: [name, value, unit, ts_ns, status, source(, flags)]."""
+        item: list[object] = [
+            self.name, self.value, self.unit, self.ts_ns, self.time_status.value, self.source
+        ]
+        if self.flags:
+            item.append(list(self.flags))
+        return item
+
+    @classmethod
+    def from_cbor_item(cls, item: object) -> Reading:
+        """Inverse of :meth:`to_cbor_item`; raises ValueError on a wrong shape."""
+        if not isinstance(item, list) or len(item) not in (6, 7):
+            raise ValueError("a reading is an array of 6 or 7 items")
+        name, value, unit, ts_ns, status, source = item[:6]
+        flags = item[6] if len(item) == 7 else []
+        if not isinstance(flags, list) or not flags and len(item) == 7:
+            raise ValueError("reading flags must be a non-empty array when present")
+        for field, kind in ((name, str), (unit, str), (ts_ns, int), (status, str), (source, str)):
+            if not isinstance(field, kind) or isinstance(field, bool):
+                raise ValueError("a reading field has the wrong type")
+        try:
+            time_status = TimeStatus(status)
+        except ValueError:
+            raise ValueError(f"unknown time status {status!r}") from None
+        return cls(name, value, unit, ts_ns, time_status, source, tuple(flags))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class SignalSpec:
+    name: str
+    unit: str
+    description: str
+
+
+def _table(*rows: tuple[str, str, str]) -> dict[str, SignalSpec]:
+    return {name: SignalSpec(name, unit, text) for name, unit, text in rows}
+
+
+# Vehicle signals: COVESA VSS 4.x names (Vehicle.OBD.* where VSS has only the OBD branch).
+VEHICLE_SIGNALS: dict[str, SignalSpec] = _table(
+    ("Vehicle.Speed", "km/h", "vehicle speed"),
+    ("Vehicle.TraveledDistance", "km", "odometer"),
+    ("Vehicle.Powertrain.TractionBattery.StateOfCharge.Current", "%", "state of charge"),
+    ("Vehicle.Powertrain.TractionBattery.CurrentVoltage", "V", "traction battery voltage"),
+    ("Vehicle.Powertrain.TractionBattery.CurrentCurrent", "A", "traction battery current"),
+    ("Vehicle.Powertrain.TractionBattery.Charging.IsCharging", "", "charging flag"),
+    ("Vehicle.Powertrain.FuelSystem.Level", "%", "fuel tank level"),
+    ("Vehicle.Exterior.AirTemperature", "Cel", "ambient air temperature"),
+    ("Vehicle.OBD.EngineSpeed", "/min", "engine speed"),
+    ("Vehicle.OBD.CoolantTemperature", "Cel", "engine coolant temperature"),
+    ("Vehicle.OBD.EngineLoad", "%", "calculated engine load"),
+    ("Vehicle.OBD.ThrottlePosition", "%", "throttle position"),
+    ("Vehicle.OBD.DistanceSinceDTCClear", "km", "distance since codes cleared"),
+    ("Vehicle.OBD.HybridBatteryRemaining", "%", "hybrid battery pack remaining life"),
+    ("Vehicle.OBD.ControlModuleVoltage", "V", "control module voltage"),
+    ("Vehicle.OBD.RunTime", "s", "run time since engine start"),
+    ("Vehicle.OBD.IntakeTemp", "Cel", "intake air temperature"),
+    ("Vehicle.OBD.MAF", "g/s", "mass air flow rate"),
+    ("Vehicle.VehicleIdentification.VIN", "", "vehicle identification number"),
+    ("Vehicle.OBD.DTCList", "", "stored diagnostic trouble codes"),
+    ("Vehicle.Event.Odometer", "", "odometer integrity event"),
+)
+
+# Meter quantities: OBIS codes (IEC 62056-61). Energy in Wh, power in W, voltage in mV,
+# current in mA: integers scaled at the register decoder, never floats.
+METER_SIGNALS: dict[str, SignalSpec] = _table(
+    ("1-0:1.8.0", "Wh", "active energy import, total"),
+    ("1-0:2.8.0", "Wh", "active energy export, total"),
+    ("1-0:3.8.0", "varh", "reactive energy import, total"),
+    ("1-0:4.8.0", "varh", "reactive energy export, total"),
+    ("1-0:16.7.0", "W", "active power, total (import minus export)"),
+    ("1-0:1.7.0", "W", "active power import, total"),
+    ("1-0:21.7.0", "W", "active power L1"),
+    ("1-0:41.7.0", "W", "active power L2"),
+    ("1-0:61.7.0", "W", "active power L3"),
+    ("1-0:32.7.0", "mV", "voltage L1"),
+    ("1-0:52.7.0", "mV", "voltage L2"),
+    ("1-0:72.7.0", "mV", "voltage L3"),
+    ("1-0:31.7.0", "mA", "current L1"),
+    ("1-0:51.7.0", "mA", "current L2"),
+    ("1-0:71.7.0", "mA", "current L3"),
+    ("1-0:14.7.0", "mHz", "supply frequency"),
+    ("1-0:13.7.0", "1/1000", "power factor, total (thousandths)"),
+    ("Meter.Event.Plausibility", "", "meter plausibility event"),
+)
+
+SIGNALS: dict[str, SignalSpec] = {**VEHICLE_SIGNALS, **METER_SIGNALS}
+
+
+def signal(name: str) -> SignalSpec:
+    """The spec of a known signal name; ConfigError naming the signal if unknown."""
+    try:
+        return SIGNALS[name]
+    except KeyError:
+        raise ConfigError(key=name, expected="a signal name from agent.readings.SIGNALS",
+                          found=name) from None
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Something a source or the agent noticed that a verifier must see: a decreasing
+    odometer, an implausible meter step, a dropped range. Signed like readings, in an
+    envelope of kind ``event``. ``code`` is kebab-case (``odometer-decreased``); ``details``
+    holds small structured values (ints and short strings), never secrets."""
+
+    code: str
+    message: str
+    ts_ns: int
+    source: str = ""
+    details: tuple[tuple[str, int | str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.code, str) or not 0 < len(self.code) <= 64:
+            raise ValueError(f"event code must be 1..64 chars, got {self.code!r}")
+        if not isinstance(self.message, str) or len(self.message) > 512:
+            raise ValueError("event message must be a string of at most 512 chars")
+        if isinstance(self.ts_ns, bool) or not isinstance(self.ts_ns, int) or self.ts_ns < 0:
+            raise ValueError("event ts_ns must be a non-negative int")
+        for key, value in self.details:
+            if not isinstance(key, str) or isinstance(value, bool) or not isinstance(value, int | str):
+                raise ValueError("event details are (str, int | str) pairs")
+
+    def to_cbor_item(self) -> dict[str, object]:
+        # Text keys only: one major type per map keeps cbor2's canonical order equal to
+        # RFC 8949 s4.2.1 bytewise order (see agent.dcbor).
+        item: dict[str, object] = {"code": self.code, "msg": self.message, "ts": self.ts_ns,
+                                   "src": self.source}
+        if self.details:
+            item["det"] = dict(self.details)
+        return item
+
+    @classmethod
+    def from_cbor_item(cls, item: object) -> Event:
+        if not isinstance(item, dict) or not {"code", "msg", "ts", "src"} <= item.keys():
+            raise ValueError("an event is a map with code, msg, ts, src")
+        details = item.get("det", {})
+        if not isinstance(details, dict) or set(item) - {"code", "msg", "ts", "src", "det"}:
+            raise ValueError("unexpected event fields")
+        return cls(item["code"], item["msg"], item["ts"], item["src"],  # type: ignore[arg-type]
+                   tuple(sorted(details.items())))

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Quick start, command 2: install what the tests need (Python packages into .venv, and the
+# Debian packages the real-peer tests talk to), then run the test suite.
+# Extra arguments go to pytest (e.g. `scripts/test.sh -m slow`, `scripts/test.sh tests/agent`).
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+need=()
+for pair in mosquitto:mosquitto socat:socat; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "installing Debian packages: ${need[*]} ..." >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  else
+    echo "missing ${need[*]}: run as root, or: sudo apt-get install ${need[*]}" >&2; exit 1
+  fi
+fi
+"$root/scripts/bootstrap.sh" test
+cd "$root"
+set +e
+"$root/.venv/bin/python" -m pytest "$@"
+rc=$?
+set -e
+# pytest exits 5 when it collected no test: that is a failure of the suite, say so plainly.
+if [ $rc -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi
+exit $rc
