@@ -1,0 +1,267 @@
+"""Signed, hash-chained envelopes: sealing, opening, batching. Sans-I/O.
+
+Wire format (DESIGN s3). An envelope is a COSE_Sign1 (RFC 9052 s4.2, CBOR tag 18)::
+
+    18([ protected: bstr .cbor {1: -8 (alg EdDSA), 4: kid (8 bytes)},
+         unprotected: {},
+         payload: bstr .cbor {1: device id (tstr), 2: boot id (bstr 16), 3: seq (uint),
+                              4: prev (bstr 32), 5: kind (tstr), 6: body},
+         signature: bstr 64 (Ed25519 over Sig_structure, RFC 9052 s4.4) ])
+
+    Sig_structure = ["Signature1", protected, external_aad = h'', payload]
+
+Every CBOR item is deterministic (RFC 8949 s4.2, agent.dcbor). ``kind`` and ``body``:
+
+- ``telemetry``: an array of readings, each [name, value, unit, ts_ns, status, source(,flags)]
+- ``event``: an array of event maps (agent.readings.Event)
+- ``drop``: {"first", "last", "count", "bytes", "last_hash", "reason"}: envelopes first..last
+  were deleted unsent (spool full); ``last_hash`` is the hash of envelope ``last`` so the
+  verifier can link the envelope after the gap.
+
+``seq`` counts envelopes per device from 0 and never repeats (the spool persists it with
+the chain head); ``prev`` is SHA-256 of the previous envelope's bytes (32 zero bytes for
+seq 0). So any gap, reorder, edit, deletion or replay is visible to a verifier.
+
+Opening checks, in order, each with its own error: size (OversizeInput), CBOR well-formed
+and deterministic (MalformedCBOR, NonDeterministicCBOR, DuplicateMapKey), tag 18 (WrongTag),
+alg EdDSA (WrongAlgorithm), the key (UnknownKey / RevokedKey from the lookup), the signature
+(BadSignature), then the payload schema (MalformedEnvelope). A kid in the unprotected
+header is accepted too, since other COSE libraries put it there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from agent import dcbor
+from agent.errors import (
+    MalformedEnvelope,
+    OversizeInput,
+    WrongAlgorithm,
+    WrongTag,
+)
+from agent.keys import verify_ed25519
+from agent.readings import Event, Reading
+
+COSE_SIGN1_TAG = 18
+ALG_EDDSA = -8
+HDR_ALG, HDR_KID = 1, 4
+KIND_TELEMETRY, KIND_EVENT, KIND_DROP = "telemetry", "event", "drop"
+KINDS = (KIND_TELEMETRY, KIND_EVENT, KIND_DROP)
+GENESIS = bytes(32)
+MAX_ENVELOPE_BYTES = 256 * 1024
+BOOT_ID_LEN = 16
+
+P_DEVICE, P_BOOT, P_SEQ, P_PREV, P_KIND, P_BODY = 1, 2, 3, 4, 5, 6
+_PAYLOAD_KEYS = {P_DEVICE, P_BOOT, P_SEQ, P_PREV, P_KIND, P_BODY}
+_DROP_KEYS = {"first", "last", "count", "bytes", "last_hash", "reason"}
+
+
+class Signer(Protocol):
+    kid: bytes
+
+    def sign(self, message: bytes) -> bytes: ...
+
+
+def _bstr_head(length: int) -> bytes:
+    """CBOR head of a byte string (major type 2) in its shortest form (RFC 8949 s3.1)."""
+    if length < 24:
+        return bytes([0x40 | length])
+    if length < 0x100:
+        return bytes([0x58, length])
+    if length < 0x10000:
+        return b"\x59" + length.to_bytes(2, "big")
+    return b"\x5a" + length.to_bytes(4, "big")
+
+
+@dataclass(frozen=True, slots=True)
+class SealedEnvelope:
+    seq: int
+    kind: str
+    data: bytes
+    hash: bytes
+    prev: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DropNotice:
+    first: int
+    last: int
+    count: int
+    nbytes: int
+    last_hash: bytes
+    reason: str
+
+
+class Sealer:
+    """Seals batches into the device's chain. Holds (next_seq, head) in memory; the caller
+    (the spool) persists both with each envelope in one transaction."""
+
+    def __init__(self, identity: Signer, device_id: str, boot_id: bytes, next_seq: int = 0,
+                 prev_hash: bytes = GENESIS) -> None:
+        if len(boot_id) != BOOT_ID_LEN:
+            raise ValueError(f"boot id must be {BOOT_ID_LEN} bytes")
+        if len(prev_hash) != 32 or next_seq < 0:
+            raise ValueError("prev hash must be 32 bytes and next_seq >= 0")
+        self.identity, self.device_id, self.boot_id = identity, device_id, boot_id
+        self.next_seq, self.head = next_seq, prev_hash
+        protected = dcbor.dumps({HDR_ALG: ALG_EDDSA, HDR_KID: identity.kid})
+        self._cose_prefix = b"\xd2\x84" + _bstr_head(len(protected)) + protected + b"\xa0"
+        # Sig_structure is an array of 4 whose first three items never change: build them
+        # once and append the payload (byte-identical to dcbor.dumps of the whole array).
+        self._sig_prefix = (b"\x84" + dcbor.dumps("Signature1") + _bstr_head(len(protected))
+                            + protected + b"\x40")
+
+    def seal_readings(self, readings: Sequence[Reading]) -> SealedEnvelope:
+        return self._seal(KIND_TELEMETRY, [r.to_cbor_item() for r in readings])
+
+    def seal_events(self, events: Sequence[Event]) -> SealedEnvelope:
+        return self._seal(KIND_EVENT, [e.to_cbor_item() for e in events])
+
+    def seal_drop(self, first_seq: int, last_seq: int, last_hash: bytes, count: int,
+                  nbytes: int, reason: str) -> SealedEnvelope:
+        if not 0 <= first_seq <= last_seq < self.next_seq or len(last_hash) != 32:
+            raise ValueError("a drop names a range of already sealed envelopes")
+        body = {"first": first_seq, "last": last_seq, "count": count, "bytes": nbytes,
+                "last_hash": last_hash, "reason": reason}
+        return self._seal(KIND_DROP, body)
+
+    def _seal(self, kind: str, body: object) -> SealedEnvelope:
+        seq, prev = self.next_seq, self.head
+        payload = dcbor.dumps({P_DEVICE: self.device_id, P_BOOT: self.boot_id, P_SEQ: seq,
+                               P_PREV: prev, P_KIND: kind, P_BODY: body})
+        payload_item = _bstr_head(len(payload)) + payload
+        signature = self.identity.sign(self._sig_prefix + payload_item)
+        data = self._cose_prefix + payload_item + b"\x58\x40" + signature
+        digest = hashlib.sha256(data).digest()
+        self.next_seq, self.head = seq + 1, digest
+        return SealedEnvelope(seq, kind, data, digest, prev)
+
+
+@dataclass(frozen=True, slots=True)
+class OpenedEnvelope:
+    kid: bytes
+    device: str
+    boot: bytes
+    seq: int
+    prev: bytes
+    kind: str
+    readings: tuple[Reading, ...]
+    events: tuple[Event, ...]
+    drop: DropNotice | None
+    hash: bytes
+
+
+KeyLookup = Callable[[bytes], bytes]
+"""kid -> Ed25519 public key; raises UnknownKey or RevokedKey."""
+
+
+def open_envelope(data: bytes, lookup: KeyLookup,
+                  max_bytes: int = MAX_ENVELOPE_BYTES) -> OpenedEnvelope:
+    """Check and decode one envelope. Raises only agent.errors (see module doc)."""
+    if len(data) > max_bytes:
+        raise OversizeInput(f"envelope is {len(data)} bytes, limit {max_bytes}")
+    outer = dcbor.loads(data, max_bytes=max_bytes)
+    if not isinstance(outer, dcbor.Tag) or outer.tag != COSE_SIGN1_TAG:
+        raise WrongTag("not a COSE_Sign1 (tag 18)")
+    parts = outer.value
+    if not isinstance(parts, list) or len(parts) != 4:
+        raise MalformedEnvelope("COSE_Sign1 is an array of 4")
+    protected_bytes, unprotected, payload, signature = parts
+    if not isinstance(protected_bytes, bytes) or not isinstance(unprotected, dict) \
+            or not isinstance(payload, bytes) or not isinstance(signature, bytes):
+        raise MalformedEnvelope("COSE_Sign1 items have the wrong types")
+    protected = dcbor.loads(protected_bytes, max_bytes=256)
+    if not isinstance(protected, dict):
+        raise MalformedEnvelope("protected header is not a map")
+    if protected.get(HDR_ALG) != ALG_EDDSA:
+        raise WrongAlgorithm(f"alg {protected.get(HDR_ALG)!r} is not EdDSA (-8)")
+    kid = protected.get(HDR_KID, unprotected.get(HDR_KID))
+    if not isinstance(kid, bytes):
+        raise MalformedEnvelope("no kid in the headers")
+    public = lookup(kid)
+    sig_structure = dcbor.dumps(["Signature1", protected_bytes, b"", payload])
+    verify_ed25519(public, sig_structure, signature)
+    return _decode_payload(payload, kid, hashlib.sha256(data).digest())
+
+
+def _decode_payload(payload: bytes, kid: bytes, digest: bytes) -> OpenedEnvelope:
+    body_map = dcbor.loads(payload, max_bytes=MAX_ENVELOPE_BYTES)
+    if not isinstance(body_map, dict) or set(body_map) != _PAYLOAD_KEYS:
+        raise MalformedEnvelope("payload must have exactly the keys 1..6")
+    device, boot, seq = body_map[P_DEVICE], body_map[P_BOOT], body_map[P_SEQ]
+    prev, kind, body = body_map[P_PREV], body_map[P_KIND], body_map[P_BODY]
+    if not isinstance(device, str) or not isinstance(boot, bytes) or len(boot) != BOOT_ID_LEN \
+            or not isinstance(seq, int) or seq < 0 or not isinstance(prev, bytes) \
+            or len(prev) != 32 or kind not in KINDS:
+        raise MalformedEnvelope("payload header fields have wrong types or sizes")
+    readings: tuple[Reading, ...] = ()
+    events: tuple[Event, ...] = ()
+    drop = None
+    try:
+        if kind == KIND_TELEMETRY:
+            if not isinstance(body, list):
+                raise ValueError("telemetry body is an array")
+            readings = tuple(Reading.from_cbor_item(item) for item in body)
+        elif kind == KIND_EVENT:
+            if not isinstance(body, list):
+                raise ValueError("event body is an array")
+            events = tuple(Event.from_cbor_item(item) for item in body)
+        else:
+            drop = _decode_drop(body)
+    except (ValueError, TypeError) as exc:
+        raise MalformedEnvelope(f"{kind} body: {exc}") from None
+    return OpenedEnvelope(kid, device, boot, seq, prev, kind, readings, events, drop, digest)
+
+
+def _decode_drop(body: object) -> DropNotice:
+    if not isinstance(body, dict) or set(body) != _DROP_KEYS:
+        raise ValueError("drop body has the wrong keys")
+    ints = [body[k] for k in ("first", "last", "count", "bytes")]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ints):
+        raise ValueError("drop counters must be non-negative integers")
+    if not isinstance(body["last_hash"], bytes) or len(body["last_hash"]) != 32 \
+            or not isinstance(body["reason"], str) or body["first"] > body["last"]:
+        raise ValueError("drop range or hash malformed")
+    first, last, count, nbytes = ints
+    return DropNotice(first, last, count, nbytes, body["last_hash"], body["reason"])
+
+
+class Batcher:
+    """Collects readings into batches by count and by age. Time is an argument (aioquic
+    style): ``add`` returns a full batch, ``deadline`` says when the oldest reading must
+    leave, ``flush(now)`` returns the batch once that time has come (or at shutdown)."""
+
+    def __init__(self, max_readings: int, max_age_ns: int) -> None:
+        if max_readings < 1 or max_age_ns < 0:
+            raise ValueError("max_readings >= 1 and max_age_ns >= 0")
+        self.max_readings, self.max_age_ns = max_readings, max_age_ns
+        self._pending: list[Reading] = []
+        self._oldest_ns: int | None = None
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def add(self, reading: Reading, now_ns: int) -> list[Reading] | None:
+        if self._oldest_ns is None:
+            self._oldest_ns = now_ns
+        self._pending.append(reading)
+        if len(self._pending) >= self.max_readings or self.max_age_ns == 0:
+            return self._take()
+        return None
+
+    def deadline(self) -> int | None:
+        return None if self._oldest_ns is None else self._oldest_ns + self.max_age_ns
+
+    def flush(self, now_ns: int, force: bool = False) -> list[Reading] | None:
+        deadline = self.deadline()
+        if deadline is None or (not force and now_ns < deadline):
+            return None
+        return self._take()
+
+    def _take(self) -> list[Reading]:
+        batch, self._pending, self._oldest_ns = self._pending, [], None
+        return batch
