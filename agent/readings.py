@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from agent.errors import ConfigError
 
@@ -29,7 +29,7 @@ MAX_SOURCE_LEN = 64
 MAX_TEXT_VALUE_LEN = 256
 
 
-class TimeStatus(str, Enum):
+class TimeStatus(StrEnum):
     SYNCED = "S"
     UNSYNCED = "U"
     RELATIVE = "R"
@@ -130,6 +130,49 @@ VEHICLE_SIGNALS: dict[str, SignalSpec] = _table(
     ("Vehicle.VehicleIdentification.VIN", "", "vehicle identification number"),
     ("Vehicle.OBD.DTCList", "", "stored diagnostic trouble codes"),
     ("Vehicle.Event.Odometer", "", "odometer integrity event"),
+    # SAE J1979 service 01 PIDs without a VSS branch of their own (firmware_adapters.obd.pids)
+    ("Vehicle.OBD.ShortTermFuelTrim1", "%", "short term fuel trim bank 1"),
+    ("Vehicle.OBD.LongTermFuelTrim1", "%", "long term fuel trim bank 1"),
+    ("Vehicle.OBD.ShortTermFuelTrim2", "%", "short term fuel trim bank 2"),
+    ("Vehicle.OBD.LongTermFuelTrim2", "%", "long term fuel trim bank 2"),
+    ("Vehicle.OBD.FuelPressure", "kPa", "fuel pressure"),
+    ("Vehicle.OBD.MAP", "kPa", "intake manifold absolute pressure"),
+    ("Vehicle.OBD.TimingAdvance", "deg", "timing advance"),
+    ("Vehicle.OBD.DistanceWithMIL", "km", "distance travelled with MIL on"),
+    ("Vehicle.OBD.FuelRailPressureVac", "kPa", "fuel rail pressure relative to vacuum"),
+    ("Vehicle.OBD.FuelRailPressureDirect", "kPa", "fuel rail gauge pressure"),
+    ("Vehicle.OBD.CommandedEGR", "%", "commanded EGR"),
+    ("Vehicle.OBD.EGRError", "%", "EGR error"),
+    ("Vehicle.OBD.CommandedEVAP", "%", "commanded evaporative purge"),
+    ("Vehicle.OBD.WarmupsSinceDTCClear", "1", "warm-ups since codes cleared"),
+    ("Vehicle.OBD.EVAPVaporPressure", "Pa", "evap system vapour pressure"),
+    ("Vehicle.OBD.BarometricPressure", "kPa", "barometric pressure"),
+    ("Vehicle.OBD.Catalyst.Bank1.Temperature1", "Cel", "catalyst temperature B1S1"),
+    ("Vehicle.OBD.Catalyst.Bank2.Temperature1", "Cel", "catalyst temperature B2S1"),
+    ("Vehicle.OBD.Catalyst.Bank1.Temperature2", "Cel", "catalyst temperature B1S2"),
+    ("Vehicle.OBD.Catalyst.Bank2.Temperature2", "Cel", "catalyst temperature B2S2"),
+    ("Vehicle.OBD.AbsoluteLoad", "%", "absolute load value"),
+    ("Vehicle.OBD.CommandedEquivalenceRatio", "1", "commanded air-fuel equivalence ratio"),
+    ("Vehicle.OBD.RelativeThrottlePosition", "%", "relative throttle position"),
+    ("Vehicle.OBD.ThrottlePositionB", "%", "absolute throttle position B"),
+    ("Vehicle.OBD.ThrottlePositionC", "%", "absolute throttle position C"),
+    ("Vehicle.OBD.AcceleratorPositionD", "%", "accelerator pedal position D"),
+    ("Vehicle.OBD.AcceleratorPositionE", "%", "accelerator pedal position E"),
+    ("Vehicle.OBD.AcceleratorPositionF", "%", "accelerator pedal position F"),
+    ("Vehicle.OBD.ThrottleActuator", "%", "commanded throttle actuator"),
+    ("Vehicle.OBD.RunTimeMIL", "min", "time run with MIL on"),
+    ("Vehicle.OBD.TimeSinceDTCCleared", "min", "time since codes cleared"),
+    ("Vehicle.OBD.EthanolPercent", "%", "ethanol fuel percentage"),
+    ("Vehicle.OBD.FuelRailPressureAbsolute", "kPa", "fuel rail absolute pressure"),
+    ("Vehicle.OBD.RelativeAcceleratorPosition", "%", "relative accelerator pedal position"),
+    ("Vehicle.OBD.OilTemperature", "Cel", "engine oil temperature"),
+    ("Vehicle.OBD.FuelInjectionTiming", "deg", "fuel injection timing"),
+    ("Vehicle.OBD.FuelRate", "L/h", "engine fuel rate"),
+    ("Vehicle.OBD.DriverDemandEngineTorque", "%", "driver's demand engine torque"),
+    ("Vehicle.OBD.ActualEngineTorque", "%", "actual engine torque"),
+    ("Vehicle.OBD.EngineReferenceTorque", "N.m", "engine reference torque"),
+    ("Vehicle.OBD.DTCPendingList", "", "pending diagnostic trouble codes"),
+    ("Vehicle.Event.Ignition", "", "vehicle asleep / awake event"),
 )
 
 # Meter quantities: OBIS codes (IEC 62056-61). Energy in Wh, power in W, voltage in mV,

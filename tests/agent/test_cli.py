@@ -1,0 +1,94 @@
+"""The CLI as a new user meets it: help texts, the technician's flow, one-line errors."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.cli import build_parser
+
+EDGE_AGENT = str(Path(sys.executable).parent / "edge-agent")
+
+
+def run(*args, cwd=None, check=True):
+    env = dict(os.environ)
+    env.pop("EDGE_AGENT_DEBUG", None)
+    proc = subprocess.run([EDGE_AGENT, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} exited {proc.returncode}: {proc.stderr}")
+    return proc
+
+
+def _subcommand_paths(parser, prefix=()):
+    for action in parser._actions:
+        if action.__class__.__name__ == "_SubParsersAction":
+            for name, sub in action.choices.items():
+                yield (*prefix, name)
+                yield from _subcommand_paths(sub, (*prefix, name))
+
+
+@pytest.mark.parametrize("path", [()] + sorted(set(_subcommand_paths(build_parser()))))
+def test_every_help_says_what_it_does(path):
+    proc = run(*path, "--help")
+    assert "usage: edge-agent" in proc.stdout
+    # a description line besides usage and options
+    assert len(proc.stdout.strip().splitlines()) >= 3
+
+
+def test_technician_flow(tmp_path):
+    state = tmp_path / "state"
+    init = run("keys", "init", "--state-dir", str(state), "--device-id", "ev-0042")
+    assert "fingerprint:" in init.stdout and "provision record" in init.stdout
+    assert "\u2588" in init.stdout or "\u2580" in init.stdout  # the QR code in the terminal
+    secret = (state / "keys" / "identity.ed25519").read_bytes().hex()
+    assert secret not in init.stdout + init.stderr
+    show = run("keys", "show", "--state-dir", str(state))
+    assert "ev-0042" in show.stdout
+    record = tmp_path / "record.json"
+    run("keys", "export", "--state-dir", str(state), "--out", str(record))
+    registry = tmp_path / "fleet.toml"
+    added = run("registry", "add", str(record), "--registry", str(registry))
+    assert "proof of possession checks" in added.stdout
+    listed = run("registry", "show", "--registry", str(registry))
+    assert "ev-0042" in listed.stdout and "valid" in listed.stdout
+    # the QR text form is accepted too
+    cbor = tmp_path / "record.cbor"
+    run("keys", "export", "--state-dir", str(state), "--format", "cbor", "--out", str(cbor))
+    run("registry", "add", str(cbor), "--registry", str(registry))
+
+
+def test_demo_capture_verifies_and_a_tampered_one_fails(tmp_path):
+    demo = run("demo", "--out", str(tmp_path / "out"), "--seconds", "30", cwd=tmp_path)
+    assert "every envelope verifies" in demo.stdout
+    capture = tmp_path / "out" / "capture.cbor"
+    registry = tmp_path / "out" / "fleet.toml"
+    ok = run("verify", str(capture), "--registry", str(registry))
+    assert "every envelope verifies" in ok.stdout
+    data = bytearray(capture.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    capture.write_bytes(bytes(data))
+    bad = run("verify", str(capture), "--registry", str(registry), check=False)
+    assert bad.returncode == 1 and "FAILED" in bad.stdout
+
+
+@pytest.mark.parametrize("setup,args,message", [
+    (None, ("keys", "show", "--state-dir", "{tmp}/none"), "run `edge-agent keys init` first"),
+    ("world-readable", ("keys", "show", "--state-dir", "{tmp}/s"), "chmod 600"),
+    ("bad-config", ("config", "check", "{tmp}/bad.toml"), "bad.toml: batch.max_age_ms: expected"),
+    (None, ("verify", "{tmp}/missing.cbor", "--registry", "{tmp}/missing.toml"), "no such config file"),
+    (None, ("registry", "add", "{tmp}/nothing.json", "--registry", "{tmp}/r.toml"), "cannot read the record"),
+])
+def test_errors_are_one_line_without_traceback(tmp_path, setup, args, message):
+    if setup == "world-readable":
+        run("keys", "init", "--state-dir", str(tmp_path / "s"), "--no-qr")
+        (tmp_path / "s" / "keys" / "identity.ed25519").chmod(0o644)
+    if setup == "bad-config":
+        (tmp_path / "bad.toml").write_text("[batch]\nmax_age_ms = 'soon'\n")
+    proc = run(*(a.format(tmp=tmp_path) for a in args), check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
