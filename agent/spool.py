@@ -1,0 +1,343 @@
+"""Durable store-and-forward for outgoing messages (DESIGN s4): SQLite in WAL mode.
+
+Rules this module keeps:
+
+- An envelope, its seq and the chain head (the Sealer's ``next_seq`` and ``head``) are
+  committed in ONE transaction (:meth:`Spool.commit`) before anything is published. After a
+  crash, :meth:`Spool.open` reads the head back, so the Sealer continues the chain: a seq is
+  never reused and ``prev`` always links to what was committed. A seq sealed but never
+  committed was never published either, so handing it out again after a crash is safe.
+- A row leaves the spool only through :meth:`Spool.delete_acked`, which the uplink calls
+  after the broker's PUBACK. Rows go out in ``id`` order (= commit order = seq order).
+- Capacity is in bytes (``SpoolConfig.max_bytes``). Above it, the drop policy deletes the
+  OLDEST telemetry (a run of consecutive seqs, never a row that is in flight) down to the
+  low-water mark, and writes a signed drop envelope (``Sealer.seal_drop``) naming the range,
+  in the same transaction. Event, drop and channel rows are never dropped: they may push the
+  spool above its cap (counted in ``counters["over_cap"]``).
+- Every method is blocking (SQLite); the asyncio side calls them through one worker thread
+  (``telemetry.SpoolWorker``), so the one connection is never used by two threads at once.
+
+Why ``PRAGMA synchronous=FULL`` (and not NORMAL) is crash-safe here: in WAL mode a
+transaction is durable once its WAL frames reach the disk. With FULL, SQLite fsyncs the WAL
+at every commit, so a commit that returned survives a process crash AND a power cut; only
+then do we publish. With NORMAL the WAL is fsynced only at checkpoints: a SIGKILL loses
+nothing (the frames are in the OS page cache) but a power cut may roll back the last
+commits - whose envelopes may already be at the broker - and the Sealer would then hand out
+those seqs again for different envelopes: a reused seq and a forked chain. See
+https://www.sqlite.org/pragma.html#pragma_synchronous and https://www.sqlite.org/wal.html.
+Deletes after PUBACK are batched; losing one in a power cut only means a QoS 1 duplicate,
+which the verifier removes.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from agent.config import Table
+from agent.envelope import GENESIS, KIND_DROP, KIND_EVENT, KIND_TELEMETRY, SealedEnvelope
+from agent.errors import SpoolError
+
+KIND_CHANNEL = "channel"
+DROPPABLE = frozenset({KIND_TELEMETRY})
+ROW_OVERHEAD_BYTES = 64  # rough per-row cost in SQLite beyond the payload (keys, header)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id     INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq    INTEGER UNIQUE,            -- NULL for channel messages (not in the device chain)
+    kind   TEXT    NOT NULL,
+    topic  TEXT    NOT NULL,
+    data   BLOB    NOT NULL,
+    hash   BLOB,
+    nbytes INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chain (
+    one      INTEGER PRIMARY KEY CHECK (one = 1),
+    next_seq INTEGER NOT NULL,
+    head     BLOB    NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolConfig:
+    """``[spool]``: ``path`` (default ``<state_dir>/spool.sqlite``), ``max_bytes`` (cap),
+    ``low_water`` (fraction of the cap the drop policy frees down to)."""
+
+    path: Path
+    max_bytes: int = 64 * 1024 * 1024
+    low_water: float = 0.9
+
+    @classmethod
+    def from_table(cls, table: Table, state_dir: Path | None = None) -> SpoolConfig:
+        default = str((state_dir or Path("/var/lib/edge-agent")) / "spool.sqlite")
+        value = cls(path=table.path("path", default),
+                    max_bytes=table.int("max_bytes", 64 * 1024 * 1024, min=64 * 1024),
+                    low_water=table.float("low_water", 0.9, min=0.1, max=1.0))
+        table.reject_unknown()
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolRow:
+    id: int
+    seq: int | None
+    kind: str
+    topic: str
+    data: bytes
+
+
+class DropSealer(Protocol):
+    """What the spool needs of agent.envelope.Sealer: seal a drop, and its chain head."""
+
+    next_seq: int
+    head: bytes
+
+    def seal_drop(self, first_seq: int, last_seq: int, last_hash: bytes, count: int,
+                  nbytes: int, reason: str) -> SealedEnvelope: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A sealed envelope and the topic it goes to."""
+
+    envelope: SealedEnvelope
+    topic: str
+
+
+class Spool:
+    """One SQLite database. Use :meth:`open`; all methods block."""
+
+    def __init__(self, conn: sqlite3.Connection, config: SpoolConfig) -> None:
+        self._db, self.config = conn, config
+        self.counters: Counter[str] = Counter()
+        self._in_flight: set[int] = set()
+        self._lock = threading.Lock()
+        row = conn.execute("SELECT COALESCE(SUM(nbytes), 0), COUNT(*) FROM outbox").fetchone()
+        self.total_bytes, self.rows = int(row[0]), int(row[1])
+        head = conn.execute("SELECT next_seq, head FROM chain WHERE one = 1").fetchone()
+        self.next_seq, self.head = (int(head[0]), bytes(head[1])) if head else (0, GENESIS)
+
+    # -- opening and recovery ---------------------------------------------------------
+    @classmethod
+    def open(cls, config: SpoolConfig, *, check: bool = True) -> Spool:
+        """Open (or create) the spool. SQLite replays or discards the WAL itself; we then
+        check the file (``quick_check``) and that the chain head is ahead of every stored
+        seq. Raises SpoolError(reason="spool-corrupt") when it is not."""
+        config.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = sqlite3.connect(config.path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")  # why: see the module docstring
+            conn.execute("PRAGMA busy_timeout=5000")
+            conn.executescript(_SCHEMA)
+            if check:
+                result = conn.execute("PRAGMA quick_check").fetchone()[0]
+                if result != "ok":
+                    raise SpoolError(f"{config.path}: integrity check failed: {result}",
+                                     reason="spool-corrupt")
+            spool = cls(conn, config)
+        except sqlite3.DatabaseError as exc:
+            raise SpoolError(f"{config.path}: cannot open spool: {exc}",
+                             reason="spool-corrupt") from exc
+        top = conn.execute("SELECT MAX(seq) FROM outbox").fetchone()[0]
+        if top is not None and top >= spool.next_seq:
+            raise SpoolError(f"{config.path}: stored seq {top} is not below the chain head "
+                             f"{spool.next_seq}", reason="spool-corrupt")
+        return spool
+
+    def close(self) -> None:
+        self._db.close()
+
+    def integrity_check(self) -> str:
+        return str(self._db.execute("PRAGMA integrity_check").fetchone()[0])
+
+    # -- writing ----------------------------------------------------------------------
+    def commit(self, items: Sequence[Outgoing], sealer: DropSealer | None = None) -> list[int]:
+        """Store sealed envelopes and the sealer's chain head in one transaction. When the
+        new rows would push the spool over its cap and ``sealer`` is given, apply the drop
+        policy in the same transaction. Returns the new row ids."""
+        incoming = sum(len(i.envelope.data) + ROW_OVERHEAD_BYTES for i in items)
+        try:
+            with self._transaction():
+                ids = [self._insert(i.topic, i.envelope) for i in items]
+                if sealer is not None and self.total_bytes + incoming > self.config.max_bytes:
+                    ids += self._apply_drop_policy(sealer, incoming)
+                if items or sealer is not None:
+                    next_seq, head = (sealer.next_seq, sealer.head) if sealer else \
+                        (items[-1].envelope.seq + 1, items[-1].envelope.hash)
+                    self._db.execute(
+                        "INSERT INTO chain(one, next_seq, head) VALUES (1, ?, ?) "
+                        "ON CONFLICT(one) DO UPDATE SET next_seq = excluded.next_seq, "
+                        "head = excluded.head", (next_seq, head))
+        except sqlite3.Error as exc:
+            self._reload_totals()
+            raise SpoolError(f"spool commit failed: {exc}", reason=_reason(exc)) from exc
+        self.total_bytes += incoming
+        self.rows += len(items)
+        if items or sealer is not None:
+            self.next_seq, self.head = next_seq, head
+        if self.total_bytes > self.config.max_bytes:
+            self.counters["over_cap"] += 1
+        return ids
+
+    def commit_channel(self, topic: str, data: bytes) -> int:
+        """A channel message (not in the device chain): stored, never dropped."""
+        nbytes = len(data) + ROW_OVERHEAD_BYTES
+        try:
+            with self._transaction():
+                cur = self._db.execute(
+                    "INSERT INTO outbox(seq, kind, topic, data, hash, nbytes) "
+                    "VALUES (NULL, ?, ?, ?, NULL, ?)", (KIND_CHANNEL, topic, data, nbytes))
+        except sqlite3.Error as exc:
+            raise SpoolError(f"spool commit failed: {exc}", reason=_reason(exc)) from exc
+        self.total_bytes += nbytes
+        self.rows += 1
+        return int(cur.lastrowid or 0)
+
+    def _insert(self, topic: str, envelope: SealedEnvelope) -> int:
+        cur = self._db.execute(
+            "INSERT INTO outbox(seq, kind, topic, data, hash, nbytes) VALUES (?, ?, ?, ?, ?, ?)",
+            (envelope.seq, envelope.kind, topic, envelope.data, envelope.hash,
+             len(envelope.data) + ROW_OVERHEAD_BYTES))
+        return int(cur.lastrowid or 0)
+
+    def _apply_drop_policy(self, sealer: DropSealer, incoming: int) -> list[int]:
+        """Delete the oldest runs of consecutive telemetry seqs (not in flight) until the
+        spool is back under the low-water mark; one signed drop envelope per run."""
+        target = int(self.config.max_bytes * self.config.low_water)
+        freed, new_ids = 0, []
+        with self._lock:
+            in_flight = set(self._in_flight)
+        while self.total_bytes + incoming - freed > target:
+            run = self._oldest_telemetry_run(in_flight, self.total_bytes + incoming - freed - target)
+            if not run:
+                self.counters["nothing_droppable"] += 1
+                break
+            first, last = run[0], run[-1]
+            nbytes = sum(r[3] for r in run)
+            self._db.execute("DELETE FROM outbox WHERE seq BETWEEN ? AND ?", (first[1], last[1]))
+            drop = sealer.seal_drop(first[1], last[1], bytes(last[2]), len(run), nbytes,
+                                    "spool-full")
+            # The drop envelope goes where the dropped telemetry would have gone.
+            new_ids.append(self._insert(str(first[5]), drop))
+            drop_bytes = len(drop.data) + ROW_OVERHEAD_BYTES
+            freed += nbytes - drop_bytes
+            self.rows -= len(run) - 1
+            self.counters["dropped_envelopes"] += len(run)
+            self.counters["drop_envelopes"] += 1
+        self.total_bytes -= freed  # the caller adds `incoming`
+        return new_ids
+
+    def _oldest_telemetry_run(self, in_flight: set[int], need: int) -> list[tuple]:
+        """The oldest consecutive seqs of telemetry rows, stopping at a non-telemetry row,
+        a row in flight, a seq hole, or once ``need`` bytes are covered."""
+        run: list[tuple] = []
+        covered = 0
+        cursor = self._db.execute(
+            "SELECT id, seq, hash, nbytes, kind, topic FROM outbox WHERE seq IS NOT NULL "
+            "ORDER BY seq")
+        for row in cursor:
+            if row[4] not in DROPPABLE or row[0] in in_flight:
+                if run:
+                    break
+                continue
+            if run and row[1] != run[-1][1] + 1:
+                break
+            run.append(row)
+            covered += row[3]
+            if covered >= need:
+                break
+        cursor.close()
+        return run
+
+    # -- reading and deleting ---------------------------------------------------------
+    def fetch(self, after_id: int, limit: int) -> list[SpoolRow]:
+        """Rows with id > after_id, oldest first (the publish order)."""
+        try:
+            rows = self._db.execute(
+                "SELECT id, seq, kind, topic, data FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+                (after_id, limit)).fetchall()
+        except sqlite3.Error as exc:
+            raise SpoolError(f"spool read failed: {exc}", reason=_reason(exc)) from exc
+        return [SpoolRow(r[0], r[1], r[2], r[3], bytes(r[4])) for r in rows]
+
+    def delete_acked(self, ids: Iterable[int]) -> int:
+        """Delete rows the broker acknowledged (PUBACK). Returns how many went."""
+        ids = list(ids)
+        if not ids:
+            return 0
+        try:
+            with self._transaction():
+                marks = ",".join("?" * len(ids))
+                nbytes, count = self._db.execute(
+                    f"SELECT COALESCE(SUM(nbytes), 0), COUNT(*) FROM outbox WHERE id IN ({marks})",
+                    ids).fetchone()
+                self._db.execute(f"DELETE FROM outbox WHERE id IN ({marks})", ids)
+        except sqlite3.Error as exc:
+            raise SpoolError(f"spool delete failed: {exc}", reason=_reason(exc)) from exc
+        self.total_bytes -= int(nbytes)
+        self.rows -= int(count)
+        return int(count)
+
+    def mark_in_flight(self, row_id: int) -> None:
+        with self._lock:
+            self._in_flight.add(row_id)
+
+    def clear_in_flight(self, ids: Iterable[int] | None = None) -> None:
+        with self._lock:
+            if ids is None:
+                self._in_flight.clear()
+            else:
+                self._in_flight.difference_update(ids)
+
+    def seqs(self) -> list[int]:
+        return [r[0] for r in self._db.execute(
+            "SELECT seq FROM outbox WHERE seq IS NOT NULL ORDER BY seq")]
+
+    def kinds(self) -> Counter[str]:
+        return Counter({r[0]: r[1] for r in self._db.execute(
+            "SELECT kind, COUNT(*) FROM outbox GROUP BY kind")})
+
+    # -- helpers ----------------------------------------------------------------------
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+    def _reload_totals(self) -> None:
+        row = self._db.execute("SELECT COALESCE(SUM(nbytes), 0), COUNT(*) FROM outbox").fetchone()
+        self.total_bytes, self.rows = int(row[0]), int(row[1])
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, ROLLBACK on any exception (autocommit connection)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._db = conn
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self._db.execute("COMMIT")
+        else:
+            self._db.execute("ROLLBACK")
+
+
+def _reason(exc: sqlite3.Error) -> str:
+    text = str(exc).lower()
+    if "full" in text:
+        return "disk-full"
+    if "malformed" in text or "not a database" in text:
+        return "spool-corrupt"
+    return "spool"
+
+
+__all__ = ["KIND_CHANNEL", "KIND_DROP", "KIND_EVENT", "KIND_TELEMETRY", "Outgoing", "Spool",
+           "SpoolConfig", "SpoolRow"]
