@@ -1,0 +1,183 @@
+"""The spool: one transaction per commit with the chain head, recovery, drop policy."""
+
+import sqlite3
+
+import pytest
+
+from agent.envelope import GENESIS, KIND_DROP, KIND_EVENT, KIND_TELEMETRY, Sealer
+from agent.errors import SpoolError
+from agent.keys import IdentityKey, SettlementKey, provisioning_record
+from agent.readings import Event, Reading
+from agent.registry import FleetRegistry
+from agent.spool import ROW_OVERHEAD_BYTES, Outgoing, Spool, SpoolConfig
+from agent.verify import Verifier
+
+KEY = IdentityKey(bytes(range(32)))
+TOPIC = "evedge/v1/dev-a/telemetry"
+
+
+def registry() -> FleetRegistry:
+    reg = FleetRegistry()
+    reg.add_record(provisioning_record("dev-a", KEY, SettlementKey.generate(), 1))
+    return reg
+
+
+def sealer_for(spool: Spool) -> Sealer:
+    return Sealer(KEY, "dev-a", bytes(16), next_seq=spool.next_seq, prev_hash=spool.head)
+
+
+def readings(sealer: Sealer, n: int, size: int = 1) -> list[Outgoing]:
+    return [Outgoing(sealer.seal_readings([Reading("Vehicle.Speed", i, "km/h", i)] * size), TOPIC)
+            for i in range(n)]
+
+
+def test_commit_stores_envelopes_and_head_and_survives_reopen(tmp_path):
+    config = SpoolConfig(tmp_path / "spool.sqlite")
+    spool = Spool.open(config)
+    assert (spool.next_seq, spool.head) == (0, GENESIS)
+    sealer = sealer_for(spool)
+    items = readings(sealer, 5)
+    ids = spool.commit(items, sealer)
+    assert len(ids) == 5 and spool.rows == 5
+    spool.close()
+
+    again = Spool.open(config)
+    assert (again.next_seq, again.head) == (5, items[-1].envelope.hash)
+    rows = again.fetch(0, 100)
+    assert [r.seq for r in rows] == [0, 1, 2, 3, 4]
+    assert [r.data for r in rows] == [i.envelope.data for i in items]
+    assert again.total_bytes == sum(len(i.envelope.data) + ROW_OVERHEAD_BYTES for i in items)
+    assert again.integrity_check() == "ok"
+
+
+def test_delete_acked_removes_only_those_rows(tmp_path):
+    spool = Spool.open(SpoolConfig(tmp_path / "s.sqlite"))
+    sealer = sealer_for(spool)
+    ids = spool.commit(readings(sealer, 4), sealer)
+    assert spool.delete_acked([ids[0], ids[2]]) == 2
+    assert [r.seq for r in spool.fetch(0, 10)] == [1, 3]
+    assert spool.delete_acked([ids[0]]) == 0  # a second PUBACK for the same row is harmless
+    assert spool.rows == 2
+
+
+def test_uncommitted_seal_is_not_persisted_so_the_seq_comes_back_unused(tmp_path):
+    config = SpoolConfig(tmp_path / "s.sqlite")
+    spool = Spool.open(config)
+    sealer = sealer_for(spool)
+    spool.commit(readings(sealer, 2), sealer)
+    readings(sealer, 3)  # sealed, never committed: a crash right here
+    spool.close()
+    spool = Spool.open(config)
+    assert spool.next_seq == 2
+
+
+def test_failed_commit_rolls_back_rows_and_head(tmp_path):
+    spool = Spool.open(SpoolConfig(tmp_path / "s.sqlite"))
+    sealer = sealer_for(spool)
+    first = readings(sealer, 1)
+    spool.commit(first, sealer)
+    duplicate = [first[0], *readings(sealer, 1)]  # seq 0 again violates UNIQUE(seq)
+    with pytest.raises(SpoolError):
+        spool.commit(duplicate, sealer)
+    assert spool.rows == 1 and spool.next_seq == 1 and spool.head == first[0].envelope.hash
+    assert [r.seq for r in spool.fetch(0, 10)] == [0]
+
+
+def test_drop_policy_drops_oldest_telemetry_keeps_events_and_declares_the_range(tmp_path):
+    config = SpoolConfig(tmp_path / "s.sqlite", max_bytes=64 * 1024, low_water=0.5)
+    spool = Spool.open(config)
+    sealer = sealer_for(spool)
+    event = Outgoing(sealer.seal_events([Event("E1", "door open", 1)]), "evedge/v1/dev-a/event")
+    spool.commit([event], sealer)
+    committed = [event.envelope]
+    while spool.counters["drop_envelopes"] == 0:
+        batch = readings(sealer, 5, size=20)
+        committed += [b.envelope for b in batch]
+        spool.commit(batch, sealer)
+    assert spool.total_bytes <= config.max_bytes
+    kinds = spool.kinds()
+    assert kinds[KIND_EVENT] == 1 and kinds[KIND_DROP] == 1 and kinds[KIND_TELEMETRY] > 0
+    rows = spool.fetch(0, 10_000)
+    kept = {r.seq for r in rows}
+    assert 0 in kept  # the event, the oldest row, survived
+    dropped = sorted({e.seq for e in committed} - kept)
+    assert dropped == list(range(1, dropped[-1] + 1))  # the oldest telemetry, one run
+
+    # What the uplink would deliver from here verifies: the gap is declared, not lost.
+    verifier = Verifier(registry())
+    for row in rows:
+        verifier.add(row.data)
+    report = verifier.report()
+    assert report.ok, report.format()
+    assert report.devices["dev-a"].dropped_declared == len(dropped)
+    # ... while the same stream without the drop envelope shows the gap.
+    verifier = Verifier(registry())
+    for row in rows:
+        if row.kind != KIND_DROP:
+            verifier.add(row.data)
+    assert verifier.report().devices["dev-a"].gaps == len(dropped)
+    # The chain head persisted covers the drop envelope's seq too.
+    assert spool.next_seq == max(kept) + 1 == sealer.next_seq
+
+
+def test_drop_policy_never_drops_rows_in_flight(tmp_path):
+    spool = Spool.open(SpoolConfig(tmp_path / "s.sqlite", max_bytes=64 * 1024, low_water=0.5))
+    sealer = sealer_for(spool)
+    ids = spool.commit(readings(sealer, 3, size=20), sealer)
+    for row_id in ids:
+        spool.mark_in_flight(row_id)
+    while spool.counters["drop_envelopes"] == 0:
+        spool.commit(readings(sealer, 5, size=20), sealer)
+    assert {r.id for r in spool.fetch(0, 3)} == set(ids)
+
+
+def test_events_alone_may_exceed_the_cap_but_are_never_dropped(tmp_path):
+    spool = Spool.open(SpoolConfig(tmp_path / "s.sqlite", max_bytes=64 * 1024))
+    sealer = sealer_for(spool)
+    text = "x" * 200
+    for i in range(400):
+        spool.commit([Outgoing(sealer.seal_events([Event("E", text, i)]), "t")], sealer)
+    assert spool.rows == 400 and spool.total_bytes > 64 * 1024
+    assert spool.counters["over_cap"] > 0 and spool.counters["nothing_droppable"] > 0
+
+
+def test_channel_messages_are_stored_in_order_and_never_dropped(tmp_path):
+    spool = Spool.open(SpoolConfig(tmp_path / "s.sqlite", max_bytes=64 * 1024, low_water=0.5))
+    sealer = sealer_for(spool)
+    spool.commit_channel("evedge/v1/channel/ab/ev", b"PAY")
+    while spool.counters["drop_envelopes"] == 0:
+        spool.commit(readings(sealer, 5, size=20), sealer)
+    first = spool.fetch(0, 1)[0]
+    assert (first.kind, first.seq, first.data) == ("channel", None, b"PAY")
+
+
+def test_garbage_file_is_a_spool_error(tmp_path):
+    path = tmp_path / "s.sqlite"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(SpoolError) as info:
+        Spool.open(SpoolConfig(path))
+    assert info.value.reason == "spool-corrupt"
+
+
+def test_head_behind_stored_seq_is_refused(tmp_path):
+    config = SpoolConfig(tmp_path / "s.sqlite")
+    spool = Spool.open(config)
+    sealer = sealer_for(spool)
+    spool.commit(readings(sealer, 3), sealer)
+    spool.close()
+    with sqlite3.connect(config.path) as db:
+        db.execute("UPDATE chain SET next_seq = 1")
+    with pytest.raises(SpoolError, match="chain head"):
+        Spool.open(config)
+
+
+def test_config_from_table_names_bad_keys(tmp_path):
+    from agent.config import Table
+    from agent.errors import ConfigError
+
+    config = SpoolConfig.from_table(Table({"max_bytes": 1_000_000}, "a.toml", "spool"), tmp_path)
+    assert config.path == tmp_path / "spool.sqlite" and config.max_bytes == 1_000_000
+    with pytest.raises(ConfigError, match="spool.max_bytes"):
+        SpoolConfig.from_table(Table({"max_bytes": 10}, "a.toml", "spool"))
+    with pytest.raises(ConfigError, match="spool.maxbytes"):
+        SpoolConfig.from_table(Table({"maxbytes": 10}, "a.toml", "spool"))
