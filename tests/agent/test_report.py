@@ -1,0 +1,176 @@
+"""Session report: JSON round trip, a self-contained HTML page with hand-made SVG plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from agent.envelope import Sealer
+from agent.errors import DecodeError
+from agent.keys import KeyStore
+from agent.readings import Reading
+from agent.registry import FleetRegistry
+from agent.report import (
+    ExpectationResult,
+    FaultWindow,
+    Receipt,
+    RecordedReading,
+    Sample,
+    SessionEvent,
+    SessionRecord,
+    VerificationSummary,
+    format_amount,
+    format_energy,
+    load_record,
+    render_html,
+    svg_chart,
+    write_report,
+)
+from agent.verify import verify_capture
+
+S = 10**9
+T0 = 1_763_700_000 * S
+
+
+def record(expectations: tuple[ExpectationResult, ...] = ()) -> SessionRecord:
+    samples = tuple(Sample(T0 + i * S, 11_000 if 5 <= i < 95 else 0, i * 3, i * 900, i * 3)
+                    for i in range(100))
+    return SessionRecord(
+        title="Charging session <demo>", started_ns=T0, ended_ns=T0 + 100 * S,
+        samples=samples,
+        readings=(RecordedReading(T0 + S, "cs-1", "meter0", "1-0:1.8.0", 3),),
+        receipt=Receipt(channel_id="ab" * 32, vehicle="ev-1", station="cs-1", energy_wh=297,
+                        paid_wh=297, price_per_kwh=300_000, payments=99, paid=89_100,
+                        deposit=5_000_000, token="EURC", decimals=6, latest_nonce=99,
+                        settled_nonce=99, close="cooperative", settled=True,
+                        settlement_tx="0x" + "12" * 32, settlement_block=7,
+                        chain="in-process (eth-tester)"),
+        verification=VerificationSummary(ok=True, envelopes=40, readings=400, gaps=0,
+                                         failures={}, text="every envelope verifies"),
+        faults=(FaultWindow("broker-outage", T0 + 30 * S, T0 + 50 * S, "broker"),),
+        events=(SessionEvent(T0 + 50 * S, "ev-1", "uplink-reconnected", "after 20 s"),),
+        expectations=expectations, scenario="broker-outage",
+    )
+
+
+class _Page(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[str] = []
+        self.attrs: list[tuple[str, str | None]] = []
+        self.polylines: list[str] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        self.attrs += attrs
+        if tag == "polyline":
+            self.polylines.append(dict(attrs)["points"] or "")
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def parse(page: str) -> _Page:
+    parser = _Page()
+    parser.feed(page)
+    parser.close()
+    return parser
+
+
+def test_json_round_trip(tmp_path: Path) -> None:
+    rec = record((ExpectationResult("all envelopes verify", "envelopes-verify", True, "40"),))
+    json_path, html_path = write_report(rec, tmp_path / "out")
+    assert load_record(json_path) == rec
+    assert json.loads(json_path.read_text())["receipt"]["paid"] == 89_100
+    assert html_path.read_text().startswith("<!DOCTYPE html>")
+    assert sorted(os.listdir(tmp_path / "out")) == ["session.html", "session.json"]
+
+
+def test_damaged_json_is_a_decode_error(tmp_path: Path) -> None:
+    path = tmp_path / "session.json"
+    data = json.loads(json.dumps({"title": "x", "started_ns": 1, "ended_ns": "2"}))
+    path.write_text(json.dumps(data))
+    with pytest.raises(DecodeError, match="ended_ns"):
+        load_record(path)
+    path.write_text("{")
+    with pytest.raises(DecodeError):
+        load_record(path)
+
+
+def test_page_is_self_contained_and_escaped() -> None:
+    page = render_html(record())
+    parsed = parse(page)
+    assert "script" not in parsed.tags and "link" not in parsed.tags and "img" not in parsed.tags
+    for name, value in parsed.attrs:
+        assert name not in ("src", "href"), (name, value)
+    assert "url(" not in page and "@import" not in page and "http://" not in page.replace(
+        'xmlns="http://www.w3.org/2000/svg"', "")
+    assert "<demo>" not in page and "&lt;demo&gt;" in page          # the title is escaped
+    assert len(parsed.polylines) == 3                                 # power, energy, paid
+    text = " ".join(parsed.text)
+    for expected in ("0.297 kWh", "0.300000 EURC per kWh", "0.089100 EURC in 99 payments",
+                     "settled (cooperative) at nonce 99", "0x" + "12" * 32,
+                     "every envelope verifies", "broker-outage", "uplink-reconnected"):
+        assert expected in text, expected
+    assert "Expectations" not in text                                 # none for the demo
+
+
+def test_expectation_rows_pass_and_fail() -> None:
+    rec = record((ExpectationResult("all envelopes verify", "envelopes-verify", True, "40 ok"),
+                  ExpectationResult("energy_wh == paid_wh", "energy-paid", False,
+                                    "energy 297 Wh, paid 250 Wh")))
+    assert rec.passed is False
+    page = render_html(rec)
+    assert "Expectations: <span class=\"fail\">FAIL</span> (1/2)" in page
+    assert page.count('<td class="pass">PASS</td>') == 1
+    assert page.count('<td class="fail">FAIL</td>') == 1
+    assert "energy 297 Wh, paid 250 Wh" in page
+
+
+def test_chart_scales_points_into_the_plot_area() -> None:
+    svg = svg_chart([(0, 0), (50, 11_000), (100, 0)], title="Power", unit="W",
+                    bands=[(30, 50, "broker-outage")])
+    points = [tuple(map(float, p.split(","))) for p in
+              re.search(r'points="([^"]+)"', svg).group(1).split()]
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    assert xs[0] == 64 and xs[-1] == 720 - 16                          # left and right edge
+    assert ys[0] == ys[2] == 220 - 36 and ys[1] < ys[0]                # 0 at the bottom
+    assert min(ys) >= 28                                               # inside the plot
+    assert 'class="fault"' in svg and ">10k<" in svg and ">12.5k<" in svg  # 0..12.5k by 2.5k
+
+
+def test_chart_thins_long_series_and_handles_empty_and_flat() -> None:
+    long = svg_chart([(i / 10, i % 7) for i in range(20_000)], title="x", unit="W")
+    assert len(re.search(r'points="([^"]+)"', long).group(1).split()) <= 1501
+    assert "<polyline" not in svg_chart([], title="x", unit="W")
+    assert "<polyline" in svg_chart([(0, 5), (10, 5)], title="x", unit="W")
+
+
+def test_amount_formatting_is_exact() -> None:
+    assert format_amount(89_100, 6, "EURC") == "0.089100 EURC"
+    assert format_amount(10**24 + 1, 18) == "1000000.000000000000000001"
+    assert format_amount(-5, 2) == "-0.05"
+    assert format_amount(42, 0, "wei") == "42 wei"
+    assert format_energy(12_345) == "12.345 kWh" and format_energy(-5) == "-0.005 kWh"
+
+
+def test_verification_summary_from_the_real_verifier(tmp_path: Path) -> None:
+    keys, provisioning = KeyStore(tmp_path / "state").init("ev-report")
+    registry = FleetRegistry()
+    registry.add_record(provisioning)
+    sealer = Sealer(keys.identity, keys.device_id, os.urandom(16))
+    envelopes = [sealer.seal_readings([Reading("Vehicle.Speed", float(i), "km/h", T0 + i)])
+                 for i in range(5)]
+    good = verify_capture(b"".join(e.data for e in envelopes), registry)
+    summary = VerificationSummary.from_verify_report(good)
+    assert summary.ok and summary.envelopes == 5 and summary.readings == 5
+    assert summary.gaps == 0 and "every envelope verifies" in summary.text
+    gappy = verify_capture(b"".join(e.data for i, e in enumerate(envelopes) if i != 2), registry)
+    summary = VerificationSummary.from_verify_report(gappy)
+    assert not summary.ok and summary.gaps == 1 and summary.envelopes == 4
