@@ -1,0 +1,150 @@
+"""``obd-can``: OBD-II over a python-can bus (socketcan, slcan, virtual, udp_multicast ...).
+
+python-can's reader runs in its Notifier thread and hands frames to the event loop through an
+AsyncBufferedReader; everything OBD-specific happens in the sans-I/O cores
+(:mod:`~firmware_adapters.obd.requester`, :mod:`~firmware_adapters.obd.isotp`,
+:mod:`~firmware_adapters.obd.scheduler`). Config::
+
+    [[sources]]
+    id = "obd0"
+    kind = "obd-can"
+    interface = "socketcan"       # any python-can interface name
+    channel = "can0"
+    bitrate = 500000              # optional; ISO 15765-4 uses 500 or 250 kbit/s
+    addressing = 11               # or 29
+    request = "functional"        # or "physical" (one ECU: ecu = 0 is the engine ECU)
+    response_timeout_ms = 100     # P2 window; J1979 P2max is 50 ms
+    max_pids = 6                  # PIDs per request (SAE J1979 allows up to 6 on CAN)
+    pids = { SPEED = 1.0, RPM = 0.5, ODOMETER = 10.0 }   # period in seconds
+    bus_options = { tty_baudrate = 115200 }              # passed to can.Bus as is
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from typing import Any, Self
+
+import can
+
+from agent.errors import AdapterIOError, AdapterUnavailable, ConfigError
+from firmware_adapters.base import Clock, system_clock
+from firmware_adapters.obd.options import POLL_KEYS, Options, poll_settings
+from firmware_adapters.obd.requester import Addressing, Frame, Transaction
+from firmware_adapters.obd.scheduler import Plan
+from firmware_adapters.obd.source import PollingSource
+
+CAN_KEYS = {"interface", "channel", "bitrate", "addressing", "request", "ecu", "max_pids",
+            "bus_options"}
+
+
+def bus_kwargs(o: Options) -> dict[str, Any]:
+    """python-can ``Bus`` arguments from a source table (shared with ``dbc`` and ``hil-ecu``)."""
+    kwargs: dict[str, Any] = {"interface": o.str("interface"), "channel": o.str("channel")}
+    bitrate = o.opt_int("bitrate", 10_000, 1_000_000)
+    if bitrate is not None:
+        kwargs["bitrate"] = bitrate
+    extra = o.table.get("bus_options", {})
+    if not isinstance(extra, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str | int | float | bool)
+            for k, v in extra.items()):
+        raise ConfigError(file=o.where, key=f"{o.prefix}.bus_options",
+                          expected="a table of plain values", found=extra)
+    kwargs.update(extra)
+    return kwargs
+
+
+class ObdCanSource(PollingSource):
+    kind = "obd-can"
+
+    def __init__(self, source_id: str, bus: Mapping[str, Any], poll: Mapping[str, object], *,
+                 addressing: Addressing = Addressing(11), target: int | None = None,
+                 window_ns: int = 100_000_000, slack_km: float = 0.5,
+                 clock: Clock = system_clock) -> None:
+        super().__init__(source_id, poll, slack_km=slack_km, clock=clock)
+        self.bus_config = dict(bus)
+        self.addressing = addressing
+        self.target = target
+        self.window_ns = window_ns
+        self._bus: can.BusABC | None = None
+        self._notifier: can.Notifier | None = None
+        self._reader: can.AsyncBufferedReader | None = None
+
+    @classmethod
+    def from_options(cls, source_id: str, options: Mapping[str, object], where: str) -> Self:
+        o = Options(options, where, f"sources.{source_id}")
+        o.check_keys(CAN_KEYS | POLL_KEYS)
+        return cls(source_id, bus_kwargs(o), poll_settings_for_can(o),
+                   addressing=Addressing(o.choice("addressing", 11, (11, 29))),  # type: ignore[arg-type]
+                   target=o.int("ecu", 0, 0, 255)
+                   if o.choice("request", "functional", ("functional", "physical")) == "physical"
+                   else None,
+                   window_ns=o.int("response_timeout_ms", 100, 10, 10_000) * 1_000_000,
+                   slack_km=o.float("slack_km", 0.5, 0.0, 100.0))
+
+    async def _open(self) -> None:
+        try:
+            self._bus = await asyncio.to_thread(can.Bus, **self.bus_config)
+        except (can.CanError, OSError, ValueError, ImportError) as exc:
+            raise AdapterUnavailable(f"cannot open CAN bus {self.bus_config.get('channel')!r}:"
+                                     f" {exc}", source=self.id, reason="bus-open") from exc
+        self._reader = can.AsyncBufferedReader()
+        self._notifier = can.Notifier(self._bus, [self._reader],
+                                      loop=asyncio.get_running_loop())
+
+    async def _close(self) -> None:
+        if self._notifier is not None:
+            self._notifier.stop(timeout=1.0)
+            self._notifier = None
+        if self._bus is not None:
+            bus, self._bus = self._bus, None
+            try:
+                await asyncio.to_thread(bus.shutdown)
+            except (can.CanError, OSError):
+                self.counters["bus-close-error"] += 1
+
+    def _send(self, frame: Frame) -> None:
+        assert self._bus is not None
+        msg = can.Message(arbitration_id=frame.arb_id, data=frame.data,
+                          is_extended_id=frame.extended)
+        try:
+            self._bus.send(msg, timeout=0.1)
+        except (can.CanError, OSError) as exc:
+            raise AdapterIOError(f"CAN send failed: {exc}", source=self.id,
+                                 reason="send") from exc
+
+    async def _exchange(self, plan: Plan) -> dict[int, bytes]:
+        reader = self._reader
+        assert reader is not None
+        while not reader.buffer.empty():  # late answers to an earlier request
+            reader.buffer.get_nowait()
+            self.counters["late-frame"] += 1
+        tx = Transaction(self.addressing, plan.payload, time.monotonic_ns(), self.window_ns,
+                         plan.expected, self.target)
+        self._send(tx.request_frame)
+        now = time.monotonic_ns()
+        while not tx.done(now):
+            try:
+                msg = await asyncio.wait_for(reader.get_message(),
+                                             max(0, tx.deadline() - now) / 1e9)
+            except TimeoutError:
+                now = time.monotonic_ns()
+                continue
+            now = time.monotonic_ns()
+            if msg.is_error_frame or msg.is_remote_frame:
+                self.counters["error-frame"] += 1
+                continue
+            if msg.is_extended_id != self.addressing.extended:
+                continue
+            for fc in tx.receive(msg.arbitration_id, bytes(msg.data), now):
+                self._send(fc)
+        for exc in tx.errors:
+            self.counters[f"rx-{exc.reason}"] += 1
+        return tx.answers
+
+
+def poll_settings_for_can(o: Options) -> dict[str, object]:
+    settings = poll_settings(o)
+    settings["max_pids"] = o.int("max_pids", 6, 1, 6)
+    return settings
