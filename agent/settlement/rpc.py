@@ -36,6 +36,12 @@ from agent.settlement.txsign import DigestSigner, Tx, contract_address, tx_hash
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 DEFAULT_PRIORITY_FEE = 10**9
+try:  # the in-process chain reports reverts with its own exception
+    from eth_tester.exceptions import TransactionFailed as _TesterRevert
+except ImportError:  # pragma: no cover - the 'chain' extra is not installed
+    class _TesterRevert(Exception):  # type: ignore[no-redef]
+        pass
+_REVERTS = (ContractLogicError, _TesterRevert)
 _TRANSIENT = (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
               ConnectionError, TimeoutError)
 
@@ -90,7 +96,7 @@ class Sender:
                 log.warning("node error during %s (%s), retrying", what, type(exc).__name__)
                 time.sleep(delay)
                 delay *= 2
-            except ContractLogicError:
+            except _REVERTS:
                 raise
             except (Web3Exception, ValueError) as exc:
                 raise SettlementError(f"node refused {what}: {exc}", reason="rpc") from exc
@@ -103,17 +109,23 @@ class Sender:
         return self._chain_id
 
     # --- transactions -------------------------------------------------------------------
-    def transact(self, to: bytes | None, data: bytes, what: str, value: int = 0) -> TxResult:
-        """Estimate, sign, send, wait for the receipt and the confirmation depth."""
+    def transact(self, to: bytes | None, data: bytes, what: str, value: int = 0,
+                 gas: int | None = None) -> TxResult:
+        """Estimate (unless ``gas`` is given), sign, send, wait for the receipt and the
+        confirmation depth. The estimate runs on the latest block, the transaction lands in
+        the next one: at a dispute-window edge the two can differ, which surfaces as
+        ``reverted`` rather than ``rejected``."""
         request = {"from": self.address, "data": "0x" + data.hex(), "value": value}
         if to is not None:
             request["to"] = Web3.to_checksum_address(to)
-        try:
-            estimate = self.call(lambda: self.w3.eth.estimate_gas(request), f"{what} estimate")
-        except ContractLogicError as exc:
-            raise SettlementError(f"{what} rejected by the contract: {_reason(exc)}",
-                                  reason="rejected") from exc
-        gas = estimate * (100 + self.policy.gas_margin_pct) // 100
+        if gas is None:
+            try:
+                estimate = self.call(lambda: self.w3.eth.estimate_gas(request),
+                                     f"{what} estimate")
+            except _REVERTS as exc:
+                raise SettlementError(f"{what} rejected by the contract: {_reason(exc)}",
+                                      reason="rejected") from exc
+            gas = estimate * (100 + self.policy.gas_margin_pct) // 100
         base_fee = self.call(lambda: self.w3.eth.get_block("latest").get("baseFeePerGas", 0),
                              "eth_getBlockByNumber")
         try:
@@ -172,6 +184,6 @@ class Sender:
             raise
 
 
-def _reason(exc: ContractLogicError) -> str:
-    message = str(exc.message if getattr(exc, "message", None) else exc)
+def _reason(exc: Exception) -> str:
+    message = str(getattr(exc, "message", None) or exc)
     return message.removeprefix("execution reverted: ")

@@ -1,0 +1,107 @@
+"""Shared fixtures: one in-process chain per module, parties with ether and tokens, a raw
+contract caller that bypasses the client's own checks (so the contract's are tested)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator
+
+import pytest
+from web3 import Web3
+
+from agent.channel.state import ChannelState, sign_digest
+from agent.keys import SettlementKey
+from agent.settlement import artifacts
+from agent.settlement.chain import InProcessChain
+from agent.settlement.client import SettlementClient
+from agent.settlement.model import ChannelRecord, TxResult
+from agent.settlement.rpc import Sender
+
+TOKENS = 1_000_000
+MAX = 2**256 - 1
+
+
+class Raw:
+    """Calls the channel contract with exactly the arguments given."""
+
+    def __init__(self, w3: Web3, contract: bytes, key: SettlementKey) -> None:
+        self.key, self.contract = key, contract
+        self.sender = Sender(w3, key)
+        self.abi = w3.eth.contract(abi=artifacts.load("EvEdgeChannel").abi)
+
+    def __call__(self, fn: str, *args: object) -> TxResult:
+        data = self.abi.encode_abi(fn, args=list(_abi(a) for a in args))
+        return self.sender.transact(self.contract, bytes.fromhex(data[2:]), fn)
+
+
+def _abi(value: object) -> object:
+    if isinstance(value, ChannelRecord):
+        return (Web3.to_checksum_address(value.ev), Web3.to_checksum_address(value.cs),
+                *value.as_tuple()[2:])
+    if isinstance(value, ChannelState):
+        return (value.nonce, value.t_ev, value.t_cs, value.wh, value.final)
+    if isinstance(value, bytes) and len(value) == 20:
+        return Web3.to_checksum_address(value)
+    return value
+
+
+@dataclasses.dataclass
+class Parties:
+    chain: InProcessChain
+    ev: SettlementKey
+    cs: SettlementKey
+    other: SettlementKey
+    contract: bytes = b""     # default: the chain's channel contract
+
+    @property
+    def address(self) -> bytes:
+        return self.contract or self.chain.contract
+
+    def raw(self, key: SettlementKey) -> Raw:
+        return Raw(self.chain.w3, self.address, key)
+
+    def client(self, key: SettlementKey) -> SettlementClient:
+        return SettlementClient(self.chain.w3, self.address, key)
+
+    def state(self, channel_id: bytes, nonce: int, t_ev: int, t_cs: int = 0, wh: int = 0,
+              final: bool = False) -> ChannelState:
+        return ChannelState(self.chain.chain_id, self.address, channel_id, nonce,
+                            t_ev, t_cs, wh, final)
+
+    def sigs(self, state: ChannelState) -> tuple[bytes, bytes]:
+        digest = state.digest()
+        return (sign_digest(self.ev.private_key, digest),
+                sign_digest(self.cs.private_key, digest))
+
+    def balance(self, key: SettlementKey | bytes) -> int:
+        address = key if isinstance(key, bytes) else key.address
+        return self.client(self.ev).balance(address)
+
+
+def fund_party(chain: InProcessChain, key: SettlementKey) -> None:
+    chain.fund(key.address, tokens=TOKENS)
+    token = chain.w3.eth.contract(abi=artifacts.load("EvEdgeToken").abi)
+    data = token.encode_abi("approve", args=[Web3.to_checksum_address(chain.contract), MAX])
+    Sender(chain.w3, key).transact(chain.token, bytes.fromhex(data[2:]), "approve")
+
+
+@pytest.fixture(scope="module")
+def module_parties() -> Parties:
+    chain = InProcessChain.start(min_window_s=1)
+    keys = [SettlementKey.generate() for _ in range(3)]
+    for key in keys:
+        fund_party(chain, key)
+    return Parties(chain, *keys)
+
+
+@pytest.fixture
+def parties(module_parties: Parties) -> Iterator[Parties]:
+    """The module's chain, rolled back after each test."""
+    snap = module_parties.chain.snapshot()
+    yield module_parties
+    module_parties.chain.revert(snap)
+
+
+def new_salt() -> bytes:
+    return os.urandom(32)
