@@ -130,8 +130,9 @@ class ReplyParser:
 
     def parse_frame(self, line: str) -> tuple[int, bytes]:
         digits = line.replace(" ", "")
-        n = self.header_digits
-        if not n or not _HEX.match(digits) or len(digits) <= n or (len(digits) - n) % 2:
+        # Unknown protocol (0): with ATS0, 3 id digits + whole bytes is odd, 8 + bytes even.
+        n = self.header_digits or (3 if len(digits) % 2 else 8)
+        if not _HEX.match(digits) or len(digits) <= n or (len(digits) - n) % 2:
             raise DecodeError(f"not a frame line: {line[:32]!r}", reason="elm-garbage")
         data = bytes.fromhex(digits[n:])
         if len(data) > 8:

@@ -83,6 +83,11 @@ class Reassembler:
     def busy(self) -> bool:
         return self._deadline is not None
 
+    @property
+    def deadline(self) -> int | None:
+        """When the next consecutive frame is overdue (N_Cr), None when idle."""
+        return self._deadline
+
     def expire(self, now: int) -> None:
         """Drop a message whose next CF is overdue (N_Cr)."""
         if self._deadline is not None and now > self._deadline:

@@ -107,8 +107,10 @@ class Transaction:
         return []
 
     def deadline(self) -> int:
-        """When the window closes if nothing else arrives (the driver's one timer)."""
-        return self._last_ns + self.window_ns
+        """When the window closes if nothing else arrives (the driver's one timer). A message
+        half received keeps it open until its N_Cr deadline: slow senders are legal."""
+        pending = [r.deadline for r in self._reassemblers.values() if r.deadline is not None]
+        return max([self._last_ns + self.window_ns, *pending])
 
     def done(self, now: int) -> bool:
         busy = any(r.busy for r in self._reassemblers.values())

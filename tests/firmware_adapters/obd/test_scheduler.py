@@ -1,0 +1,139 @@
+"""Poll schedule: discovery, batching, back-off, sleep/probe/wake, events. Time is passed in."""
+
+from __future__ import annotations
+
+from agent.readings import Event, Reading
+from firmware_adapters.obd.scheduler import NS, Poller
+
+BITMAP_00 = bytes.fromhex("4100") + (1 << 32 - 0x0C | 1 << 32 - 0x0D | 1 << 32 - 0x05
+                                    | 1).to_bytes(4, "big")
+BITMAP_20 = bytes.fromhex("4120") + (1 << 32 - (0x2F - 0x20) | 1).to_bytes(4, "big")
+BITMAP_40 = bytes.fromhex("4140") + (1 << 32 - (0x5B - 0x40)).to_bytes(4, "big")
+ANSWERS = {0x00: BITMAP_00, 0x20: BITMAP_20, 0x40: BITMAP_40}
+
+
+def discovered(**kw: object) -> Poller:
+    periods = {0x0C: NS, 0x0D: NS, 0x05: 10 * NS, 0x2F: 10 * NS, 0x5B: 5 * NS, 0xA6: NS}
+    p = Poller(periods, source="t", read_vin=False, dtc_period_ns=None, **kw)  # type: ignore[arg-type]
+    now = 0
+    while (plan := p.next_request(now)) is not None and plan.kind == "bitmap":
+        p.on_answers(plan, {0: ANSWERS[plan.pids[0]]}, now, now)
+    assert p.state == "run" and plan is not None
+    return p
+
+
+def test_discovery_walks_the_bitmaps_then_polls_only_supported_pids() -> None:
+    p = discovered()
+    assert set(p.supported) >= {0x0C, 0x0D, 0x05, 0x2F, 0x5B}
+    assert p.counters["pid-unsupported"] == 1  # 0xA6 not announced
+    plan = p.next_request(0)
+    assert plan is not None and plan.kind == "pids"
+    assert len(plan.pids) == 5 and 0xA6 not in plan.pids
+    assert plan.expected == frozenset({0})
+
+
+def test_batches_hold_at_most_max_pids_and_respect_periods() -> None:
+    p = discovered(max_pids=2)
+    first = p.next_request(0)
+    assert first is not None and len(first.pids) == 2
+    values = {0x0C: b"\x1a\xf8", 0x0D: b"\x37", 0x05: b"\x7b", 0x2F: b"\xff", 0x5B: b"\x80"}
+    payload = b"\x41" + b"".join(bytes((pid,)) + values[pid] for pid in first.pids)
+    readings = p.on_answers(first, {0: payload}, 0, 123)
+    assert [r.name for r in readings if isinstance(r, Reading)]
+    assert all(r.ts_ns == 123 and r.source == "t" for r in readings)
+    second = p.next_request(0)
+    assert second is not None and not set(second.pids) & set(first.pids)
+    assert p.next_time(0) == 0  # still due ones
+
+
+def test_a_pid_nobody_answers_is_backed_off_exponentially() -> None:
+    p = discovered()
+    plan = p.next_request(0)
+    assert plan is not None
+    answered = [pid for pid in plan.pids if pid != 0x5B]
+    values = {0x0C: b"\x1a\xf8", 0x0D: b"\x37", 0x05: b"\x7b", 0x2F: b"\xff"}
+    p.on_answers(plan, {0: b"\x41" + b"".join(bytes((x,)) + values[x] for x in answered)}, 0, 0)
+    assert p._pid_state[0x5B].due_ns == 5 * NS * 2
+    assert p._pid_state[0x0D].due_ns == NS
+    assert p.counters["pid-missed"] == 1
+
+
+def test_silence_puts_the_poller_to_sleep_and_an_answer_wakes_it() -> None:
+    p = discovered(sleep_after=3, probe_interval_ns=2 * NS)
+    events: list[Event] = []
+    now = 0
+    for _ in range(3):
+        now = p.next_time(now)
+        plan = p.next_request(now)
+        assert plan is not None
+        events += [e for e in p.on_answers(plan, {}, now, now) if isinstance(e, Event)]
+    assert p.state == "asleep"
+    assert [e.code for e in events] == ["vehicle-asleep"]
+    assert p.next_request(now) is None  # nothing until the probe is due
+    probe_at = p.next_time(now)
+    assert probe_at == now + 2 * NS
+    probe = p.next_request(probe_at)
+    assert probe is not None and probe.kind == "probe" and probe.payload == b"\x01\x00"
+    assert p.on_answers(probe, {}, probe_at, 0) == []  # still asleep: no event flood
+    probe = p.next_request(probe_at + 2 * NS)
+    assert probe is not None
+    out = p.on_answers(probe, {0: BITMAP_00}, probe_at + 2 * NS, 7)
+    assert [e.code for e in out if isinstance(e, Event)] == ["vehicle-awake"]
+    assert p.state == "discover"
+    nxt = p.next_request(probe_at + 2 * NS)
+    assert nxt is not None and nxt.kind == "bitmap"
+
+
+def test_negative_responses_and_bad_answers_become_one_event_each_and_counters() -> None:
+    p = discovered()
+    plan = p.next_request(0)
+    assert plan is not None
+    out = p.on_answers(plan, {0: bytes.fromhex("7F0122"), 1: b"\x41\x0d"}, 0, 0)
+    assert sorted(e.details[1][1] for e in out if isinstance(e, Event)) == [
+        "decode-truncated", "nrc-conditions-not-correct"]
+    out = p.on_answers(plan, {0: bytes.fromhex("7F0122")}, 0, 0)
+    assert not [e for e in out if isinstance(e, Event)]
+    assert p.counters["nrc-conditions-not-correct"] == 2
+
+
+def bitmap_answer(base: int, pids: set[int]) -> bytes:
+    bits = sum(1 << 32 - (pid - base) for pid in pids if base < pid <= base + 32)
+    bits |= 1 if any(pid > base + 32 for pid in pids) else 0
+    return bytes((0x41, base)) + bits.to_bytes(4, "big")
+
+
+def discover(p: Poller, pids: set[int]) -> None:
+    while (plan := p.next_request(0)) is not None and plan.kind == "bitmap":
+        p.on_answers(plan, {0: bitmap_answer(plan.pids[0], pids)}, 0, 0)
+
+
+def test_vin_and_dtcs_are_read() -> None:
+    p = Poller({0x0D: NS}, read_vin=True, dtc_period_ns=60 * NS)
+    discover(p, {0x0D})
+    plan = p.next_request(0)
+    assert plan is not None and plan.kind == "dtcs"  # the VIN plan was taken by discover()
+    (dtcs,) = p.on_answers(plan, {0: bytes.fromhex("43010143"), 1: bytes.fromhex("4300")},
+                           0, 0)
+    assert isinstance(dtcs, Reading) and dtcs.value == "P0143"
+    p = Poller({0x0D: NS}, read_vin=True, dtc_period_ns=None)
+    for base in (0x00,):
+        plan = p.next_request(0)
+        assert plan is not None
+        p.on_answers(plan, {0: bitmap_answer(base, {0x0D})}, 0, 0)
+    plan = p.next_request(0)
+    assert plan is not None and plan.kind == "vin"
+    (vin,) = p.on_answers(plan, {0: b"\x49\x02\x01WP0ZZZ99ZTS390000"}, 0, 0)
+    assert isinstance(vin, Reading) and vin.value == "WP0ZZZ99ZTS390000"
+
+
+def test_odometer_going_back_is_an_event() -> None:
+    p = Poller({0xA6: NS, 0x0D: NS}, read_vin=False, dtc_period_ns=None)
+    discover(p, {0x0D, 0xA6})
+    plan = p.next_request(0)
+    assert plan is not None and set(plan.pids) == {0x0D, 0xA6}
+    p.on_answers(plan, {0: bytes.fromhex("410D00A60001E240")}, 0, 0)
+    plan = p.next_request(NS)
+    assert plan is not None
+    out = p.on_answers(plan, {0: bytes.fromhex("410D00A60001E000")}, NS, 5)
+    (event,) = [e for e in out if isinstance(e, Event)]
+    assert event.code == "odometer-decreased" and event.ts_ns == 5
