@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +18,7 @@ from hypothesis import strategies as st
 
 from agent.config import Table
 from agent.errors import AdapterTimeout, ConfigError, DecodeError, EdgeAgentError
+from agent.sdnotify import Notifier
 from agent.status import (
     EXIT_NOT_RUNNING,
     EXIT_RUNNING,
@@ -30,7 +34,9 @@ from agent.status import (
     UplinkStatus,
     decode_json,
     encode_status,
+    publish_status,
     read_status,
+    status_line,
     status_path,
     status_summary,
     write_status,
@@ -214,3 +220,52 @@ def test_status_config_and_path(tmp_path: Path) -> None:
     assert status_path(state, None, {}, run) == state / "status.json"
     run.mkdir()
     assert status_path(state, None, {}, run) == run / "status.json"
+
+
+def test_status_line() -> None:
+    assert status_line(sample()) == ("running: 1/2 sources, 12.5 readings/s, spool 12, "
+                                     "uplink connected, channel OPEN nonce 42")
+
+
+def test_publish_status_writes_pings_and_survives_write_errors(tmp_path: Path) -> None:
+    """The status task against a real notify socket: file rewritten, WATCHDOG=1 every tick,
+    STATUS= only when the line changes, and a failing write reported, not fatal."""
+    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    manager.bind(str(tmp_path / "notify.sock"))
+    manager.settimeout(5)
+    notifier = Notifier(environ={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
+    path = tmp_path / "run" / "status.json"
+    ticks = {"n": 0}
+    errors: list[BaseException] = []
+
+    def snapshot() -> AgentStatus:
+        ticks["n"] += 1
+        if ticks["n"] == 3:
+            path.parent.mkdir()                          # the first two writes fail
+        return sample(state="starting" if ticks["n"] < 5 else "running")
+
+    async def main() -> None:
+        task = asyncio.create_task(publish_status(snapshot, path, interval_s=5.0,
+                                                  notifier=notifier, watchdog_interval_s=0.01,
+                                                  on_error=errors.append))
+        while ticks["n"] < 8:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    try:
+        asyncio.run(main())
+        datagrams = []
+        manager.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                datagrams.append(manager.recv(4096).decode())
+    finally:
+        manager.close()
+        notifier.close()
+    assert len(errors) == 2 and all(e.reason == "status-write" for e in errors)
+    assert read_status(path).state == "running"
+    assert datagrams.count("WATCHDOG=1") >= 7
+    statuses = [d for d in datagrams if d.startswith("STATUS=")]
+    assert [s.split(":")[0] for s in statuses] == ["STATUS=starting", "STATUS=running"]
