@@ -22,9 +22,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from agent.status import decode_json, to_json_value
+
+if TYPE_CHECKING:
+    from agent.envelope import OpenedEnvelope
 
 RECORD_VERSION = 1
 MAX_RECORD_BYTES = 64 << 20
@@ -51,6 +54,15 @@ class RecordedReading:
     source: str
     name: str
     value: float
+
+
+def recorded_readings(opened: OpenedEnvelope) -> tuple[RecordedReading, ...]:
+    """The numeric readings of one verified envelope (``Verifier.add``'s return value), as
+    the record keeps them; text and byte values (a VIN, a DTC list) are not plotted or judged.
+    """
+    return tuple(RecordedReading(r.ts_ns, opened.device, r.source, r.name, float(r.value))
+                 for r in opened.readings
+                 if isinstance(r.value, int | float) and not isinstance(r.value, bool))
 
 
 @dataclass(frozen=True, slots=True)

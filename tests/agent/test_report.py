@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.envelope import Sealer
+from agent.envelope import Sealer, open_envelope
 from agent.errors import DecodeError
 from agent.keys import KeyStore
 from agent.readings import Reading
@@ -27,6 +27,7 @@ from agent.report import (
     format_amount,
     format_energy,
     load_record,
+    recorded_readings,
     render_html,
     svg_chart,
     write_report,
@@ -174,3 +175,19 @@ def test_verification_summary_from_the_real_verifier(tmp_path: Path) -> None:
     gappy = verify_capture(b"".join(e.data for i, e in enumerate(envelopes) if i != 2), registry)
     summary = VerificationSummary.from_verify_report(gappy)
     assert not summary.ok and summary.gaps == 1 and summary.envelopes == 4
+
+
+def test_recorded_readings_from_an_opened_envelope(tmp_path: Path) -> None:
+    keys, _ = KeyStore(tmp_path / "state").init("cs-report")
+    sealer = Sealer(keys.identity, keys.device_id, os.urandom(16))
+    sealed = sealer.seal_readings([
+        Reading("1-0:1.8.0", 12_345, "Wh", T0, source="meter0"),
+        Reading("1-0:16.7.0", 7_400.5, "W", T0 + 1, source="meter0"),
+        Reading("Vehicle.VehicleIdentification.VIN", "WVWZZZ1JZXW000001", "", T0 + 2,
+                source="obd0"),
+    ])
+    opened = open_envelope(sealed.data, lambda kid: keys.identity.public)
+    assert recorded_readings(opened) == (
+        RecordedReading(T0, keys.device_id, "meter0", "1-0:1.8.0", 12_345.0),
+        RecordedReading(T0 + 1, keys.device_id, "meter0", "1-0:16.7.0", 7_400.5),
+    )
