@@ -252,6 +252,11 @@ class MeterSimulator:
         """(import Wh, export Wh) of ``unit`` (default: the first meter)."""
         return self._select(unit)[0].energy_wh()
 
+    def set_energy_wh(self, import_wh: int, export_wh: int, unit: int | None = None) -> None:
+        """Force the counters (a meter swap, or a glitch for a plausibility test)."""
+        for model in self._select(unit):
+            model.set_energy_wh(import_wh, export_wh)
+
     def served_values(self, unit: int | None = None) -> dict[str, int]:
         return self._select(unit)[0].served_values()
 

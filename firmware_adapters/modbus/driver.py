@@ -91,7 +91,7 @@ class _MeterState:
 # --------------------------------------------------------------------------- links
 
 
-class _Link:
+class Link:
     """One connection to meters: read registers or raise one of our AdapterErrors."""
 
     async def open(self) -> None:
@@ -120,7 +120,7 @@ async def _read_with(client: AsyncModbusTcpClient | AsyncModbusSerialClient, fun
     return list(reply.registers)
 
 
-class _TcpLink(_Link):
+class TcpLink(Link):
     def __init__(self, host: str, port: int, poll: PollConfig) -> None:
         self.host, self.port, self.poll = host, port, poll
         self.client: AsyncModbusTcpClient | None = None
@@ -223,7 +223,7 @@ class _SharedLine:
                 self.last_frame_end = time.monotonic()
 
 
-class _RtuLink(_Link):
+class RtuLink(Link):
     def __init__(self, port: str, line: LineFormat, poll: PollConfig) -> None:
         self.port, self.line, self.poll = port, line, poll
         self.shared: _SharedLine | None = None
@@ -253,7 +253,7 @@ class ModbusSource(Source):
 
     kind = "modbus"
 
-    def __init__(self, source_id: str, link: _Link, meters: tuple[MeterConfig, ...],
+    def __init__(self, source_id: str, link: Link, meters: tuple[MeterConfig, ...],
                  poll: PollConfig, clock: Clock = system_clock) -> None:
         super().__init__(source_id, clock)
         self.link, self.poll = link, poll
@@ -366,9 +366,15 @@ class ModbusSource(Source):
         meter.silent_since_ns = None
 
 
+# A float32 kWh counter below 2^17 kWh (131 MWh) moves in steps of at most 2^-6 kWh.
+FLOAT_ENERGY_RESOLUTION_WH = Fraction(1000, 64)
+
+
 def _energy_resolution(meter_map: MeterMap) -> Fraction:
-    names = [s.name for s in meter_map.registers if s.name in ("1-0:1.8.0", "1-0:2.8.0")]
-    return max((meter_map.resolution(n) for n in names), default=Fraction(0))
+    """The coarsest step of the map's energy counters, for the plausibility tolerance."""
+    steps = [FLOAT_ENERGY_RESOLUTION_WH if s.dtype.is_float else s.scale
+             for s in meter_map.registers if s.name in ("1-0:1.8.0", "1-0:2.8.0")]
+    return max(steps, default=Fraction(1))
 
 
 class ModbusRtuSource(ModbusSource):
@@ -387,7 +393,7 @@ class ModbusRtuSource(ModbusSource):
         poll = opts.poll()
         meters = opts.meters()
         opts.reject_unknown()
-        return cls(source_id, _RtuLink(port, line, poll), meters, poll)
+        return cls(source_id, RtuLink(port, line, poll), meters, poll)
 
 
 class ModbusTcpSource(ModbusSource):
@@ -403,7 +409,7 @@ class ModbusTcpSource(ModbusSource):
         poll = opts.poll()
         meters = opts.meters()
         opts.reject_unknown()
-        return cls(source_id, _TcpLink(host, port, poll), meters, poll)
+        return cls(source_id, TcpLink(host, port, poll), meters, poll)
 
 
 class _Options:

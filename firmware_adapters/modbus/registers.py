@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import struct
+import sys
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from agent.readings import METER_SIGNALS
 MAX_REGISTERS_PER_READ = 125
 FUNCTION_HOLDING = 3
 FUNCTION_INPUT = 4
+FLOAT32_MAX = struct.unpack(">f", b"\x7f\x7f\xff\xff")[0]
 
 
 class DataType(StrEnum):
@@ -203,7 +205,9 @@ def raw_for_value(spec: RegisterSpec, value: int) -> Raw:
     exact = Fraction(value) / spec.scale
     if spec.dtype.is_float:
         code = spec.dtype.struct_code
-        return struct.unpack(">" + code, struct.pack(">" + code, float(exact)))[0]
+        largest = FLOAT32_MAX if spec.dtype is DataType.FLOAT32 else sys.float_info.max
+        wide = min(max(float(exact), -largest), largest)
+        return struct.unpack(">" + code, struct.pack(">" + code, wide))[0]
     bits = spec.dtype.words * 16
     signed = spec.dtype.value.startswith("int")
     low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
