@@ -1,7 +1,8 @@
 """sd_notify(3) for ``Type=notify`` units, in thirty lines of stdlib.
 
 Scope: tell systemd that the agent is ready (``READY=1``), alive (``WATCHDOG=1``), what it
-is doing (``STATUS=...``) and that it is shutting down (``STOPPING=1``). Protocol, as in
+is doing (``STATUS=...``), that it needs longer (``EXTEND_TIMEOUT_USEC=``) and that it is
+shutting down (``STOPPING=1``). Protocol, as in
 sd_notify(3) and systemd's "notify socket" interface:
 
 * ``$NOTIFY_SOCKET`` names an ``AF_UNIX`` datagram socket: an absolute path, or a name in
@@ -110,6 +111,11 @@ class Notifier:
         if status is not None:
             fields["STATUS"] = status
         return self.send(**fields)
+
+    def extend_timeout(self, seconds: float) -> bool:
+        """``EXTEND_TIMEOUT_USEC``: ask for more time while starting or stopping (a spool
+        recovering a large WAL on a slow SD card must not hit TimeoutStartSec)."""
+        return self.send(EXTEND_TIMEOUT_USEC=int(seconds * 1_000_000))
 
     def close(self) -> None:
         if self._sock is not None:

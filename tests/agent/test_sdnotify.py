@@ -45,14 +45,16 @@ def test_ready_watchdog_status_stopping_over_a_path_socket(manager) -> None:
         assert notifier.ready("spool 0, uplink connecting")
         assert notifier.watchdog()
         assert notifier.status("line one\nWATCHDOG=1")     # must not smuggle a second field
+        assert notifier.extend_timeout(2.5)
         assert notifier.stopping()
     ready = _fields(sock.recv(4096))
     assert ready == {"READY": "1", "MAINPID": str(os.getpid()),
                      "STATUS": "spool 0, uplink connecting"}
     assert _fields(sock.recv(4096)) == {"WATCHDOG": "1"}
     assert _fields(sock.recv(4096)) == {"STATUS": "line one WATCHDOG=1"}
+    assert _fields(sock.recv(4096)) == {"EXTEND_TIMEOUT_USEC": "2500000"}
     assert _fields(sock.recv(4096)) == {"STOPPING": "1"}
-    assert notifier.counters["notify-sent"] == 4
+    assert notifier.counters["notify-sent"] == 5
 
 
 def test_abstract_namespace_socket(abstract_manager) -> None:
