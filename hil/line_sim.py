@@ -117,9 +117,9 @@ class LineSimulator:
             chunk = bytearray()
             while queue and queue[0][0] <= now and queue[0][1] == destination:
                 chunk.append(queue.popleft()[2])
+            self.bytes_relayed += len(chunk)
             with contextlib.suppress(OSError):
                 os.write(destination, bytes(chunk))
-            self.bytes_relayed += len(chunk)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

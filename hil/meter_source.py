@@ -27,7 +27,7 @@ from agent.errors import ConfigError
 from firmware_adapters.base import Clock, Emit, Source, system_clock
 from firmware_adapters.modbus.driver import (
     MeterConfig,
-    ModbusSource,
+    ModbusTcpSource,
     PollConfig,
     TcpLink,
 )
@@ -92,7 +92,7 @@ class HilMeterSource(Source):
     async def run(self, emit: Emit) -> None:
         self.port = await self.simulator.start_tcp("127.0.0.1", 0)
         model = self.simulator.meters[self.unit]
-        inner = ModbusSource(self.id, TcpLink("127.0.0.1", self.port, self.poll),
+        inner = ModbusTcpSource(self.id, TcpLink("127.0.0.1", self.port, self.poll),
                              (MeterConfig(self.unit, model.map, f"HIL {model.map.model}"),),
                              self.poll, self.clock)
         inner.counters = self.counters
