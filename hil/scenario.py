@@ -41,6 +41,8 @@ codes the runner writes into ``SessionRecord.events`` and checks may name:
 from __future__ import annotations
 
 import bisect
+import dataclasses
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -335,6 +337,45 @@ class Scenario:
             passed, detail = spec.run(record, expectation.params, self)
             results.append(ExpectationResult(expectation.name, expectation.check, passed, detail))
         return tuple(results)
+
+
+    def judge(self, record: SessionRecord) -> SessionRecord:
+        """The runner's last step: the record with this scenario's name, its fault windows
+        (unless the runner recorded the real ones) and one result per expectation."""
+        named = dataclasses.replace(record, scenario=self.name,
+                                    faults=record.faults or self.fault_windows(record.started_ns))
+        return named.with_expectations(self.evaluate(named))
+
+
+def reference_markdown() -> str:
+    """The fault kinds and checks as markdown, generated from FAULTS and CHECKS (the doc
+    docs/hil-scenarios.md embeds it; a test keeps the two in step)."""
+    lines = ["| Fault `kind` | Targets (default) | Parameters | What the rig does |",
+             "|---|---|---|---|"]
+    for kind, fault in FAULTS.items():
+        targets = ", ".join(fault.targets) or "a source id"
+        lines.append(f"| `{kind}` | {targets} (`{fault.default_target}`) | "
+                     f"{_params_markdown(fault.params)} | {fault.doc} |")
+    lines += ["", "| Expectation `check` | Parameters | Passes when |", "|---|---|---|"]
+    for name, check in CHECKS.items():
+        lines.append(f"| `{name}` | {_params_markdown(check.params)} | {check.doc} |")
+    return "\n".join(lines) + "\n"
+
+
+_KIND_TEXT = {"int>=0": "integer >= 0", "int>=1": "integer >= 1", "float>=0": "number >= 0",
+              "float>0": "number > 0", "bool": "true/false", "str": "string",
+              "close": " / ".join(CLOSE_KINDS), "fault": "a fault kind of this scenario"}
+
+
+def _params_markdown(params: ParamSpec) -> str:
+    def default_text(value: object) -> str:
+        if value is REQUIRED:
+            return "required"
+        shown = str(value).lower() if isinstance(value, bool) else json.dumps(value)
+        return f"default `{shown}`"
+
+    return ", ".join(f"`{key}` ({_KIND_TEXT[kind]}; {default_text(default)})"
+                     for key, (kind, default) in params.items()) or "-"
 
 
 def load_scenario(path: str | Path) -> Scenario:

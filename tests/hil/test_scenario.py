@@ -21,7 +21,15 @@ from agent.report import (
     SessionRecord,
     VerificationSummary,
 )
-from hil.scenario import CHECKS, FAULTS, Scenario, builtin_scenarios, load_scenario, parse_scenario
+from hil.scenario import (
+    CHECKS,
+    FAULTS,
+    Scenario,
+    builtin_scenarios,
+    load_scenario,
+    parse_scenario,
+    reference_markdown,
+)
 
 S = 10**9
 T0 = 1_763_700_000 * S
@@ -318,3 +326,23 @@ def test_hostile_tables_raise_only_config_error(data: dict[str, object]) -> None
         parse_scenario(Table(data, "fuzz.toml"))
     except ConfigError:
         pass
+
+
+def test_judge_names_the_record_and_adds_one_result_per_expectation() -> None:
+    sc = load_scenario(Path("hil/scenarios/agent-crash.toml"))
+    raw = dataclasses.replace(good_record(sc), scenario="", faults=())
+    judged = sc.judge(raw)
+    assert judged.scenario == "agent-crash" and judged.faults == sc.fault_windows(T0)
+    assert len(judged.expectations) == len(sc.expectations) and judged.passed is True
+    broken = sc.judge(dataclasses.replace(raw, events=()))
+    assert broken.passed is False
+    assert [r.check for r in broken.expectations if not r.passed] == ["event-seen"]
+
+
+def test_reference_doc_is_generated_from_the_tables() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "hil-scenarios.md").read_text()
+    assert reference_markdown() in doc
+    for kind in FAULTS:
+        assert f"| `{kind}` |" in doc
+    for check in CHECKS:
+        assert f"| `{check}` |" in doc
