@@ -230,7 +230,12 @@ class MetricsServer:
             return "405 Method Not Allowed", "only GET and HEAD\n", False
         if target != b"/metrics":
             return "404 Not Found", "try /metrics\n", method == b"HEAD"
-        return "200 OK", render_metrics(self.snapshot()), method == b"HEAD"
+        try:
+            body = render_metrics(self.snapshot())
+        except Exception:  # noqa: BLE001 - a bug behind the snapshot must not kill the server
+            self.counters["render-failed"] += 1
+            return "500 Internal Server Error", "snapshot failed\n", False
+        return "200 OK", body, method == b"HEAD"
 
 
 def _response(status: str, body: str, head_only: bool) -> bytes:

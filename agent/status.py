@@ -301,7 +301,11 @@ def encode_status(status: AgentStatus) -> bytes:
 
 def write_status(path: Path, status: AgentStatus) -> None:
     """Replace ``path`` atomically with the snapshot. Errors: EdgeAgentError(status-write)."""
-    data = encode_status(status)
+    try:
+        data = encode_status(status)
+    except (TypeError, ValueError) as exc:   # a NaN rate, a value of the wrong type: a bug
+        raise EdgeAgentError(f"cannot encode the status snapshot: {exc}",
+                             reason="status-encode") from exc
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
@@ -408,7 +412,8 @@ def not_running_reason(status: AgentStatus, now_ns: int,
     if status.state == "stopped":
         return f"stopped {_ago(age_s)}"
     if alive is False:
-        return f"pid {status.pid} is gone (crashed or killed {_ago(age_s)} at the latest)"
+        return (f"pid {status.pid} is gone without a clean shutdown (crashed or killed; "
+                f"last update {_ago(age_s)})")
     if age_s > limit_s:
         return f"status is stale: last update {_ago(age_s)} (expected every {status.interval_s:g} s)"
     return None

@@ -134,6 +134,25 @@ async def _test_hostile_clients_get_400_and_the_server_goes_on() -> None:
         assert status == 200
 
 
+def test_a_failing_snapshot_gives_500_not_a_dead_server() -> None:
+    asyncio.run(_test_a_failing_snapshot_gives_500_not_a_dead_server())
+
+
+async def _test_a_failing_snapshot_gives_500_not_a_dead_server() -> None:
+    calls = {"n": 0}
+
+    def flaky() -> AgentStatus:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("runtime bug")
+        return snapshot()
+
+    async with MetricsServer(flaky, port=0) as server:
+        assert (await asyncio.to_thread(_request, server.port, "GET", "/metrics"))[0] == 500
+        assert (await asyncio.to_thread(_request, server.port, "GET", "/metrics"))[0] == 200
+        assert server.counters["render-failed"] == 1
+
+
 def test_serve_runs_under_a_task_group_until_cancelled() -> None:
     asyncio.run(_test_serve_runs_under_a_task_group_until_cancelled())
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import socket
@@ -103,6 +104,11 @@ def test_write_failure_is_our_error(tmp_path: Path) -> None:
     with pytest.raises(EdgeAgentError) as info:
         write_status(tmp_path / "missing-dir" / "status.json", sample())
     assert info.value.reason == "status-write"
+    nan_rate = dataclasses.replace(sample(), sources=(SourceStatus("x", "dbc", "running",
+                                                                   rate_hz=float("nan")),))
+    with pytest.raises(EdgeAgentError) as info:
+        write_status(tmp_path / "status.json", nan_rate)
+    assert info.value.reason == "status-encode"
 
 
 @pytest.mark.parametrize("mutate, where", [
@@ -182,7 +188,7 @@ def test_summary_sees_a_dead_pid(tmp_path: Path) -> None:
     path = tmp_path / "status.json"
     write_status(path, sample(pid=dead_pid))
     text, code = status_summary(path, NOW)
-    assert code == EXIT_NOT_RUNNING and f"pid {dead_pid} is gone" in text
+    assert code == EXIT_NOT_RUNNING and f"pid {dead_pid} is gone without a clean" in text
     assert status_summary(path, NOW, check_pid=False)[1] == EXIT_RUNNING
 
 
