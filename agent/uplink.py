@@ -51,6 +51,7 @@ from urllib.parse import urlsplit
 
 import aiomqtt
 import paho.mqtt.client as paho
+from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -197,6 +198,10 @@ def _retrieve(fut: asyncio.Future[None]) -> None:
         fut.exception()
 
 
+class ClosedBeforeConnack(aiomqtt.MqttError):
+    """The broker closed the connection after TCP/TLS setup but before its CONNACK."""
+
+
 class _Client(aiomqtt.Client):
     """aiomqtt's client plus publish futures that carry the PUBACK's reason code and fail
     at once when the connection drops (aiomqtt's own publish would wait for its timeout)."""
@@ -205,6 +210,17 @@ class _Client(aiomqtt.Client):
         super().__init__(*args, **kwargs)
         self.acks: dict[int, tuple[asyncio.Future[None], str]] = {}
         self._early: dict[int, Any] = {}
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any,
+                       properties: Any = None) -> None:
+        """A connection lost before CONNACK (the broker rejecting our client certificate
+        with a TLS alert after the handshake, say) ends the connect at once, instead of
+        aiomqtt waiting out its timeout. paho logged the socket error just before."""
+        if not self._connected.done():
+            self._connected.set_exception(ClosedBeforeConnack(
+                f"connection closed before CONNACK ({reason_code})"))
+            return
+        super()._on_disconnect(client, userdata, flags, reason_code, properties)
 
     def publish_nowait(self, topic: str, payload: bytes, retain: bool) -> asyncio.Future[None]:
         info = self._client.publish(topic, payload, 1, retain)
@@ -412,9 +428,9 @@ class Uplink:
                          self.config.port, "5" if protocol == 5 else "3.1.1", self.epoch)
                 await self._serve(client)
         except aiomqtt.MqttError as exc:
-            raise classify(exc, protocol) from None
+            raise classify(exc, self.config.tls) from None
         except OSError as exc:
-            raise classify(exc, protocol) from None
+            raise classify(exc, self.config.tls) from None
         finally:
             self._connected.clear()
             self._client = None
@@ -445,10 +461,15 @@ class Uplink:
             raise UplinkError(f"broker refused subscription to {topic}", reason="not-authorised")
 
 
-def classify(exc: BaseException, protocol: int) -> UplinkError:
+def classify(exc: BaseException, tls: bool = False) -> UplinkError:
     """Turn an aiomqtt/paho/ssl failure into an UplinkError with a reason code."""
     text = str(exc)
-    if isinstance(exc, aiomqtt.MqttConnectError) or "Connection Refused" in text \
+    if isinstance(exc, ClosedBeforeConnack):
+        if tls:
+            return UplinkError(f"TLS: the broker dropped us after the handshake (our client "
+                               f"certificate refused?): {text}", reason="tls-handshake")
+        return UplinkError(f"broker closed the connection: {text}", reason="connect-refused")
+    if isinstance(exc, MqttConnectError) or "Connection Refused" in text \
             or "CONNACK" in text:
         rc = getattr(exc, "rc", None)
         value = getattr(rc, "value", rc)

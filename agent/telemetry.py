@@ -1,0 +1,262 @@
+"""The telemetry pipeline the runtime supervises (DESIGN s3, s4)::
+
+    sources --emit--> queue --> Batcher --> Sealer --> Spool.commit   (task "telemetry.seal")
+    Spool (oldest first) --> Uplink.publish_nowait --> PUBACK --> Spool.delete_acked
+                                                                   (task "telemetry.publish")
+
+Rules:
+
+- ``emit`` awaits a bounded queue: a source that outruns the disk is slowed down, memory
+  stays bounded whatever the broker does.
+- Envelopes are committed (one SQLite transaction for every envelope sealed in one pass,
+  with the chain head) BEFORE they can be published; the publisher reads only the spool.
+- The publisher sends rows in id (= seq) order with at most ``window`` awaiting PUBACK, and
+  deletes a row only after its PUBACK. After a reconnect it starts again from the oldest
+  row still in the spool, so what was in flight is sent again, in order: a subscriber sees
+  a duplicate only for a message whose PUBACK we never got (QoS 1 redelivery).
+- A publish the broker refuses (ACL: ``not-authorised``) leaves the row in the spool and
+  is retried after a capped exponential back-off.
+- A failed commit (disk full) is counted and logged; the sealer is set back to the spool's
+  chain head so the next envelope reuses no published seq and links to the last committed.
+
+Usage (runtime)::
+
+    pipeline = Pipeline(sealer, SpoolWorker(spool), uplink, device_id, batch=BatchConfig())
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(pipeline.run_sealer(), name="telemetry.seal")
+        tg.create_task(pipeline.run_publisher(), name="telemetry.publish")
+        tg.create_task(source.run(pipeline.emit), name=f"source[{source.id}]")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from agent.config import BatchConfig
+from agent.envelope import Batcher, Sealer
+from agent.errors import SpoolError, UplinkError
+from agent.readings import Event, Reading
+from agent.spool import Outgoing, Spool
+from agent.uplink import Backoff, Uplink, event_topic, telemetry_topic
+
+log = logging.getLogger("edge_agent.telemetry")
+T = TypeVar("T")
+
+MAX_ENVELOPES_PER_COMMIT = 64
+ACK_FLUSH_ROWS = 256  # delete acknowledged rows in batches of this many ...
+ACK_FLUSH_S = 0.2  # ... or after this long
+
+
+class SpoolWorker:
+    """Runs the blocking Spool on ONE thread, so its connection is never shared."""
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="spool")
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        self.spool.close()
+
+
+class _Flush:
+    """Queue marker: seal what the batcher holds now (shutdown, tests)."""
+
+
+class Pipeline:
+    """Sealer and publisher of one device's telemetry. See the module docstring."""
+
+    def __init__(self, sealer: Sealer, worker: SpoolWorker, uplink: Uplink, device_id: str,
+                 *, batch: BatchConfig | None = None, queue_size: int = 10_000,
+                 clock: Callable[[], int] = time.time_ns) -> None:
+        batch = batch or BatchConfig()
+        self.sealer, self.worker, self.uplink = sealer, worker, uplink
+        self.spool = worker.spool
+        self.telemetry_topic, self.event_topic = telemetry_topic(device_id), event_topic(device_id)
+        self.counters: Counter[str] = Counter()
+        self._batcher = Batcher(batch.max_readings, batch.max_age_ms * 1_000_000)
+        self._queue: asyncio.Queue[Reading | Event | _Flush] = asyncio.Queue(queue_size)
+        self._clock = clock
+        self._new_rows = asyncio.Event()
+        self._progress = asyncio.Event()
+        self._acked: list[int] = []
+        self._refused_backoff = Backoff(uplink.config.backoff_initial_s,
+                                        uplink.config.backoff_max_s)
+
+    # -- intake ---------------------------------------------------------------------
+    async def emit(self, item: Reading | Event) -> None:
+        """The sources' ``emit``: waits while the queue is full (backpressure)."""
+        await self._queue.put(item)
+
+    async def flush(self) -> None:
+        """Seal whatever the batcher holds now, without waiting for its deadline."""
+        await self._queue.put(_Flush())
+
+    # -- task "telemetry.seal" --------------------------------------------------------
+    async def run_sealer(self) -> None:
+        while True:
+            item = await self._next_item()
+            now = self._clock()
+            out: list[Outgoing] = []
+            force = False
+            while item is not None:
+                force |= self._take(item, now, out)
+                if len(out) >= MAX_ENVELOPES_PER_COMMIT or self._queue.empty():
+                    break
+                item = self._queue.get_nowait()
+            batch = self._batcher.flush(now, force=force)
+            if batch:
+                out.append(Outgoing(self.sealer.seal_readings(batch), self.telemetry_topic))
+            if out:
+                await self._commit(out)
+
+    async def _next_item(self) -> Reading | Event | _Flush | None:
+        deadline = self._batcher.deadline()
+        if deadline is None:
+            return await self._queue.get()
+        timeout = (deadline - self._clock()) / 1e9
+        if timeout <= 0:
+            return self._queue.get_nowait() if not self._queue.empty() else None
+        try:
+            return await asyncio.wait_for(self._queue.get(), timeout)
+        except TimeoutError:
+            return None
+
+    def _take(self, item: Reading | Event | _Flush, now: int, out: list[Outgoing]) -> bool:
+        if isinstance(item, _Flush):
+            return True
+        if isinstance(item, Event):
+            # Events go out at once, each in its own envelope; readings batched before it
+            # are sealed first, so seq order is arrival order.
+            batch = self._batcher.flush(now, force=True)
+            if batch:
+                out.append(Outgoing(self.sealer.seal_readings(batch), self.telemetry_topic))
+            out.append(Outgoing(self.sealer.seal_events([item]), self.event_topic))
+            self.counters["events"] += 1
+            return False
+        self.counters["readings"] += 1
+        batch = self._batcher.add(item, now)
+        if batch:
+            out.append(Outgoing(self.sealer.seal_readings(batch), self.telemetry_topic))
+        return False
+
+    async def _commit(self, out: list[Outgoing]) -> None:
+        try:
+            await self.worker.call(self.spool.commit, out, self.sealer)
+        except SpoolError as exc:
+            # Nothing of `out` was committed, so nothing of it was published: set the
+            # sealer back to the committed head (no seq of ours was ever seen with it).
+            self.sealer.next_seq, self.sealer.head = self.spool.next_seq, self.spool.head
+            self.counters[f"commit_failed_{exc.reason}"] += 1
+            self.counters["envelopes_lost_uncommitted"] += len(out)
+            log.error("spool commit failed (%s): %d envelope(s) not stored", exc.reason,
+                      len(out))
+            return
+        self.counters["envelopes_committed"] += len(out)
+        self._new_rows.set()
+
+    # -- task "telemetry.publish" -----------------------------------------------------
+    async def run_publisher(self) -> None:
+        while True:
+            await self.uplink.wait_connected()
+            try:
+                await self._stream()
+            except UplinkError as exc:
+                self.counters[f"publish_failed_{exc.reason}"] += 1
+                if exc.reason != "disconnected":
+                    delay = self._refused_backoff.next()
+                    log.warning("publish refused (%s): retrying in %.1f s", exc, delay)
+                    await self._flush_acks()
+                    await asyncio.sleep(delay)
+            finally:
+                self.spool.clear_in_flight()
+                await self._flush_acks()
+
+    async def _stream(self) -> None:
+        """Publish from the oldest row on, in order, ``window`` at a time, until the
+        connection fails (raises UplinkError)."""
+        window = asyncio.Semaphore(self.uplink.config.window)
+        failed: list[UplinkError] = []
+        cursor = 0
+        last_flush = time.monotonic()
+        while True:
+            self._new_rows.clear()
+            rows = await self.worker.call(self._fetch, cursor, self.uplink.config.window)
+            if not rows:
+                await self._flush_acks()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._new_rows.wait(), ACK_FLUSH_S)
+                if failed:
+                    raise failed[0]
+                continue
+            for row in rows:
+                await window.acquire()
+                if failed:
+                    raise failed[0]
+                fut = self.uplink.publish_nowait(row.topic, row.data)
+                fut.add_done_callback(functools.partial(self._on_ack, row.id, window, failed))
+                cursor = row.id
+            if len(self._acked) >= ACK_FLUSH_ROWS or time.monotonic() - last_flush > ACK_FLUSH_S:
+                await self._flush_acks()
+                last_flush = time.monotonic()
+
+    def _fetch(self, cursor: int, limit: int) -> list:
+        """Runs on the spool thread: fetch and mark in flight in one step, so the drop
+        policy (same thread) never drops a row the publisher is about to send."""
+        rows = self.spool.fetch(cursor, limit)
+        for row in rows:
+            self.spool.mark_in_flight(row.id)
+        return rows
+
+    def _on_ack(self, row_id: int, window: asyncio.Semaphore, failed: list[UplinkError],
+                fut: asyncio.Future[None]) -> None:
+        window.release()
+        exc = fut.exception() if not fut.cancelled() else UplinkError("cancelled")
+        if exc is None:
+            self._acked.append(row_id)
+            self.counters["acked"] += 1
+            self._refused_backoff.reset()
+        else:
+            failed.append(exc if isinstance(exc, UplinkError) else UplinkError(str(exc)))
+
+    async def _flush_acks(self) -> None:
+        if not self._acked:
+            return
+        ids, self._acked = self._acked, []
+        try:
+            await self.worker.call(self.spool.delete_acked, ids)
+        except SpoolError as exc:
+            # Not deleting only means sending again later (a duplicate), never a loss.
+            self.counters[f"delete_failed_{exc.reason}"] += 1
+            return
+        self.spool.clear_in_flight(ids)
+        self.counters["deleted"] += len(ids)
+        self._progress.set()
+
+    # -- helpers ----------------------------------------------------------------------
+    async def run(self) -> None:
+        """Both tasks under one TaskGroup (for callers without their own supervisor)."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.run_sealer(), name="telemetry.seal")
+            tg.create_task(self.run_publisher(), name="telemetry.publish")
+
+    async def wait_drained(self, timeout_s: float) -> None:
+        """Wait until everything emitted so far is sealed, published and deleted."""
+        await self.flush()
+        async with asyncio.timeout(timeout_s):
+            while not (self._queue.empty() and len(self._batcher) == 0 and self.spool.rows == 0):
+                self._progress.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._progress.wait(), 0.05)
