@@ -196,3 +196,17 @@ def test_sysusers_and_tmpfiles_apply_to_a_scratch_root(tmp_path: Path) -> None:
     state = (tmp_path / "var/lib/edge-agent").stat()
     assert oct(state.st_mode & 0o777) == "0o700" and state.st_uid == int(user[2])
     assert (tmp_path / "etc/edge-agent").stat().st_uid == 0
+
+
+def test_exec_start_is_a_command_line_the_cli_accepts() -> None:
+    """ExecStart's arguments parse with the real CLI (once `run` exists there)."""
+    from agent.cli import build_parser
+
+    argv = one(parse_unit(UNIT.read_text())["Service"], "ExecStart").split()[1:]
+    parser = build_parser()
+    subcommands = {name for action in parser._subparsers._group_actions  # type: ignore[union-attr]
+                   for name in getattr(action, "choices", {}) or {}}
+    if argv[0] not in subcommands:
+        pytest.skip(f"agent.cli has no '{argv[0]}' subcommand yet (has: {sorted(subcommands)})")
+    args = parser.parse_args(argv)
+    assert str(getattr(args, "config", "")) == argv[argv.index("--config") + 1]
