@@ -419,6 +419,26 @@ def not_running_reason(status: AgentStatus, now_ns: int,
     return None
 
 
+def resolve_status_path(config_file: Path | None = None, status_file: Path | None = None,
+                        environ: Mapping[str, str] | None = None,
+                        run_dir: Path = Path("/run/edge-agent")) -> Path:
+    """For ``edge-agent status [--config FILE] [--file PATH]``: an explicit file wins, else
+    the config's ``[status] path`` / ``[device] state_dir``, else the defaults. Config errors
+    are ConfigErrors (the CLI prints them)."""
+    if status_file is not None:
+        return status_file
+    state_dir, configured = Path("/var/lib/edge-agent"), None
+    if config_file is not None:
+        from agent.config import load_config
+
+        config = load_config(config_file)
+        state_dir = config.device.state_dir
+        configured = StatusConfig.from_table(config.section("status")).path
+    env = dict(os.environ if environ is None else environ)
+    env.pop("RUNTIME_DIRECTORY", None)    # the CLI's own, if any, is not the agent's
+    return status_path(state_dir, configured, env, run_dir)
+
+
 def status_summary(path: Path, now_ns: int | None = None, *,
                    check_pid: bool = True) -> tuple[str, int]:
     """What ``edge-agent status`` prints, and its exit code (0 running, 3 not, 4 unknown)."""

@@ -37,6 +37,7 @@ from agent.status import (
     encode_status,
     publish_status,
     read_status,
+    resolve_status_path,
     status_line,
     status_path,
     status_summary,
@@ -275,3 +276,19 @@ def test_publish_status_writes_pings_and_survives_write_errors(tmp_path: Path) -
     assert datagrams.count("WATCHDOG=1") >= 7
     statuses = [d for d in datagrams if d.startswith("STATUS=")]
     assert [s.split(":")[0] for s in statuses] == ["STATUS=starting", "STATUS=running"]
+
+
+def test_resolve_status_path_from_the_config(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[device]\nrole = "station"\nstate_dir = "{tmp_path}/state"\n')
+    run = tmp_path / "run"
+    assert resolve_status_path(config, environ={"RUNTIME_DIRECTORY": "/elsewhere"},
+                               run_dir=run) == tmp_path / "state" / "status.json"
+    run.mkdir()
+    assert resolve_status_path(config, environ={}, run_dir=run) == run / "status.json"
+    config.write_text('[status]\npath = "/tmp/x/status.json"\n')
+    assert resolve_status_path(config, environ={}) == Path("/tmp/x/status.json")
+    assert resolve_status_path(config, Path("/y.json")) == Path("/y.json")
+    config.write_text('[status]\ninterval = 3\n')
+    with pytest.raises(ConfigError, match="status.interval"):
+        resolve_status_path(config, environ={})
