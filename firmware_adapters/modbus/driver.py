@@ -8,8 +8,8 @@ is emitted for the cycle (nothing is invented or carried over).
 
 Faults and what they become (DESIGN s9): every failed read counts ``counters[reason]``
 (``exception``, ``no-response``, ``crc-error``, ``short-frame``, ``wrong-unit``,
-``decode``, ``line-down``) and emits a ``meter-read-failed`` event, except while the meter
-is already known to be silent (``meter-silent`` after ``silent_after`` failures in a row,
+``not-a-number``, ``short-read``, ``line-down``) and emits a ``meter-read-failed`` event,
+except while the meter is already known to be silent (``meter-silent`` after ``silent_after`` failures in a row,
 ``meter-recovered`` when it answers again). A line that disappears (serial port gone,
 TCP refused) gives ``meter-line-down``; the source reopens it with capped exponential
 back-off and says ``meter-line-up`` with the outage length. Polling never stops on bad
@@ -325,8 +325,7 @@ class ModbusSource(Source):
             await self._line_down(emit, str(exc))
             return 0
         except (AdapterError, DecodeError) as exc:
-            await self._failed(meter, emit, exc.reason if isinstance(exc, AdapterError)
-                               else "decode", str(exc))
+            await self._failed(meter, emit, exc.reason, str(exc))
             return 0
         await self._succeeded(meter, emit)
         now, status = self.clock()
