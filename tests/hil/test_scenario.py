@@ -24,6 +24,7 @@ from agent.report import (
 from hil.scenario import (
     CHECKS,
     FAULTS,
+    SCENARIO_DIR,
     Scenario,
     builtin_scenarios,
     load_scenario,
@@ -106,7 +107,7 @@ def test_builtin_scenario_fails_on_an_empty_record(path: Path) -> None:
 # --- each check can fail ---------------------------------------------------------------------
 
 def test_invented_reading_during_meter_outage_fails() -> None:
-    sc = load_scenario(Path("hil/scenarios/meter-timeout.toml"))
+    sc = load_scenario(SCENARIO_DIR / "meter-timeout.toml")
     good = good_record(sc)
     fault = sc.faults[0]
     invented = RecordedReading(T0 + int((fault.start_s + 3) * S), "cs", "meter0", "1-0:1.8.0", 1)
@@ -121,7 +122,7 @@ def test_invented_reading_during_meter_outage_fails() -> None:
 
 
 def test_readings_that_never_resume_fail() -> None:
-    sc = load_scenario(Path("hil/scenarios/ignition-off.toml"))
+    sc = load_scenario(SCENARIO_DIR / "ignition-off.toml")
     good = good_record(sc)
     end_ns = T0 + int(sc.faults[0].end_s * S)
     stopped = dataclasses.replace(good, readings=tuple(
@@ -132,7 +133,7 @@ def test_readings_that_never_resume_fail() -> None:
 
 
 def test_no_readings_at_all_is_not_a_pass() -> None:
-    sc = load_scenario(Path("hil/scenarios/meter-timeout.toml"))
+    sc = load_scenario(SCENARIO_DIR / "meter-timeout.toml")
     silent = dataclasses.replace(good_record(sc), readings=())
     (result,) = [r for r in sc.evaluate(silent) if r.check == "no-readings-during-fault"]
     assert not result.passed and "nothing to judge" in result.detail
@@ -148,7 +149,7 @@ def test_no_readings_at_all_is_not_a_pass() -> None:
     (dict(settled_nonce=37), "channel-settled"),
 ])
 def test_receipt_checks_fail(change: dict[str, object], check: str) -> None:
-    sc = load_scenario(Path("hil/scenarios/happy-path.toml"))
+    sc = load_scenario(SCENARIO_DIR / "happy-path.toml")
     good = good_record(sc)
     assert all(results_by_check(sc, good)[check])
     bad = dataclasses.replace(good, receipt=dataclasses.replace(good.receipt, **change))
@@ -159,14 +160,14 @@ def test_receipt_checks_fail(change: dict[str, object], check: str) -> None:
                                     dict(failures={"bad-signature": 1}), dict(envelopes=3),
                                     dict(ok=False), dict(dropped_declared=4)])
 def test_verification_problems_fail(change: dict[str, object]) -> None:
-    sc = load_scenario(Path("hil/scenarios/broker-outage.toml"))
+    sc = load_scenario(SCENARIO_DIR / "broker-outage.toml")
     good = good_record(sc)
     bad = dataclasses.replace(good, verification=dataclasses.replace(good.verification, **change))
     assert results_by_check(sc, bad)["envelopes-verify"] == [False]
 
 
 def test_declared_drops_allowed_when_the_scenario_says_so() -> None:
-    sc = load_scenario(Path("hil/scenarios/meter-timeout.toml"))    # allow_declared_drops = true
+    sc = load_scenario(SCENARIO_DIR / "meter-timeout.toml")    # allow_declared_drops = true
     good = good_record(sc)
     dropped = dataclasses.replace(good, verification=dataclasses.replace(
         good.verification, dropped_declared=4))
@@ -174,7 +175,7 @@ def test_declared_drops_allowed_when_the_scenario_says_so() -> None:
 
 
 def test_missing_event_fails() -> None:
-    sc = load_scenario(Path("hil/scenarios/broker-outage.toml"))
+    sc = load_scenario(SCENARIO_DIR / "broker-outage.toml")
     good = good_record(sc)
     one_left = dataclasses.replace(good, events=good.events[:1])     # wants 2 reconnects
     (result,) = [r for r in sc.evaluate(one_left) if r.check == "event-seen"]
@@ -183,7 +184,7 @@ def test_missing_event_fails() -> None:
 
 
 def test_stale_state_close_must_settle_at_the_latest_state() -> None:
-    sc = load_scenario(Path("hil/scenarios/stale-state-close.toml"))
+    sc = load_scenario(SCENARIO_DIR / "stale-state-close.toml")
     good = good_record(sc)
     assert sc.faults[0].params == {"nonces_back": 3}
     cheated = dataclasses.replace(good, receipt=dataclasses.replace(
@@ -197,7 +198,7 @@ def test_stale_state_close_must_settle_at_the_latest_state() -> None:
 # --- profile and timeline --------------------------------------------------------------------
 
 def test_profile_interpolates_and_integrates_exactly() -> None:
-    sc = load_scenario(Path("hil/scenarios/happy-path.toml"))
+    sc = load_scenario(SCENARIO_DIR / "happy-path.toml")
     profile = sc.profile
     assert profile.power_at(0) == 0 and profile.power_at(2.5) == 5500
     assert profile.power_at(100) == 11_000 and profile.power_at(149) == 0
@@ -208,7 +209,7 @@ def test_profile_interpolates_and_integrates_exactly() -> None:
 
 
 def test_active_faults_timeline() -> None:
-    sc = load_scenario(Path("hil/scenarios/broker-outage.toml"))
+    sc = load_scenario(SCENARIO_DIR / "broker-outage.toml")
     assert sc.active_faults(39.9) == ()
     assert [f.kind for f in sc.active_faults(40)] == ["broker-outage"]
     assert sc.active_faults(60) == ()
@@ -329,7 +330,7 @@ def test_hostile_tables_raise_only_config_error(data: dict[str, object]) -> None
 
 
 def test_judge_names_the_record_and_adds_one_result_per_expectation() -> None:
-    sc = load_scenario(Path("hil/scenarios/agent-crash.toml"))
+    sc = load_scenario(SCENARIO_DIR / "agent-crash.toml")
     raw = dataclasses.replace(good_record(sc), scenario="", faults=())
     judged = sc.judge(raw)
     assert judged.scenario == "agent-crash" and judged.faults == sc.fault_windows(T0)
