@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import math
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -61,9 +62,20 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+def _number(value: float) -> str:
+    """Integers exactly; floats as repr, with the format's spellings of NaN and infinities."""
+    if not isinstance(value, float):
+        return str(int(value))
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(value)
+
+
 def _sample(name: str, value: float, **labels: str) -> str:
     text = ",".join(f'{key}="{_escape(val)}"' for key, val in labels.items())
-    number = repr(float(value)) if isinstance(value, float) else str(int(value))
+    number = _number(value)
     return f"{name}{{{text}}} {number}" if text else f"{name} {number}"
 
 

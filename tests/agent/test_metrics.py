@@ -67,6 +67,17 @@ def test_exposition_parses_with_the_reference_parser() -> None:
     assert got[("edge_agent_start_time_seconds", ())] == 1700.0
 
 
+def test_non_finite_rates_use_the_format_spelling() -> None:
+    odd = AgentStatus("d", "vehicle", 1, "running", 0, 0, 2.0, sources=(
+        SourceStatus("a", "dbc", "running", 0, float("nan")),
+        SourceStatus("b", "dbc", "running", 0, float("inf"))))
+    text = render_metrics(odd)
+    assert 'edge_agent_source_rate_hz{source="a"} NaN' in text
+    assert 'edge_agent_source_rate_hz{source="b"} +Inf' in text
+    got = samples(text)
+    assert got[("edge_agent_source_rate_hz", (("source", "b"),))] == float("inf")
+
+
 def test_minimal_snapshot_renders() -> None:
     bare = AgentStatus("d", "vehicle", 1, "starting", 0, 0, 2.0)
     got = samples(render_metrics(bare))
