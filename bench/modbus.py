@@ -38,7 +38,7 @@ async def _discard(_item: object) -> None:
 
 
 async def _rate(source: ModbusSource, seconds: float) -> float:
-    if not await source._ensure_line(_discard):
+    if not await source.ensure_line(_discard):
         raise RuntimeError("the meter line did not open")
     await source.poll_once(_discard)  # warm-up: connection, first frames
     done, start = 0, time.perf_counter()

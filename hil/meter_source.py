@@ -14,13 +14,16 @@ charging profile::
 Options: ``map`` (a built-in map name or a .toml path, default ``sdm630``), ``unit`` (1),
 ``power_w`` (constant power) or ``profile`` (array of [seconds, W] steps), ``import_wh`` /
 ``export_wh`` (counters at start), ``interval_s`` (poll period, default 1.0),
-``timeout_s``, ``retries``.
+``timeout_s``, ``retries``, ``time_scale`` (simulated seconds per real second, default 1:
+with 60, energy accrues a minute's worth each second and the plausibility check uses the
+same scaled time, so readings stay consistent).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Self
 
 from agent.errors import ConfigError
@@ -35,15 +38,34 @@ from firmware_adapters.modbus.registers import load_map
 from hil.meter_sim import ChargingProfile, MeterSimulator
 
 
+class ScaledClock:
+    """Monotonic seconds running ``scale`` times faster than real time (a one-hour
+    charging session in a one-minute demo with ``scale = 60``)."""
+
+    def __init__(self, scale: float = 1.0) -> None:
+        if scale <= 0:
+            raise ValueError("time scale must be > 0")
+        self.scale = scale
+        self.origin = time.monotonic()
+
+    def __call__(self) -> float:
+        return self.origin + (time.monotonic() - self.origin) * self.scale
+
+
 class HilMeterSource(Source):
     kind = "hil-meter"
 
-    def __init__(self, source_id: str, simulator: MeterSimulator, unit: int, poll: PollConfig,
-                 clock: Clock = system_clock) -> None:
+    def __init__(self, source_id: str, simulator: MeterSimulator, unit: int = 1,
+                 poll: PollConfig | None = None, clock: Clock = system_clock,
+                 monotonic_ns: Callable[[], int] | None = None) -> None:
+        """``simulator`` may run on any clock (a :class:`ManualClock` for tests that step
+        time); pass the same time as ``monotonic_ns`` so the plausibility check's
+        power x time agrees with the simulated meter."""
         super().__init__(source_id, clock)
         self.simulator = simulator
         self.unit = unit
-        self.poll = poll
+        self.poll = poll or PollConfig()
+        self.monotonic_ns = monotonic_ns or (lambda: int(simulator.clock() * 1e9))
         self.port: int | None = None
         self.started = asyncio.Event()
 
@@ -54,7 +76,7 @@ class HilMeterSource(Source):
                                found=options.get(key))
 
         known = {"id", "kind", "map", "unit", "power_w", "profile", "import_wh", "export_wh",
-                 "interval_s", "timeout_s", "retries"}
+                 "interval_s", "timeout_s", "retries", "time_scale"}
         unknown = sorted(set(options) - known)
         if unknown:
             raise ConfigError(file=where, key=f"sources.{source_id}.{unknown[0]}",
@@ -71,7 +93,7 @@ class HilMeterSource(Source):
                 raise bad(key, f"an integer in [{low}, {high}]")
             ints[key] = value
         floats = {}
-        for key, default in (("interval_s", 1.0), ("timeout_s", 0.5)):
+        for key, default in (("interval_s", 1.0), ("timeout_s", 0.5), ("time_scale", 1.0)):
             value = options.get(key, default)
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise bad(key, "a number > 0")
@@ -84,6 +106,7 @@ class HilMeterSource(Source):
         else:
             profile = ChargingProfile.constant(ints["power_w"])
         simulator = MeterSimulator({ints["unit"]: load_map(meter_map)}, profile,
+                                   clock=ScaledClock(floats["time_scale"]),
                                    import_wh=ints["import_wh"], export_wh=ints["export_wh"])
         poll = PollConfig(interval_s=floats["interval_s"], timeout_s=floats["timeout_s"],
                           retries=ints["retries"])
@@ -93,8 +116,8 @@ class HilMeterSource(Source):
         self.port = await self.simulator.start_tcp("127.0.0.1", 0)
         model = self.simulator.meters[self.unit]
         inner = ModbusTcpSource(self.id, TcpLink("127.0.0.1", self.port, self.poll),
-                             (MeterConfig(self.unit, model.map, f"HIL {model.map.model}"),),
-                             self.poll, self.clock)
+                                (MeterConfig(self.unit, model.map, f"HIL {model.map.model}"),),
+                                self.poll, self.clock, self.monotonic_ns)
         inner.counters = self.counters
         self.started.set()
         try:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Self
@@ -254,9 +254,11 @@ class ModbusSource(Source):
     kind = "modbus"
 
     def __init__(self, source_id: str, link: Link, meters: tuple[MeterConfig, ...],
-                 poll: PollConfig, clock: Clock = system_clock) -> None:
+                 poll: PollConfig, clock: Clock = system_clock,
+                 monotonic_ns: Callable[[], int] = time.monotonic_ns) -> None:
         super().__init__(source_id, clock)
         self.link, self.poll = link, poll
+        self.monotonic_ns = monotonic_ns  # the plausibility checker's time (power x time)
         self.meters = [_MeterState(m, plan_blocks(m.meter_map), PlausibilityChecker(
             rated_power_w=m.meter_map.rated_power_w,
             energy_resolution_wh=_energy_resolution(m.meter_map))) for m in meters]
@@ -268,7 +270,7 @@ class ModbusSource(Source):
         try:
             while True:
                 started = time.monotonic()
-                if not await self._ensure_line(emit):
+                if not await self.ensure_line(emit):
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, self.poll.backoff_max_s)
                     continue
@@ -287,7 +289,9 @@ class ModbusSource(Source):
             done += await self._poll_meter(meter, emit)
         return done
 
-    async def _ensure_line(self, emit: Emit) -> bool:
+    async def ensure_line(self, emit: Emit) -> bool:
+        """Open the line if it is not open; False (after a ``meter-line-down`` event the
+        first time) when it cannot be opened."""
         if self._connected:
             return True
         try:
@@ -329,7 +333,7 @@ class ModbusSource(Source):
             return 0
         await self._succeeded(meter, emit)
         now, status = self.clock()
-        verdict = meter.checker.check(values, time.monotonic_ns())
+        verdict = meter.checker.check(values, self.monotonic_ns())
         for name, value in values.items():
             await emit(Reading(name, value, meter.config.meter_map.spec(name).unit, now,
                                status, self.id, verdict.flags_for(name)))

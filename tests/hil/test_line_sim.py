@@ -90,7 +90,7 @@ def test_a_modbus_read_takes_its_wire_time(tmp_path: Path) -> None:
             emitted.append(item)
 
         try:
-            assert await source._ensure_line(emit)
+            assert await source.ensure_line(emit)
             start = time.perf_counter()
             done = await source.poll_once(emit)
             return time.perf_counter() - start, done

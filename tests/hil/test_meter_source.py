@@ -66,3 +66,27 @@ def test_config_errors(options, key) -> None:
 def test_profile_option() -> None:
     source = HilMeterSource.from_options("m", {"profile": [[0, 7000], [60, -2000]]}, "x")
     assert source.simulator.meters[1].power_w == 7_000
+
+
+def test_time_scale_accrues_energy_fast_and_stays_plausible() -> None:
+    # 36 kW at 3600x: 10 kWh per real second; the plausibility check runs on the same
+    # scaled time, so no step is flagged.
+    source = HilMeterSource.from_options(
+        "m", {"map": "abb_b23", "power_w": 36_000, "interval_s": 0.05, "time_scale": 3600},
+        "demo.toml")
+    sink = Sink()
+
+    async def main():
+        task = asyncio.create_task(source.run(sink))
+        try:
+            await sink.wait(lambda: len([r for r in sink.readings
+                                         if r.name == "1-0:1.8.0"]) >= 5)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    asyncio.run(main())
+    energy = [r.value for r in sink.readings if r.name == "1-0:1.8.0"]
+    assert energy == sorted(energy) and energy[-1] - energy[0] >= 1_000
+    assert sink.events == [] and all(r.flags == () for r in sink.readings)

@@ -43,7 +43,7 @@ def tcp(port: int, meters: list[dict], **extra) -> ModbusTcpSource:
 
 
 async def snapshot(source, sink) -> int:
-    assert await source._ensure_line(sink)
+    assert await source.ensure_line(sink)
     return await source.poll_once(sink)
 
 
@@ -138,7 +138,7 @@ def test_several_meters_share_one_rs485_line(socat_pair, sink) -> None:
         b = rtu(socat_pair.agent, [{"unit": 5, "map": "abb_b23"}])
         sink_b = Sink()
         try:
-            assert await a._ensure_line(sink) and await b._ensure_line(sink_b)
+            assert await a.ensure_line(sink) and await b.ensure_line(sink_b)
             assert a.link.shared is b.link.shared
             for _ in range(3):
                 done = await asyncio.gather(a.poll_once(sink), b.poll_once(sink_b))

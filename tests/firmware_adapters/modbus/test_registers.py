@@ -218,3 +218,24 @@ def test_load_map_errors(tmp_path) -> None:
         load_map(str(broken))
     with pytest.raises(ConfigError, match="cannot read"):
         load_map(str(tmp_path / "missing.toml"))
+
+
+# Known answers: register dumps written by hand from each vendor's format, independent of
+# this module's encoder. 12345.6 kWh import, 230.1 V, -3000 W (V2G).
+KNOWN_ANSWERS = [
+    ("sdm630", "1-0:1.8.0", [0x4640, 0xE666], 12_345_600),   # float32 12345.6 kWh
+    ("sdm630", "1-0:32.7.0", [0x4366, 0x199A], 230_100),     # float32 230.1 V
+    ("sdm120", "1-0:14.7.0", [0x4247, 0xEB85], 49_980),      # float32 49.98 Hz
+    ("sdm120", "1-0:16.7.0", [0xC53B, 0x8000], -3_000),      # float32 -3000 W
+    ("abb_b23", "1-0:1.8.0", [0x0000, 0x0000, 0x0012, 0xD680], 12_345_600),  # 0.01 kWh
+    ("abb_b23", "1-0:32.7.0", [0x0000, 0x08FD], 230_100),    # uint32 0.1 V
+    ("abb_b23", "1-0:16.7.0", [0xFFFB, 0x6C20], -3_000),     # int32 0.01 W = -300000
+    ("em340", "1-0:1.8.0", [0xE240, 0x0001], 12_345_600),    # int32 LSW first, 0.1 kWh
+    ("em340", "1-0:32.7.0", [0x08FD, 0x0000], 230_100),      # int32 LSW first, 0.1 V
+    ("em340", "1-0:16.7.0", [0x8AD0, 0xFFFF], -3_000),       # int32 LSW first, 0.1 W
+]
+
+
+@pytest.mark.parametrize(("map_name", "name", "words", "expected"), KNOWN_ANSWERS)
+def test_known_answers_per_map(map_name, name, words, expected) -> None:
+    assert decode(load_map(map_name).spec(name), words) == expected
