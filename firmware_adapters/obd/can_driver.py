@@ -139,8 +139,7 @@ class ObdCanSource(PollingSource):
                 continue
             for fc in tx.receive(msg.arbitration_id, bytes(msg.data), now):
                 self._send(fc)
-        for exc in tx.errors:
-            self.counters[f"rx-{exc.reason}"] += 1
+        self.rx_errors += tx.errors
         return tx.answers
 
 

@@ -11,7 +11,9 @@ A :class:`Transaction` is opened with the request payload and ``now``; the drive
 ``transaction.request_frame`` and feeds every received frame with ``receive(arb_id, data,
 now)``, which returns the flow-control frames to send. The transaction is over when
 ``done(now)``: every expected responder has answered, or the P2 window (50 ms in J1979,
-longer for slow gateways; configurable) has passed since the request or the last frame.
+longer for slow gateways; configurable) has passed since the request or the last frame (a
+half-received message extends it to its N_Cr deadline; never beyond window + N_Cr in total,
+so a node babbling on a response id cannot hold a request open).
 Frames from ids outside the response range are ignored (counted by the driver); hostile frames
 from a responder are recorded in ``errors`` and never raise out of :meth:`receive`.
 """
@@ -21,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from agent.errors import ConfigError, DecodeError
-from firmware_adapters.obd.isotp import Reassembler, single_frame
+from firmware_adapters.obd.isotp import N_CR_NS, Reassembler, single_frame
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,10 +112,12 @@ class Transaction:
         """When the window closes if nothing else arrives (the driver's one timer). A message
         half received keeps it open until its N_Cr deadline: slow senders are legal."""
         pending = [r.deadline for r in self._reassemblers.values() if r.deadline is not None]
-        return max([self._last_ns + self.window_ns, *pending])
+        # Hard cap: a node that babbles on a response id must not hold the request open.
+        return min(max([self._last_ns + self.window_ns, *pending]),
+                   self.started_ns + self.window_ns + N_CR_NS)
 
     def done(self, now: int) -> bool:
-        busy = any(r.busy for r in self._reassemblers.values())
+        busy = any(r.busy for e, r in self._reassemblers.items() if e in self.expected)
         if self.expected and self.expected <= self.answers.keys() and not busy:
             return True
         if self.target is not None and self.target in self.answers:

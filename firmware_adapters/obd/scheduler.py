@@ -234,6 +234,14 @@ class Poller:
         out.append(Event("vehicle-awake", "an ECU answered the probe: resuming", ts_ns,
                          self.source))
 
+    def on_transport_errors(self, errors: list[DecodeError], ts_ns: int,
+                            ecu: int = -1) -> list[Reading | Event]:
+        """Frames that broke ISO-TP or the adapter's line format: counters, one event a kind."""
+        out: list[Reading | Event] = []
+        for exc in errors:
+            self._bad(f"rx-{exc.reason}", str(exc), ts_ns, out, ecu)
+        return out
+
     def _bad(self, code: str, message: str, ts_ns: int, out: list[Reading | Event],
              ecu: int) -> None:
         """Count every bad answer; emit an event for the first of each kind (no flooding)."""

@@ -187,6 +187,5 @@ class Elm327Source(PollingSource):
         tx = Transaction(Addressing(bits), plan.payload, now, 0, plan.expected)
         for arb_id, data in reply.frames:
             tx.receive(arb_id, data, now)  # the adapter itself sends the flow control
-        for exc in tx.errors:
-            self.counters[f"rx-{exc.reason}"] += 1
+        self.rx_errors += tx.errors
         return tx.answers

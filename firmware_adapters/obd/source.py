@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Mapping
 
-from agent.errors import AdapterError, AdapterUnavailable
+from agent.errors import AdapterError, AdapterUnavailable, DecodeError
 from firmware_adapters.base import Clock, Emit, Source, system_clock
 from firmware_adapters.obd.odometer import OdometerMonitor
 from firmware_adapters.obd.scheduler import Plan, Poller
@@ -30,6 +30,7 @@ class PollingSource(Source):
     def __init__(self, source_id: str, poll: Mapping[str, object], *,
                  slack_km: float = 0.5, clock: Clock = system_clock) -> None:
         super().__init__(source_id, clock)
+        self.rx_errors: list[DecodeError] = []  # transport-level faults of the last exchange
         self.poller = Poller(source=source_id, counters=self.counters,
                              odometer=OdometerMonitor(source_id, slack_km=slack_km),
                              **poll)  # type: ignore[arg-type]
@@ -74,6 +75,9 @@ class PollingSource(Source):
             self.counters[f"request-{plan.kind}"] += 1
             answers = await self._exchange(plan)
             ts_ns, status = self.clock()
+            errors, self.rx_errors = self.rx_errors, []
+            for item in self.poller.on_transport_errors(errors, ts_ns):
+                await emit(item)
             for item in self.poller.on_answers(plan, answers, time.monotonic_ns(), ts_ns,
                                                status):
                 await emit(item)
