@@ -17,9 +17,11 @@ from firmware_adapters.modbus.registers import (
     raw_for_value,
     raw_to_registers,
 )
+from firmware_adapters.modbus.rtu import LineFormat
 from firmware_adapters.registry import source_class
+from hil.line_sim import LineSimulator
 from hil.meter_sim import ChargingProfile, Fault, ManualClock, MeterSimulator
-from tests.firmware_adapters.modbus.support import Sink
+from tests.firmware_adapters.modbus.support import Sink, SocatPair
 
 MAPS = ["sdm630", "sdm120", "abb_b23", "em340"]
 POWER = {"sdm630": 11_000, "sdm120": 7_360, "abb_b23": 22_000, "em340": 11_000}
@@ -90,14 +92,31 @@ def test_tcp_decodes_exactly_what_the_simulator_serves(map_name) -> None:
     assert sink.events == []
 
 
+@pytest.fixture(params=["socat", "paced-19200"])
+def serial_line(request, tmp_path):
+    """(agent path, meter path, serial options): a bare socat pty pair, or the paced line
+    simulator at 19200 baud, 8N2 (a pty rejects a parity setting, so parity is covered by
+    the line simulator's own timing tests)."""
+    if request.param == "socat":
+        pair = SocatPair(tmp_path).start()
+        yield pair.agent, pair.meter, {}
+        pair.kill()
+        return
+    line = LineFormat(19200, stopbits=2)
+    with LineSimulator(line, str(tmp_path / "agent"), str(tmp_path / "meter")) as sim:
+        yield sim.paths[0], sim.paths[1], {"baudrate": 19200, "stopbits": 2}
+
+
 @pytest.mark.parametrize("map_name", MAPS)
-def test_serial_decodes_exactly_what_the_simulator_serves(map_name, socat_pair, sink) -> None:
+def test_serial_decodes_exactly_what_the_simulator_serves(map_name, serial_line, sink) -> None:
+    agent, meter, options = serial_line
+
     async def main():
         clock = ManualClock()
         sim = MeterSimulator({3: map_name}, ChargingProfile.constant(POWER[map_name]),
                              clock=clock)
-        await sim.start_serial(socat_pair.meter)
-        source = rtu(socat_pair.agent, [{"unit": 3, "map": map_name}])
+        await sim.start_serial(meter, **options)
+        source = rtu(agent, [{"unit": 3, "map": map_name}], timeout_s=1.0, **options)
         try:
             assert await snapshot(source, sink) == 1
             first = sim.served_values(3)
