@@ -188,7 +188,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
         from agent.live_verify import verify_mqtt  # lands with the uplink
 
-        report = asyncio.run(verify_mqtt(args.mqtt, registry, duration_s=args.duration))
+        report = asyncio.run(verify_mqtt(args.mqtt, registry, timeout_s=args.duration,
+                                          idle_s=args.idle))
     else:
         if not args.file:
             raise ConfigError("verify needs a capture FILE or --mqtt URL")
@@ -207,6 +208,26 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     config = load_config(args.file)
     print(f"{args.file}: ok ({config.device.role}, {len(config.sources)} source(s))")
     return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from agent.runtime import run_agent
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    asyncio.run(run_agent(args.config))
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from agent.status import resolve_status_path, status_summary
+
+    text, code = status_summary(resolve_status_path(args.config, args.file))
+    print(text)
+    return code
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -279,9 +300,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mqtt", metavar="URL", help="subscribe to a broker and verify live "
                    "(mqtt://host:port or mqtts://...)")
     p.add_argument("--duration", type=float, default=None,
-                   help="with --mqtt: stop after this many seconds (default: until Ctrl-C)")
+                   help="with --mqtt: stop after this many seconds (default: no limit)")
+    p.add_argument("--idle", type=float, default=10.0,
+                   help="with --mqtt: stop after this many seconds without a message (default 10)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     registry_path(p)
+
+    p = add(sub, "run", cmd_run, "run the agent (vehicle or station role) from a config file "
+            "until SIGTERM/SIGINT; systemd's Type=notify and watchdog are supported")
+    p.add_argument("--config", type=Path, required=True, help="the agent's TOML config")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+    p = add(sub, "status", cmd_status, "print a running agent's sources, rates, spool depth, "
+            "uplink and channel state and last errors (exit 0 running, 3 not running)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="the agent's config (to find its status file)")
+    p.add_argument("--file", type=Path, default=None, help="the status file itself")
 
     cfg = sub.add_parser("config", help="check a config file",
                          description="Config file tools.")

@@ -1,0 +1,296 @@
+"""The supervisor: one TaskGroup wiring sources -> batcher/signer -> spool -> uplink.
+
+Tasks (named, none fire-and-forget; STYLE "one supervisor")::
+
+    source[<id>]      each configured source, restarted with back-off on AdapterError
+    telemetry.seal    Batcher -> Sealer -> Spool.commit           (agent.telemetry)
+    telemetry.publish Spool -> Uplink, delete on PUBACK           (agent.telemetry)
+    uplink            the MQTT connection, reconnects             (agent.uplink)
+    status            status file, sd_notify WATCHDOG/STATUS      (agent.status)
+    metrics           optional Prometheus endpoint                (agent.metrics)
+    channel[...]      payment-channel sessions added by the caller (add_task)
+
+Backpressure: a source's ``emit`` awaits the pipeline's bounded queue, so a source that
+outruns the disk slows down instead of growing memory.
+
+Shutdown (SIGTERM, SIGINT or ``stop``): sources stop first, then whatever the batcher holds
+is sealed and committed, publishing gets a short grace period to drain, and the spool is
+closed. Nothing committed is lost: what was not acknowledged goes out after the restart.
+
+Errors: an AdapterError in a source is counted, logged, shown in the status, and the source
+is restarted after a capped back-off; any other exception is a bug and ends the agent (the
+service manager restarts it), never silently swallowed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from agent import __version__
+from agent.config import Config, load_config
+from agent.envelope import Sealer
+from agent.errors import AdapterError, AdapterUnavailable, ConfigError, EdgeAgentError
+from agent.keys import DeviceKeys, KeyStore
+from agent.readings import Event, Reading
+from agent.sdnotify import Notifier, watchdog_interval_s
+from agent.spool import Spool, SpoolConfig
+from agent.status import (
+    AgentStatus,
+    ErrorLog,
+    ErrorRecord,
+    RateMeter,
+    SourceStatus,
+    SpoolStatus,
+    StatusConfig,
+    UplinkStatus,
+    publish_status,
+    status_path,
+)
+from agent.telemetry import Pipeline, SpoolWorker
+from agent.uplink import Backoff, MqttConfig, Uplink
+from firmware_adapters.base import Source
+from firmware_adapters.registry import source_class
+
+log = logging.getLogger("edge_agent.runtime")
+
+DRAIN_GRACE_S = 3.0
+SOURCE_BACKOFF_INITIAL_S = 1.0
+SOURCE_BACKOFF_MAX_S = 60.0
+
+
+class _Stop(Exception):
+    """Raised inside the TaskGroup to end it cleanly."""
+
+
+@dataclass
+class SourceRunner:
+    """One source under supervision: restart on AdapterError, count what it emits."""
+
+    source: Source
+    kind: str
+    state: str = "starting"
+    readings: int = 0
+    last_error: ErrorRecord | None = None
+
+    def __post_init__(self) -> None:
+        self.rate = RateMeter()
+        self.taps: list[asyncio.Queue[Reading]] = []
+
+
+def build_sources(config: Config) -> list[SourceRunner]:
+    """Instantiate every ``[[sources]]`` entry; config errors surface before anything runs."""
+    runners = []
+    for entry in config.sources:
+        cls = source_class(entry.kind)
+        source = cls.from_options(entry.id, entry.options, entry.where)
+        runners.append(SourceRunner(source, entry.kind))
+    return runners
+
+
+class Runtime:
+    """The agent for one device. ``await runtime.run(stop)`` until ``stop`` is set."""
+
+    def __init__(self, config: Config, keys: DeviceKeys, *,
+                 notifier: Notifier | None = None,
+                 sources: list[SourceRunner] | None = None) -> None:
+        self.config = config
+        self.keys = keys
+        self.device_id = config.device.id or keys.device_id
+        self.role = config.device.role
+        state_dir = config.device.state_dir
+        self.mqtt = MqttConfig.from_table(config.section("mqtt"), self.device_id)
+        self.spool_config = SpoolConfig.from_table(config.section("spool"), state_dir)
+        self.status_config = StatusConfig.from_table(config.section("status"))
+        self.status_file = status_path(state_dir, self.status_config.path)
+        self.metrics_table = config.section("metrics")
+        self.notifier = notifier or Notifier()
+        self.sources = sources if sources is not None else build_sources(config)
+        self.errors = ErrorLog()
+        self.started_ns = time.time_ns()
+        self.state = "starting"
+        self.uplink: Uplink | None = None
+        self.pipeline: Pipeline | None = None
+        self._extra: list[tuple[str, Callable[[Runtime], Awaitable[None]]]] = []
+        self._channel_status: Callable[[], tuple] = tuple
+        self.ready = asyncio.Event()
+
+    # -- extension points (payment channel, demo, HIL) ---------------------------------
+    def add_task(self, name: str, factory: Callable[[Runtime], Awaitable[None]]) -> None:
+        """Run ``factory(runtime)`` as a named task in the supervisor's TaskGroup once the
+        uplink and pipeline exist (e.g. ``channel[<id>]``)."""
+        self._extra.append((name, factory))
+
+    def set_channel_status(self, snapshot: Callable[[], tuple]) -> None:
+        self._channel_status = snapshot
+
+    def tap(self, source_id: str, maxsize: int = 1000) -> asyncio.Queue[Reading]:
+        """A queue that also receives every reading of one source (the station's channel
+        session reads the meter this way). When the consumer lags, the oldest readings
+        are dropped from the tap only, never from the telemetry."""
+        for runner in self.sources:
+            if runner.source.id == source_id:
+                queue: asyncio.Queue[Reading] = asyncio.Queue(maxsize)
+                runner.taps.append(queue)
+                return queue
+        raise ConfigError(key="sources.id", expected="a configured source", found=source_id)
+
+    # -- the supervisor --------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        spool = await asyncio.to_thread(Spool.open, self.spool_config)
+        worker = SpoolWorker(spool)
+        sealer = Sealer(self.keys.identity, self.device_id, os.urandom(16),
+                        spool.next_seq, spool.head)
+        try:
+            async with Uplink(self.mqtt) as uplink:
+                self.uplink = uplink
+                self.pipeline = Pipeline(sealer, worker, uplink, self.device_id,
+                                         batch=self.config.batch)
+                await self._supervise(stop)
+        finally:
+            self.state = "stopped"
+            await asyncio.to_thread(worker.close)
+            with contextlib.suppress(EdgeAgentError):
+                from agent.status import write_status
+                write_status(self.status_file, self.status())
+            self.notifier.close()
+
+    async def _supervise(self, stop: asyncio.Event) -> None:
+        assert self.pipeline is not None
+        pipeline = self.pipeline
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(pipeline.run_sealer(), name="telemetry.seal")
+                tg.create_task(pipeline.run_publisher(), name="telemetry.publish")
+                source_tasks = [tg.create_task(self._run_source(r), name=f"source[{r.source.id}]")
+                                for r in self.sources]
+                tg.create_task(self._status_task(), name="status")
+                metrics = self._metrics_server()
+                if metrics is not None:
+                    tg.create_task(metrics.serve(), name="metrics")
+                for name, factory in self._extra:
+                    tg.create_task(factory(self), name=name)
+                self.state = "running"
+                self.notifier.ready(f"{self.role} {self.device_id}: running")
+                self.ready.set()
+                await stop.wait()
+                self.state = "stopping"
+                self.notifier.stopping("flushing the spool")
+                for task in source_tasks:
+                    task.cancel()
+                with contextlib.suppress(TimeoutError):
+                    await pipeline.wait_drained(DRAIN_GRACE_S)
+                raise _Stop
+        except* _Stop:
+            pass
+
+    async def _run_source(self, runner: SourceRunner) -> None:
+        source = runner.source
+        backoff = Backoff(SOURCE_BACKOFF_INITIAL_S, SOURCE_BACKOFF_MAX_S)
+        assert self.pipeline is not None
+        pipeline_emit = self.pipeline.emit
+
+        async def emit(item: Reading | Event) -> None:
+            if isinstance(item, Reading):
+                runner.readings += 1
+                runner.state = "running"
+                for queue in runner.taps:
+                    if queue.full():
+                        queue.get_nowait()
+                    queue.put_nowait(item)
+            await pipeline_emit(item)
+
+        while True:
+            runner.state = "running"
+            try:
+                await source.run(emit)
+                runner.state = "stopped"
+                return
+            except AdapterUnavailable as exc:
+                if exc.reason == "missing-dependency":
+                    raise  # installing a package will not happen by waiting
+                self._source_failed(runner, exc)
+            except AdapterError as exc:
+                self._source_failed(runner, exc)
+            await asyncio.sleep(backoff.next())
+
+    def _source_failed(self, runner: SourceRunner, exc: EdgeAgentError) -> None:
+        source = runner.source
+        runner.state = "retrying"
+        runner.last_error = self.errors.add(time.time_ns(), f"source[{source.id}]", exc)
+        source.counters[f"error_{exc.reason}"] += 1
+        log.warning("source[%s]: %s (%s); retrying", source.id, exc, exc.reason)
+
+    async def _status_task(self) -> None:
+        def on_error(exc: BaseException) -> None:
+            self.errors.add(time.time_ns(), "status", exc)
+
+        await publish_status(self.status, self.status_file, self.status_config.interval_s,
+                             self.notifier, watchdog_interval_s(), on_error)
+
+    def _metrics_server(self):  # -> MetricsServer | None, imported only when enabled
+        if not self.metrics_table.data:
+            return None
+        from agent.metrics import MetricsConfig, MetricsServer
+
+        cfg = MetricsConfig.from_table(self.metrics_table)
+        if not cfg.enabled:
+            return None
+        return MetricsServer(self.status, cfg.host, cfg.port)
+
+    # -- status snapshot ---------------------------------------------------------------
+    def status(self) -> AgentStatus:
+        now = time.time_ns()
+        sources = []
+        for runner in self.sources:
+            runner.rate.observe(runner.readings, now)
+            sources.append(SourceStatus(
+                id=runner.source.id, kind=runner.kind, state=runner.state,
+                readings=runner.readings, rate_hz=round(runner.rate.rate(), 2),
+                counters=dict(runner.source.counters), last_error=runner.last_error))
+        spool = None
+        if self.pipeline is not None:
+            s = self.pipeline.spool
+            spool = SpoolStatus(depth=s.rows, bytes=s.total_bytes,
+                                capacity_bytes=self.spool_config.max_bytes,
+                                next_seq=self.pipeline.sealer.next_seq,
+                                dropped=s.counters.get("dropped", 0))
+        uplink = None
+        if self.uplink is not None:
+            up = self.uplink
+            uplink = UplinkStatus(
+                state="connected" if up.connected else "connecting",
+                broker=f"{self.mqtt.host}:{self.mqtt.port}",
+                published=up.counters.get("published", 0),
+                reconnects=max(up.epoch - 1, 0))
+        return AgentStatus(
+            device_id=self.device_id, role=self.role, pid=os.getpid(), state=self.state,
+            started_ns=self.started_ns, updated_ns=now,
+            interval_s=self.status_config.interval_s, version=__version__,
+            sources=tuple(sources), spool=spool, uplink=uplink,
+            channels=tuple(self._channel_status()), errors=self.errors.snapshot())
+
+
+def load_keys(config: Config) -> DeviceKeys:
+    return KeyStore(config.device.state_dir).load()
+
+
+async def run_agent(config_path: str | os.PathLike[str],
+                    install_signals: bool = True) -> None:
+    """``edge-agent run``: load config and keys, run until SIGTERM/SIGINT."""
+    config = load_config(config_path)
+    keys = load_keys(config)
+    runtime = Runtime(config, keys)
+    stop = asyncio.Event()
+    if install_signals:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+    log.info("edge-agent %s: %s %s starting", __version__, runtime.role, runtime.device_id)
+    await runtime.run(stop)
