@@ -178,8 +178,8 @@ class EcuSimCore:
             if arb_id not in (req_id, self.functional_id) or data[0] >> 4 != 0:
                 continue
             size = data[0] & 0xF
-            if not 0 < size <= len(data) - 1:
-                continue
+            if len(data) > 8 or not 0 < size <= min(7, len(data) - 1):
+                continue  # not a classic-CAN single frame: ignore, as an ECU would
             answer = self.answer(ecu, data[1:1 + size], t, physical=arb_id == req_id)
             if answer is None:
                 continue
@@ -191,9 +191,12 @@ class EcuSimCore:
 
     def answer(self, ecu: int, req: bytes, t: float, physical: bool) -> bytes | None:
         sid = req[0]
-        nrc = (lambda code: bytes((0x7F, sid, code)) if physical else None)
+
+        def nrc(code: int) -> bytes | None:  # ISO 15765-4: no negative answer to functional
+            return bytes((0x7F, sid, code)) if physical else None
+
         if sid == 0x01:
-            if len(req) < 2 or len(req) > 7:
+            if len(req) < 2:
                 return nrc(0x13)
             state = self.profile.state(t)
             state = VehicleState(state.speed_kmh, state.rpm, state.soc_pct,

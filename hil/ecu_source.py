@@ -28,7 +28,7 @@ import can
 from firmware_adapters.base import Clock, system_clock
 from firmware_adapters.obd.can_driver import ObdCanSource, poll_settings_for_can
 from firmware_adapters.obd.options import POLL_KEYS, Options
-from firmware_adapters.obd.requester import Addressing
+from firmware_adapters.obd.requester import CAN_11, Addressing
 from hil.ecu_sim import EcuSimCore, EcuSimulator
 
 HIL_PIDS = {"SPEED": 1.0, "RPM": 1.0, "ODOMETER": 2.0, "HYBRID_BATTERY_REMAINING": 2.0,
@@ -39,7 +39,7 @@ class HilEcuSource(ObdCanSource):
     kind = "hil-ecu"
 
     def __init__(self, source_id: str, poll: Mapping[str, object], *,
-                 addressing: Addressing = Addressing(11), core: EcuSimCore | None = None,
+                 addressing: Addressing = CAN_11, core: EcuSimCore | None = None,
                  time_scale: float = 1.0, clock: Clock = system_clock) -> None:
         channel = f"hil-ecu-{source_id}-{uuid.uuid4().hex[:8]}"
         super().__init__(source_id, {"interface": "virtual", "channel": channel}, poll,

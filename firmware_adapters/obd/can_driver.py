@@ -31,7 +31,7 @@ import can
 from agent.errors import AdapterIOError, AdapterUnavailable, ConfigError
 from firmware_adapters.base import Clock, system_clock
 from firmware_adapters.obd.options import POLL_KEYS, Options, poll_settings
-from firmware_adapters.obd.requester import Addressing, Frame, Transaction
+from firmware_adapters.obd.requester import CAN_11, Addressing, Frame, Transaction
 from firmware_adapters.obd.scheduler import Plan
 from firmware_adapters.obd.source import PollingSource
 
@@ -59,7 +59,7 @@ class ObdCanSource(PollingSource):
     kind = "obd-can"
 
     def __init__(self, source_id: str, bus: Mapping[str, Any], poll: Mapping[str, object], *,
-                 addressing: Addressing = Addressing(11), target: int | None = None,
+                 addressing: Addressing = CAN_11, target: int | None = None,
                  window_ns: int = 100_000_000, slack_km: float = 0.5,
                  clock: Clock = system_clock) -> None:
         super().__init__(source_id, poll, slack_km=slack_km, clock=clock)

@@ -123,3 +123,6 @@ class Transaction:
         if self.target is not None and self.target in self.answers:
             return True
         return now >= self.deadline()
+
+
+CAN_11 = Addressing(11)

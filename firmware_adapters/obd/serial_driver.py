@@ -26,8 +26,13 @@ from typing import Self
 
 import serial
 
-from agent.errors import (AdapterIOError, AdapterTimeout, AdapterUnavailable, DecodeError,
-                          OversizeInput)
+from agent.errors import (
+    AdapterIOError,
+    AdapterTimeout,
+    AdapterUnavailable,
+    DecodeError,
+    OversizeInput,
+)
 from firmware_adapters.base import Clock, system_clock
 from firmware_adapters.obd import elm327
 from firmware_adapters.obd.options import POLL_KEYS, Options, poll_settings

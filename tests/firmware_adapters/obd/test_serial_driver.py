@@ -16,8 +16,15 @@ import pytest
 from elm import obd_message
 
 from firmware_adapters.obd.serial_driver import Elm327Source
-from tests.firmware_adapters.obd.conftest import (_stop, _wait_for, collect, emulator_values,
-                                                  events, named, start_emulator)
+from tests.firmware_adapters.obd.conftest import (
+    _stop,
+    _wait_for,
+    collect,
+    emulator_values,
+    events,
+    named,
+    start_emulator,
+)
 
 FAST = {"SPEED": 0.05, "RPM": 0.05, "COOLANT_TEMP": 0.05, "ENGINE_LOAD": 0.05,
         "INTAKE_TEMP": 0.05, "THROTTLE_POS": 0.05}
