@@ -6,6 +6,8 @@ Use it in-process (the demo, the payment channel, tests)::
     port = await sim.start_tcp()            # 127.0.0.1, a free port
     sim.set_power(-3_000)                   # V2G: feeding the grid from now on
     sim.energy_wh(1)                        # (import Wh, export Wh) as the meter counts it
+
+With ``clock=ManualClock()`` time moves only on ``sim.advance(seconds)``.
     await sim.stop()
 
 or as a process: ``python -m hil.meter_sim --map sdm630 --tcp 127.0.0.1:5020`` or
@@ -247,6 +249,12 @@ class MeterSimulator:
     def set_profile(self, profile: ChargingProfile, unit: int | None = None) -> None:
         for model in self._select(unit):
             model.set_profile(profile)
+
+    def advance(self, seconds: float) -> None:
+        """Move simulated time on (only with a :class:`ManualClock`)."""
+        if not isinstance(self.clock, ManualClock):
+            raise TypeError("advance() needs MeterSimulator(..., clock=ManualClock())")
+        self.clock.advance(seconds)
 
     def energy_wh(self, unit: int | None = None) -> tuple[int, int]:
         """(import Wh, export Wh) of ``unit`` (default: the first meter)."""

@@ -54,6 +54,15 @@ def test_model_integrates_and_switches_profiles() -> None:
         clock.advance(-1)
 
 
+def test_simulator_advance_needs_a_manual_clock() -> None:
+    sim = MeterSimulator({1: "sdm630"}, ChargingProfile.constant(3_600), clock=ManualClock(),
+                         import_wh=0, export_wh=0)
+    sim.advance(10)
+    assert sim.energy_wh() == (10, 0)
+    with pytest.raises(TypeError):
+        MeterSimulator({1: "sdm630"}).advance(1)
+
+
 def test_single_phase_model() -> None:
     model = MeterModel(load_map("sdm120"), ChargingProfile.constant(3_680), ManualClock())
     assert model.phases == 1
