@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -384,3 +386,15 @@ def test_config_errors_name_file_and_key(options, key) -> None:
         ModbusRtuSource.from_options("m", options, "station.toml")
     assert info.value.file == "station.toml"
     assert info.value.key == key
+
+
+def test_the_documented_config_is_valid() -> None:
+    """docs/station.md's example config builds sources (docs generated from use)."""
+    text = (Path(__file__).parents[3] / "docs" / "station.md").read_text(encoding="utf-8")
+    block = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    sources = tomllib.loads(block.replace("/etc/edge-agent/maps/my-meter.toml", "em340"))
+    built = [source_class(entry["kind"]).from_options(
+        entry["id"], {k: v for k, v in entry.items() if k not in ("id", "kind")}, "station.md")
+        for entry in sources["sources"]]
+    assert [type(s).__name__ for s in built] == ["ModbusRtuSource", "ModbusTcpSource"]
+    assert [m.config.unit for m in built[0].meters] == [1, 2]
