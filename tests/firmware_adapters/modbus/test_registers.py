@@ -7,7 +7,7 @@ import struct
 from fractions import Fraction
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.errors import ConfigError, DecodeError
@@ -239,3 +239,17 @@ KNOWN_ANSWERS = [
 @pytest.mark.parametrize(("map_name", "name", "words", "expected"), KNOWN_ANSWERS)
 def test_known_answers_per_map(map_name, name, words, expected) -> None:
     assert decode(load_map(map_name).spec(name), words) == expected
+
+
+@pytest.mark.slow
+@settings(max_examples=3000, deadline=None)
+@given(st.sampled_from(["sdm630", "sdm120", "abb_b23", "em340"]), st.data())
+def test_fuzz_block_decode_raises_only_decode_error(map_name, data) -> None:
+    for block in plan_blocks(load_map(map_name)):
+        words = data.draw(st.lists(st.integers(0, 0xFFFF), min_size=block.count - 1,
+                                   max_size=block.count + 1))
+        try:
+            values = block.decode(words)
+        except DecodeError:
+            continue
+        assert all(isinstance(v, int) for v in values.values())
