@@ -4,8 +4,9 @@ A snapshot is every register of the map, read with the blocks the planner makes,
 plausibility-checked and emitted as readings: the whole ModbusRtuSource/ModbusTcpSource
 path against the pymodbus meter simulator.
 
-RTU runs over ``hil.line_sim`` (started as its own process, so its pacing thread does not
-share this process's GIL), which delivers bytes no faster than the line and keeps the
+The meter simulator (``python -m hil.meter_sim``) runs in its own process, as a meter is its
+own device. RTU runs over ``hil.line_sim`` (its own process too, so its pacing thread does
+not share the measured process's GIL), which delivers bytes no faster than the line and keeps the
 3.5-character silence between frames. The wire limit is computed for the same frames:
 per block, 8 request bytes + 5 + 2N reply bytes at ``bits_per_char / baud`` each, plus two
 silent intervals (``rtu.LineFormat.transaction_time_s``). The same run also measures a bare
@@ -30,7 +31,6 @@ from pathlib import Path
 from firmware_adapters.modbus.driver import ModbusRtuSource, ModbusSource, ModbusTcpSource
 from firmware_adapters.modbus.registers import load_map, plan_blocks
 from firmware_adapters.modbus.rtu import LineFormat
-from hil.meter_sim import ChargingProfile, MeterSimulator
 
 
 async def _discard(_item: object) -> None:
@@ -58,9 +58,24 @@ def _wait_for(*paths: str) -> None:
         time.sleep(0.01)
 
 
-async def _rtu(map_name: str, agent: str, meter: str, baud: int, seconds: float) -> float:
-    sim = MeterSimulator({1: map_name}, ChargingProfile.constant(7_000))
-    await sim.start_serial(meter, baudrate=baud)
+def _start_meter(map_name: str, *where: str) -> tuple[subprocess.Popen[bytes], str]:
+    """The meter simulator in its own process, as a real meter is its own device."""
+    process = subprocess.Popen([sys.executable, "-m", "hil.meter_sim", "--map", map_name,
+                                "--profile", "0:7000", *where], stdout=subprocess.PIPE)
+    assert process.stdout is not None
+    line = process.stdout.readline().decode().strip()
+    if not line.startswith("meter simulator on"):
+        process.kill()
+        raise RuntimeError(f"meter simulator did not start: {line!r}")
+    return process, line
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    process.wait(timeout=10)
+
+
+async def _rtu(map_name: str, agent: str, baud: int, seconds: float) -> float:
     source = ModbusRtuSource.from_options("bench", {
         "port": agent, "baudrate": baud, "map": map_name, "timeout_s": 1.0, "retries": 0,
         "interval_s": 0}, "bench")
@@ -68,7 +83,14 @@ async def _rtu(map_name: str, agent: str, meter: str, baud: int, seconds: float)
         return await _rate(source, seconds)
     finally:
         source.link.close()
-        await sim.stop()
+
+
+def _rtu_with_meter(map_name: str, agent: str, meter: str, baud: int, seconds: float) -> float:
+    process, _ = _start_meter(map_name, "--serial", meter, "--baudrate", str(baud))
+    try:
+        return asyncio.run(_rtu(map_name, agent, baud, seconds))
+    finally:
+        _stop(process)
 
 
 def rtu_paced(map_name: str, baud: int, seconds: float, folder: Path) -> float:
@@ -77,7 +99,7 @@ def rtu_paced(map_name: str, baud: int, seconds: float, folder: Path) -> float:
                               agent, meter], stdout=subprocess.DEVNULL)
     try:
         _wait_for(agent, meter)
-        return asyncio.run(_rtu(map_name, agent, meter, baud, seconds))
+        return _rtu_with_meter(map_name, agent, meter, baud, seconds)
     finally:
         relay.terminate()
         relay.wait(timeout=10)
@@ -92,15 +114,13 @@ def rtu_bare_pty(map_name: str, seconds: float, folder: Path) -> float:
                              f"pty,raw,echo=0,link={agent}"], stderr=subprocess.DEVNULL)
     try:
         _wait_for(agent, meter)
-        return asyncio.run(_rtu(map_name, agent, meter, 9600, seconds))
+        return _rtu_with_meter(map_name, agent, meter, 9600, seconds)
     finally:
         pair.terminate()
         pair.wait(timeout=10)
 
 
-async def _tcp(map_name: str, seconds: float) -> float:
-    sim = MeterSimulator({1: map_name}, ChargingProfile.constant(7_000))
-    port = await sim.start_tcp()
+async def _tcp(port: int, map_name: str, seconds: float) -> float:
     source = ModbusTcpSource.from_options("bench", {
         "host": "127.0.0.1", "port": port, "map": map_name, "timeout_s": 1.0, "retries": 0,
         "interval_s": 0}, "bench")
@@ -108,7 +128,14 @@ async def _tcp(map_name: str, seconds: float) -> float:
         return await _rate(source, seconds)
     finally:
         source.link.close()
-        await sim.stop()
+
+
+def tcp(map_name: str, seconds: float) -> float:
+    process, line = _start_meter(map_name, "--tcp", "127.0.0.1:0")
+    try:
+        return asyncio.run(_tcp(int(line.rsplit(":", 1)[1]), map_name, seconds))
+    finally:
+        _stop(process)
 
 
 def main() -> None:
@@ -130,7 +157,7 @@ def main() -> None:
             figures[f"rtu_{baud}_ratio_to_wire_limit"] = round(rate / limit, 3)
         figures["rtu_bare_pty_snapshots_per_s"] = round(
             rtu_bare_pty(args.map, args.seconds / 2, Path(tmp)), 1)
-    figures["tcp_snapshots_per_s"] = round(asyncio.run(_tcp(args.map, args.seconds / 2)), 1)
+    figures["tcp_snapshots_per_s"] = round(tcp(args.map, args.seconds / 2), 1)
     print(json.dumps(figures, sort_keys=True))
 
 
