@@ -297,6 +297,8 @@ class ModbusSource(Source):
         try:
             await self.link.open()
         except AdapterError as exc:
+            if exc.reason == "line-conflict":
+                raise  # two configs disagree about one port: retrying cannot fix that
             self.counters["line-down"] += 1
             await self._line_down(emit, str(exc))
             return False

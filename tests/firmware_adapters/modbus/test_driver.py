@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import ConfigError
+from agent.errors import AdapterUnavailable, ConfigError
 from agent.readings import METER_SIGNALS, Event, Reading
 from firmware_adapters.modbus.driver import ModbusRtuSource, ModbusTcpSource
 from firmware_adapters.modbus.registers import (
@@ -398,3 +398,19 @@ def test_the_documented_config_is_valid() -> None:
         for entry in sources["sources"]]
     assert [type(s).__name__ for s in built] == ["ModbusRtuSource", "ModbusTcpSource"]
     assert [m.config.unit for m in built[0].meters] == [1, 2]
+
+
+def test_one_port_with_two_line_formats_is_refused(socat_pair, sink) -> None:
+    async def main():
+        a = rtu(socat_pair.agent, [{"unit": 1, "map": "sdm630"}])
+        b = rtu(socat_pair.agent, [{"unit": 2, "map": "sdm630"}], baudrate=19200)
+        try:
+            assert await a.ensure_line(sink)
+            with pytest.raises(AdapterUnavailable) as info:
+                await b.ensure_line(sink)
+            return info.value.reason
+        finally:
+            a.link.close()
+            b.link.close()
+
+    assert run(main()) == "line-conflict"
