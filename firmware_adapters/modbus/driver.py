@@ -354,7 +354,7 @@ class ModbusSource(Source):
             return
         if meter.failures >= self.poll.silent_after:
             meter.silent_since_ns = now
-            await emit(Event("meter-silent", f"{meter.config.label} stopped answering",
+            await emit(Event("meter-silent", f"{meter.config.label} stopped answering"[:500],
                              now, self.id, (("unit", unit), ("reason", reason))))
             return
         await emit(Event("meter-read-failed", why[:500], now, self.id,
@@ -363,7 +363,7 @@ class ModbusSource(Source):
     async def _succeeded(self, meter: _MeterState, emit: Emit) -> None:
         if meter.silent_since_ns is not None:
             now, _ = self.clock()
-            await emit(Event("meter-recovered", f"{meter.config.label} answers again", now,
+            await emit(Event("meter-recovered", f"{meter.config.label} answers again"[:500], now,
                              self.id, (("unit", meter.config.unit),
                                        ("silent_ms", (now - meter.silent_since_ns) // 1_000_000),
                                        ("failed_reads", meter.failures))))
