@@ -11,8 +11,9 @@ reason code):
     tx-timeout         not mined (or not confirmed) within ``timeout_s``
     rpc                any other JSON-RPC error answer
 
-Nonces: the next nonce is max(our counter, the node's pending count), so a restart or a
-transaction sent by another tool never makes us reuse one. Gas: the node's estimate plus a
+Nonces: each transaction takes the node's pending transaction count, and returns only once
+mined, so one Sender never has two in flight; a restart, a transaction sent by another tool
+or a chain rolled back never leaves us on a stale counter of our own. Gas: the node's estimate plus a
 margin. Fees (EIP-1559): max fee = 2 x base fee + priority fee, the usual wallet rule that
 survives several full blocks of base-fee growth.
 """
@@ -78,7 +79,6 @@ class Sender:
         self.w3, self.signer = w3, signer
         self.policy = policy or SendPolicy()
         self.address = Web3.to_checksum_address(signer.address)
-        self._next_nonce = 0
         self._chain_id: int | None = None
 
     # --- JSON-RPC with retries ----------------------------------------------------------
@@ -136,17 +136,15 @@ class Sender:
             priority = DEFAULT_PRIORITY_FEE
         pending = self.call(lambda: self.w3.eth.get_transaction_count(self.address, "pending"),
                             "eth_getTransactionCount")
-        nonce = max(self._next_nonce, pending)
-        tx = Tx(self.chain_id, nonce, priority, 2 * base_fee + priority, gas, to, value, data)
+        tx = Tx(self.chain_id, pending, priority, 2 * base_fee + priority, gas, to, value, data)
         raw = tx.sign(self.signer)
         self._send_raw(raw, what)
-        self._next_nonce = nonce + 1
         return self.wait(tx_hash(raw), what)
 
     def deploy(self, bytecode: bytes, what: str) -> tuple[bytes, TxResult]:
         pending = self.call(lambda: self.w3.eth.get_transaction_count(self.address, "pending"),
                             "eth_getTransactionCount")
-        address = contract_address(self.signer.address, max(self._next_nonce, pending))
+        address = contract_address(self.signer.address, pending)
         return address, self.transact(None, bytecode, what)
 
     def _send_raw(self, raw: bytes, what: str) -> None:
