@@ -98,7 +98,7 @@ class SettlementClient:
             from_block=self.from_block, argument_filters={"channel_id": channel_id}),
             "eth_getLogs")
         for entry in reversed(logs):
-            record = _record_from_log(entry["args"]["record"])
+            record = record_from_log(entry["args"]["record"])
             if record.hash() == stored:
                 status = Status.OPEN if record.deadline == 0 else Status.CLOSING
                 return ChannelView(channel_id, status, record)
@@ -209,7 +209,7 @@ def _address(value: bytes | str) -> bytes:
     return value
 
 
-def _record_from_log(value: object) -> ChannelRecord:
+def record_from_log(value: object) -> ChannelRecord:
     if isinstance(value, Mapping):
         value = [value[k] for k in ("ev", "cs", "dep_ev", "dep_cs", "window", "deadline",
                                     "nonce", "t_ev", "t_cs")]
