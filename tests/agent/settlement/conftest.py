@@ -105,3 +105,69 @@ def parties(module_parties: Parties) -> Iterator[Parties]:
 
 def new_salt() -> bytes:
     return os.urandom(32)
+
+
+# --- anvil (a real node, from npm: @foundry-rs/anvil-linux-amd64) -------------------------
+
+ANVIL_HINT = ("anvil not found. Install it once with: npm install --prefix .venv/npm "
+              "--no-save @foundry-rs/anvil-linux-amd64@1.7.1  (or set EVEDGE_ANVIL=/path/to/anvil; "
+              "or deselect with -m 'not anvil')")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "anvil: runs against an anvil node started by the test "
+                                       "(fails, does not skip, when anvil is missing)")
+
+
+def find_anvil() -> str | None:
+    import shutil
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    for candidate in (os.environ.get("EVEDGE_ANVIL"),
+                      str(root / ".venv/npm/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil"),
+                      shutil.which("anvil")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+@pytest.fixture(scope="module")
+def anvil_url() -> Iterator[str]:
+    """anvil on a free loopback port, stopped by pid at teardown (even on failure)."""
+    import socket
+    import subprocess
+    import time
+
+    import requests
+
+    binary = find_anvil()
+    if binary is None:
+        pytest.fail(ANVIL_HINT)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([binary, "--host", "127.0.0.1", "--port", str(port), "--silent",
+                             "--accounts", "1"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                requests.post(url, json={"jsonrpc": "2.0", "id": 1, "method": "eth_chainId",
+                                         "params": []}, timeout=1).raise_for_status()
+                break
+            except requests.RequestException:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                    pytest.fail(f"anvil did not start: {err[-500:]}")
+                time.sleep(0.05)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
