@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TypeVar
 
 import requests
@@ -32,6 +31,7 @@ from web3.exceptions import ContractLogicError, TransactionNotFound, Web3Excepti
 
 from agent.errors import SettlementError
 from agent.settlement.model import TxResult
+from agent.settlement.settings import SendPolicy
 from agent.settlement.txsign import DigestSigner, Tx, contract_address, tx_hash
 
 log = logging.getLogger(__name__)
@@ -56,20 +56,6 @@ def connect(node: Web3 | str, timeout_s: float = 10.0) -> Web3:
     # Our own retry loop (below) decides what is transient; web3's would retry blindly.
     return Web3(HTTPProvider(node, request_kwargs={"timeout": timeout_s},
                              exception_retry_configuration=None))
-
-
-@dataclass(frozen=True, slots=True)
-class SendPolicy:
-    confirmations: int = 1       # 1 = the including block is enough (dev nodes automine)
-    retries: int = 3             # attempts per JSON-RPC call on connection errors
-    retry_delay_s: float = 0.2   # doubles per attempt
-    timeout_s: float = 60.0      # per transaction: mined and confirmed
-    poll_s: float = 0.05
-    gas_margin_pct: int = 25
-
-    def __post_init__(self) -> None:
-        if self.confirmations < 1 or self.retries < 1 or self.timeout_s <= 0:
-            raise ValueError("confirmations and retries must be >= 1, timeout_s > 0")
 
 
 class Sender:
