@@ -27,6 +27,8 @@ def test_cooperative_session_through_the_client(parties: Parties) -> None:
     final = p.state(cid, 12, t_ev=640, t_cs=40, wh=8000, final=True)
     tx = cs.cooperative_close(final, *p.sigs(final))
     assert tx.block_number > opened.tx.block_number
+    # Issue 7's target: a whole cooperative session within 60% of Raiden's 457,896.
+    assert opened.tx.gas_used + deposit.gas_used + tx.gas_used <= 0.60 * 457_896
     assert cs.view(cid).status is Status.SETTLED
     assert p.balance(p.ev) == TOKENS - 1000 + 400 and p.balance(p.cs) == TOKENS - 400 + 1000
     with pytest.raises(SettlementError) as err:
@@ -113,3 +115,36 @@ def test_bad_node_url_and_address() -> None:
     with pytest.raises(SettlementError) as err:
         SettlementClient("http://127.0.0.1:1", b"\x01" * 19, SettlementKey.generate())
     assert err.value.reason == "bad-address"
+
+
+def test_a_real_channel_session_settles_through_the_client(parties: Parties) -> None:
+    """Issue 6's protocol (both roles, sans-I/O, in-memory link) pays per kWh; its Closed
+    event (final state + both signatures) goes straight into cooperative_close."""
+    from agent.channel.protocol import Closed
+    from tests.agent.channel.harness import Link, Setup
+
+    p = parties
+
+    class OnChain(Setup):
+        def station_kwargs(self) -> dict[str, object]:
+            return {**super().station_kwargs(), "chain_id": p.chain.chain_id,
+                    "contract": p.chain.contract}
+
+        def vehicle_kwargs(self) -> dict[str, object]:
+            return {**super().vehicle_kwargs(), "chain_id": p.chain.chain_id,
+                    "contract": p.chain.contract}
+
+    setup = OnChain(deposit_ev=50_000, deposit_cs=5_000, ev_key=p.ev, cs_key=p.cs)
+    ev, cs = p.client(p.ev), p.client(p.cs)
+    opened = ev.open_channel(p.ev.address, p.cs.address, setup.salt, 3600, setup.deposit_ev)
+    cs.deposit(opened.channel_id, setup.deposit_cs)
+    link = Link(setup)
+    link.open_and_fund()
+    assert link.cs.channel_id == opened.channel_id
+    link.charge(40)                                    # 400 Wh
+    link.run("ev", link.ev.close(link.now))
+    closed = [e for who, e in link.events if who == "cs" and isinstance(e, Closed)][0]
+    assert closed.state.final and closed.state.t_ev > 0
+    cs.cooperative_close(closed.state, closed.sig_ev, closed.sig_cs)
+    assert p.balance(p.cs) == TOKENS + closed.state.t_ev - closed.state.t_cs
+    assert p.balance(p.ev) == TOKENS - closed.state.t_ev + closed.state.t_cs
