@@ -45,7 +45,7 @@ from agent.envelope import Batcher, Sealer
 from agent.errors import SpoolError, UplinkError
 from agent.readings import Event, Reading
 from agent.spool import Outgoing, Spool
-from agent.uplink import Backoff, Uplink, event_topic, telemetry_topic
+from agent.uplink import RETRY_PAUSE_S, Backoff, Uplink, event_topic, telemetry_topic
 
 log = logging.getLogger("edge_agent.telemetry")
 T = TypeVar("T")
@@ -175,7 +175,9 @@ class Pipeline:
                 await self._stream()
             except UplinkError as exc:
                 self.counters[f"publish_failed_{exc.reason}"] += 1
-                if exc.reason != "disconnected":
+                if exc.reason == "disconnected":
+                    await asyncio.sleep(RETRY_PAUSE_S)  # let the uplink notice (no spinning)
+                else:
                     delay = self._refused_backoff.next()
                     log.warning("publish refused (%s): retrying in %.1f s", exc, delay)
                     await self._flush_acks()

@@ -61,6 +61,7 @@ from agent.errors import ConfigError, UplinkError
 log = logging.getLogger("edge_agent.uplink")
 
 TOPIC_ROOT = "evedge/v1"
+RETRY_PAUSE_S = 0.05
 ROLES = ("ev", "cs")
 
 
@@ -217,10 +218,16 @@ class _Client(aiomqtt.Client):
         with a TLS alert after the handshake, say) ends the connect at once, instead of
         aiomqtt waiting out its timeout. paho logged the socket error just before."""
         if not self._connected.done():
-            self._connected.set_exception(ClosedBeforeConnack(
+            # paho may call this from the executor thread that runs connect().
+            self._loop.call_soon_threadsafe(self._fail_connect, ClosedBeforeConnack(
                 f"connection closed before CONNACK ({reason_code})"))
             return
         super()._on_disconnect(client, userdata, flags, reason_code, properties)
+
+    def _fail_connect(self, exc: BaseException) -> None:
+        if not self._connected.done():
+            self._connected.set_exception(exc)
+            self._connected.add_done_callback(_retrieve)
 
     def publish_nowait(self, topic: str, payload: bytes, retain: bool) -> asyncio.Future[None]:
         info = self._client.publish(topic, payload, 1, retain)
@@ -306,21 +313,31 @@ class Uplink:
         await self._tg.__aexit__(None, None, None)
 
     async def run(self) -> None:
-        """Connect, serve, reconnect after a back-off; forever (until cancelled)."""
-        protocol = (aiomqtt.ProtocolVersion.V311 if self.config.protocol == "3.1.1"
-                    else aiomqtt.ProtocolVersion.V5)
+        """Connect, serve, reconnect after a back-off; forever (until cancelled).
+
+        ``protocol = "auto"``: MQTT 5 first. A 3.1.1-only broker answers a v5 CONNECT with
+        CONNACK 0x01 (MQTT 3.1.1 s3.2.2.3), closes the socket, or misreads it and waits
+        (amqtt 0.12 does: we see a connect timeout); in each case
+        way we try 3.1.1 at once, and keep it once it worked. If 3.1.1 fails too, the
+        next attempt (after the back-off) is MQTT 5 again."""
+        v5, v311 = aiomqtt.ProtocolVersion.V5, aiomqtt.ProtocolVersion.V311
+        auto = self.config.protocol == "auto"
+        protocol = v311 if self.config.protocol == "3.1.1" else v5
         while True:
             try:
                 await self._session(protocol)
             except UplinkError as exc:
                 self.last_error = exc
                 self.counters[f"error_{exc.reason}"] += 1
-                if exc.reason == "protocol-version" and self.config.protocol == "auto" \
-                        and protocol == aiomqtt.ProtocolVersion.V5:
-                    log.warning("broker refused MQTT 5, falling back to 3.1.1")
-                    protocol = aiomqtt.ProtocolVersion.V311
-                    continue
                 log.warning("uplink: %s (%s)", exc, exc.reason)
+                if auto and protocol == v5 and self.epoch == 0 and exc.reason in (
+                        "protocol-version", "connect-refused", "tls-handshake", "timeout"):
+                    log.warning("uplink: trying MQTT 3.1.1")
+                    self.counters["protocol_fallbacks"] += 1
+                    protocol = v311
+                    continue
+                if auto and protocol == v311 and self.epoch == 0:
+                    protocol = v5
             delay = self._backoff.next()
             self.counters["reconnect_waits"] += 1
             await asyncio.sleep(delay)
@@ -361,6 +378,9 @@ class Uplink:
             except UplinkError as exc:
                 if exc.reason != "disconnected" or not retry:
                     raise
+                # paho may know the socket is gone a moment before our session does:
+                # yield, so the session can notice and clear `connected` (no busy loop).
+                await asyncio.sleep(RETRY_PAUSE_S)
             except TimeoutError:
                 if not retry:
                     raise UplinkError(f"no PUBACK for {topic} in time", reason="timeout") \
