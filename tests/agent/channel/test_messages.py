@@ -1,0 +1,84 @@
+"""Channel message codec and tariff: round trips, hostile bytes, signature domains."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent import dcbor
+from agent.channel import messages as m
+from agent.channel.messages import Domain, MsgType, Tariff, sign_tariff
+from agent.channel.records import decode_record
+from agent.errors import BadSignature, EdgeAgentError, MalformedEnvelope, UnknownKey
+from agent.keys import IdentityKey
+
+DOMAIN = Domain(31337, b"\x11" * 20, b"\x22" * 32)
+KEY = IdentityKey.generate()
+
+
+def test_encode_decode_authenticate() -> None:
+    data = m.encode(DOMAIN, MsgType.ACK, {0: 7, 1: b"\x01" * 65}, KEY)
+    wire = m.decode(data)
+    assert (wire.msg_type, wire.channel_id, wire.kid) == (MsgType.ACK, DOMAIN.channel_id, KEY.kid)
+    m.authenticate(wire, DOMAIN, KEY.public)
+    # Another chain, contract or channel in the verifier's domain: the signature fails.
+    for other in (Domain(1, DOMAIN.contract, DOMAIN.channel_id),
+                  Domain(DOMAIN.chain_id, b"\x12" * 20, DOMAIN.channel_id),
+                  Domain(DOMAIN.chain_id, DOMAIN.contract, b"\x23" * 32)):
+        with pytest.raises(BadSignature) as info:
+            m.authenticate(wire, other, KEY.public)
+        assert info.value.reason == "bad-signature"
+    with pytest.raises(UnknownKey):
+        m.authenticate(wire, DOMAIN, IdentityKey.generate().public)
+
+
+def test_tariff_signature_and_id() -> None:
+    tariff = Tariff(300, 100, ((0, 250), (420, 300)))
+    sig = sign_tariff(tariff, KEY)
+    m.check_tariff(tariff, sig, KEY.public)
+    changed = Tariff(301, 100, ((0, 250), (420, 300)))
+    assert changed.tariff_id() != tariff.tariff_id()
+    with pytest.raises(BadSignature) as info:
+        m.check_tariff(changed, sig, KEY.public)
+    assert info.value.reason == "bad-tariff-signature"
+    assert Tariff.from_cbor_item(dcbor.loads(dcbor.dumps(tariff.to_cbor_item()))) == tariff
+
+
+@pytest.mark.parametrize("bad", [
+    dict(price_per_kwh=-1), dict(price_per_kwh=True), dict(tou=((60, 1), (0, 2))),
+    dict(tou=((1440, 1),)), dict(tou=((0, 1), (0, 2)))])
+def test_tariff_validation(bad: dict) -> None:
+    with pytest.raises(ValueError):
+        Tariff(**({"price_per_kwh": 1} | bad))
+
+
+@given(st.integers(0, 2 * 86_400), st.integers(0, 3 * 86_400))
+def test_tou_price_range_contains_every_price_in_between(start: int, length: int) -> None:
+    tariff = Tariff(100, tou=((0, 100), (360, 200), (1200, 50)))
+    low, high = tariff.price_range(start, start + length)
+    for t in range(start, start + length + 1, max(1, length // 50)):
+        assert low <= tariff.price_at(t) <= high
+
+
+@settings(max_examples=500)
+@given(st.binary(max_size=300))
+def test_random_bytes_raise_only_our_errors(data: bytes) -> None:
+    for decoder in (m.decode, decode_record):
+        try:
+            decoder(data)
+        except EdgeAgentError:
+            pass
+
+
+@settings(max_examples=300)
+@given(st.lists(st.one_of(st.integers(0, 2**70), st.binary(max_size=40), st.none(),
+                          st.dictionaries(st.integers(0, 20), st.integers(0, 99), max_size=4)),
+                max_size=6))
+def test_well_formed_cbor_of_the_wrong_shape_is_malformed(items: list) -> None:
+    data = dcbor.dumps(items)
+    try:
+        wire = m.decode(data)
+    except MalformedEnvelope:
+        return
+    assert isinstance(wire.body, dict)  # only a well-shaped 5-array gets through
