@@ -69,23 +69,31 @@ class Sender:
 
     # --- JSON-RPC with retries ----------------------------------------------------------
     def call(self, fn: Callable[[], T], what: str) -> T:
-        """Run one JSON-RPC request, retrying connection errors only."""
+        """Run one JSON-RPC request, retrying what is transient: no connection, a timeout,
+        HTTP 5xx or 429 (a node behind a proxy or a rate limiter), with doubling delays."""
         delay = self.policy.retry_delay_s
         for attempt in range(1, self.policy.retries + 1):
             try:
                 return fn()
-            except _TRANSIENT as exc:
-                if attempt == self.policy.retries:
-                    raise SettlementError(
-                        f"node unavailable during {what} after {attempt} attempts "
-                        f"({type(exc).__name__})", reason="node-unavailable") from exc
-                log.warning("node error during %s (%s), retrying", what, type(exc).__name__)
-                time.sleep(delay)
-                delay *= 2
             except _REVERTS:
                 raise
+            except requests.exceptions.HTTPError as exc:
+                status = exc.response.status_code if exc.response is not None else 0
+                if status < 500 and status != 429:
+                    raise SettlementError(f"node answered HTTP {status} to {what}",
+                                          reason="rpc") from exc
+                failure: Exception = exc
+            except (*_TRANSIENT, requests.exceptions.RequestException) as exc:
+                failure = exc
             except (Web3Exception, ValueError) as exc:
                 raise SettlementError(f"node refused {what}: {exc}", reason="rpc") from exc
+            if attempt == self.policy.retries:
+                raise SettlementError(
+                    f"node unavailable during {what} after {attempt} attempts "
+                    f"({type(failure).__name__})", reason="node-unavailable") from failure
+            log.warning("node error during %s (%s), retrying", what, type(failure).__name__)
+            time.sleep(delay)
+            delay *= 2
         raise AssertionError("unreachable")
 
     @property
