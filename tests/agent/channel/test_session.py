@@ -1,0 +1,141 @@
+"""The asyncio session over a real mosquitto (tests/conftest.py starts it on loopback)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.channel.protocol import Phase
+from agent.channel.records import Party
+from agent.channel.session import run_station, run_vehicle
+from agent.channel.state import ChannelState, check_state_signature
+from agent.channel.store import ChannelStore
+from agent.keys import IdentityKey, SettlementKey
+from agent.uplink import MqttConfig, Uplink
+from tests.agent.channel.harness import CHAIN_ID, CONTRACT, Setup
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def uplink(port: int, name: str) -> Uplink:
+    return Uplink(MqttConfig(host="127.0.0.1", port=port, client_id=name))
+
+
+async def _session(port: int, tmp: Path, *, vehicle_stops: bool) -> tuple:
+    setup = Setup(credit_window_wh=50)
+    cs, ev = setup.station(), setup.vehicle()
+    delivering = asyncio.Event()
+    stop = asyncio.Event()
+    delivered = [0]
+
+    def charger(allowed: bool) -> None:
+        delivering.set() if allowed else delivering.clear()
+
+    async def meter():  # type: ignore[no-untyped-def]
+        wh = 2_000_000
+        yield wh, 0
+        for _ in range(200):
+            await delivering.wait()
+            wh += 5
+            delivered[0] += 5
+            yield wh, 0
+        if vehicle_stops:
+            stop.set()
+            await asyncio.Event().wait()  # the vehicle's CLOSE request ends the session
+
+    async def estimate():  # type: ignore[no-untyped-def]
+        while True:  # the car's own view: what was delivered, a little behind
+            yield max(0, delivered[0] - 5)
+            await asyncio.sleep(0.002)
+
+    with ChannelStore(tmp / "cs") as cs_store, ChannelStore(tmp / "ev") as ev_store:
+        async with uplink(port, "t-cs") as cs_up, uplink(port, "t-ev") as ev_up:
+            cs_closed, ev_closed = await asyncio.wait_for(asyncio.gather(
+                run_station(cs_up, cs, cs_store, meter(), charger=charger, linger_s=0.1),
+                run_vehicle(ev_up, ev, ev_store, estimate=estimate(), stop=stop)), 60)
+    return cs_closed, ev_closed, setup, cs, ev
+
+
+@pytest.mark.parametrize("vehicle_stops", [False, True])
+def test_session_over_mosquitto(mosquitto, tmp_path: Path, vehicle_stops: bool) -> None:
+    cs_closed, ev_closed, setup, cs, ev = asyncio.run(
+        _session(mosquitto.port, tmp_path, vehicle_stops=vehicle_stops))
+    assert cs_closed == ev_closed and cs_closed.state.final
+    assert cs_closed.state.wh == 1000 and cs_closed.state.t_ev == 1000 * 300 // 1000
+    check_state_signature(cs_closed.state, cs_closed.sig_ev, setup.ev_key.address)
+    check_state_signature(cs_closed.state, cs_closed.sig_cs, setup.cs_key.address)
+    assert cs.phase is ev.phase is Phase.CLOSED
+    assert not cs.counters and not ev.counters  # nothing rejected on a clean run
+    # The stores alone rebuild the closed channel.
+    restored = setup.vehicle(ChannelStore(tmp_path / "ev").records())
+    assert restored.phase is Phase.CLOSED and restored.cosigned.state == cs_closed.state
+
+
+# ------------------------------------------------------------------------ end to end
+
+
+def _spawn(config: dict, path: Path) -> subprocess.Popen[bytes]:
+    path.write_text(json.dumps(config))
+    os.chmod(path, 0o600)
+    log = (path.with_suffix(".log")).open("wb")
+    return subprocess.Popen([sys.executable, "-m", "tests.agent.channel.peer", str(path)],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+
+def test_end_to_end_30_kwh_separate_processes(mosquitto, tmp_path: Path) -> None:
+    """Vehicle and station agents in separate processes over mosquitto charge 30 kWh in
+    10 Wh pay steps metered by the simulated meter over Modbus TCP; the final co-signed
+    state pays tariff x metered energy exactly: t_ev = wh * price_per_kwh // 1000."""
+    price = 317
+    ev_id, cs_id = IdentityKey.generate(), IdentityKey.generate()
+    ev_key, cs_key = SettlementKey.generate(), SettlementKey.generate()
+    common = dict(port=mosquitto.port, chain_id=CHAIN_ID, contract=CONTRACT.hex(),
+                  salt=os.urandom(32).hex(), price_per_kwh=price, export_price_per_kwh=0,
+                  deposit_ev=20_000, deposit_cs=1_000, credit_window_wh=100, pay_step_wh=10)
+    station_cfg = common | dict(
+        role="cs", identity_seed=cs_id.seed().hex(), settlement_secret=cs_key.secret().hex(),
+        peer_identity=ev_id.public.hex(), peer_address=ev_key.address.hex(),
+        store=str(tmp_path / "cs.store"), result=str(tmp_path / "cs.json"), target_wh=30_000)
+    vehicle_cfg = common | dict(
+        role="ev", identity_seed=ev_id.seed().hex(), settlement_secret=ev_key.secret().hex(),
+        peer_identity=cs_id.public.hex(), peer_address=cs_key.address.hex(),
+        store=str(tmp_path / "ev.store"), result=str(tmp_path / "ev.json"))
+    procs = [_spawn(vehicle_cfg, tmp_path / "ev.cfg"), _spawn(station_cfg, tmp_path / "cs.cfg")]
+    try:
+        deadline = time.monotonic() + 150
+        for proc in procs:
+            proc.wait(max(1.0, deadline - time.monotonic()))
+    finally:
+        for proc in procs:
+            _stop(proc)
+    logs = {n: (tmp_path / f"{n}.log").read_text(errors="replace")[-3000:] for n in ("cs", "ev")}
+    assert [p.returncode for p in procs] == [0, 0], logs
+    cs = json.loads((tmp_path / "cs.json").read_text())
+    ev = json.loads((tmp_path / "ev.json").read_text())
+    assert cs["state"] == ev["state"] and cs["sig_ev"] == ev["sig_ev"]
+    assert cs["sig_cs"] == ev["sig_cs"]
+    state = ChannelState.decode(bytes.fromhex(cs["state"]))
+    assert state.final and state.wh == 30_000 == cs["meter_delta_wh"]
+    assert state.t_ev == 30_000 * price // 1000 == 9510 and state.t_cs == 0
+    balances = (20_000 - state.t_ev + state.t_cs, 1_000 + state.t_ev - state.t_cs)
+    assert balances == (10_490, 10_510)
+    check_state_signature(state, bytes.fromhex(cs["sig_ev"]), ev_key.address)
+    check_state_signature(state, bytes.fromhex(cs["sig_cs"]), cs_key.address)
+    assert cs["counters"] == {} and ev["counters"] == {}
+    assert state.nonce > 30  # paid as it went, not in one lump at the end
+    assert Party(ev_id.public, ev_key.address)  # the parties' keys were valid
