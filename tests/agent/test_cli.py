@@ -61,7 +61,7 @@ def test_technician_flow(tmp_path):
 
 
 def test_demo_capture_verifies_and_a_tampered_one_fails(tmp_path):
-    demo = run("demo", "--out", str(tmp_path / "out"), "--seconds", "30", cwd=tmp_path)
+    demo = run("demo", "--out", str(tmp_path / "out"), "--energy-wh", "300", cwd=tmp_path)
     assert "every envelope verifies" in demo.stdout
     capture = tmp_path / "out" / "capture.cbor"
     registry = tmp_path / "out" / "fleet.toml"
