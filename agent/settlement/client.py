@@ -127,8 +127,8 @@ class SettlementClient:
         return Opened(self.channel_id(ev, cs, salt), tx, approve)
 
     def deposit(self, channel_id: bytes, amount: int) -> TxResult:
+        record = self.record(channel_id)   # first: no approve for a channel that is not open
         self._ensure_allowance(amount)
-        record = self.record(channel_id)
         return self._send("deposit", [channel_id, _rec(record), amount])
 
     def cooperative_close(self, state: ChannelState, sig_ev: bytes, sig_cs: bytes) -> TxResult:

@@ -243,12 +243,14 @@ def _abi(value: object) -> object:
     return convert(value)
 
 
-def test_contract_and_reference_agree_on_generated_traces(setup: Setup) -> None:
+@pytest.mark.parametrize("examples", [
+    200, pytest.param(2000, marks=pytest.mark.slow, id="2000-slow")])
+def test_contract_and_reference_agree_on_generated_traces(setup: Setup, examples: int) -> None:
     p, snapshot = setup.p, setup.snapshot
     seen: dict[str, int] = {}
     traces = 0
 
-    @settings(max_examples=200, deadline=None, derandomize=True, database=None,
+    @settings(max_examples=examples, deadline=None, derandomize=examples <= 200, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
     @given(st.randoms(use_true_random=True).map(make_trace))
     def run(trace: list[tuple]) -> None:  # type: ignore[type-arg]
@@ -262,7 +264,7 @@ def test_contract_and_reference_agree_on_generated_traces(setup: Setup) -> None:
 
     run()
     p.chain.revert(snapshot)
-    assert traces >= 200
+    assert traces >= examples
     # The traces must reach the interesting outcomes, not only rejections.
     for outcome in ("coopClose:ok", "close:ok", "challenge:ok", "settle:ok", "deposit:ok",
                     "coopClose:reverted", "challenge:reverted", "settle:reverted"):
