@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from web3 import Web3
+from web3.contract import Contract
 
 from agent.channel.state import ChannelState, derive_channel_id
 from agent.errors import ChannelError, SettlementError, SignatureError
@@ -67,14 +68,17 @@ class SettlementClient:
         compiled = artifacts.load("EvEdgeChannel")
         self.contract = self.w3.eth.contract(address=Web3.to_checksum_address(self.address),
                                              abi=compiled.abi)
-        self._token = None
+        self._token: Contract | None = None
+        # channel id -> (latest record seen, its block): later views scan logs from there
+        self._records: dict[bytes, tuple[ChannelRecord, int]] = {}
 
     @property
     def chain_id(self) -> int:
         return self.sender.chain_id
 
     @property
-    def token(self):  # web3 Contract of the deposit token
+    def token(self) -> Contract:
+        """The deposit token (the contract's TOKEN), as a web3 contract."""
         if self._token is None:
             address = self.sender.call(lambda: self.contract.functions.TOKEN().call(), "TOKEN")
             self._token = self.w3.eth.contract(address=address,
@@ -94,14 +98,17 @@ class SettlementClient:
             return ChannelView(channel_id, Status.UNKNOWN, None)
         if stored == SETTLED_MARK:
             return ChannelView(channel_id, Status.SETTLED, None)
+        cached = self._records.get(channel_id)
+        if cached is not None and cached[0].hash() == stored:   # no log scan needed
+            return _view(channel_id, cached[0])
+        start = cached[1] if cached is not None else self.from_block
         logs = self.sender.call(lambda: self.contract.events.RecordSet.get_logs(
-            from_block=self.from_block, argument_filters={"channel_id": channel_id}),
-            "eth_getLogs")
+            from_block=start, argument_filters={"channel_id": channel_id}), "eth_getLogs")
         for entry in reversed(logs):
             record = record_from_log(entry["args"]["record"])
             if record.hash() == stored:
-                status = Status.OPEN if record.deadline == 0 else Status.CLOSING
-                return ChannelView(channel_id, status, record)
+                self._records[channel_id] = (record, entry["blockNumber"])
+                return _view(channel_id, record)
         raise SettlementError("the node has no RecordSet log matching the stored channel "
                               "(pruned logs? set from_block)", reason="record-missing")
 
@@ -190,6 +197,11 @@ class SettlementClient:
         data = bytes.fromhex(self.token.encode_abi("approve", args=[spender, amount])
                              .removeprefix("0x"))
         return self.sender.transact(bytes.fromhex(self.token.address[2:]), data, "approve")
+
+
+def _view(channel_id: bytes, record: ChannelRecord) -> ChannelView:
+    status = Status.OPEN if record.deadline == 0 else Status.CLOSING
+    return ChannelView(channel_id, status, record)
 
 
 def _cs(address: bytes) -> str:
