@@ -123,9 +123,11 @@ def find_anvil() -> str | None:
     import shutil
     from pathlib import Path
 
+    explicit = os.environ.get("EVEDGE_ANVIL")
+    if explicit:  # when set, only this one (so CI can pin it, and a wrong path fails)
+        return explicit if os.access(explicit, os.X_OK) else None
     root = Path(__file__).resolve().parents[3]
-    for candidate in (os.environ.get("EVEDGE_ANVIL"),
-                      str(root / ".venv/npm/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil"),
+    for candidate in (str(root / ".venv/npm/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil"),
                       shutil.which("anvil")):
         if candidate and os.access(candidate, os.X_OK):
             return candidate
