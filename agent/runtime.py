@@ -32,6 +32,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from agent import __version__
 from agent.config import Config, load_config
@@ -57,6 +58,9 @@ from agent.telemetry import Pipeline, SpoolWorker
 from agent.uplink import Backoff, MqttConfig, Uplink
 from firmware_adapters.base import Source
 from firmware_adapters.registry import source_class
+
+if TYPE_CHECKING:
+    from agent.metrics import MetricsServer
 
 log = logging.getLogger("edge_agent.runtime")
 
@@ -234,8 +238,8 @@ class Runtime:
         await publish_status(self.status, self.status_file, self.status_config.interval_s,
                              self.notifier, watchdog_interval_s(), on_error)
 
-    def _metrics_server(self):  # -> MetricsServer | None, imported only when enabled
-        if not self.metrics_table.data:
+    def _metrics_server(self) -> MetricsServer | None:
+        if not self.metrics_table.data:  # not configured: do not even import it (start-up)
             return None
         from agent.metrics import MetricsConfig, MetricsServer
 

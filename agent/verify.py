@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from agent import dcbor
 from agent.envelope import (
     COSE_SIGN1_TAG,
     GENESIS,
@@ -232,8 +233,6 @@ class Verifier:
 def iter_capture(data: bytes) -> Iterator[bytes | DecodeError]:
     """Split a capture (a CBOR sequence of envelopes, RFC 8742) into envelopes. A damaged
     item yields a DecodeError and the scan resumes at the next envelope start."""
-    from agent import dcbor
-
     offset = 0
     while offset < len(data):
         try:
