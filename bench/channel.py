@@ -4,8 +4,10 @@ One update = the station's METER (+10 Wh), the vehicle's PAY (state + its secp25
 signature, Ed25519 on the message, fsync'd before sending) and the station's ACK
 (countersignature, fsync'd before sending); the next METER goes out when the station has
 co-signed. ``p50_ms`` / ``p99_ms`` are PAY -> ACK round trips measured at the vehicle.
-Both parties run in one process and one event loop, each with its own MQTT connection
-(agent.uplink.Uplink), so every message crosses the broker.
+The station runs in a child process (two devices, two cores; ``--one-process`` puts both in
+one event loop), each party with its own MQTT connection (agent.uplink.Uplink), so every
+message crosses the broker. ``updates_per_s`` is the rate of ACKs at the vehicle.
+``--window N`` lets the vehicle have N proposals in flight (1: stop-and-wait).
 
 Reference figures measured in the same run: ``ref_mqtt_rtt_p50_ms`` / ``ref_mqtt_rtt_p99_ms``
 (a bare echo of a same-sized payload through the same broker and clients: the transport
@@ -22,7 +24,9 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.channel.messages import MsgType, Tariff, decode, sign_tariff  # noqa: E402
-from agent.channel.protocol import Paid, StationChannel, VehicleChannel  # noqa: E402
+from agent.channel.protocol import StationChannel, VehicleChannel  # noqa: E402
 from agent.channel.records import Party  # noqa: E402
 from agent.channel.session import run_station, run_vehicle, tcp_nodelay  # noqa: E402
 from agent.channel.store import ChannelStore  # noqa: E402
@@ -49,6 +53,7 @@ class Timed:
         self.uplink = uplink
         self.sent_at: dict[int, float] = {}
         self.rtts: list[float] = []
+        self.ack_times: list[float] = []
 
     def publish_nowait(self, topic: str, payload: bytes) -> asyncio.Future[None]:
         if payload[1] == MsgType.PAY:
@@ -65,9 +70,11 @@ class Timed:
     async def messages(self):  # type: ignore[no-untyped-def]
         async for message in self.uplink.messages():
             if message.payload[1] == MsgType.ACK:
+                now = time.perf_counter()
                 sent = self.sent_at.pop(decode(message.payload).body[0], None)  # type: ignore[arg-type]
                 if sent is not None:
-                    self.rtts.append(time.perf_counter() - sent)
+                    self.rtts.append(now - sent)
+                    self.ack_times.append(now)
             yield message
 
 
@@ -118,11 +125,17 @@ def sign_rates() -> tuple[float, float]:
     return ed, 2000 / (time.perf_counter() - start)
 
 
-async def channel_run(port: int, workdir: Path, updates: int, sync: bool, window: int
-                      ) -> tuple[float, list[float], int]:
-    ev_id, cs_id = IdentityKey.generate(), IdentityKey.generate()
-    ev_key, cs_key = SettlementKey.generate(), SettlementKey.generate()
-    salt = os.urandom(32)
+def make_parties(updates: int, window: int, keys: dict[str, str] | None = None
+                 ) -> tuple[StationChannel, VehicleChannel, dict[str, str]]:
+    """Both channel parties from one set of (throw-away) keys."""
+    keys = keys or {"ev_id": os.urandom(32).hex(), "cs_id": os.urandom(32).hex(),
+                    "ev_key": SettlementKey.generate().secret().hex(),
+                    "cs_key": SettlementKey.generate().secret().hex(),
+                    "salt": os.urandom(32).hex()}
+    ev_id, cs_id = IdentityKey(bytes.fromhex(keys["ev_id"])), IdentityKey(bytes.fromhex(keys["cs_id"]))
+    ev_key = SettlementKey(bytes.fromhex(keys["ev_key"]))
+    cs_key = SettlementKey(bytes.fromhex(keys["cs_key"]))
+    salt = bytes.fromhex(keys["salt"])
     tariff = Tariff(price_per_kwh=300, export_price_per_kwh=100)
     station = StationChannel(cs_id, cs_key, Party(ev_id.public, ev_key.address),
                              chain_id=31337, contract=CONTRACT, salt=salt, tariff=tariff,
@@ -132,13 +145,15 @@ async def channel_run(port: int, workdir: Path, updates: int, sync: bool, window
     vehicle = VehicleChannel(ev_id, ev_key, Party(cs_id.public, cs_key.address),
                              chain_id=31337, contract=CONTRACT, salt=salt,
                              max_price_per_kwh=1000, max_deposit_ev=10**12, window=window)
-    cs_up = Uplink(MqttConfig(host="127.0.0.1", port=port, client_id="bench-cs"))
-    ev_up = Uplink(MqttConfig(host="127.0.0.1", port=port, client_id="bench-ev"))
-    delivering = asyncio.Event()
-    timed = Timed(ev_up)
-    paid_at: list[float] = []
+    return station, vehicle, keys
 
-    def charger(allowed: bool) -> None:  # the credit window gates the meter
+
+async def station_side(station: StationChannel, port: int, store: ChannelStore,
+                       updates: int) -> object:
+    """The station: a meter that steps 10 Wh whenever the credit window allows."""
+    delivering = asyncio.Event()
+
+    def charger(allowed: bool) -> None:
         delivering.set() if allowed else delivering.clear()
 
     async def meter():  # type: ignore[no-untyped-def]
@@ -149,45 +164,74 @@ async def channel_run(port: int, workdir: Path, updates: int, sync: bool, window
             wh += 10
             yield wh, 0
 
-    original = station.receive
+    async with Uplink(MqttConfig(host="127.0.0.1", port=port, client_id="bench-cs")) as up:
+        return await run_station(up, station, store, meter(), charger=charger, linger_s=0.3)
 
-    def receive(data: bytes, now: float):  # type: ignore[no-untyped-def]
-        actions = original(data, now)
-        if any(isinstance(a, Paid) for a in actions):
-            paid_at.append(time.perf_counter())
-        return actions
 
-    station.receive = receive  # type: ignore[method-assign]
-    with ChannelStore(workdir / "cs.log", sync=sync) as cs_store, \
-            ChannelStore(workdir / "ev.log", sync=sync) as ev_store:
-        async with cs_up, ev_up:
-            result = await asyncio.gather(
-                run_station(cs_up, station, cs_store, meter(), charger=charger, linger_s=0.2),
-                run_vehicle(timed, vehicle, ev_store))  # type: ignore[arg-type]
-    closed = result[0]
+def station_child(config_path: str) -> None:
+    """``--station-child CONFIG``: the station in its own process (own core)."""
+    cfg = json.loads(Path(config_path).read_text())
+    station, _, _ = make_parties(cfg["updates"], cfg["window"], cfg["keys"])
+    with ChannelStore(cfg["store"], sync=cfg["sync"]) as store:
+        asyncio.run(station_side(station, cfg["port"], store, cfg["updates"]))
+
+
+async def channel_run(port: int, workdir: Path, updates: int, sync: bool, window: int,
+                      processes: bool) -> tuple[float, list[float], int]:
+    station, vehicle, keys = make_parties(updates, window)
+    ev_up = Uplink(MqttConfig(host="127.0.0.1", port=port, client_id="bench-ev"))
+    timed = Timed(ev_up)
+    child = None
+    with ChannelStore(workdir / "ev.log", sync=sync) as ev_store:
+        async with ev_up:
+            if processes:
+                config = workdir / "station.json"
+                config.write_text(json.dumps({"keys": keys, "updates": updates,
+                                              "window": window, "port": port, "sync": sync,
+                                              "store": str(workdir / "cs.log")}))
+                os.chmod(config, 0o600)
+                child = subprocess.Popen([sys.executable, __file__, "--station-child",
+                                          str(config)], stdin=subprocess.DEVNULL)
+                try:
+                    closed = await run_vehicle(timed, vehicle, ev_store)  # type: ignore[arg-type]
+                    await asyncio.to_thread(child.wait, 30)
+                finally:
+                    if child.poll() is None:
+                        os.kill(child.pid, signal.SIGKILL)
+                        child.wait(5)
+            else:
+                with ChannelStore(workdir / "cs.log", sync=sync) as cs_store:
+                    closed, _ = await asyncio.gather(
+                        run_vehicle(timed, vehicle, ev_store),  # type: ignore[arg-type]
+                        station_side(station, port, cs_store, updates))
     assert closed.state.t_ev == updates * 10 * 300 // 1000, closed.state
-    elapsed = paid_at[-1] - paid_at[0]
-    return (len(paid_at) - 1) / elapsed, timed.rtts, closed.state.nonce
+    acks = timed.ack_times
+    return (len(acks) - 1) / (acks[-1] - acks[0]), timed.rtts, closed.state.nonce
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--updates", type=int, default=3000)
     parser.add_argument("--no-fsync", action="store_true")
-    parser.add_argument("--window", type=int, default=8, help="PAYs in flight (1: stop-and-wait)")
+    parser.add_argument("--window", type=int, default=1, help="PAYs in flight (1: stop-and-wait)")
+    parser.add_argument("--one-process", action="store_true",
+                        help="both parties in this process (default: station in a child)")
+    parser.add_argument("--station-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         broker = Mosquitto(Path(tmp) / "broker").start()
         try:
             ref = await reference_rtt(f"127.0.0.1:{broker.port}", 330, 2000)
             rate, rtts, nonce = await channel_run(broker.port, Path(tmp), args.updates,
-                                                  not args.no_fsync, args.window)
+                                                  not args.no_fsync, args.window,
+                                                  not args.one_process)
         finally:
             broker.stop()
     ed, secp = sign_rates()
     print(json.dumps({
         "bench": "channel", "updates": args.updates, "final_nonce": nonce,
         "fsync": not args.no_fsync, "window": args.window,
+        "processes": 1 if args.one_process else 2,
         "updates_per_s": round(rate, 1),
         "p50_ms": round(statistics.median(rtts) * 1e3, 3),
         "p99_ms": round(percentile(rtts, 0.99) * 1e3, 3),
@@ -199,4 +243,7 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    if len(sys.argv) == 3 and sys.argv[1] == "--station-child":
+        station_child(sys.argv[2])
+    else:
+        asyncio.run(main())
