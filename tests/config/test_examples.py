@@ -1,0 +1,304 @@
+"""The shipped example configs (config/*.toml) and the configuration reference.
+
+Each example must parse, every section must pass the validation of the part that owns it,
+every source must build with the runtime's own ``build_sources`` without opening anything
+(the examples name hardware this machine does not have), and ``edge-agent config check``
+must say ok. The commented-out alternatives in the examples (the ELM327 adapter, the
+simulated meter) are uncommented and checked the same way, so they cannot rot.
+docs/configuration.md must name every key the code accepts, per table: the key sets are
+read from the code, not listed here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import subprocess
+import sys
+import threading
+import tomllib
+from pathlib import Path
+
+import psutil
+import pytest
+
+from agent.config import BatchConfig, Config, DeviceConfig, Table, load_config, parse_config
+from agent.errors import ConfigError
+from agent.metrics import MetricsConfig
+from agent.runtime import build_sources
+from agent.settlement.settings import SettlementConfig
+from agent.spool import SpoolConfig
+from agent.status import StatusConfig
+from agent.uplink import MqttConfig
+from firmware_adapters.modbus.registers import load_map
+from firmware_adapters.registry import source_class
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = {"vehicle.toml": "vehicle", "station.toml": "station", "hil.toml": "vehicle"}
+EDGE_AGENT = str(Path(sys.executable).parent / "edge-agent")
+REFERENCE = ROOT / "docs" / "configuration.md"
+TEST_DBC = ROOT / "tests" / "data" / "dbc" / "ev_test.dbc"
+
+
+def example(name: str) -> Path:
+    return ROOT / "config" / name
+
+
+@pytest.fixture(params=sorted(EXAMPLES))
+def config(request: pytest.FixtureRequest) -> Config:
+    return load_config(example(request.param))
+
+
+# --- parsing and per-section validation -------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_example_parses_with_its_role(name: str) -> None:
+    config = load_config(example(name))
+    assert config.device.role == EXAMPLES[name]
+    assert config.device.id, "examples name their device"
+    assert config.sources, "examples have at least one source"
+
+
+def test_sections_validate_with_their_parts(config: Config) -> None:
+    device_id = config.device.id or "unset"
+    mqtt = MqttConfig.from_table(config.section("mqtt"), device_id)
+    spool = SpoolConfig.from_table(config.section("spool"), config.device.state_dir)
+    status = StatusConfig.from_table(config.section("status"))
+    metrics = MetricsConfig.from_table(config.section("metrics"))
+    assert mqtt.client_id == device_id
+    assert spool.max_bytes >= 64 * 1024 and 0.1 <= spool.low_water <= 1.0
+    assert spool.path.parent == config.device.state_dir  # the default: next to the keys
+    assert status.interval_s > 0
+    assert metrics.host in ("127.0.0.1", "::1", "localhost")
+    if config.section("settlement").data:
+        SettlementConfig.from_table(config.section("settlement"))
+    # Sections no part reads yet stay commented out in the examples: present, they would
+    # be accepted today and rejected as unknown keys tomorrow.
+    assert not config.section("channel").data
+
+
+@pytest.mark.parametrize("name", ["vehicle.toml", "station.toml"])
+def test_fleet_examples_use_tls_with_client_certificates(name: str) -> None:
+    config = load_config(example(name))
+    mqtt = MqttConfig.from_table(config.section("mqtt"), config.device.id or "x")
+    assert mqtt.tls and mqtt.port == 8883
+    assert mqtt.ca_file and mqtt.cert_file and mqtt.key_file
+    assert mqtt.password is None  # no secret in a shipped file
+
+
+def test_hil_example_talks_to_a_loopback_broker() -> None:
+    config = load_config(example("hil.toml"))
+    mqtt = MqttConfig.from_table(config.section("mqtt"), "ev-hil-1")
+    assert mqtt.host == "127.0.0.1" and not mqtt.tls
+    assert [s.kind for s in config.sources] == ["hil-ecu"]
+    assert config.batch.max_age_ms <= 1000
+
+
+# --- sources build, and building opens nothing ------------------------------------------------
+
+def _footprint() -> tuple[int, int, int]:
+    me = psutil.Process()
+    return me.num_fds(), len(me.net_connections(kind="all")), threading.active_count()
+
+
+def with_test_dbc(config: Config) -> Config:
+    """The example's DBC path names a file on the car; here the test DBC stands in."""
+    sources = tuple(dataclasses.replace(s, options={**s.options, "dbc": str(TEST_DBC)})
+                    if s.kind == "dbc" else s for s in config.sources)
+    return dataclasses.replace(config, sources=sources)
+
+
+def _build_quietly(config: Config) -> list:
+    config = with_test_dbc(config)
+    # Import every driver first: importing may open files (it is not what is measured).
+    for entry in config.sources:
+        source_class(entry.kind)
+    before = _footprint()
+    runners = build_sources(config)
+    after = _footprint()
+    assert after == before, f"building sources opened something: {before} -> {after}"
+    return runners
+
+
+def test_every_source_builds_without_opening_hardware(config: Config) -> None:
+    runners = _build_quietly(config)
+    assert [(r.source.id, r.kind) for r in runners] == \
+        [(s.id, s.kind) for s in config.sources]
+    for runner in runners:
+        assert runner.source.kind == runner.kind
+        assert runner.state == "starting" and runner.readings == 0
+
+
+def test_vehicle_dbc_source_maps_the_signals_it_names() -> None:
+    runners = _build_quietly(load_config(example("vehicle.toml")))
+    dbc = next(r.source for r in runners if r.kind == "dbc")
+    names = sorted(rule.name for _, rules in dbc.decoder.messages.values() for rule in rules)
+    assert "Vehicle.TraveledDistance" in names and len(names) == 5
+
+
+def test_vehicle_example_names_the_dbc_file_on_the_car() -> None:
+    """As shipped, the DBC path is the car's: where it is missing, the error says so."""
+    config = load_config(example("vehicle.toml"))
+    if Path("/etc/edge-agent/car.dbc").exists():
+        pytest.skip("this machine is a gateway with a car.dbc: nothing to show here")
+    with pytest.raises(ConfigError, match=r"sources\.can-broadcast\.dbc: expected a readable"):
+        build_sources(config)
+
+
+def test_station_meters_are_what_the_example_says() -> None:
+    runners = _build_quietly(load_config(example("station.toml")))
+    by_id = {r.source.id: r.source for r in runners}
+    meters = {sid: [m.config for m in source.meters] for sid, source in by_id.items()}
+    sdm630 = load_map("sdm630").model
+    assert [(m.unit, m.meter_map.model, m.label) for m in meters["rs485"]] == \
+        [(1, sdm630, "charge point 1")]
+    assert [(m.unit, m.meter_map.model) for m in meters["gateway"]] == [(2, sdm630)]
+
+
+# --- the commented-out alternatives -----------------------------------------------------------
+
+def commented_sources(path: Path) -> list[str]:
+    """Each commented-out ``# [[sources]]`` block of an example, uncommented once."""
+    blocks, current = [], None
+    for line in path.read_text().splitlines():
+        if line.strip() == "# [[sources]]":
+            current = []
+            blocks.append(current)
+        if current is not None:
+            if not line.startswith("#"):
+                current = None
+                continue
+            current.append(line[2:] if line.startswith("# ") else line[1:])
+    return ["\n".join(block) for block in blocks]
+
+
+ALTERNATIVES = [(name, index, text) for name in sorted(EXAMPLES)
+                for index, text in enumerate(commented_sources(example(name)))]
+
+
+def test_the_examples_show_their_alternatives() -> None:
+    kinds = {name: [re.search(r'^kind = "([^"]+)"', text, re.M).group(1)  # type: ignore[union-attr]
+                    for n, _, text in ALTERNATIVES if n == name] for name in EXAMPLES}
+    assert kinds == {"vehicle.toml": ["elm327"], "station.toml": [],
+                     "hil.toml": ["hil-meter"]}
+
+
+@pytest.mark.parametrize("name,index,text", ALTERNATIVES,
+                         ids=[f"{n}-{i}" for n, i, _ in ALTERNATIVES])
+def test_commented_alternative_builds_when_uncommented(name: str, index: int,
+                                                       text: str) -> None:
+    data = tomllib.loads(text)
+    table = Table({"sources": data["sources"]}, f"{name} (commented source {index})")
+    config = parse_config(table)
+    runners = _build_quietly(config)
+    assert [r.kind for r in runners] == [config.sources[0].kind]
+
+
+def test_a_broken_example_key_is_caught(tmp_path: Path) -> None:
+    """The checks above can fail: a typo in a copied example is an error naming the key."""
+    text = example("station.toml").read_text().replace("silent_after = 3\n# One meter",
+                                                       "silent_aftr = 3\n# One meter")
+    broken = tmp_path / "station.toml"
+    broken.write_text(text)
+    with pytest.raises(ConfigError, match="silent_aftr"):
+        build_sources(load_config(broken))
+
+
+# --- edge-agent config check ------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_config_check_says_ok(name: str) -> None:
+    path = example(name)
+    result = subprocess.run([EDGE_AGENT, "config", "check", str(path)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().startswith(f"{path}: ok ({EXAMPLES[name]}, ")
+    assert result.stderr == ""
+
+
+# --- the reference names every key the code accepts -------------------------------------------
+
+def keys_read(from_table, data: dict[str, object], *args: object) -> set[str]:
+    """The keys a part's ``from_table`` reads, recorded by running it on ``data``."""
+    table = Table(data, "probe", "probe")
+    from_table(table, *args)
+    return set(table._used)
+
+
+def source_keys() -> dict[str, set[str]]:
+    """Per source kind, the option keys its ``from_options`` accepts (from the code)."""
+    from firmware_adapters.modbus import driver as modbus
+    from firmware_adapters.obd.can_driver import CAN_KEYS
+    from firmware_adapters.obd.options import POLL_KEYS
+    from firmware_adapters.obd.serial_driver import ELM_KEYS
+
+    def modbus_keys(kind: str, options: dict[str, object]) -> set[str]:
+        opts = modbus._Options(options, "probe", "probe")
+        opts.poll()
+        opts.meters()
+        return opts.used - {"id", "kind"} | {"meters", "unit", "map"} | (
+            {"port", "baudrate", "bytesize", "parity", "stopbits"} if kind == "modbus-rtu"
+            else {"host", "port"})
+
+    return {
+        "obd-can": CAN_KEYS | POLL_KEYS,
+        "elm327": ELM_KEYS | POLL_KEYS,
+        "modbus-rtu": modbus_keys("modbus-rtu", {"map": "sdm630"}),
+        "modbus-tcp": modbus_keys("modbus-tcp", {"map": "sdm630"}),
+        "hil-ecu": allowed_by_error("hil-ecu"),
+    }
+
+
+def allowed_by_error(kind: str) -> set[str]:
+    """The accepted keys a source lists in its unknown-key error ("one of a, b, c")."""
+    with pytest.raises(ConfigError) as info:
+        source_class(kind).from_options("probe", {"no_such_key": 1}, "probe")
+    expected = info.value.expected or ""
+    assert expected.startswith("one of "), expected
+    return set(expected.removeprefix("one of ").split(", "))
+
+
+def reference_section(heading: str) -> str:
+    text = REFERENCE.read_text()
+    match = re.search(rf"^##+ [^\n]*{re.escape(heading)}[^\n]*\n(.*?)(?=^#{{2,}} |\Z)", text,
+                      re.M | re.S)
+    assert match, f"docs/configuration.md has no section for {heading}"
+    return match.group(1)
+
+
+TABLE_PARTS = {
+    "[device]": lambda: keys_read(DeviceConfig.from_table, {}),
+    "[batch]": lambda: keys_read(BatchConfig.from_table, {}),
+    "[mqtt]": lambda: keys_read(MqttConfig.from_table, {"url": "mqtt://127.0.0.1"}, "dev"),
+    "[spool]": lambda: keys_read(SpoolConfig.from_table, {}),
+    "[status]": lambda: keys_read(StatusConfig.from_table, {}),
+    "[metrics]": lambda: keys_read(MetricsConfig.from_table, {}),
+    "[settlement]": lambda: keys_read(SettlementConfig.from_table, {}),
+}
+
+
+@pytest.mark.parametrize("heading", sorted(TABLE_PARTS))
+def test_reference_names_every_key_of_each_table(heading: str) -> None:
+    keys = TABLE_PARTS[heading]()
+    assert keys, heading
+    section = reference_section(f"`{heading}`")
+    missing = sorted(k for k in keys if f"`{k}`" not in section)
+    assert not missing, f"docs/configuration.md {heading} does not document {missing}"
+
+
+@pytest.mark.parametrize("kind", ["obd-can", "elm327", "modbus-rtu", "modbus-tcp", "hil-ecu"])
+def test_reference_names_every_option_of_each_source_kind(kind: str) -> None:
+    keys = source_keys()[kind]
+    section = reference_section(f'`kind = "{kind}"`')
+    missing = sorted(k for k in keys if f"`{k}`" not in section)
+    assert not missing, f"docs/configuration.md ({kind}) does not document {missing}"
+
+
+def test_examples_use_only_documented_keys() -> None:
+    """Every key set in an example (or its commented alternatives) is in the reference."""
+    reference = REFERENCE.read_text()
+    for name in EXAMPLES:
+        for line in example(name).read_text().splitlines():
+            match = re.match(r"^(?:# )?([a-z_]+) = ", line)
+            if match:
+                assert f"`{match.group(1)}`" in reference, f"{name}: {match.group(1)}"
