@@ -172,6 +172,10 @@ def _pay(to: address, amount: uint256):
         max_outsize=32, revert_on_failure=False)
     if ok and len(res) > 0:
         ok = convert(res, bool)
+    elif ok:
+        # An empty answer is success only from a token that exists (a call to an address
+        # without code "succeeds" too); TOKEN is warm here, so this costs 100 gas.
+        ok = TOKEN.address.is_contract
     if not ok:
         self.credit[to] += amount
         log Credited(account=to, amount=amount)
