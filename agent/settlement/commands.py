@@ -13,10 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from agent.errors import ConfigError, EdgeAgentError, SettlementError
+from agent.errors import ConfigError, SettlementError
 from agent.settlement.settings import SettlementConfig
+
+if TYPE_CHECKING:  # web3 is imported only by the commands that talk to a node
+    from agent.settlement.client import SettlementClient
+    from agent.settlement.model import TxResult
 
 EXIT_OK, EXIT_FAIL = 0, 1
 
@@ -28,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                     "named in config ([settlement] node, contract).")
     sub = channel.add_subparsers(dest="channel_command", metavar="ACTION", required=True)
 
-    def add(name: str, func, help_text: str) -> argparse.ArgumentParser:  # noqa: ANN001
+    def add(name: str, func: Callable[[argparse.Namespace], int],
+            help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(func=func)
         p.add_argument("--config", type=Path, help="agent config with a [settlement] table")
@@ -84,7 +91,8 @@ def _settings(args: argparse.Namespace) -> tuple[SettlementConfig, str, bytes, P
     return settings, node, contract, state_dir
 
 
-def _client(args: argparse.Namespace, need_key: bool = True):  # -> SettlementClient
+def _client(args: argparse.Namespace,
+            need_key: bool = True) -> tuple[SettlementClient, SettlementConfig]:
     from agent.keys import KeyStore, SettlementKey
     from agent.settlement.client import SettlementClient
 
@@ -110,7 +118,7 @@ def _channel_id(text: str) -> bytes:
     return value
 
 
-def _print_tx(what: str, tx) -> None:  # noqa: ANN001
+def _print_tx(what: str, tx: TxResult) -> None:
     print(f"{what}: tx 0x{tx.tx_hash.hex()} in block {tx.block_number}, gas {tx.gas_used}")
 
 
@@ -175,6 +183,4 @@ def cmd_watch(args: argparse.Namespace) -> int:
         service.run(poll_s=args.poll or settings.poll_s)
     except KeyboardInterrupt:
         pass
-    except EdgeAgentError:
-        raise
     return EXIT_OK
