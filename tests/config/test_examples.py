@@ -100,6 +100,23 @@ def test_hil_example_talks_to_a_loopback_broker() -> None:
     assert config.batch.max_age_ms <= 1000
 
 
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_every_key_in_an_example_is_commented_with_its_default(name: str) -> None:
+    """Each key (or a group of keys on consecutive lines) has a comment block right above
+    it that gives its default or says it is required."""
+    undocumented, comment = [], []
+    for number, line in enumerate(example(name).read_text().splitlines(), 1):
+        if line.startswith("#"):
+            comment.append(line.lower())
+        elif line.startswith("[") or not line.strip():
+            comment = []
+        elif re.match(r"^[a-z_]+ = ", line):
+            text = " ".join(comment)
+            if "default" not in text and "required" not in text:
+                undocumented.append(f"{name}:{number}: {line}")
+    assert not undocumented
+
+
 # --- sources build, and building opens nothing ------------------------------------------------
 
 def _footprint() -> tuple[int, int, int]:
