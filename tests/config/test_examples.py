@@ -256,6 +256,8 @@ def source_keys() -> dict[str, set[str]]:
     from firmware_adapters.obd.serial_driver import ELM_KEYS
 
     def modbus_keys(kind: str, options: dict[str, object]) -> set[str]:
+        # The poll and meter keys are read back from the options reader; the line keys are
+        # read by from_options itself (and its unknown-key error does not list them).
         opts = modbus._Options(options, "probe", "probe")
         opts.poll()
         opts.meters()
@@ -268,6 +270,7 @@ def source_keys() -> dict[str, set[str]]:
         "elm327": ELM_KEYS | POLL_KEYS,
         "modbus-rtu": modbus_keys("modbus-rtu", {"map": "sdm630"}),
         "modbus-tcp": modbus_keys("modbus-tcp", {"map": "sdm630"}),
+        "dbc": allowed_by_error("dbc"),
         "hil-ecu": allowed_by_error("hil-ecu"),
     }
 
@@ -309,7 +312,8 @@ def test_reference_names_every_key_of_each_table(heading: str) -> None:
     assert not missing, f"docs/configuration.md {heading} does not document {missing}"
 
 
-@pytest.mark.parametrize("kind", ["obd-can", "elm327", "modbus-rtu", "modbus-tcp", "hil-ecu"])
+@pytest.mark.parametrize("kind", ["obd-can", "elm327", "dbc", "modbus-rtu", "modbus-tcp",
+                                  "hil-ecu"])
 def test_reference_names_every_option_of_each_source_kind(kind: str) -> None:
     keys = source_keys()[kind]
     section = reference_section(f'`kind = "{kind}"`')
