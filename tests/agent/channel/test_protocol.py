@@ -334,3 +334,16 @@ def test_random_bytes_only_raise_our_errors_and_are_counted() -> None:
         assert all(isinstance(a, Rejected) for a in actions) or bytes(data) == valid
     assert sum(link.cs.counters.values()) > 1900
     assert set(link.cs.counters) <= set(REASONS)
+
+
+def test_docs_list_every_transition_and_reason() -> None:
+    from pathlib import Path
+
+    from agent.channel.protocol import TRANSITION_SPEC
+
+    text = (Path(__file__).resolve().parents[3] / "docs" / "channel.md").read_text()
+    for role, msg, phases, handler in TRANSITION_SPEC:
+        row = f"| {role.value} | {msg.name} | {', '.join(p.value for p in phases)} | `{handler}` |"
+        assert row in text, row
+    for reason, meaning in REASONS.items():
+        assert f"| `{reason}` | {meaning} |" in text, reason
