@@ -27,7 +27,7 @@ class SendPolicy:
     confirmations: int = 1       # 1 = the including block is enough (dev nodes automine)
     retries: int = 3             # attempts per JSON-RPC call on connection errors
     retry_delay_s: float = 0.2   # doubles per attempt
-    timeout_s: float = 60.0      # per transaction: mined and confirmed
+    timeout_s: float = 120.0     # per transaction: mined and confirmed
     poll_s: float = 0.05
     gas_margin_pct: int = 25
 
