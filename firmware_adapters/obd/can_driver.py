@@ -126,8 +126,10 @@ class ObdCanSource(PollingSource):
         now = time.monotonic_ns()
         while not tx.done(now):
             try:
-                msg = await asyncio.wait_for(reader.get_message(),
-                                             max(0, tx.deadline() - now) / 1e9)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+                # that races with a ready result (CPython gh-86296), and run() never ends.
+                async with asyncio.timeout(max(0, tx.deadline() - now) / 1e9):
+                    msg = await reader.get_message()
             except TimeoutError:
                 now = time.monotonic_ns()
                 continue

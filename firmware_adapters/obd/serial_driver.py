@@ -141,7 +141,8 @@ class Elm327Source(PollingSource):
             raise AdapterIOError(f"write to {self.port} failed: {exc}", source=self.id,
                                  reason="port-write") from exc
         try:
-            reply = await asyncio.wait_for(self._replies.get(), timeout_s)
+            async with asyncio.timeout(timeout_s):  # not wait_for: see can_driver
+                reply = await self._replies.get()
         except TimeoutError:
             self._timeouts += 1
             self.counters["elm-timeout"] += 1
