@@ -93,6 +93,8 @@ async def station(cfg: dict, up: Uplink) -> dict:
 
 async def vehicle(cfg: dict, up: Uplink) -> dict:
     store = ChannelStore(cfg["store"])
+    resumed_at = max((getattr(r, "state", None).nonce for r in store.records()  # type: ignore[union-attr]
+                      if getattr(r, "state", None) is not None), default=None)
     channel = open_channel(
         VehicleChannel, store, identity=IdentityKey(bytes.fromhex(cfg["identity_seed"])),
         settlement=SettlementKey(bytes.fromhex(cfg["settlement_secret"])),
@@ -104,7 +106,7 @@ async def vehicle(cfg: dict, up: Uplink) -> dict:
         closed = await run_vehicle(up, channel, store)
     finally:
         store.close()
-    return {"closed": closed, "channel": channel}
+    return {"closed": closed, "channel": channel, "resumed_at_nonce": resumed_at}
 
 
 async def main(path: str) -> None:

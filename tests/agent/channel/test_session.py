@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from agent.channel.protocol import Phase
-from agent.channel.records import Party
 from agent.channel.session import run_station, run_vehicle
 from agent.channel.state import ChannelState, check_state_signature
 from agent.channel.store import ChannelStore
@@ -99,14 +98,11 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(5)
 
 
-def test_end_to_end_30_kwh_separate_processes(mosquitto, tmp_path: Path) -> None:
-    """Vehicle and station agents in separate processes over mosquitto charge 30 kWh in
-    10 Wh pay steps metered by the simulated meter over Modbus TCP; the final co-signed
-    state pays tariff x metered energy exactly: t_ev = wh * price_per_kwh // 1000."""
-    price = 317
+def _configs(port: int, tmp_path: Path, price: int) -> tuple[dict, dict, SettlementKey,
+                                                              SettlementKey]:
     ev_id, cs_id = IdentityKey.generate(), IdentityKey.generate()
     ev_key, cs_key = SettlementKey.generate(), SettlementKey.generate()
-    common = dict(port=mosquitto.port, chain_id=CHAIN_ID, contract=CONTRACT.hex(),
+    common = dict(port=port, chain_id=CHAIN_ID, contract=CONTRACT.hex(),
                   salt=os.urandom(32).hex(), price_per_kwh=price, export_price_per_kwh=0,
                   deposit_ev=20_000, deposit_cs=1_000, credit_window_wh=100, pay_step_wh=10)
     station_cfg = common | dict(
@@ -117,27 +113,78 @@ def test_end_to_end_30_kwh_separate_processes(mosquitto, tmp_path: Path) -> None
         role="ev", identity_seed=ev_id.seed().hex(), settlement_secret=ev_key.secret().hex(),
         peer_identity=cs_id.public.hex(), peer_address=cs_key.address.hex(),
         store=str(tmp_path / "ev.store"), result=str(tmp_path / "ev.json"))
-    procs = [_spawn(vehicle_cfg, tmp_path / "ev.cfg"), _spawn(station_cfg, tmp_path / "cs.cfg")]
-    try:
-        deadline = time.monotonic() + 150
-        for proc in procs:
-            proc.wait(max(1.0, deadline - time.monotonic()))
-    finally:
-        for proc in procs:
-            _stop(proc)
+    return station_cfg, vehicle_cfg, ev_key, cs_key
+
+
+def _check_exact_close(tmp_path: Path, procs: list, price: int, ev_key: SettlementKey,
+                       cs_key: SettlementKey) -> tuple[dict, dict, ChannelState]:
     logs = {n: (tmp_path / f"{n}.log").read_text(errors="replace")[-3000:] for n in ("cs", "ev")}
-    assert [p.returncode for p in procs] == [0, 0], logs
+    assert [p.returncode for p in procs] == [0] * len(procs), logs
     cs = json.loads((tmp_path / "cs.json").read_text())
     ev = json.loads((tmp_path / "ev.json").read_text())
     assert cs["state"] == ev["state"] and cs["sig_ev"] == ev["sig_ev"]
     assert cs["sig_cs"] == ev["sig_cs"]
     state = ChannelState.decode(bytes.fromhex(cs["state"]))
     assert state.final and state.wh == 30_000 == cs["meter_delta_wh"]
-    assert state.t_ev == 30_000 * price // 1000 == 9510 and state.t_cs == 0
+    assert state.t_ev == 30_000 * price // 1000 and state.t_cs == 0
     balances = (20_000 - state.t_ev + state.t_cs, 1_000 + state.t_ev - state.t_cs)
-    assert balances == (10_490, 10_510)
+    assert balances == (20_000 - state.t_ev, 1_000 + state.t_ev)
     check_state_signature(state, bytes.fromhex(cs["sig_ev"]), ev_key.address)
     check_state_signature(state, bytes.fromhex(cs["sig_cs"]), cs_key.address)
+    return cs, ev, state
+
+
+def _wait(procs: list, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    for proc in procs:
+        proc.wait(max(1.0, deadline - time.monotonic()))
+
+
+def test_end_to_end_30_kwh_separate_processes(mosquitto, tmp_path: Path) -> None:
+    """Vehicle and station agents in separate processes over mosquitto charge 30 kWh in
+    10 Wh pay steps metered by the simulated meter over Modbus TCP; the final co-signed
+    state pays tariff x metered energy exactly: t_ev = wh * price_per_kwh // 1000."""
+    price = 317
+    station_cfg, vehicle_cfg, ev_key, cs_key = _configs(mosquitto.port, tmp_path, price)
+    procs = [_spawn(vehicle_cfg, tmp_path / "ev.cfg"), _spawn(station_cfg, tmp_path / "cs.cfg")]
+    try:
+        _wait(procs, 150)
+    finally:
+        for proc in procs:
+            _stop(proc)
+    cs, ev, state = _check_exact_close(tmp_path, procs, price, ev_key, cs_key)
+    assert state.t_ev == 9510
     assert cs["counters"] == {} and ev["counters"] == {}
+    assert ev["resumed_at_nonce"] is None
     assert state.nonce > 30  # paid as it went, not in one lump at the end
-    assert Party(ev_id.public, ev_key.address)  # the parties' keys were valid
+
+
+def test_end_to_end_vehicle_killed_and_restarted(mosquitto, tmp_path: Path) -> None:
+    """SIGKILL the vehicle process mid-charge and start it again: it resumes from its store
+    (REESTABLISH, resend of its last signed state), the station held delivery within the
+    credit window meanwhile, and the close is still exact."""
+    price = 250
+    station_cfg, vehicle_cfg, ev_key, cs_key = _configs(mosquitto.port, tmp_path, price)
+    vehicle = _spawn(vehicle_cfg, tmp_path / "ev.cfg")
+    station = _spawn(station_cfg, tmp_path / "cs.cfg")
+    procs = [vehicle, station]
+    try:
+        store = tmp_path / "ev.store"
+        deadline = time.monotonic() + 60
+        while not (store.exists() and store.stat().st_size > 40_000):
+            assert time.monotonic() < deadline and station.poll() is None
+            time.sleep(0.01)
+        os.kill(vehicle.pid, signal.SIGKILL)
+        vehicle.wait(5)
+        killed_at = store.stat().st_size
+        time.sleep(0.5)
+        restarted = _spawn(vehicle_cfg, tmp_path / "ev.cfg")
+        procs = [restarted, station]
+        _wait(procs, 150)
+    finally:
+        for proc in [vehicle, *procs]:
+            _stop(proc)
+    assert killed_at < 1_000_000  # it really was killed mid-session
+    cs, ev, state = _check_exact_close(tmp_path, procs, price, ev_key, cs_key)
+    assert state.t_ev == 7500
+    assert ev["resumed_at_nonce"] is not None and 0 < ev["resumed_at_nonce"] < state.nonce
