@@ -204,9 +204,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     from agent.config import load_config
+    from agent.runtime import Settings, build_sources
 
     config = load_config(args.file)
-    print(f"{args.file}: ok ({config.device.role}, {len(config.sources)} source(s))")
+    Settings.from_config(config, config.device.id or "device-id-from-keys")
+    sources = build_sources(config)  # validates each source's options; opens nothing
+    kinds = ", ".join(f"{r.source.id} ({r.kind})" for r in sources) or "no sources"
+    print(f"{args.file}: ok ({config.device.role}; {kinds})")
     return EXIT_OK
 
 
@@ -336,7 +340,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory for the capture, registry and report (default: ./demo-out)")
     p.add_argument("--energy-wh", type=int, default=None,
                    help="energy to charge in Wh (default 3000)")
+    _register_by_name(sub, "hil.runner")  # edge-agent hil run|list
     return parser
+
+
+def _register_by_name(sub: argparse._SubParsersAction, module: str) -> None:
+    """Subcommands that live outside the core (hil/), reached by name like the demo; left
+    out when that part is not installed."""
+    import importlib
+
+    try:
+        importlib.import_module(module).register(sub)
+    except ModuleNotFoundError:
+        pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
