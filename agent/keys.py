@@ -30,7 +30,6 @@ import nacl.signing
 from coincurve import PrivateKey, PublicKey
 
 from agent import dcbor
-from agent.channel.state import eth_address, recover_signer, sign_digest
 from agent.errors import BadSignature, InsecureKeyFile, KeyStoreError, MalformedEnvelope
 
 IDENTITY_FILE = "identity.ed25519"
@@ -90,7 +89,7 @@ class IdentityKey:
 class SettlementKey:
     """The device's secp256k1 key: signs channel states the EVM contract checks."""
 
-    __slots__ = ("_private", "public", "address")
+    __slots__ = ("_private", "public", "_address")
 
     def __init__(self, secret: bytes) -> None:
         if not isinstance(secret, bytes) or len(secret) != 32:
@@ -100,7 +99,17 @@ class SettlementKey:
         except ValueError:
             raise KeyStoreError("secp256k1 secret out of range") from None
         self.public = self._private.public_key.format(compressed=True)
-        self.address = eth_address(self._private.public_key)
+        self._address: bytes | None = None
+
+    @property
+    def address(self) -> bytes:
+        """20-byte Ethereum address; computed on first use, because keccak (pycryptodome)
+        costs ~30 ms of start-up that a telemetry-only agent never needs."""
+        if self._address is None:
+            from agent.channel.state import eth_address
+
+            self._address = eth_address(self._private.public_key)
+        return self._address
 
     @classmethod
     def generate(cls) -> SettlementKey:
@@ -111,6 +120,8 @@ class SettlementKey:
         return self._private
 
     def sign_digest(self, digest: bytes) -> bytes:
+        from agent.channel.state import sign_digest
+
         return sign_digest(self._private, digest)
 
     def secret(self) -> bytes:
@@ -295,6 +306,8 @@ def check_record(record: dict[str, object], old_public: bytes | None = None) -> 
     if not isinstance(record["device"], str) or not isinstance(record["created_ns"], int):
         raise MalformedEnvelope("record device/created_ns have wrong types",
                                 reason="malformed-record")
+    from agent.channel.state import eth_address, recover_signer
+
     context = PROVISION_CONTEXT if kind == "provision" else ROTATE_CONTEXT
     body = _signed_body(record)
     public = record["ed25519"]

@@ -60,7 +60,7 @@ from firmware_adapters.base import Source
 from firmware_adapters.registry import source_class
 
 if TYPE_CHECKING:
-    from agent.metrics import MetricsServer
+    from agent.metrics import MetricsConfig, MetricsServer
 
 log = logging.getLogger("edge_agent.runtime")
 
@@ -88,6 +88,30 @@ class SourceRunner:
         self.taps: list[asyncio.Queue[Reading]] = []
 
 
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every section the runtime reads, validated (``edge-agent config check`` uses this
+    too, so a bad ``[mqtt]`` table is found before ``run``)."""
+
+    mqtt: MqttConfig
+    spool: SpoolConfig
+    status: StatusConfig
+    metrics: MetricsConfig | None
+
+    @classmethod
+    def from_config(cls, config: Config, device_id: str) -> Settings:
+        metrics = None
+        if config.section("metrics").data:  # not configured: not even imported (start-up)
+            from agent.metrics import MetricsConfig
+
+            metrics = MetricsConfig.from_table(config.section("metrics"))
+        return cls(mqtt=MqttConfig.from_table(config.section("mqtt"), device_id),
+                   spool=SpoolConfig.from_table(config.section("spool"),
+                                                config.device.state_dir),
+                   status=StatusConfig.from_table(config.section("status")),
+                   metrics=metrics)
+
+
 def build_sources(config: Config) -> list[SourceRunner]:
     """Instantiate every ``[[sources]]`` entry; config errors surface before anything runs."""
     runners = []
@@ -108,12 +132,10 @@ class Runtime:
         self.keys = keys
         self.device_id = config.device.id or keys.device_id
         self.role = config.device.role
-        state_dir = config.device.state_dir
-        self.mqtt = MqttConfig.from_table(config.section("mqtt"), self.device_id)
-        self.spool_config = SpoolConfig.from_table(config.section("spool"), state_dir)
-        self.status_config = StatusConfig.from_table(config.section("status"))
-        self.status_file = status_path(state_dir, self.status_config.path)
-        self.metrics_table = config.section("metrics")
+        settings = Settings.from_config(config, self.device_id)
+        self.mqtt, self.spool_config = settings.mqtt, settings.spool
+        self.status_config, self.metrics_config = settings.status, settings.metrics
+        self.status_file = status_path(config.device.state_dir, self.status_config.path)
         self.notifier = notifier or Notifier()
         self.sources = sources if sources is not None else build_sources(config)
         self.errors = ErrorLog()
@@ -239,13 +261,11 @@ class Runtime:
                              self.notifier, watchdog_interval_s(), on_error)
 
     def _metrics_server(self) -> MetricsServer | None:
-        if not self.metrics_table.data:  # not configured: do not even import it (start-up)
+        cfg = self.metrics_config
+        if cfg is None or not cfg.enabled:
             return None
-        from agent.metrics import MetricsConfig, MetricsServer
+        from agent.metrics import MetricsServer
 
-        cfg = MetricsConfig.from_table(self.metrics_table)
-        if not cfg.enabled:
-            return None
         return MetricsServer(self.status, cfg.host, cfg.port)
 
     # -- status snapshot ---------------------------------------------------------------
