@@ -25,7 +25,7 @@ from typing import Self
 
 import can
 
-from firmware_adapters.base import Clock, system_clock
+from firmware_adapters.base import Clock, Emit, system_clock
 from firmware_adapters.obd.can_driver import ObdCanSource, poll_settings_for_can
 from firmware_adapters.obd.options import POLL_KEYS, Options
 from firmware_adapters.obd.requester import CAN_11, Addressing
@@ -71,11 +71,8 @@ class HilEcuSource(ObdCanSource):
                                           clock=lambda: (time.monotonic() - t0) * scale).start()
         await super()._open()
 
-    async def _close(self) -> None:
-        await super()._close()
-
     def stop_simulator(self) -> None:
-        """Stop the simulator thread (the runtime's task cancellation calls this via run)."""
+        """Stop the simulator thread; ``run`` calls it when it ends (cancelled or not)."""
         if self.simulator is not None:
             self.simulator.stop()
             self.simulator = None
@@ -83,7 +80,7 @@ class HilEcuSource(ObdCanSource):
             self._sim_bus.shutdown()
             self._sim_bus = None
 
-    async def run(self, emit) -> None:  # type: ignore[no-untyped-def]
+    async def run(self, emit: Emit) -> None:
         try:
             await super().run(emit)
         finally:

@@ -163,3 +163,10 @@ def test_two_processes_over_udp_multicast_with_ignition_off_and_on() -> None:
     assert named(items, "Vehicle.VehicleIdentification.VIN")[0].value == "WP0ZZZ99ZTS390000"
     speeds_after_wake = items[[getattr(i, "code", "") for i in items].index("vehicle-awake"):]
     assert named(speeds_after_wake, "Vehicle.Speed")
+
+
+@given(st.integers(0, 0x1FFFFFFF), st.binary(max_size=12), st.floats(0, 1e6))
+def test_core_survives_any_frame(arb_id: int, data: bytes, t: float) -> None:
+    for bits in (11, 29):
+        for arb, payload in EcuSimCore(addressing=bits, ecus=2).handle(arb_id, data, t):
+            assert len(payload) == 8 and arb > 0
