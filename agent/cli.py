@@ -334,6 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(cfg_sub, "check", cmd_config_check, "validate a config file and say what is wrong")
     p.add_argument("file")
 
+    from agent.settlement.commands import register as register_channel  # no web3 import here
+
+    register_channel(sub)
+
     p = add(sub, "demo", cmd_demo, "run a whole simulated session on embedded defaults and "
             "verify every envelope (no hardware, no config)")
     p.add_argument("--out", type=Path, default=Path("demo-out"),

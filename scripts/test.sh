@@ -17,6 +17,18 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
 fi
 "$root/scripts/bootstrap.sh" test
+# anvil, the real Ethereum node the settlement tests also run against (npm package; the
+# tests fail, never skip, when it is missing).
+anvil="$root/.venv/npm/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil"
+if [ ! -x "$anvil" ]; then
+  if ! command -v npm >/dev/null 2>&1; then
+    echo "installing Debian packages: npm ..." >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null
+  fi
+  echo "installing anvil (npm @foundry-rs/anvil-linux-amd64) into .venv/npm ..." >&2
+  npm install --prefix "$root/.venv/npm" --no-save --no-audit --no-fund --silent \
+    @foundry-rs/anvil-linux-amd64@1.7.1 >/dev/null
+fi
 cd "$root"
 set +e
 "$root/.venv/bin/python" -m pytest "$@"
