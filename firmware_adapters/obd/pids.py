@@ -355,3 +355,16 @@ def pid_spec(ref: str | int) -> PidSpec:
     if spec is None:
         raise LocalProtocolError(f"unknown PID {ref!r}", reason="unknown-pid")
     return spec
+
+
+def markdown_table() -> str:
+    """The service 01 table as Markdown (docs/vehicle.md embeds it; a test keeps it equal)."""
+    rows = ["| PID | key | VSS name | unit | bytes | value |", "|---|---|---|---|---|---|"]
+    for s in sorted(PIDS.values(), key=lambda s: s.pid):
+        raw = "signed raw" if s.signed else "raw"
+        formula = raw if s.mul == 1 else f"{raw} * {s.mul}"
+        formula = formula if s.div == 1 else f"{formula} / {s.div}"
+        formula = formula if not s.offset else f"{formula} {'+' if s.offset > 0 else '-'} " \
+                                                f"{abs(s.offset)}"
+        rows.append(f"| {s.pid:02X} | {s.key} | {s.name} | {s.unit} | {s.length} | {formula} |")
+    return "\n".join(rows) + "\n"

@@ -16,7 +16,8 @@ States::
   the VIN once (service 09), if enabled.
 * run: each PID has a period; due PIDs are batched up to ``max_pids`` per request (6 on CAN,
   SAE J1979 s6.1.2). A PID no ECU answers is backed off: its period doubles per miss up to
-  ``max_backoff`` times; an answer resets it. DTCs (service 03) are read every ``dtc_period``.
+  ``max_backoff`` times; an answer resets it. Stored and pending DTCs (services 03 and 07) are
+  read every ``dtc_period``; service 04 (clear) is never sent by the poller.
 * asleep: after ``sleep_after`` consecutive requests without any answer (ignition off, the
   ECUs sleep) only a probe (PID 0x00) goes out every ``probe_interval``; the first answer wakes
   the poller, which rediscovers (ECUs may differ after a restart) and resumes on its own.
@@ -72,6 +73,7 @@ class Poller:
     _probe_due: int = 0
     _vin_done: bool = False
     _dtc_due: int = 0
+    _pending_dtcs_next: bool = False
     _seen_events: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -95,8 +97,12 @@ class Poller:
         if self.read_vin and not self._vin_done:
             self._vin_done = True
             return Plan("vin", P.vin_request())
+        if self._pending_dtcs_next:
+            self._pending_dtcs_next = False
+            return Plan("dtcs", P.dtc_request(pending=True))
         if self.dtc_period_ns is not None and now >= self._dtc_due:
             self._dtc_due = now + self.dtc_period_ns
+            self._pending_dtcs_next = True  # service 07 right after 03
             return Plan("dtcs", P.dtc_request())
         due = sorted((s.due_ns, pid) for pid, s in self._pid_state.items() if s.due_ns <= now)
         batch = tuple(pid for _, pid in due[:self.max_pids])
@@ -109,7 +115,8 @@ class Poller:
         """When :meth:`next_request` will next return a plan (``now`` if it would now)."""
         if self.state == "asleep":
             return max(now, self._probe_due)
-        if self.state == "discover" or (self.read_vin and not self._vin_done):
+        if self.state == "discover" or (self.read_vin and not self._vin_done) \
+                or self._pending_dtcs_next:
             return now
         times = [s.due_ns for s in self._pid_state.values()]
         if self.dtc_period_ns is not None:
@@ -159,9 +166,13 @@ class Poller:
                                        ts_ns, time_status, self.source))
                     break
         elif plan.kind == "dtcs":
-            codes = sorted({c for a in decoded.values() if isinstance(a, P.Dtcs) for c in a.codes})
-            out.append(Reading("Vehicle.OBD.DTCList", ",".join(codes)[:256], "", ts_ns,
-                               time_status, self.source))
+            dtcs = [a for a in decoded.values() if isinstance(a, P.Dtcs)]
+            if dtcs:
+                codes = sorted({c for a in dtcs for c in a.codes})
+                name = "Vehicle.OBD.DTCList" if dtcs[0].service == P.SERVICE_STORED_DTCS \
+                    else "Vehicle.OBD.DTCPendingList"
+                out.append(Reading(name, ",".join(codes)[:256], "", ts_ns, time_status,
+                                   self.source))
         return out
 
     def _on_bitmap(self, plan: Plan, decoded: Mapping[int, P.Answer]) -> None:

@@ -149,3 +149,9 @@ def test_random_vin_and_dtc_bytes_raise_only_decode_error(data: bytes) -> None:
             fn(data)
         except DecodeError:
             pass
+
+
+def test_docs_embed_the_generated_pid_table() -> None:
+    from pathlib import Path
+    doc = (Path(__file__).parents[3] / "docs" / "vehicle.md").read_text()
+    assert P.markdown_table() in doc

@@ -115,6 +115,11 @@ def test_vin_and_dtcs_are_read() -> None:
     (dtcs,) = p.on_answers(plan, {0: bytes.fromhex("43010143"), 1: bytes.fromhex("4300")},
                            0, 0)
     assert isinstance(dtcs, Reading) and dtcs.value == "P0143"
+    plan = p.next_request(0)
+    assert plan is not None and plan.payload == b"\x07"  # pending DTCs right after stored
+    (pending,) = p.on_answers(plan, {0: bytes.fromhex("47010A80")}, 0, 0)
+    assert isinstance(pending, Reading) and pending.name == "Vehicle.OBD.DTCPendingList"
+    assert pending.value == "P0A80"
     p = Poller({0x0D: NS}, read_vin=True, dtc_period_ns=None)
     for base in (0x00,):
         plan = p.next_request(0)
