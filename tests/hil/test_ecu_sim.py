@@ -19,7 +19,7 @@ from firmware_adapters.obd.can_driver import ObdCanSource
 from firmware_adapters.obd.isotp import Reassembler
 from hil.ecu_sim import DrivingProfile, EcuSimCore
 from hil.ecu_source import HilEcuSource
-from tests.firmware_adapters.obd.conftest import collect, events, named
+from tests.firmware_adapters.obd.peers import collect, events, named
 
 
 def test_profile_integrates_speed_into_odometer() -> None:

@@ -16,7 +16,7 @@ import pytest
 from elm import obd_message
 
 from firmware_adapters.obd.serial_driver import Elm327Source
-from tests.firmware_adapters.obd.conftest import (
+from tests.firmware_adapters.obd.peers import (
     _stop,
     _wait_for,
     collect,
