@@ -65,6 +65,7 @@ from agent.uplink import Uplink
 from agent.verify import VerifyReport
 from firmware_adapters.base import Source
 from hil.broker import EmbeddedBroker, Mosquitto, start_broker
+from hil.ecu_source import HIL_PIDS
 
 IMPORT_WH, EXPORT_WH, POWER_W = "1-0:1.8.0", "1-0:2.8.0", "1-0:16.7.0"
 METER_ID, ECU_ID = "meter0", "ecu0"     # the source ids HIL scenarios name
@@ -92,6 +93,7 @@ class RigSettings:
     meter_interval_s: float = 0.05         # Modbus poll period (wall seconds)
     meter_timeout_s: float = 0.5           # Modbus reply timeout (wall seconds)
     ecu_probe_interval_s: float = 2.0      # a sleeping car is probed this often (wall s)
+    ecu_poll_scale: float = 1.0            # the OBD-II PID periods are divided by this
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,9 +275,13 @@ class Rig:
                              receipt=record[1], verification=record[2])
 
     def _vehicle_agent(self, ev: DeviceKeys, broker_url: str) -> Agent:
-        return Agent("vehicle", ev, parse_config(self._config("vehicle", ev, broker_url, {
-            "id": ECU_ID, "kind": "hil-ecu", "time_scale": self.settings.ecu_time_scale,
-            "probe_interval_s": self.settings.ecu_probe_interval_s})))
+        s = self.settings
+        source: dict[str, object] = {"id": ECU_ID, "kind": "hil-ecu",
+                                     "time_scale": s.ecu_time_scale,
+                                     "probe_interval_s": s.ecu_probe_interval_s}
+        if s.ecu_poll_scale != 1.0:  # poll as often in simulated time as a real car would
+            source["pids"] = {pid: period / s.ecu_poll_scale for pid, period in HIL_PIDS.items()}
+        return Agent("vehicle", ev, parse_config(self._config("vehicle", ev, broker_url, source)))
 
     async def _drive(self, broker_url: str, ev: DeviceKeys, registry: FleetRegistry):
         """No charging: the vehicle agent alone, telemetry only, until ``timeline`` ends."""
@@ -284,7 +290,7 @@ class Rig:
         live = LiveVerifier(registry)
         stop = asyncio.Event()
         try:
-            async with Uplink(mqtt_config(broker_url, client_id="demo-verifier")) as verifier:
+            async with Uplink(mqtt_config(broker_url, client_id="demo-verifier", persistent=True)) as verifier:
                 for topic in ("evedge/v1/+/telemetry", "evedge/v1/+/event"):
                     await verifier.subscribe(topic)
                 async with asyncio.TaskGroup() as tg:
@@ -359,7 +365,7 @@ class Rig:
         live = LiveVerifier(registry)
         stop = asyncio.Event()
         try:
-            async with Uplink(mqtt_config(broker_url, client_id="demo-verifier")) as verifier:
+            async with Uplink(mqtt_config(broker_url, client_id="demo-verifier", persistent=True)) as verifier:
                 for topic in ("evedge/v1/+/telemetry", "evedge/v1/+/event"):
                     await verifier.subscribe(topic)
                 async with asyncio.TaskGroup() as tg:

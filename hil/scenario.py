@@ -219,8 +219,12 @@ def _fault_windows(record: SessionRecord, p: Params, scenario: Scenario,
     station agent stops its meter's readings too)."""
     faults = [f for f in scenario.faults if f.kind == p["fault"]]
     source = str(p["source"]) or faults[0].target
-    aimed = [f for f in faults if f.target == source] or faults
-    return source, [f.window(record.started_ns) for f in aimed]
+    # The windows the runner measured (when the fault really began and ended) win over the
+    # planned ones: those are only where the fault was meant to be.
+    windows = [w for w in record.faults if w.kind == p["fault"]] or [
+        f.window(record.started_ns) for f in faults]
+    aimed = [w for w in windows if w.target == source] or windows
+    return source, aimed
 
 
 def _no_readings_during_fault(record: SessionRecord, p: Params, scenario: Scenario) -> Verdict:
@@ -300,6 +304,7 @@ CHECKS: dict[str, CheckSpec] = {
         {"min_wh": ("int>=0", 0), "max_wh": ("int>=0", REQUIRED)}, _energy_range),
 }
 CLOSE_KINDS = ("any", "cooperative", "unilateral", "challenged")
+SCALED_PARAMS = ("grace_s", "within_s")   # check parameters that are times (Scenario.scaled)
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,6 +343,25 @@ class Scenario:
             results.append(ExpectationResult(expectation.name, expectation.check, passed, detail))
         return tuple(results)
 
+    def scaled(self, time_scale: float) -> Scenario:
+        """This scenario on the wall clock of a run ``time_scale`` times faster than
+        simulated time: every time on the timeline (duration, profile, fault start and
+        length) and every time a check allows (``grace_s``, ``within_s``) is divided by
+        ``time_scale``; powers, energies and counts are unchanged. The runner judges a
+        scaled run's record (wall-clock timestamps) with the scaled scenario."""
+        if time_scale <= 0:
+            raise ValueError("time_scale must be > 0")
+        k = time_scale
+        p = self.profile
+        profile = Profile(p.kind, p.step_s / k, tuple((t / k, v) for t, v in p.power_w),
+                          tuple((t / k, v) for t, v in p.speed_kmh))
+        faults = tuple(dataclasses.replace(f, start_s=f.start_s / k,
+                                           duration_s=f.duration_s / k) for f in self.faults)
+        expectations = tuple(dataclasses.replace(e, params={
+            key: value / k if key in SCALED_PARAMS else value
+            for key, value in e.params.items()}) for e in self.expectations)
+        return dataclasses.replace(self, duration_s=self.duration_s / k, profile=profile,
+                                   faults=faults, expectations=expectations)
 
     def judge(self, record: SessionRecord) -> SessionRecord:
         """The runner's last step: the record with this scenario's name, its fault windows
