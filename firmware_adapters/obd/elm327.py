@@ -29,6 +29,8 @@ from agent.errors import AdapterUnavailable, DecodeError, OversizeInput
 
 PROMPT = b">"
 INIT_COMMANDS: tuple[str, ...] = ("ATZ", "ATE0", "ATL0", "ATS0", "ATH1", "ATSP0")
+# Clones that refuse these still work: the parser splits on LF too and reads spaced hex.
+OPTIONAL_COMMANDS = frozenset({"ATL0", "ATS0"})
 PROBE_COMMAND = "0100"
 PROTOCOL_COMMAND = "ATDPN"
 

@@ -163,7 +163,8 @@ class Elm327Source(PollingSource):
     async def _initialise(self) -> None:
         for text in elm327.INIT_COMMANDS:
             reply = await self._command(text, INIT_TIMEOUT_S)
-            if "refused" in reply.status or "timeout" in reply.status:
+            if "timeout" in reply.status or (
+                    "refused" in reply.status and text not in elm327.OPTIONAL_COMMANDS):
                 raise AdapterIOError(f"adapter refused {text}: {reply}"[:200], source=self.id,
                                      reason="elm-init")
         await self._command(elm327.PROBE_COMMAND, SEARCH_TIMEOUT_S)  # make it search now

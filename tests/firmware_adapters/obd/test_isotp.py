@@ -150,3 +150,17 @@ def test_can_isotp_sender_is_reassembled_by_our_core() -> None:
         thread.join(2)
         ecu_bus.shutdown()
         tester.shutdown()
+
+
+@pytest.mark.slow
+def test_fuzz_loop_transactions_with_hostile_responders() -> None:
+    """Long variant: 200k random frames from 8 responders into transactions."""
+    import random
+    rng = random.Random(4)
+    a = Addressing(11)
+    for round_ in range(2000):
+        tx = Transaction(a, b"\x01\x0d", 0, 50_000_000)
+        for i in range(100):
+            data = bytes(rng.randrange(256) for _ in range(rng.randrange(10)))
+            tx.receive(0x7E8 + rng.randrange(8), data, round_ * 10**9 + i)
+        assert all(isinstance(e, DecodeError) for e in tx.errors)

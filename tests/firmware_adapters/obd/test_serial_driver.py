@@ -209,3 +209,29 @@ def test_hostile_adapter_lines_are_counted_and_polling_goes_on() -> None:
                     "elm-refused", "elm-rx-error", "nrc-sub-function-not-supported",
                     "elm-unexpected-text"):
         assert src.counters[counter] >= 1, counter
+
+
+class CloneAdapter(HostileAdapter):
+    """A clone that refuses ATS0/ATL0 and answers with spaces and CR LF line ends."""
+
+    def answer(self, cmd: str) -> bytes:
+        if cmd in ("ATS0", "ATL0"):
+            return b"?\r\n\r\n>"
+        if cmd == "010D":
+            return b"7E8 03 41 0D 2A \r\n\r\n>"
+        return super().answer(cmd)
+
+
+def test_clone_refusing_optional_commands_still_works() -> None:
+    adapter = CloneAdapter()
+    adapter.start()
+    try:
+        src = Elm327Source.from_options("elm", {"port": adapter.name, "pids": {"SPEED": 0.02},
+                                                "read_vin": False, "dtc_period_s": 0}, "t")
+        items = asyncio.run(collect(src, lambda xs: len(named(xs, "Vehicle.Speed")) >= 2, 30))
+    finally:
+        adapter.stop.set()
+        os.close(adapter.master)
+        os.close(adapter.slave)
+    assert [r.value for r in named(items, "Vehicle.Speed")][:2] == [0x2A, 0x2A]
+    assert src.counters["elm-refused"] == 2
