@@ -40,10 +40,12 @@ class HilEcuSource(ObdCanSource):
 
     def __init__(self, source_id: str, poll: Mapping[str, object], *,
                  addressing: Addressing = CAN_11, core: EcuSimCore | None = None,
-                 time_scale: float = 1.0, clock: Clock = system_clock) -> None:
+                 time_scale: float = 1.0, window_ns: int = 50_000_000, slack_km: float = 0.5,
+                 clock: Clock = system_clock) -> None:
         channel = f"hil-ecu-{source_id}-{uuid.uuid4().hex[:8]}"
         super().__init__(source_id, {"interface": "virtual", "channel": channel}, poll,
-                         addressing=addressing, window_ns=50_000_000, clock=clock)
+                         addressing=addressing, window_ns=window_ns, slack_km=slack_km,
+                         clock=clock)
         self.core = core or EcuSimCore(addressing=addressing.bits)
         self.time_scale = time_scale
         self.simulator: EcuSimulator | None = None
@@ -61,7 +63,9 @@ class HilEcuSource(ObdCanSource):
         core = EcuSimCore(addressing=bits, ecus=o.int("ecus", 1, 1, 2),  # type: ignore[arg-type]
                           vin=o.str("vin", "WP0ZZZ99ZTS390000"))
         return cls(source_id, poll_settings_for_can(o), addressing=Addressing(bits),  # type: ignore[arg-type]
-                   core=core, time_scale=o.float("time_scale", 1.0, 0.01, 1000.0))
+                   core=core, time_scale=o.float("time_scale", 1.0, 0.01, 1000.0),
+                   window_ns=o.int("response_timeout_ms", 50, 10, 10_000) * 1_000_000,
+                   slack_km=o.float("slack_km", 0.5, 0.0, 100.0))
 
     async def _open(self) -> None:
         if self.simulator is None:
