@@ -44,6 +44,7 @@ import enum
 import hashlib
 from dataclasses import dataclass
 
+import cbor2
 import nacl.exceptions
 import nacl.signing
 
@@ -53,6 +54,7 @@ from agent.errors import BadSignature, MalformedEnvelope, UnknownKey
 CHANNEL_DOMAIN = b"evedge/v1/channel"
 TARIFF_DOMAIN = b"evedge/v1/tariff"
 MAX_MESSAGE_BYTES = 4096
+MAX_ITEMS = 256
 KID_BYTES = 8
 
 
@@ -208,11 +210,54 @@ def encode(domain: Domain, msg_type: MsgType, body: dict[int, object], identity:
     return dcbor.dumps([int(msg_type), domain.channel_id, identity.kid, body, sig])  # type: ignore[attr-defined]
 
 
+def _plain_items(item: object, depth: int = 0) -> int:
+    """How many items ``item`` holds if it uses only what our messages use (unsigned map
+    keys, ints within 64 bits, bytes, text, arrays, maps, bools, null) within the strict
+    decoder's depth; -1 otherwise. Unsigned keys matter: with them cbor2's length-first
+    canonical order is the same as RFC 8949's bytewise order."""
+    if depth > 6:
+        return -1
+    if isinstance(item, list):
+        counts = [_plain_items(x, depth + 1) for x in item]
+        return -1 if -1 in counts else 1 + sum(counts)
+    if isinstance(item, dict):
+        total = 1
+        for key, value in item.items():
+            inner = _plain_items(value, depth + 1)
+            if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key < 1 << 64 \
+                    or inner < 0:
+                return -1
+            total += 1 + inner
+        return total
+    if item is None or isinstance(item, bool | bytes | str):
+        return 1
+    if isinstance(item, int) and -(1 << 64) <= item < 1 << 64:
+        return 1
+    return -1
+
+
+def loads_strict(data: bytes) -> object:
+    """agent.dcbor.loads, with a fast path: cbor2's C decoder, accepted only when the
+    canonical re-encoding is byte-identical (deterministic encodings are unique, RFC 8949
+    s4.2) and the item holds nothing but our plain types. Anything else, including every
+    error, goes through the strict decoder, which stays the authority. The pure-Python
+    decoder costs ~0.2 ms per message, a third of a channel round trip."""
+    if len(data) <= MAX_MESSAGE_BYTES:
+        try:
+            item = cbor2.loads(data)
+            if 0 <= _plain_items(item) <= MAX_ITEMS and \
+                    cbor2.dumps(item, canonical=True) == data:
+                return item
+        except Exception:  # noqa: BLE001 - any cbor2 failure: let the strict decoder say why
+            pass
+    return dcbor.loads(data, max_bytes=MAX_MESSAGE_BYTES, max_depth=6, max_items=MAX_ITEMS)
+
+
 def decode(data: bytes) -> Wire:
     """Strictly decode the outer structure. Raises DecodeError / MalformedEnvelope."""
     if not isinstance(data, bytes | bytearray):
         raise MalformedEnvelope("message is not bytes", reason="malformed-message")
-    item = dcbor.loads(bytes(data), max_bytes=MAX_MESSAGE_BYTES, max_depth=6, max_items=256)
+    item = loads_strict(bytes(data))
     if not (isinstance(item, list) and len(item) == 5):
         raise MalformedEnvelope("a channel message is a 5-element array",
                                 reason="malformed-message")

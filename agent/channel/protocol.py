@@ -63,8 +63,9 @@ from agent.channel.state import (
     check_balances,
     check_state_signature,
     derive_channel_id,
+    recover_signer,
 )
-from agent.errors import ChannelError, EdgeAgentError, LocalProtocolError
+from agent.errors import BadSignature, ChannelError, EdgeAgentError, LocalProtocolError
 
 RTO_INITIAL_S = 0.2
 RTO_MAX_S = 2.0
@@ -252,6 +253,12 @@ REASONS: dict[str, str] = {
 
 
 # ------------------------------------------------------------------------------ the core
+
+
+def _check_signer(digest: bytes, signature: bytes, address: bytes) -> None:
+    """state.check_state_signature with the digest computed once by the caller."""
+    if recover_signer(digest, signature) != address:
+        raise BadSignature("state signed by another key", reason="wrong-signer")
 
 
 class Channel:
@@ -542,10 +549,10 @@ class StationChannel(Channel):
         return out + self._window_events()
 
     def _on_pay(self, body: dict[int, object], now: float) -> list[Action]:
-        state, sig_ev, meter = self._proposal(body, final=False)
+        state, sig_ev, digest = self._proposal(body, final=False)
         if state is None:
             return self._duplicate_answer(MsgType.ACK)
-        sig_cs = self.settlement.sign_digest(state.digest())
+        sig_cs = self.settlement.sign_digest(digest)
         out = self._adopt(CosignedRecord(state, sig_ev, sig_cs))
         out.append(self._send(MsgType.ACK, {0: state.nonce, 1: sig_cs}))
         if not self._retransmit(now):
@@ -560,16 +567,16 @@ class StationChannel(Channel):
                 return self._duplicate_answer(MsgType.CLOSED)
             self.duplicates += 1
             return self._retransmit(now)
-        state, sig_ev, meter = self._proposal(body, final=True)
+        state, sig_ev, digest = self._proposal(body, final=True)
         if state is None:
             return self._duplicate_answer(MsgType.CLOSED)
-        sig_cs = self.settlement.sign_digest(state.digest())
+        sig_cs = self.settlement.sign_digest(digest)
         out = self._adopt(CosignedRecord(state, sig_ev, sig_cs))
         out.append(self._send(MsgType.CLOSED, {0: state.nonce, 1: sig_cs}))
         return out
 
     def _proposal(self, body: dict[int, object], *, final: bool
-                  ) -> tuple[ChannelState | None, bytes, MeterInfo | None]:
+                  ) -> tuple[ChannelState | None, bytes, bytes]:
         """Validate a PAY / final CLOSE. (None, ...) for an exact duplicate of the latest."""
         state = ChannelState.from_cbor_item(body.get(0))
         sig_ev: bytes = m.field(body, 1, bytes)  # type: ignore[assignment]
@@ -577,7 +584,7 @@ class StationChannel(Channel):
         self._check_state_domain(state)
         if state.nonce <= self.nonce:
             if self.cosigned is not None and state == self.cosigned.state:
-                return None, sig_ev, None
+                return None, sig_ev, b""
             raise ChannelError("state older than the latest co-signed one",
                                reason="replayed-state", nonce=state.nonce)
         if state.final != final:
@@ -592,8 +599,9 @@ class StationChannel(Channel):
             raise ChannelError("amounts differ from the METER", reason="amount-mismatch",
                                nonce=state.nonce)
         self._check_progress(state)
-        check_state_signature(state, sig_ev, self.peer.address)
-        return state, sig_ev, meter
+        digest = state.digest()
+        _check_signer(digest, sig_ev, self.peer.address)
+        return state, sig_ev, digest
 
     def _duplicate_answer(self, msg_type: MsgType) -> list[Action]:
         self.duplicates += 1
@@ -690,6 +698,7 @@ class VehicleChannel(Channel):
         self.abandoned: set[int] = set()
         self.withheld: int | None = None            # METER counter we refused to pay
         self.paid_counter = 0                       # highest METER counter we proposed for
+        self._digests: dict[int, bytes] = {}        # EIP-712 digests of our live proposals
         self.close_wanted = False
 
     # ---- verbs
@@ -816,7 +825,8 @@ class VehicleChannel(Channel):
         if proposal is None or proposal.state.final != final:
             raise ChannelError(f"countersignature for nonce {nonce} we did not propose",
                                reason="unknown-nonce", nonce=nonce)
-        check_state_signature(proposal.state, sig_cs, self.peer.address)
+        digest = self._digests.pop(nonce, None) or proposal.state.digest()
+        _check_signer(digest, sig_cs, self.peer.address)
         out = self._adopt(CosignedRecord(proposal.state, proposal.sig, sig_cs))
         self._deadline = (now + self._rto) if self._live() else None
         return out + self._maybe_pay(now)
@@ -871,8 +881,12 @@ class VehicleChannel(Channel):
         except ChannelError as exc:
             self.counters[exc.reason] += 1
             return [PaymentWithheld(exc.reason, meter.counter)]
-        sig = self.settlement.sign_digest(state.digest())
+        digest = state.digest()
+        sig = self.settlement.sign_digest(digest)
         record = SignedRecord(state, sig, meter)
+        self._digests[nonce] = digest
+        if len(self._digests) > 4 * self.window + 8:
+            del self._digests[min(self._digests)]
         self.signed[nonce] = record
         self.highest_signed = nonce
         self.paid_counter = meter.counter

@@ -82,3 +82,53 @@ def test_well_formed_cbor_of_the_wrong_shape_is_malformed(items: list) -> None:
     except MalformedEnvelope:
         return
     assert isinstance(wire.body, dict)  # only a well-shaped 5-array gets through
+
+
+def _strict_or_error(data: bytes) -> object:
+    try:
+        return ("ok", dcbor.loads(data, max_bytes=m.MAX_MESSAGE_BYTES, max_depth=6,
+                                  max_items=m.MAX_ITEMS))
+    except EdgeAgentError as exc:
+        return ("error", exc.reason)
+
+
+def _fast_or_error(data: bytes) -> object:
+    try:
+        return ("ok", m.loads_strict(data))
+    except EdgeAgentError as exc:
+        return ("error", exc.reason)
+
+
+PLAIN = st.recursive(
+    st.one_of(st.integers(-(2**64), 2**64 - 1), st.binary(max_size=20), st.text(max_size=8),
+              st.booleans(), st.none()),
+    lambda inner: st.lists(inner, max_size=5)
+    | st.dictionaries(st.integers(-30, 300), inner, max_size=5), max_leaves=30)
+
+
+@settings(max_examples=500)
+@given(PLAIN, st.integers(0, 400), st.integers(0, 255))
+def test_fast_path_agrees_with_the_strict_decoder(item: object, pos: int, byte: int) -> None:
+    """loads_strict takes cbor2's fast path only when the result is what the strict
+    decoder says; on mutated and non-canonical input both agree too (value or reason)."""
+    import cbor2
+
+    for data in (dcbor.dumps(item), cbor2.dumps(item)):
+        assert _fast_or_error(data) == _strict_or_error(data)
+        mutated = bytearray(data)
+        mutated[pos % len(mutated)] = byte
+        assert _fast_or_error(bytes(mutated)) == _strict_or_error(bytes(mutated))
+
+
+def test_fast_path_rejects_what_cbor2_would_take() -> None:
+    pay = dcbor.dumps([4, b"\x00" * 32, b"\x01" * 8, {0: 1, 24: 2}, b"\x02" * 64])
+    assert m.loads_strict(pay) == dcbor.loads(pay)
+    cases = {
+        "duplicate-map-key": bytes.fromhex("a2000100 02".replace(" ", "")),
+        "non-deterministic-cbor": bytes.fromhex("a2 20 01 18 18 02".replace(" ", "")),
+        "malformed-cbor": bytes.fromhex("f0"),  # simple value 16: cbor2 accepts it
+    }
+    for reason, data in cases.items():
+        with pytest.raises(EdgeAgentError) as info:
+            m.loads_strict(data)
+        assert info.value.reason == reason, (reason, data.hex())
