@@ -76,7 +76,8 @@ FAULTS: dict[str, FaultSpec] = {
     "meter-timeout": FaultSpec(
         "the meter (a source id) stops answering Modbus requests for duration_s", (), "meter0"),
     "agent-crash": FaultSpec(
-        "the target agent is killed with SIGKILL at start_s and restarted after duration_s",
+        "the target agent is killed at start_s (its tasks cancelled mid-flight: no flush, no "
+        "close) and restarted from its state directory after duration_s",
         ("vehicle", "station"), "station"),
     "ignition-off": FaultSpec(
         "the simulated ECU (a source id) goes silent for duration_s", (), "ecu0"),
