@@ -214,11 +214,13 @@ class Mosquitto:
     options: BrokerOptions = field(default_factory=BrokerOptions)
     port: int = 0
     pid: int | None = None
+    config_text: str | None = None  # a ready-made mosquitto.conf (then `port` is required)
     _proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        scheme = "mqtts" if self.options.pki else "mqtt"
+        scheme = "mqtts" if self.options.pki or (
+            self.config_text and "certfile" in self.config_text) else "mqtt"
         return f"{scheme}://{LOOPBACK}:{self.port}"
 
     @property
@@ -233,7 +235,8 @@ class Mosquitto:
         if not self.port:
             self.port = free_port()
         conf = self.directory / "mosquitto.conf"
-        conf.write_text(render_config(self.options, self.port, self.directory))
+        conf.write_text(self.config_text or render_config(self.options, self.port,
+                                                          self.directory))
         with (self.directory / "stderr.log").open("ab") as stderr:
             self._proc = subprocess.Popen([binary, "-c", str(conf)], stdin=subprocess.DEVNULL,
                                           stdout=subprocess.DEVNULL, stderr=stderr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pwd
 import random
 import signal
 import subprocess
@@ -20,6 +21,7 @@ import pytest
 
 from agent.config import BatchConfig
 from agent.envelope import Sealer
+from agent.errors import UplinkError
 from agent.keys import IdentityKey, SettlementKey, provisioning_record
 from agent.live_verify import TOPICS, LiveVerifier, collect, mqtt_config
 from agent.readings import Event, Reading
@@ -339,3 +341,47 @@ async def _queue_overflow(tmp_path: Path, broker: Mosquitto, fleet_conf: bool) -
         assert not report.ok
         assert report.devices[DEVICE].gaps >= 300 - 40, report.format()
         assert "missing seq" in report.format()
+
+
+def test_fleet_conf_runs_on_mosquitto_with_tls_and_its_acl(tmp_path, pki):
+    """config/mosquitto-fleet.conf as shipped (paths and port swapped for the test's)."""
+    port = free_port()
+    acl = tmp_path / "fleet.acl"
+    acl.write_text("pattern write evedge/v1/%u/#\nuser fleet\ntopic read evedge/v1/#\n")
+    text = FLEET_CONF.read_text()
+    for old, new in {"listener 8883": f"listener {port} 127.0.0.1",
+                     "/etc/mosquitto/ca/fleet-ca.pem": str(pki.ca),
+                     "/etc/mosquitto/certs/broker.pem": str(pki.server.cert),
+                     "/etc/mosquitto/certs/broker.key": str(pki.server.key),
+                     "/etc/mosquitto/fleet.acl": str(acl),
+                     "/var/lib/mosquitto/": f"{tmp_path}/",
+                     "log_dest syslog": f"log_dest file {tmp_path}/mosquitto.log"}.items():
+        assert old in text
+        text = text.replace(old, new)
+    text += f"user {pwd.getpwuid(os.getuid()).pw_name}\n"
+    broker = Mosquitto(tmp_path / "fleet", port=port, config_text=text)
+    broker.start()
+    try:
+        asyncio.run(_fleet_conf(broker, pki))
+    finally:
+        broker.kill()
+
+
+async def _fleet_conf(broker: Mosquitto, pki) -> None:
+    def tls(name: str) -> dict:
+        return {"ca_file": pki.ca, "cert_file": pki.clients[name].cert,
+                "key_file": pki.clients[name].key}
+
+    live = LiveVerifier(registry())
+    dev1 = MqttConfig.from_url(broker.url, "dev1", status_topic=status_topic("dev1"),
+                               **tls("dev1"))
+    async with asyncio.timeout(30), \
+            subscriber(broker.url, live, client_id="fleet", **tls("fleet")) as sub, \
+            Uplink(dev1) as up:
+        await asyncio.wait_for(up.wait_connected(), 10)
+        await up.publish("evedge/v1/dev1/telemetry", b"not an envelope")
+        with pytest.raises(UplinkError) as info:  # dev1 may not speak for dev2
+            await up.publish("evedge/v1/dev2/telemetry", b"x", retry=False)
+        assert info.value.reason == "not-authorised"
+        await collect(sub, live, until=lambda s: s.messages >= 1, timeout_s=10)
+    assert live.messages == 1 and live.report().failures["malformed"] == 1
