@@ -34,6 +34,7 @@ web3 off the Pi.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from coincurve import PrivateKey, PublicKey
@@ -67,6 +68,7 @@ def abi_encode_static(*values: int | bytes | bool) -> bytes:
     return b"".join(_word(v) for v in values)
 
 
+@functools.lru_cache(maxsize=32)  # a channel asks for the same one every update
 def domain_separator(chain_id: int, contract: bytes) -> bytes:
     return keccak(abi_encode_static(
         DOMAIN_TYPEHASH, keccak(DOMAIN_NAME.encode()), keccak(DOMAIN_VERSION.encode()),
