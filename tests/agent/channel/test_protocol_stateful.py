@@ -26,7 +26,7 @@ from agent.channel.state import ChannelState, check_balances
 from tests.agent.channel.harness import Setup
 
 SIDES = st.sampled_from(["cs", "ev"])
-CRASH = st.one_of(st.none(), st.none(), st.integers(0, 2))  # crash before the n-th Persist
+CRASH = st.one_of(st.none(), st.none(), st.integers(0, 2))  # see ChannelMachine.execute
 WINDOW_WH = 60
 
 
@@ -54,12 +54,16 @@ class ChannelMachine(RuleBasedStateMachine):
     # ---- plumbing
 
     def execute(self, side: str, actions: list[Action], crash: int | None = None) -> None:
+        """Run ``actions`` in order; with ``crash = k`` the party dies just before its
+        k-th Persist, or (k = number of persists) after the last one, before anything it
+        would have sent next."""
         persists = 0
         for action in actions:
+            at_point = isinstance(action, Persist) or (isinstance(action, Send) and persists)
+            if crash is not None and persists == crash and at_point:
+                self.restart(side)
+                return
             if isinstance(action, Persist):
-                if crash is not None and persists == crash:
-                    self.restart(side)
-                    return
                 persists += 1
                 self.persist(side, action.record)
             elif isinstance(action, Send):
