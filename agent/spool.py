@@ -10,7 +10,8 @@ Rules this module keeps:
 - A row leaves the spool only through :meth:`Spool.delete_acked`, which the uplink calls
   after the broker's PUBACK. Rows go out in ``id`` order (= commit order = seq order).
 - Capacity is in bytes (``SpoolConfig.max_bytes``). Above it, the drop policy deletes the
-  OLDEST telemetry (a run of consecutive seqs, never a row that is in flight) down to the
+  OLDEST telemetry (a run of consecutive seqs, never a row handed to the broker since this
+  process started: it may have arrived without its PUBACK reaching us) down to the
   low-water mark, and writes a signed drop envelope (``Sealer.seal_drop``) naming the range,
   in the same transaction. Event, drop and channel rows are never dropped: they may push the
   spool above its cap (counted in ``counters["over_cap"]``).

@@ -183,7 +183,8 @@ class Pipeline:
                     await self._flush_acks()
                     await asyncio.sleep(delay)
             finally:
-                self.spool.clear_in_flight()
+                # Rows sent without a PUBACK stay marked "in flight" until deleted: they may
+                # have reached subscribers, so the drop policy must not declare them dropped.
                 await self._flush_acks()
 
     async def _stream(self) -> None:
