@@ -172,7 +172,6 @@ VEHICLE_SIGNALS: dict[str, SignalSpec] = _table(
     ("Vehicle.OBD.ActualEngineTorque", "%", "actual engine torque"),
     ("Vehicle.OBD.EngineReferenceTorque", "N.m", "engine reference torque"),
     ("Vehicle.OBD.DTCPendingList", "", "pending diagnostic trouble codes"),
-    ("Vehicle.Event.Ignition", "", "vehicle asleep / awake event"),
 )
 
 # Meter quantities: OBIS codes (IEC 62056-61). Energy in Wh, power in W, voltage in mV,
