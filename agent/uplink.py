@@ -251,6 +251,39 @@ class _Client(aiomqtt.Client):
             _settle(entry[0], entry[1], reason_code)
         super()._on_publish(client, userdata, mid, reason_code, properties)
 
+    def _on_socket_register_write(self, client: Any, userdata: Any, sock: Any) -> None:
+        """aiomqtt's version reads ``sock.fileno()`` now and registers it later; when the
+        socket closes in between (a broker dropping us) asyncio logs a traceback about a bad
+        file descriptor. Read the fd when registering, and skip a closed socket."""
+
+        def write() -> None:
+            try:
+                client.loop_write()
+            except Exception as exc:  # noqa: BLE001 - any failure means the connection died
+                if not self._disconnected.done():
+                    self._disconnected.set_exception(exc)
+
+        def register() -> None:
+            fd = sock.fileno()
+            if fd < 0:
+                return
+            try:
+                self._loop.add_writer(fd, write)
+            except OSError:
+                # A stale registration of a closed socket that had the same fd number:
+                # drop it (the selector ignores the kernel's ENOENT) and register anew.
+                self._loop.remove_writer(fd)
+                with contextlib.suppress(OSError):
+                    self._loop.add_writer(fd, write)
+
+        self._loop.call_soon_threadsafe(register)
+
+    def _on_socket_unregister_write(self, client: Any, userdata: Any, sock: Any) -> None:
+        fd = sock.fileno()
+        if fd >= 0:
+            with contextlib.suppress(OSError, ValueError):
+                self._loop.remove_writer(fd)
+
     def fail_pending(self) -> None:
         for fut, _ in self.acks.values():
             if not fut.done():
