@@ -385,3 +385,28 @@ async def _fleet_conf(broker: Mosquitto, pki) -> None:
         assert info.value.reason == "not-authorised"
         await collect(sub, live, until=lambda s: s.messages >= 1, timeout_s=10)
     assert live.messages == 1 and live.report().failures["malformed"] == 1
+
+
+def test_in_flight_window_is_bounded_while_the_broker_is_frozen(tmp_path, mosquitto):
+    async def main():
+        async with running_agent(agent_mqtt(mosquitto.url, window=4, keepalive_s=30),
+                                 tmp_path / "s.sqlite", batch=1) as pipeline:
+            up = pipeline.uplink
+            await asyncio.wait_for(up.wait_connected(), 5)
+            await asyncio.sleep(0.2)  # the retained "online" status has its PUBACK
+            before = up.counters["published"]
+            os.kill(mosquitto.pid, signal.SIGSTOP)  # no PUBACK comes back
+            try:
+                await emit_readings(pipeline, 0, 50)
+                await pipeline.flush()
+                async with asyncio.timeout(10):
+                    while pipeline.spool.rows < 50:
+                        await asyncio.sleep(0.02)
+                await asyncio.sleep(0.5)
+                assert up.counters["published"] - before == 4  # the window, not 50
+            finally:
+                os.kill(mosquitto.pid, signal.SIGCONT)
+            await pipeline.wait_drained(20)
+            assert pipeline.counters["deleted"] == 50
+
+    asyncio.run(main())
