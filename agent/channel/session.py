@@ -20,11 +20,11 @@ reference such as a transaction hash; default: nothing to do); ``stop`` is an as
 that asks for a cooperative close. Both return the final co-signed state with both
 secp256k1 signatures (protocol.Closed), ready for the settlement client.
 
-Order of effects: the records of a step are written (one fsync) before any message of the
-same step is published; this is what makes "persist before a signature leaves" true.
-Messages that arrive together are handled as one batch with one fsync (group commit). The store write is a blocking ~0.1 ms call made on the loop on purpose: handing it to
-a thread costs more than the write, and nothing else of the channel may run in between.
-"""
+Order of effects: the records of a step are written (fsync) before any message of the same
+step is published, and steps leave in the order the core made them; this is what makes
+"persist before a signature leaves" true. One writer task does the writing in a worker
+thread and commits every step queued meanwhile with one fsync (group commit), so the core
+handles the next messages while the disk flushes. """
 
 from __future__ import annotations
 
@@ -104,6 +104,9 @@ class ChannelDriver:
         self.received = 0
         self.batches = 0
         self._inq: asyncio.Queue[bytes] = asyncio.Queue()
+        self._outq: asyncio.Queue[list[Action]] = asyncio.Queue()
+        self._drained = asyncio.Event()
+        self._drained.set()
         self._wake = asyncio.Event()
         self._last_publish: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()
@@ -112,18 +115,39 @@ class ChannelDriver:
         return self._loop.time()
 
     def execute(self, actions: list[Action]) -> None:
-        """Persist every record of ``actions`` (one write, one fsync), then publish and
-        report events in order. Writing a record earlier than the core asked is always
-        safe, so one batch of several steps costs a single fsync (group commit)."""
-        records: list[Record] = [a.record for a in actions if isinstance(a, Persist)]
-        if records:
-            self.store.append(records)
-        for action in actions:
-            if isinstance(action, Send):
-                self._publish(action.data)
-            elif not isinstance(action, Persist):
+        """Hand the effects of one core step to the writer (FIFO). The writer makes the
+        step's records durable, and only then publishes its messages and reports its
+        events; steps queued meanwhile share the next fsync (group commit), so the core
+        keeps working while the disk flushes. Writing a record earlier than the core asked
+        is always safe; publishing earlier never happens."""
+        for action in actions:  # stopping the charger cannot wait for the disk
+            if isinstance(action, DeliveryPaused):
                 self._event(action)
+        if actions:
+            self._outq.put_nowait(actions)
+            self._drained.clear()
         self._wake.set()
+
+    async def _writer_loop(self) -> None:
+        while True:
+            steps = [await self._outq.get()]
+            while not self._outq.empty():
+                steps.append(self._outq.get_nowait())
+            records: list[Record] = [a.record for step in steps for a in step
+                                     if isinstance(a, Persist)]
+            if records:
+                if self.store.sync:  # fdatasync off the loop: the core runs meanwhile
+                    await asyncio.to_thread(self.store.append, records)
+                else:
+                    self.store.append(records)
+            for step in steps:
+                for action in step:
+                    if isinstance(action, Send):
+                        self._publish(action.data)
+                    elif not isinstance(action, Persist | DeliveryPaused):
+                        self._event(action)
+            if self._outq.empty():
+                self._drained.set()
 
     def _publish(self, data: bytes) -> None:
         try:
@@ -145,11 +169,14 @@ class ChannelDriver:
         name = f"channel[{self.channel.channel_id.hex()[:12]}]"
         return [tg.create_task(self._receive_loop(), name=f"{name}.receive"),
                 tg.create_task(self._process_loop(), name=f"{name}.process"),
+                tg.create_task(self._writer_loop(), name=f"{name}.writer"),
                 tg.create_task(self._timer_loop(), name=f"{name}.timer"),
                 tg.create_task(self._reconnect_loop(), name=f"{name}.reconnect")]
 
     async def flush(self, timeout_s: float = 2.0) -> None:
-        """Wait for the broker's PUBACK of the last message (best effort)."""
+        """Wait until every queued step is written and published, then for the broker's
+        PUBACK of the last message (best effort)."""
+        await self._drained.wait()
         if self._last_publish is not None:
             with contextlib.suppress(UplinkError, TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(self._last_publish), timeout_s)
@@ -255,6 +282,7 @@ async def run_station(uplink: Transport, channel: StationChannel, store: Channel
             async for import_wh, export_wh in meter:
                 driver.execute(channel.meter(import_wh, export_wh, int(wall_clock()),
                                              driver.now()))
+                await asyncio.sleep(0)  # let the writer and the receiver run between readings
                 while pending:
                     await pending.pop(0)
                 if channel.phase in (Phase.CLOSING, Phase.CLOSED):
