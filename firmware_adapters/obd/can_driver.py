@@ -84,8 +84,10 @@ class ObdCanSource(PollingSource):
                    slack_km=o.float("slack_km", 0.5, 0.0, 100.0))
 
     async def _open(self) -> None:
+        # Only response ids reach us: a car's bus carries thousands of broadcast frames/s.
+        config = {"can_filters": [self.addressing.response_filter], **self.bus_config}
         try:
-            self._bus = await asyncio.to_thread(can.Bus, **self.bus_config)
+            self._bus = await asyncio.to_thread(can.Bus, **config)
         except (can.CanError, OSError, ValueError, ImportError) as exc:
             raise AdapterUnavailable(f"cannot open CAN bus {self.bus_config.get('channel')!r}:"
                                      f" {exc}", source=self.id, reason="bus-open") from exc

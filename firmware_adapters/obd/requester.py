@@ -55,6 +55,13 @@ class Addressing:
     def response_id(self, ecu: int) -> int:
         return 0x7E8 + ecu if self.bits == 11 else 0x18DAF100 | ecu
 
+    @property
+    def response_filter(self) -> dict[str, int | bool]:
+        """A python-can filter passing only response ids (in-kernel on SocketCAN)."""
+        if self.bits == 11:
+            return {"can_id": 0x7E8, "can_mask": 0x7F8, "extended": False}
+        return {"can_id": 0x18DAF100, "can_mask": 0x1FFFFF00, "extended": True}
+
     def ecu_of(self, arb_id: int) -> int | None:
         """The responder number of a response id, None for anything else."""
         if self.bits == 11:
