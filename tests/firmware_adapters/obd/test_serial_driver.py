@@ -235,3 +235,20 @@ def test_clone_refusing_optional_commands_still_works() -> None:
         os.close(adapter.slave)
     assert [r.value for r in named(items, "Vehicle.Speed")][:2] == [0x2A, 0x2A]
     assert src.counters["elm-refused"] == 2
+
+
+def test_two_ecus_answering_one_pid_through_the_adapter(elm_port: str) -> None:
+    # One PID per request: the emulator's entries that carry a second frame from 7EA (the
+    # hybrid ECU) come back as two answers; the engine ECU's (7E8, lower number) value wins.
+    src = Elm327Source.from_options("elm", {"port": elm_port, "max_pids": 1, "read_vin": False,
+                                            "pids": {"ENGINE_LOAD": 0.02}}, "t")
+    items = asyncio.run(collect(src, lambda xs: len(named(xs, "Vehicle.OBD.EngineLoad")) >= 6,
+                                60))
+    from elm.obd_message import ObdMessage
+    responses = ObdMessage["car"]["ENGINE_LOAD"]["Response"]
+    two = [k for k, r in enumerate(responses[:6]) if r.count("<header>") > 1]
+    assert two, "the emulator's table changed: no two-ECU entry among the first six"
+    values = [v[0] * 100 / 255 for v in emulator_values("ENGINE_LOAD")]
+    got = [r.value for r in named(items, "Vehicle.OBD.EngineLoad")][:6]
+    assert got == pytest.approx(values[:6], abs=1e-5)
+    assert src.counters["duplicate-value"] >= len(two)
