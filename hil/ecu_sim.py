@@ -66,12 +66,16 @@ class DrivingProfile:
     rpm_per_kmh: float = 150.0  # single-speed EV motor
 
     def state(self, t: float) -> VehicleState:
-        loop_s = sum(s.duration_s for s in self.segments)
+        loop_s = sum(s.duration_s for s in self.segments if s.duration_s > 0)
+        if loop_s <= 0:  # no time in the profile: stand still at the start values
+            return VehicleState(0.0, 0.0, self.soc_start_pct, self.odometer_start_km, False)
         loops, rest = divmod(max(0.0, t), loop_s)
         km, kwh = self._integrate(loop_s)
         km, kwh = km * loops, kwh * loops
         speed, charging = 0.0, False
         for seg in self.segments:
+            if seg.duration_s <= 0:
+                continue  # a zero-length step (two points at one instant): nothing to integrate
             dt = min(rest, seg.duration_s)
             v_end = seg.speed_from_kmh + (seg.speed_to_kmh - seg.speed_from_kmh) * (
                 dt / seg.duration_s)
@@ -88,7 +92,7 @@ class DrivingProfile:
 
     def _integrate(self, seconds: float) -> tuple[float, float]:
         km = kwh = 0.0
-        for seg in self.segments:
+        for seg in (s for s in self.segments if s.duration_s > 0):
             d = (seg.speed_from_kmh + seg.speed_to_kmh) / 2 * seg.duration_s / 3600
             km += d
             kwh += seg.charging_kw * seg.duration_s / 3600 - d * self.consumption_kwh_per_km

@@ -170,3 +170,10 @@ def test_core_survives_any_frame(arb_id: int, data: bytes, t: float) -> None:
     for bits in (11, 29):
         for arb, payload in EcuSimCore(addressing=bits, ecus=2).handle(arb_id, data, t):
             assert len(payload) == 8 and arb > 0
+
+
+def test_profile_with_zero_length_segments() -> None:
+    from hil.ecu_sim import Segment
+    p = DrivingProfile((Segment(0, 0, 30), Segment(10, 30, 30)))
+    assert p.state(5).speed_kmh == 30
+    assert DrivingProfile((Segment(0, 0, 0),)).state(3).odometer_km == p.odometer_start_km
