@@ -53,7 +53,7 @@ from agent.channel.protocol import (
 )
 from agent.channel.records import OpenParams, Record
 from agent.channel.store import ChannelStore
-from agent.errors import LocalProtocolError, UplinkError
+from agent.errors import ChannelError, LocalProtocolError, UplinkError
 
 log = logging.getLogger(__name__)
 TOPIC_ROOT = "evedge/v1/channel"
@@ -258,9 +258,13 @@ async def run_station(uplink: Transport, channel: StationChannel, store: Channel
                       meter: AsyncIterator[tuple[int, int]], *,
                       charger: Callable[[bool], Awaitable[None] | None] | None = None,
                       wall_clock: Callable[[], float] = time.time,
-                      linger_s: float = 1.0) -> Closed:
+                      linger_s: float = 1.0, close_timeout_s: float | None = None) -> Closed:
     """Open (or resume) the channel, meter until ``meter`` ends or the vehicle asks to
-    close, and return the final co-signed state."""
+    close, and return the final co-signed state.
+
+    With ``close_timeout_s``, a vehicle that does not sign the final state within that time
+    after the final METER raises ChannelError(reason="close-timeout"); ``channel.cosigned``
+    then holds the latest co-signed state for a unilateral close on the ledger."""
     pending: list[Awaitable[None]] = []
 
     def on_event(action: Action) -> None:
@@ -293,12 +297,32 @@ async def run_station(uplink: Transport, channel: StationChannel, store: Channel
                 driver.execute(channel.close(driver.now()))
 
         meter_task = tg.create_task(metering(), name="channel.meter")
-        closed = await driver.closed
+        try:
+            closed: Closed | None = await _wait_closed(driver, channel, close_timeout_s)
+        except ChannelError as exc:  # raised below, outside the TaskGroup (not wrapped)
+            closed, timeout = None, exc
         meter_task.cancel()
-        await driver.flush()
-        await _linger(driver, linger_s)
+        if closed is not None:
+            await driver.flush()
+            await _linger(driver, linger_s)
         await _stop_tasks(tasks)
+    if closed is None:
+        raise timeout
     return closed
+
+
+async def _wait_closed(driver: ChannelDriver, channel: Channel,
+                       close_timeout_s: float | None) -> Closed:
+    if close_timeout_s is None:
+        return await driver.closed
+    while channel.phase is not Phase.CLOSING and not driver.closed.done():
+        await asyncio.wait({driver.closed}, timeout=0.05)
+    done, _ = await asyncio.wait({driver.closed}, timeout=close_timeout_s)
+    if not done:
+        raise ChannelError(f"no final state {close_timeout_s} s after closing; settle the "
+                           f"latest co-signed state (nonce {channel.nonce}) unilaterally",
+                           reason="close-timeout", nonce=channel.nonce)
+    return driver.closed.result()
 
 
 def _already_closed(channel: Channel) -> Closed | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ from agent.channel.protocol import Phase
 from agent.channel.session import run_station, run_vehicle
 from agent.channel.state import ChannelState, check_state_signature
 from agent.channel.store import ChannelStore
+from agent.errors import ChannelError
 from agent.keys import IdentityKey, SettlementKey
 from agent.uplink import MqttConfig, Uplink
 from tests.agent.channel.harness import CHAIN_ID, CONTRACT, Setup
@@ -188,3 +190,47 @@ def test_end_to_end_vehicle_killed_and_restarted(mosquitto, tmp_path: Path) -> N
     cs, ev, state = _check_exact_close(tmp_path, procs, price, ev_key, cs_key)
     assert state.t_ev == 7500
     assert ev["resumed_at_nonce"] is not None and 0 < ev["resumed_at_nonce"] < state.nonce
+
+
+async def _abandoned(port: int, tmp: Path) -> tuple:
+    setup = Setup(credit_window_wh=50)
+    cs, ev = setup.station(), setup.vehicle()
+    delivering = asyncio.Event()
+
+    def charger(allowed: bool) -> None:
+        delivering.set() if allowed else delivering.clear()
+
+    async def meter():  # type: ignore[no-untyped-def]
+        wh = 3_000_000
+        yield wh, 0
+        while True:
+            try:  # the car stopped paying: the driver unplugs after a moment
+                await asyncio.wait_for(delivering.wait(), 0.5)
+            except TimeoutError:
+                return
+            wh += 5
+            yield wh, 0
+
+    with ChannelStore(tmp / "cs") as cs_store, ChannelStore(tmp / "ev") as ev_store:
+        async with uplink(port, "a-cs") as cs_up, uplink(port, "a-ev") as ev_up:
+            vehicle = asyncio.create_task(run_vehicle(ev_up, ev, ev_store))
+            station = asyncio.create_task(run_station(cs_up, cs, cs_store, meter(),
+                                                      charger=charger, close_timeout_s=0.5))
+            while ev.nonce < 5:
+                await asyncio.sleep(0.005)
+            vehicle.cancel()  # the vehicle's agent dies and never comes back
+            with pytest.raises(Exception) as info:
+                await asyncio.wait_for(station, 30)
+            with contextlib.suppress(asyncio.CancelledError):
+                await vehicle
+    return info.value, cs, ev
+
+
+def test_station_gives_up_on_a_vanished_vehicle(mosquitto, tmp_path: Path) -> None:
+    error, cs, ev = asyncio.run(_abandoned(mosquitto.port, tmp_path))
+    assert isinstance(error, ChannelError) and error.reason == "close-timeout"
+    assert cs.phase is Phase.CLOSING and cs.cosigned is not None
+    # What the station holds is a valid co-signed state to settle unilaterally.
+    assert error.nonce == cs.nonce >= ev.nonce >= 5
+    check_state_signature(cs.cosigned.state, cs.cosigned.sig_ev, cs.peer.address)
+    assert cs.unpaid_wh <= 50  # delivery stopped at the credit window
