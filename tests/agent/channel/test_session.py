@@ -59,11 +59,20 @@ async def _session(port: int, tmp: Path, *, vehicle_stops: bool) -> tuple:
             yield max(0, delivered[0] - 5)
             await asyncio.sleep(0.002)
 
+    funded_with: list = []
+
+    async def fund(params):  # type: ignore[no-untyped-def]  # the settlement step
+        funded_with.append(params)
+        await asyncio.sleep(0.01)
+        return b"\xab" * 32  # e.g. the deposit transaction's hash
+
     with ChannelStore(tmp / "cs") as cs_store, ChannelStore(tmp / "ev") as ev_store:
         async with uplink(port, "t-cs") as cs_up, uplink(port, "t-ev") as ev_up:
             cs_closed, ev_closed = await asyncio.wait_for(asyncio.gather(
                 run_station(cs_up, cs, cs_store, meter(), charger=charger, linger_s=0.1),
-                run_vehicle(ev_up, ev, ev_store, estimate=estimate(), stop=stop)), 60)
+                run_vehicle(ev_up, ev, ev_store, estimate=estimate(), stop=stop,
+                            fund=fund)), 60)
+    assert funded_with == [cs.params] and cs.funding_ref == b"\xab" * 32
     return cs_closed, ev_closed, setup, cs, ev
 
 
