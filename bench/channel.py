@@ -215,7 +215,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--updates", type=int, default=3000)
     parser.add_argument("--no-fsync", action="store_true")
-    parser.add_argument("--window", type=int, default=1, help="PAYs in flight (1: stop-and-wait)")
+    parser.add_argument("--window", type=int, default=2, help="PAYs in flight (1: stop-and-wait)")
     parser.add_argument("--one-process", action="store_true",
                         help="both parties in this process (default: station in a child)")
     parser.add_argument("--station-child", help=argparse.SUPPRESS)
