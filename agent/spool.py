@@ -56,7 +56,10 @@ CREATE TABLE IF NOT EXISTS outbox (
     topic  TEXT    NOT NULL,
     data   BLOB    NOT NULL,
     hash   BLOB,
-    nbytes INTEGER NOT NULL
+    nbytes INTEGER NOT NULL,
+    drop_first INTEGER,               -- drop envelopes: the range they declare, its bytes
+    drop_last  INTEGER,
+    drop_bytes INTEGER
 );
 CREATE TABLE IF NOT EXISTS chain (
     one      INTEGER PRIMARY KEY CHECK (one = 1),
@@ -69,18 +72,24 @@ CREATE TABLE IF NOT EXISTS chain (
 @dataclass(frozen=True, slots=True)
 class SpoolConfig:
     """``[spool]``: ``path`` (default ``<state_dir>/spool.sqlite``), ``max_bytes`` (cap),
-    ``low_water`` (fraction of the cap the drop policy frees down to)."""
+    ``low_water`` (fraction of the cap the drop policy frees down to).
+
+    Why 0.5 by default: a drop envelope is sealed after every row present, and the next
+    pass absorbs it (see ``Spool._apply_drop_policy``) by dropping everything older than it.
+    Passes therefore alternate between keeping ``low_water`` and ``1 - low_water`` of the
+    cap; at 0.5 every pass keeps the newest half, and a long outage leaves one drop
+    envelope in the spool."""
 
     path: Path
     max_bytes: int = 64 * 1024 * 1024
-    low_water: float = 0.9
+    low_water: float = 0.5
 
     @classmethod
     def from_table(cls, table: Table, state_dir: Path | None = None) -> SpoolConfig:
         default = str((state_dir or Path("/var/lib/edge-agent")) / "spool.sqlite")
         value = cls(path=table.path("path", default),
                     max_bytes=table.int("max_bytes", 64 * 1024 * 1024, min=64 * 1024),
-                    low_water=table.float("low_water", 0.9, min=0.1, max=1.0))
+                    low_water=table.float("low_water", 0.5, min=0.1, max=0.9))
         table.reject_unknown()
         return value
 
@@ -92,6 +101,19 @@ class SpoolRow:
     kind: str
     topic: str
     data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    id: int
+    seq: int
+    kind: str
+    topic: str
+    hash: bytes
+    nbytes: int
+    drop_first: int | None
+    drop_last: int | None
+    drop_bytes: int | None
 
 
 class DropSealer(Protocol):
@@ -202,61 +224,91 @@ class Spool:
         self.rows += 1
         return int(cur.lastrowid or 0)
 
-    def _insert(self, topic: str, envelope: SealedEnvelope) -> int:
+    def _insert(self, topic: str, envelope: SealedEnvelope,
+                declared: tuple[int, int, int] | None = None) -> int:
+        first, last, nbytes = declared or (None, None, None)
         cur = self._db.execute(
-            "INSERT INTO outbox(seq, kind, topic, data, hash, nbytes) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO outbox(seq, kind, topic, data, hash, nbytes, drop_first, drop_last, "
+            "drop_bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (envelope.seq, envelope.kind, topic, envelope.data, envelope.hash,
-             len(envelope.data) + ROW_OVERHEAD_BYTES))
+             len(envelope.data) + ROW_OVERHEAD_BYTES, first, last, nbytes))
         return int(cur.lastrowid or 0)
 
     def _apply_drop_policy(self, sealer: DropSealer, incoming: int) -> list[int]:
         """Delete the oldest runs of consecutive telemetry seqs (not in flight) until the
-        spool is back under the low-water mark; one signed drop envelope per run."""
+        spool is back under the low-water mark; one signed drop envelope per run.
+
+        A drop envelope still unsent whose declared range ends right before a run starts is
+        absorbed into that run (deleted with it) and the new envelope declares both ranges
+        as one: in a long outage the spool then holds ONE drop envelope, not one per pass
+        (drop envelopes are never dropped alone, so they would otherwise fill the spool).
+        An event in between (never dropped) stops a run, so with events in the spool one
+        drop envelope per pass may stay: ~300 bytes per (1 - low_water) x cap of data."""
         target = int(self.config.max_bytes * self.config.low_water)
         freed, new_ids = 0, []
         with self._lock:
             in_flight = set(self._in_flight)
         while self.total_bytes + incoming - freed > target:
-            run = self._oldest_telemetry_run(in_flight, self.total_bytes + incoming - freed - target)
-            if not run:
+            found = self._droppable_run(in_flight, self.total_bytes + incoming - freed - target)
+            if found is None:
                 self.counters["nothing_droppable"] += 1
                 break
-            first, last = run[0], run[-1]
-            nbytes = sum(r[3] for r in run)
-            self._db.execute("DELETE FROM outbox WHERE seq BETWEEN ? AND ?", (first[1], last[1]))
-            drop = sealer.seal_drop(first[1], last[1], bytes(last[2]), len(run), nbytes,
-                                    "spool-full")
+            declared_first, run = found
+            last = run[-1]
+            nbytes = sum(r.nbytes for r in run)
+            absorbed = [r for r in run if r.kind == KIND_DROP]
+            declared_bytes = nbytes + sum(r.drop_bytes - r.nbytes for r in absorbed)
+            self._db.execute("DELETE FROM outbox WHERE seq BETWEEN ? AND ?",
+                             (run[0].seq, last.seq))
+            drop = sealer.seal_drop(declared_first, last.seq, last.hash,
+                                    last.seq - declared_first + 1, declared_bytes, "spool-full")
             # The drop envelope goes where the dropped telemetry would have gone.
-            new_ids.append(self._insert(str(first[5]), drop))
-            drop_bytes = len(drop.data) + ROW_OVERHEAD_BYTES
-            freed += nbytes - drop_bytes
+            topic = next(r.topic for r in run if r.kind != KIND_DROP)
+            new_ids.append(self._insert(topic, drop, (declared_first, last.seq,
+                                                      declared_bytes)))
+            freed += nbytes - (len(drop.data) + ROW_OVERHEAD_BYTES)
             self.rows -= len(run) - 1
-            self.counters["dropped_envelopes"] += len(run)
+            self.counters["dropped_envelopes"] += len(run) - len(absorbed)
             self.counters["drop_envelopes"] += 1
+            self.counters["drop_envelopes_merged"] += len(absorbed)
         self.total_bytes -= freed  # the caller adds `incoming`
         return new_ids
 
-    def _oldest_telemetry_run(self, in_flight: set[int], need: int) -> list[tuple]:
-        """The oldest consecutive seqs of telemetry rows, stopping at a non-telemetry row,
-        a row in flight, a seq hole, or once ``need`` bytes are covered."""
-        run: list[tuple] = []
-        covered = 0
-        cursor = self._db.execute(
-            "SELECT id, seq, hash, nbytes, kind, topic FROM outbox WHERE seq IS NOT NULL "
-            "ORDER BY seq")
-        for row in cursor:
-            if row[4] not in DROPPABLE or row[0] in in_flight:
-                if run:
-                    break
+    def _droppable_run(self, in_flight: set[int], need: int) -> tuple[int, list[_Row]] | None:
+        """(declared first seq, rows) of the oldest run of consecutive seqs that may go:
+        telemetry not in flight, plus unsent drop envelopes whose range ends right before
+        the declared first seq. Stops at any other row or a seq hole, and once ``need``
+        bytes are covered and no absorbable drop envelope lies ahead."""
+        drops = {r.drop_last: r for r in self._rows("kind = ?", (KIND_DROP,))
+                 if r.id not in in_flight}
+        run: list[_Row] = []
+        first, covered, target = 0, 0, None
+        for row in self._rows("seq IS NOT NULL"):
+            sendable = row.kind == KIND_TELEMETRY and row.id not in in_flight
+            if not run:
+                if sendable:
+                    run, first, covered = [row], row.seq, row.nbytes
+                    target = drops.get(first - 1)
                 continue
-            if run and row[1] != run[-1][1] + 1:
+            if row.seq != run[-1].seq + 1:
                 break
-            run.append(row)
-            covered += row[3]
-            if covered >= need:
+            if sendable:
+                run.append(row)
+                covered += row.nbytes
+            elif target is not None and row.id == target.id:
+                run.append(row)
+                first = row.drop_first
+                target = drops.get(first - 1)
+            else:
                 break
-        cursor.close()
-        return run
+            if covered >= need and (target is None or target.seq < row.seq):
+                break
+        return (first, run) if run else None
+
+    def _rows(self, where: str, args: tuple = ()) -> list[_Row]:
+        return [_Row(*r) for r in self._db.execute(
+            "SELECT id, seq, kind, topic, hash, nbytes, drop_first, drop_last, drop_bytes "
+            f"FROM outbox WHERE {where} ORDER BY seq", args)]
 
     # -- reading and deleting ---------------------------------------------------------
     def fetch(self, after_id: int, limit: int) -> list[SpoolRow]:

@@ -54,7 +54,7 @@ def agent_mqtt(url: str, **options) -> MqttConfig:
 @contextlib.asynccontextmanager
 async def running_agent(mqtt: MqttConfig, spool_path: Path, *, max_bytes: int = 16 << 20,
                         batch: int = 10) -> AsyncIterator[Pipeline]:
-    spool = Spool.open(SpoolConfig(spool_path, max_bytes=max_bytes, low_water=0.8))
+    spool = Spool.open(SpoolConfig(spool_path, max_bytes=max_bytes))
     sealer = Sealer(KEY, DEVICE, os.urandom(16), spool.next_seq, spool.head)
     worker = SpoolWorker(spool)
     try:
