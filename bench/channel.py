@@ -37,10 +37,11 @@ import cbor2
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.channel.messages import MsgType, Tariff, sign_tariff  # noqa: E402
-from agent.channel.protocol import StationChannel, VehicleChannel  # noqa: E402
 from agent.channel.records import Party  # noqa: E402
 from agent.channel.session import run_station, run_vehicle, tcp_nodelay  # noqa: E402
+from agent.channel.station import StationChannel  # noqa: E402
 from agent.channel.store import ChannelStore  # noqa: E402
+from agent.channel.vehicle import VehicleChannel  # noqa: E402
 from agent.keys import IdentityKey, SettlementKey  # noqa: E402
 from agent.uplink import MqttConfig, Uplink  # noqa: E402
 from hil.broker import Mosquitto  # noqa: E402

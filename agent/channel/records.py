@@ -23,6 +23,9 @@ from agent.channel.messages import Tariff, field
 from agent.channel.state import ChannelState, derive_channel_id
 from agent.errors import MalformedEnvelope
 
+# METERs the station remembers (and its store keeps) to check the PAYs that refer to them.
+KEEP_METERS = 256
+
 
 @dataclass(frozen=True, slots=True)
 class Party:

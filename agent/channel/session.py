@@ -48,11 +48,11 @@ from agent.channel.protocol import (
     Rejected,
     Role,
     Send,
-    StationChannel,
-    VehicleChannel,
 )
 from agent.channel.records import OpenParams, Record
+from agent.channel.station import StationChannel
 from agent.channel.store import ChannelStore
+from agent.channel.vehicle import VehicleChannel
 from agent.errors import ChannelError, LocalProtocolError, UplinkError
 
 log = logging.getLogger(__name__)

@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from agent.channel.records import (
+    KEEP_METERS,
     CosignedRecord,
     FundedRecord,
     MeterRecord,
@@ -37,7 +38,6 @@ from agent.errors import EdgeAgentError, SpoolError
 
 _HEAD = struct.Struct(">II")
 MAX_RECORD_BYTES = 8192
-KEEP_METERS = 256
 
 
 class ChannelStore:

@@ -10,10 +10,10 @@ from agent.channel.protocol import (
     Action,
     Persist,
     Send,
-    StationChannel,
-    VehicleChannel,
 )
 from agent.channel.records import Party, Record
+from agent.channel.station import StationChannel
+from agent.channel.vehicle import VehicleChannel
 from agent.keys import IdentityKey, SettlementKey
 
 CHAIN_ID = 31337

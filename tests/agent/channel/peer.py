@@ -20,10 +20,11 @@ import sys
 from pathlib import Path
 
 from agent.channel.messages import Tariff, sign_tariff
-from agent.channel.protocol import StationChannel, VehicleChannel
 from agent.channel.records import Party
 from agent.channel.session import open_channel, run_station, run_vehicle
+from agent.channel.station import StationChannel
 from agent.channel.store import ChannelStore
+from agent.channel.vehicle import VehicleChannel
 from agent.keys import IdentityKey, SettlementKey
 from agent.readings import Reading
 from agent.uplink import MqttConfig, Uplink
