@@ -37,10 +37,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.channel.messages import Tariff, sign_tariff
-from agent.channel.protocol import Closed, StationChannel, VehicleChannel
+from agent.channel.protocol import Closed
 from agent.channel.records import CosignedRecord, OpenParams, Party
 from agent.channel.session import open_channel, run_station, run_vehicle
+from agent.channel.station import StationChannel
 from agent.channel.store import ChannelStore
+from agent.channel.vehicle import VehicleChannel
 from agent.config import Config, Table, parse_config
 from agent.envelope import OpenedEnvelope, open_envelope
 from agent.errors import ConfigError, EdgeAgentError
@@ -200,6 +202,7 @@ class Rig:
         self.chain: InProcessChain | None = None
         self.balances: dict[str, int] = {}
         self._base_import: int | None = None
+        self._estimate_base: int | None = None
 
     # -- hooks for the HIL runner (hil/runner.py); the demo uses these defaults ----------
     def session_over(self, delivered_wh: int) -> bool:
@@ -426,15 +429,17 @@ class Rig:
                 return
 
     async def _vehicle_estimate(self, meter_source: Source) -> AsyncIterator[int]:
-        """The car's own view of energy received (its BMS), a little below the meter."""
+        """The car's own view of energy received (its BMS), a little below the meter. The
+        BMS is hardware: its count since the session began survives a restart of the agent."""
         simulator = None
         while simulator is None:
             simulator = getattr(meter_source, "simulator", None)
             await asyncio.sleep(0.05)
-        base = simulator.energy_wh()[0]
+        if self._estimate_base is None:
+            self._estimate_base = simulator.energy_wh()[0]
         while True:
             await asyncio.sleep(0.2)
-            delivered = simulator.energy_wh()[0] - base
+            delivered = simulator.energy_wh()[0] - self._estimate_base
             yield delivered * self.settings.estimate_ratio_ppm // 1_000_000
 
     async def _collect(self, verifier: Uplink, live: LiveVerifier) -> None:
