@@ -14,6 +14,7 @@ as the session does after a restart). Invariants (issue 6):
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -226,3 +227,13 @@ ChannelMachine.TestCase.settings = settings(
     max_examples=300, stateful_step_count=60, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 TestChannelMachine = ChannelMachine.TestCase
+
+
+class LongChannelMachine(ChannelMachine):
+    """The same machine, many more and longer runs (``pytest -m slow``)."""
+
+
+LongChannelMachine.TestCase.settings = settings(
+    max_examples=3000, stateful_step_count=120, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow])
+TestLongChannelMachine = pytest.mark.slow(LongChannelMachine.TestCase)
