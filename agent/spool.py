@@ -160,6 +160,10 @@ class Spool:
             conn.execute("PRAGMA synchronous=FULL")  # why: see the module docstring
             conn.execute("PRAGMA busy_timeout=5000")
             conn.executescript(_SCHEMA)
+            columns = {r[1] for r in conn.execute("PRAGMA table_info(outbox)")}
+            for column in ("drop_first", "drop_last", "drop_bytes"):  # spools of 0.1.0 dev
+                if column not in columns:
+                    conn.execute(f"ALTER TABLE outbox ADD COLUMN {column} INTEGER")
             if check:
                 result = conn.execute("PRAGMA quick_check").fetchone()[0]
                 if result != "ok":
