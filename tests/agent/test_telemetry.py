@@ -410,3 +410,47 @@ def test_in_flight_window_is_bounded_while_the_broker_is_frozen(tmp_path, mosqui
             assert pipeline.counters["deleted"] == 50
 
     asyncio.run(main())
+
+
+def test_disk_full_loses_only_uncommitted_readings_and_the_chain_stays_whole(tmp_path):
+    """SQLite's max_page_count stands in for a full SD card (SQLITE_FULL)."""
+
+    async def main():
+        spool = Spool.open(SpoolConfig(tmp_path / "s.sqlite"))
+        sealer = Sealer(KEY, DEVICE, os.urandom(16), spool.next_seq, spool.head)
+        worker = SpoolWorker(spool)
+        up = Uplink(agent_mqtt(f"mqtt://127.0.0.1:{free_port()}"))  # never connected
+        pipeline = Pipeline(sealer, worker, up, DEVICE,
+                            batch=BatchConfig(max_readings=5, max_age_ms=10))
+        async with asyncio.TaskGroup() as tg:
+            task = tg.create_task(pipeline.run_sealer(), name="telemetry.seal")
+            await emit_readings(pipeline, 0, 50)
+            await pipeline.flush()
+            async with asyncio.timeout(10):
+                while pipeline.counters["envelopes_committed"] < 10:
+                    await asyncio.sleep(0.01)
+            pages = spool._db.execute("PRAGMA page_count").fetchone()[0]
+            await worker.call(spool._db.execute, f"PRAGMA max_page_count={pages}")
+            await emit_readings(pipeline, 50, 500)
+            await pipeline.flush()
+            async with asyncio.timeout(10):
+                while not pipeline.counters["commit_failed_disk-full"]:
+                    await asyncio.sleep(0.01)
+            await worker.call(spool._db.execute, "PRAGMA max_page_count=1073741823")
+            await emit_readings(pipeline, 550, 50)
+            await pipeline.flush()
+            async with asyncio.timeout(10):
+                while pipeline.queue_empty() is False or spool.next_seq != sealer.next_seq:
+                    await asyncio.sleep(0.01)
+            task.cancel()
+        rows = spool.fetch(0, 10_000)
+        worker.close()
+        assert pipeline.counters["envelopes_lost_uncommitted"] > 0
+        verifier = LiveVerifier(registry())
+        for row in rows:
+            verifier.add(row.data)
+        report = verifier.report()
+        assert report.ok, report.format()  # no gap, no reused seq: seqs continue
+        assert report.devices[DEVICE].last_seq == sealer.next_seq - 1
+
+    asyncio.run(main())
