@@ -273,7 +273,7 @@ class Spool:
                                                       declared_bytes)))
             freed += nbytes - (len(drop.data) + ROW_OVERHEAD_BYTES)
             self.rows -= len(run) - 1
-            self.counters["dropped_envelopes"] += len(run) - len(absorbed)
+            self.counters["dropped"] += len(run) - len(absorbed)  # envelopes deleted unsent
             self.counters["drop_envelopes"] += 1
             self.counters["drop_envelopes_merged"] += len(absorbed)
         self.total_bytes -= freed  # the caller adds `incoming`
