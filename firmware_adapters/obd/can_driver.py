@@ -143,7 +143,7 @@ class ObdCanSource(PollingSource):
                 continue
             for fc in tx.receive(msg.arbitration_id, bytes(msg.data), now):
                 self._send(fc)
-        self.rx_errors += tx.errors
+        self.rx_errors += tx.errors + tx.incomplete()
         return tx.answers
 
 

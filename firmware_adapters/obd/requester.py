@@ -115,6 +115,11 @@ class Transaction:
             return [Frame(a.physical_id(ecu), got.flow_control, a.extended)]
         return []
 
+    def incomplete(self) -> list[DecodeError]:
+        """Messages still half received when the transaction ends (a lost or short CF)."""
+        return [DecodeError(f"ECU {ecu}: multi-frame answer incomplete", reason="isotp-incomplete")
+                for ecu, r in sorted(self._reassemblers.items()) if r.busy]
+
     def deadline(self) -> int:
         """When the window closes if nothing else arrives (the driver's one timer). A message
         half received keeps it open until its N_Cr deadline: slow senders are legal."""

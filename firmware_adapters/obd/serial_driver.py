@@ -194,5 +194,5 @@ class Elm327Source(PollingSource):
         tx = Transaction(Addressing(bits), plan.payload, now, 0, plan.expected)
         for arb_id, data in reply.frames:
             tx.receive(arb_id, data, now)  # the adapter itself sends the flow control
-        self.rx_errors += tx.errors
+        self.rx_errors += tx.errors + tx.incomplete()
         return tx.answers

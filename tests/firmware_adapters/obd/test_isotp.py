@@ -116,6 +116,7 @@ def test_transaction_29_bit_flow_control_goes_to_the_physical_id() -> None:
     assert fcs[0].arb_id == 0x18DA10F1 and fcs[0].data == FC_CONTINUE
     assert not tx.done(10**8)  # a half-received message keeps the window open (N_Cr)
     assert tx.done(N_CR_NS + 2)
+    assert [e.reason for e in tx.incomplete()] == ["isotp-incomplete"]
 
 
 def test_can_isotp_sender_is_reassembled_by_our_core() -> None:

@@ -154,7 +154,7 @@ class HostileAdapter(threading.Thread):
 
     SCRIPT = [b"\xff\xfe\x01garbage\r\r>", b"BUFFER FULL\r\r>", b"STOPPED\r\r>",
               b"CAN ERROR\r\r>", b"?\r\r>", b"7E8 0\r7E803410D\r\r>", b"<RX ERROR\r\r>",
-              b"7E8037F0112\r\r>"]
+              b"7E8037F0112\r\r>", b"7E8100E4104FF055F0C\r\r>"]
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
@@ -207,7 +207,7 @@ def test_hostile_adapter_lines_are_counted_and_polling_goes_on() -> None:
     assert [r.value for r in named(items, "Vehicle.Speed")][:2] == [0x2A, 0x2A]
     for counter in ("elm-garbage-line", "elm-buffer-full", "elm-stopped", "elm-can-error",
                     "elm-refused", "elm-rx-error", "nrc-sub-function-not-supported",
-                    "elm-unexpected-text"):
+                    "elm-unexpected-text", "rx-isotp-incomplete"):
         assert src.counters[counter] >= 1, counter
 
 
