@@ -12,7 +12,8 @@ simulator on a python-can virtual bus. Counted: decoded PID values per second.
 ``emulator_ceiling_ratio`` is the most any client can gain from multi-PID requests against this
 emulator (a bare blocking loop, 6-PID vs 1-PID requests, best of the rounds): the emulator
 answers a 6-PID request by running its single-PID pipeline six times, so its CPU, not the
-round trip, bounds the ratio.
+round trip, bounds the ratio. ``elm327_client_pids_per_s`` is our ELM327 path against an
+instant scripted adapter (canned answers, no emulator): what our client alone sustains.
 
     .venv/bin/python bench/obd.py [--seconds 0.5] [--rounds 5]
 """
@@ -147,6 +148,48 @@ def ceiling_window(ser: serial.Serial, seconds: float) -> float:
     return rates[1] / rates[0]
 
 
+def instant_adapter() -> None:
+    """``--instant-adapter``: an ELM327 stand-in on a pty that answers at once with canned
+    frames (the 6-PID answer of the emulator's first round). It measures our client alone."""
+    import os
+    import tty
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    print(os.ttyname(slave), flush=True)
+    canned = {b"ATZ": b"ELM327 v1.5\r\r>", b"ATDPN": b"A6\r\r>",
+              b"0100": b"7E8064100BE3FA813\r\r>",
+              b"0104050C0D0F11": b"7E8100E4104FF055F0C\r7E821145F0D0A0F3911\r7E8222B\r\r>"}
+    buf = b""
+    while True:
+        buf += os.read(master, 1024)
+        while b"\r" in buf:
+            line, _, buf = buf.partition(b"\r")
+            if line in canned:
+                os.write(master, canned[line])
+            elif line.startswith(b"AT"):
+                os.write(master, b"OK\r\r>")
+            elif line.startswith(b"01") and line[2:4] in (b"20", b"40", b"60", b"80", b"A0"):
+                os.write(master, b"7E80641" + line[2:4] + b"00000000\r\r>")
+            else:
+                os.write(master, b"NO DATA\r\r>")
+
+
+def client_rate(seconds: float, rounds: int) -> float:
+    proc = subprocess.Popen([sys.executable, __file__, "--instant-adapter"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        port = proc.stdout.readline().decode().strip()
+        ours = Paced(Elm327Source("bench", port, poll_all_the_time()))
+        ours.start()
+        rate = max(ours.window(seconds) for _ in range(rounds))
+        ours.close()
+        return rate
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def poll_all_the_time() -> dict[str, object]:
     return {"periods_ns": {PIDS_BY_KEY[k].pid: 1 for k in SIX}, "read_vin": False,
             "dtc_period_ns": None, "sleep_after": 1000}
@@ -156,7 +199,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=0.5)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--instant-adapter", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.instant_adapter:
+        instant_adapter()
     logging.getLogger("obd").setLevel(logging.CRITICAL)
     # SIGTERM (timeout, CI) must still run the finally below: emulators are stopped by pid.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -186,6 +232,7 @@ def main() -> None:
             for p in procs:
                 p.kill()
                 p.wait()
+    client = client_rate(args.seconds, args.rounds)
     channel = f"bench-{uuid.uuid4().hex}"
     sim_bus = can.Bus(interface="virtual", channel=channel)
     sim = EcuSimulator(sim_bus, EcuSimCore()).start()
@@ -207,6 +254,7 @@ def main() -> None:
         "elm327_ratio": round(best["elm327"] / best["python_obd"], 2),
         "can_pids_per_s": round(can_rate, 1),
         "emulator_ceiling_ratio": round(best["ceiling"], 2),
+        "elm327_client_pids_per_s": round(client, 1),
         "python_obd_version": obd.__version__,
     }))
 
