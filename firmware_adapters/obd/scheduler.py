@@ -222,8 +222,8 @@ class Poller:
                 st.due_ns = now + st.period_ns * min(2 ** st.misses, self.max_backoff)
         if plan.kind == "bitmap":
             self._asked_bitmaps.discard(plan.pids[0])
-        if self.state == "asleep":
-            return
+        if self.state == "asleep" or plan.kind in ("vin", "dtcs"):
+            return  # ECUs may ignore services 09/03/07: that is not the car falling asleep
         self._silent += 1
         if self._silent >= self.sleep_after:
             self.state = "asleep"

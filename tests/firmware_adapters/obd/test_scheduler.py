@@ -142,3 +142,14 @@ def test_odometer_going_back_is_an_event() -> None:
     out = p.on_answers(plan, {0: bytes.fromhex("410D00A60001E000")}, NS, 5)
     (event,) = [e for e in out if isinstance(e, Event)]
     assert event.code == "odometer-decreased" and event.ts_ns == 5
+
+
+def test_unanswered_vin_and_dtc_requests_do_not_put_the_car_to_sleep() -> None:
+    p = Poller({0x0D: NS}, read_vin=True, dtc_period_ns=NS, sleep_after=2)
+    discover(p, {0x0D})  # takes the VIN plan (unanswered)
+    for _ in range(4):
+        plan = p.next_request(0)
+        assert plan is not None
+        if plan.kind == "dtcs":
+            assert p.on_answers(plan, {}, 0, 0) == []
+    assert p.state == "run"
