@@ -263,6 +263,21 @@ class Mosquitto:
             self._proc.wait(5)
         self._proc, self.pid = None, None
 
+    def save(self, timeout_s: float = 5.0) -> None:
+        """SIGUSR1: mosquitto writes its in-memory database (sessions, subscriptions, queued
+        messages) now; returns once the file changed. A SIGKILL after this loses only what
+        came later."""
+        db = self.directory / "mosquitto.db"
+        before = db.stat().st_mtime_ns if db.exists() else 0
+        assert self.pid is not None
+        os.kill(self.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if db.exists() and db.stat().st_mtime_ns != before:
+                return
+            time.sleep(0.01)
+        raise TimeoutError(f"mosquitto did not save {db} within {timeout_s} s")
+
     def stop(self, timeout_s: float = 5.0) -> None:
         """SIGTERM: mosquitto saves its persistence file and exits."""
         self._signal(signal.SIGTERM, timeout_s)

@@ -117,8 +117,10 @@ async def _broker_restart(tmp_path: Path, broker: Mosquitto, hard: bool) -> None
     async with subscriber(broker.url, live) as sub, \
             running_agent(agent_mqtt(broker.url), tmp_path / "s.sqlite") as pipeline:
         await emit_readings(pipeline, 0, 1500)
-        # The subscriber's session must be in mosquitto's autosave (1 s) before a SIGKILL.
-        await collect(sub, live, until=lambda s: False, timeout_s=1.5)
+        await collect(sub, live, until=lambda s: False, timeout_s=0.5)
+        # The verifier's session (its subscriptions) must be on disk before a SIGKILL, or
+        # the restarted broker queues nothing for it: a broker's loss, not the agent's.
+        await asyncio.to_thread(broker.save)
         await asyncio.to_thread(broker.kill if hard else broker.stop)
         await emit_readings(pipeline, 1500, 1500)  # the broker is down: spool only
         await asyncio.to_thread(broker.start)
