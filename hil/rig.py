@@ -63,7 +63,7 @@ from agent.settlement.chain import InProcessChain
 from agent.settlement.client import SettlementClient
 from agent.settlement.model import TxResult
 from agent.status import ChannelStatus
-from agent.uplink import Uplink
+from agent.uplink import MqttConfig, Uplink
 from agent.verify import VerifyReport
 from firmware_adapters.base import Source
 from hil.broker import EmbeddedBroker, Mosquitto, start_broker
@@ -90,6 +90,8 @@ class RigSettings:
     batch_max_readings: int = 50
     batch_max_age_ms: int = 500
     timeout_s: float = 300.0
+    partial_on_timeout: bool = False       # True: a session that times out ends the run with
+                                           # what was verified and no receipt (HIL: a FAIL)
     charging: bool = True                  # False: the vehicle agent alone (a drive, no chain)
     ecu_time_scale: float = 10.0           # the ECU's driving loop runs this much faster
     meter_interval_s: float = 0.05         # Modbus poll period (wall seconds)
@@ -203,6 +205,7 @@ class Rig:
         self.balances: dict[str, int] = {}
         self._base_import: int | None = None
         self._estimate_base: int | None = None
+        self.timed_out = False
 
     # -- hooks for the HIL runner (hil/runner.py); the demo uses these defaults ----------
     def session_over(self, delivered_wh: int) -> bool:
@@ -293,14 +296,15 @@ class Rig:
         live = LiveVerifier(registry)
         stop = asyncio.Event()
         try:
-            async with Uplink(mqtt_config(broker_url, client_id="demo-verifier", persistent=True)) as verifier:
+            async with Uplink(self._verifier_config(broker_url)) as verifier:
                 for topic in ("evedge/v1/+/telemetry", "evedge/v1/+/event"):
                     await verifier.subscribe(topic)
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._collect(verifier, live), name="verifier")
                     vehicle.start(tg, stop)
-                    async with asyncio.timeout(self.settings.timeout_s):
-                        await self.timeline(tg, stop)
+                    timeline = tg.create_task(self.timeline(tg, stop), name="timeline")
+                    await self._wait(timeline.done)
+                    timeline.cancel()
                     await self._stop_agents(stop)
                     await self._quiet(live, 1.0)
                     raise _Done
@@ -368,7 +372,7 @@ class Rig:
         live = LiveVerifier(registry)
         stop = asyncio.Event()
         try:
-            async with Uplink(mqtt_config(broker_url, client_id="demo-verifier", persistent=True)) as verifier:
+            async with Uplink(self._verifier_config(broker_url)) as verifier:
                 for topic in ("evedge/v1/+/telemetry", "evedge/v1/+/event"):
                     await verifier.subscribe(topic)
                 async with asyncio.TaskGroup() as tg:
@@ -377,9 +381,13 @@ class Rig:
                     vehicle.start(tg, stop)
                     watch = tg.create_task(self._show_progress(), name="progress")
                     timeline = tg.create_task(self.timeline(tg, stop), name="timeline")
-                    async with asyncio.timeout(s.timeout_s):
-                        while station.closed is None or vehicle.closed is None:
-                            await asyncio.sleep(0.1)
+                    if not await self._wait(lambda: station.closed is not None
+                                            and vehicle.closed is not None):
+                        watch.cancel()
+                        timeline.cancel()
+                        await self._stop_agents(stop)
+                        await self._quiet(live, 1.0)
+                        raise _Done
                     watch.cancel()
                     closed = station.closed
                     settlement = await self.settle(closed, ev_client, cs_client)
@@ -389,11 +397,35 @@ class Rig:
                     raise _Done
         except* _Done:
             pass
+        if self.timed_out:  # what was verified, no receipt: the run failed
+            readings, summary = self._verified(live)
+            return readings, None, summary
         self.balances = {name: await asyncio.to_thread(ev_client.balance, addr)
                          for name, addr in (("vehicle", ev.settlement.address),
                                             ("station", cs.settlement.address))}
         readings, summary = self._verified(live)
         return readings, self._receipt(closed, settlement, chain, ev, cs), summary
+
+    @staticmethod
+    def _verifier_config(broker_url: str) -> MqttConfig:
+        # persistent: what the agents replay while the verifier is reconnecting after a
+        # broker restart is queued for it, so a gap it reports is a real loss
+        return mqtt_config(broker_url, client_id="demo-verifier", persistent=True)
+
+    async def _wait(self, done: Callable[[], bool]) -> bool:
+        """Until ``done()``. After ``timeout_s``: TimeoutError, or with
+        ``partial_on_timeout`` (the HIL runner) False, and the rig reports what it has."""
+        try:
+            async with asyncio.timeout(self.settings.timeout_s):
+                while not done():
+                    await asyncio.sleep(0.1)
+            return True
+        except TimeoutError:
+            if not self.settings.partial_on_timeout:
+                raise
+            self.timed_out = True
+            self.say(f"the session did not end within {self.settings.timeout_s:g} s; stopping")
+            return False
 
     async def _stop_agents(self, stop: asyncio.Event) -> None:
         stop.set()

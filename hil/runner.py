@@ -37,19 +37,25 @@ DEFAULT_TIME_SCALE = 10.0   # a 150 s scenario in ~15 s of charging (+ ~4 s of s
 
 
 def run_scenario(scenario: Scenario, out_dir: Path, *, time_scale: float = DEFAULT_TIME_SCALE,
-                 say: Callable[[str], None] = lambda text: None) -> SessionRecord:
-    """Run ``scenario`` on the rig, judge it and write the report into ``out_dir``."""
-    return asyncio.run(run_scenario_async(scenario, out_dir, time_scale=time_scale, say=say))
+                 say: Callable[[str], None] = lambda text: None,
+                 timeout_s: float | None = None) -> SessionRecord:
+    """Run ``scenario`` on the rig, judge it and write the report into ``out_dir``. A
+    session that has not ended after ``timeout_s`` wall seconds (default: twice its scaled
+    length plus two minutes) is stopped and judged on what it recorded (a ``run-timeout``
+    event, no receipt: it fails)."""
+    return asyncio.run(run_scenario_async(scenario, out_dir, time_scale=time_scale, say=say,
+                                          timeout_s=timeout_s))
 
 
 async def run_scenario_async(scenario: Scenario, out_dir: Path, *,
                              time_scale: float = DEFAULT_TIME_SCALE,
-                             say: Callable[[str], None] = lambda text: None) -> SessionRecord:
+                             say: Callable[[str], None] = lambda text: None,
+                             timeout_s: float | None = None) -> SessionRecord:
     from hil.scenario_rig import ScenarioRig  # the rig: web3, simulators (see module doc)
 
     if not time_scale > 0:
         raise ConfigError(key="time_scale", expected="a number > 0", found=time_scale)
-    rig = ScenarioRig(out_dir, scenario, time_scale, say)
+    rig = ScenarioRig(out_dir, scenario, time_scale, say, timeout_s)
     record = rig.finish(await rig.run())
     judged = scenario.scaled(time_scale).judge(record)
     write_report(judged, out_dir)
@@ -84,6 +90,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     print()
     for result in record.expectations:
         print(f"{'PASS' if result.passed else 'FAIL'}  {result.name}: {result.detail}")
+    for event in record.events:
+        if event.code == "run-timeout":
+            print(f"note: {event.message}: judged on what was recorded until then")
     passed = bool(record.passed)
     print(f"\n{scenario.name}: {'PASS' if passed else 'FAIL'} "
           f"({sum(r.passed for r in record.expectations)}/{len(record.expectations)} "

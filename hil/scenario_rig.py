@@ -56,9 +56,11 @@ TIMEOUT_EVENTS = {"meter-silent": None, "meter-read-failed": ("no-response", "ti
 EPOCH_POLL_S = 0.05
 
 
-def rig_settings(scenario: Scenario, time_scale: float) -> RigSettings:
+def rig_settings(scenario: Scenario, time_scale: float, timeout_s: float | None = None,
+                 ) -> RigSettings:
     """The rig for a scenario: nothing ends the session but its duration; a stale close
-    opens the channel with that fault's dispute window."""
+    opens the channel with that fault's dispute window; a session still running after
+    ``timeout_s`` (default: twice its length plus two minutes) ends the run as a FAIL."""
     stale = [f for f in scenario.faults if f.kind == "stale-state-close"]
     return RigSettings(
         energy_wh=0, power_w=0, time_scale=time_scale, ecu_time_scale=time_scale,
@@ -67,7 +69,8 @@ def rig_settings(scenario: Scenario, time_scale: float) -> RigSettings:
         dispute_window_s=max(1, round(stale[0].duration_s)) if stale else 3600,
         # the agent's own timeouts are wall time: keep them short against scaled faults
         meter_interval_s=0.05, meter_timeout_s=0.2, ecu_probe_interval_s=0.2,
-        timeout_s=120.0 + 2 * scenario.duration_s / time_scale)
+        timeout_s=timeout_s or 120.0 + 2 * scenario.duration_s / time_scale,
+        partial_on_timeout=True)
 
 
 def stepped(profile: Profile, end_s: float) -> ChargingProfile:
@@ -94,8 +97,8 @@ def driving(points: tuple[tuple[float, float], ...]) -> DrivingProfile:
 
 class ScenarioRig(Rig):
     def __init__(self, out: Path, scenario: Scenario, time_scale: float,
-                 say: Callable[[str], None] = print) -> None:
-        super().__init__(out, rig_settings(scenario, time_scale), say)
+                 say: Callable[[str], None] = print, timeout_s: float | None = None) -> None:
+        super().__init__(out, rig_settings(scenario, time_scale, timeout_s), say)
         self.scenario = scenario
         self.time_scale = time_scale
         stale = [f for f in scenario.faults if f.kind == "stale-state-close"]
@@ -287,6 +290,10 @@ class ScenarioRig(Rig):
         """The record with t = 0 as its start, the measured fault windows and the events
         (the runner's own, and ``source-timeout`` from the devices' signed events)."""
         events = list(self.events)
+        if self.timed_out:
+            events.append(SessionEvent(record.ended_ns, "rig", "run-timeout",
+                                       f"the session did not end within "
+                                       f"{self.settings.timeout_s:g} s"))
         for opened in getattr(self, "opened", ()):
             for event in opened.events:
                 if event.code not in TIMEOUT_EVENTS:

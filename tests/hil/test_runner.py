@@ -137,6 +137,20 @@ def test_a_run_that_cannot_meet_its_expectations_exits_1(tmp_path):
     assert [e["passed"] for e in record["expectations"]] == [False, False, True]
 
 
+@pytest.mark.timeout(90)
+def test_a_session_that_does_not_end_in_time_fails_with_a_report(tmp_path):
+    scenario = load_scenario(SCENARIOS["happy-path"])
+    record = run_scenario(scenario, tmp_path, time_scale=DEFAULT_TIME_SCALE, timeout_s=2.0)
+    assert record.passed is False
+    assert record.receipt is None
+    assert "run-timeout" in {e.code for e in record.events}
+    verdict = {r.check: r for r in record.expectations}
+    assert not verdict["energy-paid"].passed
+    assert "no receipt" in verdict["energy-paid"].detail
+    assert verdict["envelopes-verify"].passed  # what did arrive still verifies
+    assert json.loads((tmp_path / "session.json").read_text())["receipt"] is None
+
+
 def test_hil_list_names_every_builtin_scenario():
     proc = subprocess.run([sys.executable, "-m", "agent.cli", "hil", "list"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
