@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from agent.channel.protocol import Closed, Phase
@@ -44,6 +44,7 @@ from agent.report import FaultWindow, SessionEvent, SessionRecord
 from agent.settlement.client import SettlementClient
 from agent.settlement.model import SignedState
 from agent.settlement.watchtower import Watchtower, WatchtowerService
+from firmware_adapters.base import Source
 from hil.ecu_sim import DrivingProfile, Segment
 from hil.meter_sim import ChargingProfile
 from hil.meter_sim import Fault as MeterFault
@@ -54,6 +55,7 @@ from hil.scenario import Fault, Profile, Scenario
 TIMEOUT_EVENTS = {"meter-silent": None, "meter-read-failed": ("no-response", "timeout"),
                   "vehicle-asleep": None}
 EPOCH_POLL_S = 0.05
+Undo = Callable[[asyncio.TaskGroup, asyncio.Event], Awaitable[None]]
 
 
 def rig_settings(scenario: Scenario, time_scale: float, timeout_s: float | None = None,
@@ -176,7 +178,8 @@ class ScenarioRig(Rig):
         await undo(tg, stop)
         self.windows.append(FaultWindow(fault.kind, start_ns, time.time_ns(), fault.target))
 
-    async def _begin(self, fault: Fault):  # -> the coroutine function that ends it
+    async def _begin(self, fault: Fault) -> Undo:
+        """Put ``fault`` in force; returns what ends it."""
         if fault.kind == "broker-outage":
             assert self.broker is not None
             broker = self.broker
@@ -215,7 +218,7 @@ class ScenarioRig(Rig):
         raise ConfigError(key="faults.kind", expected="a fault kind the rig injects",
                           found=fault.kind)
 
-    def _source(self, source_id: str):  # -> firmware_adapters.base.Source
+    def _source(self, source_id: str) -> Source:
         for agent in self.agents.values():
             for runner in agent.sources:
                 if runner.source.id == source_id:
@@ -287,8 +290,9 @@ class ScenarioRig(Rig):
         return max(held, key=lambda r: r.state.nonce)
 
     def finish(self, record: SessionRecord) -> SessionRecord:
-        """The record with t = 0 as its start, the measured fault windows and the events
-        (the runner's own, and ``source-timeout`` from the devices' signed events)."""
+        """The record with t = 0 as its start (samples from then on), the measured fault
+        windows and the events (the runner's own, and ``source-timeout`` from the devices'
+        signed events)."""
         events = list(self.events)
         if self.timed_out:
             events.append(SessionEvent(record.ended_ns, "rig", "run-timeout",
@@ -305,7 +309,10 @@ class ScenarioRig(Rig):
                 events.append(SessionEvent(event.ts_ns, event.source, "source-timeout",
                                            f"{event.code}: {event.message}"))
         events.sort(key=lambda e: e.t_ns)
-        return dataclasses.replace(record, started_ns=self.started_ns or record.started_ns,
+        started_ns = self.started_ns or record.started_ns
+        return dataclasses.replace(record, started_ns=started_ns,
+                                   samples=tuple(s for s in record.samples
+                                                 if s.t_ns >= started_ns),
                                    faults=tuple(sorted(self.windows, key=lambda w: w.start_ns)),
                                    events=tuple(events))
 
