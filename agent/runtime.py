@@ -37,7 +37,13 @@ from typing import TYPE_CHECKING
 from agent import __version__
 from agent.config import Config, load_config
 from agent.envelope import Sealer
-from agent.errors import AdapterError, AdapterUnavailable, ConfigError, EdgeAgentError
+from agent.errors import (
+    AdapterError,
+    AdapterUnavailable,
+    ConfigError,
+    EdgeAgentError,
+    UplinkError,
+)
 from agent.keys import DeviceKeys, KeyStore
 from agent.readings import Event, Reading
 from agent.sdnotify import Notifier, watchdog_interval_s
@@ -199,7 +205,7 @@ class Runtime:
                 tg.create_task(self._status_task(), name="status")
                 metrics = self._metrics_server()
                 if metrics is not None:
-                    tg.create_task(metrics.serve(), name="metrics")
+                    tg.create_task(self._serve_metrics(metrics), name="metrics")
                 for name, factory in self._extra:
                     tg.create_task(factory(self), name=name)
                 self.state = "running"
@@ -252,6 +258,17 @@ class Runtime:
         runner.last_error = self.errors.add(time.time_ns(), f"source[{source.id}]", exc)
         source.counters[f"error_{exc.reason}"] += 1
         log.warning("source[%s]: %s (%s); retrying", source.id, exc, exc.reason)
+
+    async def _serve_metrics(self, server: MetricsServer) -> None:
+        """Metrics are optional: a port already taken is an error in the status, not a
+        reason to stop streaming readings."""
+        try:
+            await server.serve()
+        except OSError as exc:
+            error = UplinkError(f"metrics endpoint {server.host}:{server.port} not served: "
+                                f"{exc.strerror}", reason="metrics-bind")
+            self.errors.add(time.time_ns(), "metrics", error)
+            log.warning("%s", error)
 
     async def _status_task(self) -> None:
         def on_error(exc: BaseException) -> None:

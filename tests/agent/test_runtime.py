@@ -180,3 +180,27 @@ def test_config_errors_before_start(tmp_path, bad, message):
     proc = subprocess.run([EDGE_AGENT, "run", "--config", str(config)], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_metrics_port_taken_does_not_stop_the_agent(tmp_path, mosquitto):
+    """Metrics are optional: a taken port becomes an error in the status, streaming goes on."""
+    registry = provision(tmp_path)
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    config = station_config(tmp_path, mosquitto.url,
+                            METER + f"\n[metrics]\nenabled = true\nport = {port}\n")
+    notify = NotifySocket(tmp_path / "notify.sock")
+    proc = start_agent(config, notify)
+    try:
+        notify.wait_for("READY=1", 20)
+        report = asyncio.run(verify_mqtt(mosquitto.url, registry, envelopes=3, idle_s=10,
+                                         timeout_s=30))
+        assert report.ok and report.devices["cs-test-1"].envelopes >= 3
+        errors = read_status(tmp_path / "status.json").errors
+        assert any(e.reason == "metrics-bind" for e in errors), errors
+    finally:
+        holder.close()
+        out = stop_agent(proc)
+    assert proc.returncode == 0, out
