@@ -189,7 +189,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         from agent.live_verify import verify_mqtt  # lands with the uplink
 
         report = asyncio.run(verify_mqtt(args.mqtt, registry, timeout_s=args.duration,
-                                          idle_s=args.idle))
+                                          idle_s=args.idle, ca_file=args.ca,
+                                          cert_file=args.cert, key_file=args.key))
     else:
         if not args.file:
             raise ConfigError("verify needs a capture FILE or --mqtt URL")
@@ -314,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --mqtt: stop after this many seconds (default: no limit)")
     p.add_argument("--idle", type=float, default=10.0,
                    help="with --mqtt: stop after this many seconds without a message (default 10)")
+    p.add_argument("--ca", type=Path, help="with mqtts://: the CA that signed the broker")
+    p.add_argument("--cert", type=Path, help="with mqtts://: client certificate")
+    p.add_argument("--key", type=Path, help="with mqtts://: client key")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     registry_path(p)
 

@@ -203,31 +203,43 @@ class Verifier:
             return report
         seqs = sorted(state.by_seq)
         report.first_seq, report.last_seq = seqs[0], seqs[-1]
-        # Declared drops: seq -> hash of the last dropped envelope of its range.
-        covered: dict[int, tuple[int, bytes]] = {}
-        for entry in state.by_seq.values():
-            if entry.drop:
-                first, last, last_hash = entry.drop
-                covered[first] = (last, last_hash)
+        # Declared drops: (first, last, hash of envelope ``last``). A range may also hold
+        # seqs that did arrive (sent just before a crash, PUBACK lost, dropped after the
+        # restart): any seq inside a declared range counts as accounted for.
+        drops = sorted(entry.drop for entry in state.by_seq.values() if entry.drop)
         if seqs[0] == 0 and state.by_seq[0].prev != GENESIS:
             report.broken_links += 1
         previous = seqs[0]
         for seq in seqs[1:]:
             entry = state.by_seq[seq]
-            expected_prev = state.by_seq[previous].hash
-            missing_from = previous + 1
-            while missing_from < seq and missing_from in covered:
-                last, last_hash = covered[missing_from]
-                if last >= seq:
-                    break
-                expected_prev, missing_from = last_hash, last + 1
-            if missing_from < seq:
-                report.gaps += seq - missing_from
-                report.gap_ranges.append((missing_from, seq - 1))
-            elif entry.prev != expected_prev:
-                report.broken_links += 1
+            if seq == previous + 1:
+                if entry.prev != state.by_seq[previous].hash:
+                    report.broken_links += 1
+            else:
+                expected_prev = _walk_gap(report, drops, previous + 1, seq)
+                if expected_prev is not None and entry.prev != expected_prev:
+                    report.broken_links += 1
             previous = seq
         return report
+
+
+def _walk_gap(report: DeviceReport, drops: list[tuple[int, int, bytes]], start: int,
+              end: int) -> bytes | None:
+    """Account for the missing seqs [start, end): declared drops cover some, the rest are
+    gaps. Returns the hash the envelope ``end`` must link to when a drop ends exactly at
+    ``end - 1``; None when that hash is unknown (a gap, or ``end`` inside a drop range)."""
+    seq, link = start, None
+    while seq < end:
+        cover = next((d for d in drops if d[0] <= seq <= d[1]), None)
+        if cover is None:
+            nxt = min([d[0] for d in drops if seq < d[0] < end] + [end])
+            report.gaps += nxt - seq
+            report.gap_ranges.append((seq, nxt - 1))
+            seq, link = nxt, None
+        else:
+            link = cover[2] if cover[1] == end - 1 else None
+            seq = cover[1] + 1
+    return link
 
 
 def iter_capture(data: bytes) -> Iterator[bytes | DecodeError]:

@@ -153,3 +153,30 @@ def test_report_formats(count):
     report = check([e.data for e in stream(count)])
     text = report.format()
     assert "envelopes" in text and report.to_json().startswith("{")
+
+
+def test_drop_range_that_overlaps_delivered_envelopes_is_not_a_gap():
+    """Seqs 3..6 declared dropped, but 3 and 5 did reach the broker (sent before a crash,
+    PUBACK lost): nothing is missing, nothing is a gap; the link after the range checks."""
+    sealer = Sealer(KEY, "dev-a", bytes(16))
+    sent = [sealer.seal_readings([Reading("Vehicle.Speed", i, "km/h", i)]) for i in range(10)]
+    drop = sealer.seal_drop(3, 6, sent[6].hash, 4, 400, "spool-full")
+    delivered = [e.data for e in sent if e.seq not in (4, 6)] + [drop.data]
+    report = check(delivered)
+    assert report.ok, report.format()
+    # the envelope after the range must still link to the declared last hash
+    forged = Sealer(KEY, "dev-a", bytes(16), next_seq=7, prev_hash=bytes(32)).seal_readings([])
+    bad = [e.data for e in sent[:4]] + [sent[5].data, forged.data, sent[8].data, sent[9].data,
+                                        drop.data]
+    device = check(bad).devices["dev-a"]
+    # 7 does not link to the declared hash, and 8 does not link to the forged 7
+    assert device.broken_links == 2 and device.reorders == 0 and device.gaps == 0
+
+
+def test_gap_beside_a_declared_drop_is_still_a_gap():
+    sealer = Sealer(KEY, "dev-a", bytes(16))
+    sent = [sealer.seal_readings([Reading("Vehicle.Speed", i, "km/h", i)]) for i in range(10)]
+    drop = sealer.seal_drop(3, 5, sent[5].hash, 3, 300, "spool-full")
+    kept = [e.data for e in sent if not 2 <= e.seq <= 6] + [drop.data]
+    device = check(kept).devices["dev-a"]
+    assert device.gap_ranges == [(2, 2), (6, 6)] and device.gaps == 2
