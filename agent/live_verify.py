@@ -73,7 +73,8 @@ async def collect(up: Uplink, live: LiveVerifier, *, until: Callable[[LiveVerifi
                 return
             wait = left if wait is None else min(wait, left)
         try:
-            message = await asyncio.wait_for(anext(messages), wait)
+            async with asyncio.timeout(wait):  # not wait_for: it can lose a cancel (gh-86296)
+                message = await anext(messages)
         except TimeoutError:
             return
         live.add(message.payload)

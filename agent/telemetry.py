@@ -129,8 +129,12 @@ class Pipeline:
         timeout = (deadline - self._clock()) / 1e9
         if timeout <= 0:
             return self._queue.get_nowait() if not self._queue.empty() else None
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+        # that arrives as the inner await completes (CPython gh-86296), and a sealer that
+        # ignores its cancel would hang the agent's shutdown.
         try:
-            return await asyncio.wait_for(self._queue.get(), timeout)
+            async with asyncio.timeout(timeout):
+                return await self._queue.get()
         except TimeoutError:
             return None
 
@@ -200,7 +204,8 @@ class Pipeline:
             if not rows:
                 await self._flush_acks()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._new_rows.wait(), ACK_FLUSH_S)
+                    async with asyncio.timeout(ACK_FLUSH_S):  # not wait_for: gh-86296
+                        await self._new_rows.wait()
                 if failed:
                     raise failed[0]
                 continue
@@ -265,4 +270,5 @@ class Pipeline:
             while not (self._queue.empty() and len(self._batcher) == 0 and self.spool.rows == 0):
                 self._progress.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._progress.wait(), 0.05)
+                    async with asyncio.timeout(0.05):  # not wait_for: gh-86296
+                        await self._progress.wait()
