@@ -454,8 +454,10 @@ class Rig:
                 self._base_import = import_wh
             delivered = import_wh - self._base_import
             self.progress.energy_wh = delivered
+            cosigned = self.latest_cosigned()  # paid so far, at this reading (not per second)
+            paid, paid_wh = (cosigned.state.t_ev, cosigned.state.wh) if cosigned else (0, 0)
             self.samples.append(Sample(reading.ts_ns, self.progress.power_w, delivered,
-                                       self.progress.paid, self.progress.paid_wh))
+                                       paid, paid_wh))
             yield import_wh, export_wh
             if self.session_over(delivered):
                 return
