@@ -100,7 +100,11 @@ class Phase(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Persist:
+    """Write ``record`` before the actions after it. ``sync=False`` (the station's METER
+    records only, see station.METER_RESERVE) may be flushed by a later write instead."""
+
     record: Record
+    sync: bool = True
 
 
 @dataclass(frozen=True, slots=True)

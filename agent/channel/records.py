@@ -12,6 +12,9 @@ Records (deterministic CBOR arrays, first element the record kind):
     [3, meter item, base_import, base_export]       MeterRecord: a METER the station signed
     [4, state item, sig, meter item]                SignedRecord: a state we signed (vehicle)
     [5, state item, sig_ev, sig_cs]                 CosignedRecord: both signatures
+    [6, counter_hi, base_import, base_export]       MeterReserveRecord: METER counters up to
+                                                    counter_hi may have been signed; the
+                                                    meter registers at the channel's start
 """
 
 from __future__ import annotations
@@ -170,7 +173,15 @@ class CosignedRecord:
     sig_cs: bytes
 
 
-Record = OpenRecord | FundedRecord | MeterRecord | SignedRecord | CosignedRecord
+@dataclass(frozen=True, slots=True)
+class MeterReserveRecord:
+    counter_hi: int
+    base_import: int
+    base_export: int
+
+
+Record = (OpenRecord | FundedRecord | MeterRecord | SignedRecord | CosignedRecord
+          | MeterReserveRecord)
 
 
 def encode_record(record: Record) -> bytes:
@@ -182,8 +193,10 @@ def encode_record(record: Record) -> bytes:
         item = [3, record.meter.to_body(), record.base_import, record.base_export]
     elif isinstance(record, SignedRecord):
         item = [4, record.state.to_cbor_item(), record.sig, record.meter.to_body()]
-    else:
+    elif isinstance(record, CosignedRecord):
         item = [5, record.state.to_cbor_item(), record.sig_ev, record.sig_cs]
+    else:
+        item = [6, record.counter_hi, record.base_import, record.base_export]
     return dcbor.dumps(item)
 
 
@@ -204,6 +217,8 @@ def decode_record(data: bytes) -> Record:
                                 MeterInfo.from_body(rest[2]))  # type: ignore[arg-type]
         if kind == 5:
             return CosignedRecord(ChannelState.from_cbor_item(rest[0]), rest[1], rest[2])  # type: ignore[arg-type]
+        if kind == 6 and all(isinstance(x, int) for x in rest[:3]):
+            return MeterReserveRecord(rest[0], rest[1], rest[2])  # type: ignore[arg-type]
     except (IndexError, TypeError, AttributeError) as exc:
         raise MalformedEnvelope(f"bad channel record: {exc}", reason="malformed-record") from None
     raise MalformedEnvelope(f"unknown record kind {kind}", reason="malformed-record")

@@ -133,13 +133,14 @@ class ChannelDriver:
             steps = [await self._outq.get()]
             while not self._outq.empty():
                 steps.append(self._outq.get_nowait())
-            records: list[Record] = [a.record for step in steps for a in step
-                                     if isinstance(a, Persist)]
-            if records:
-                if self.store.sync:  # fdatasync off the loop: the core runs meanwhile
-                    await asyncio.to_thread(self.store.append, records)
+            persists = [a for step in steps for a in step if isinstance(a, Persist)]
+            if persists:
+                records: list[Record] = [a.record for a in persists]
+                sync = any(a.sync for a in persists)
+                if sync and self.store.sync:  # fdatasync off the loop: the core runs on
+                    await asyncio.to_thread(self.store.append, records, sync=True)
                 else:
-                    self.store.append(records)
+                    self.store.append(records, sync=sync)
             for step in steps:
                 for action in step:
                     if isinstance(action, Send):

@@ -29,6 +29,7 @@ from agent.channel.records import (
     FundedRecord,
     MeterInfo,
     MeterRecord,
+    MeterReserveRecord,
     OpenParams,
     OpenRecord,
     Party,
@@ -36,6 +37,9 @@ from agent.channel.records import (
 )
 from agent.channel.state import ChannelState
 from agent.errors import ChannelError, LocalProtocolError
+
+# METER counters reserved per synced record (a restart skips the unused rest).
+METER_RESERVE = 64
 
 
 class StationChannel(Channel):
@@ -60,6 +64,8 @@ class StationChannel(Channel):
         self.ts_s = 0
         self.delivering = False
         self.funding_ref = b""
+        self.reserved = 0        # METER counters up to this may have been signed (persisted)
+        self.counter_floor = 0   # after a restart: the next counter is above this
 
     @property
     def paid_wh(self) -> int:
@@ -194,15 +200,25 @@ class StationChannel(Channel):
     # ---- internals
 
     def _send_meter(self, now: float, *, final: bool) -> list[Action]:
-        counter = (self.last_meter.counter + 1) if self.last_meter else 1
+        """Sign the next METER. Its counter is never reused: counters are reserved
+        METER_RESERVE at a time by a synced record, so the METER record itself need not be
+        fsync'd before it leaves (one fsync per update less on the station). A METER lost
+        in a crash only makes a PAY that refers to it fail with ``unknown-meter``; the
+        energy is metered again from the durable record and the meter's own register.
+        The final METER is synced: the close depends on it."""
+        counter = max(self.last_meter.counter if self.last_meter else 0, self.counter_floor) + 1
         info = MeterInfo(counter, self.import_wh, self.export_wh, self.ts_s, self.charge_milli,
                          self.credit_milli, self.tariff_id, final)
         self._remember(info)
         assert self.base is not None or not (self.import_wh or self.export_wh)
         base = self.base or (0, 0)
         self._arm(now)
-        return [Persist(MeterRecord(info, base[0], base[1])),
-                self._send(MsgType.METER, info.to_body())]
+        out: list[Action] = []
+        if counter > self.reserved:
+            self.reserved = counter + METER_RESERVE - 1
+            out.append(Persist(MeterReserveRecord(self.reserved, base[0], base[1])))
+        return out + [Persist(MeterRecord(info, base[0], base[1]), sync=final),
+                      self._send(MsgType.METER, info.to_body())]
 
     def _remember(self, info: MeterInfo) -> None:
         self.meters[info.counter] = info
@@ -247,10 +263,14 @@ class StationChannel(Channel):
                 ch.charge_milli, ch.credit_milli = info.charge_milli, info.credit_milli
                 if info.final:
                     ch.phase = Phase.CLOSING
+            elif isinstance(record, MeterReserveRecord):
+                ch.reserved = max(ch.reserved, record.counter_hi)
+                ch.base = (record.base_import, record.base_export)
             elif isinstance(record, CosignedRecord):
                 if record.state.nonce > ch.nonce:
                     ch.cosigned = record
                     if record.state.final:
                         ch.phase = Phase.CLOSED
+        ch.counter_floor = ch.reserved
         ch.delivering = ch.headroom_wh > 0
         return ch

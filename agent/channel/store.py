@@ -28,6 +28,7 @@ from agent.channel.records import (
     CosignedRecord,
     FundedRecord,
     MeterRecord,
+    MeterReserveRecord,
     OpenRecord,
     Record,
     SignedRecord,
@@ -58,7 +59,9 @@ class ChannelStore:
         """Everything persisted, in order (what ``restore`` replays)."""
         return list(self._records)
 
-    def append(self, records: Iterable[Record]) -> None:
+    def append(self, records: Iterable[Record], *, sync: bool = True) -> None:
+        """Write ``records``; with ``sync`` (and a syncing store) they are durable when this
+        returns, and so is everything written before them."""
         frames = []
         batch = list(records)
         for record in batch:
@@ -68,7 +71,7 @@ class ChannelStore:
             return
         try:
             os.write(self._fd, b"".join(frames))
-            if self.sync:
+            if self.sync and sync:
                 os.fdatasync(self._fd)
         except OSError as exc:
             raise SpoolError(f"channel store write failed: {exc.strerror}",
@@ -142,8 +145,9 @@ class ChannelStore:
 
 
 def compact(records: list[Record]) -> list[Record]:
-    """What restore needs: OPEN, FUNDED, the last meters, the latest co-signed state and our
-    signatures above it (plus the highest one signed, so no nonce is ever signed twice)."""
+    """What restore needs: OPEN, FUNDED, the highest METER reservation, the last meters, the
+    latest co-signed state and our signatures above it (plus the highest one signed), so no
+    nonce and no METER counter is ever signed twice."""
     cosigned = None
     for r in records:
         if isinstance(r, CosignedRecord) and (cosigned is None or r.state.nonce > cosigned.state.nonce):
@@ -155,4 +159,6 @@ def compact(records: list[Record]) -> list[Record]:
         keep_signed = [max(signed, key=lambda r: r.state.nonce)]
     meters = [r for r in records if isinstance(r, MeterRecord)][-KEEP_METERS:]
     head = [r for r in records if isinstance(r, OpenRecord | FundedRecord)]
-    return head + meters + keep_signed + ([cosigned] if cosigned else [])
+    reserves = [r for r in records if isinstance(r, MeterReserveRecord)]
+    reserve = [max(reserves, key=lambda r: r.counter_hi)] if reserves else []
+    return head + reserve + meters + keep_signed + ([cosigned] if cosigned else [])

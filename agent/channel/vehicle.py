@@ -155,16 +155,16 @@ class VehicleChannel(Channel):
                 or info.charge_milli < base_charge or info.credit_milli < base_credit):
             raise ChannelError("cumulative values went down", reason="meter-decreased")
         tariff = self.params.tariff
-        if seen is not None:
-            if info.ts_s < seen.ts_s:
-                raise ChannelError("METER time went backwards", reason="meter-time-backwards")
-            low, high = tariff.price_range(seen.ts_s, info.ts_s)
-        else:
-            low, high = tariff.price_range(0, 86_400)
+        if seen is not None and info.ts_s < seen.ts_s:
+            raise ChannelError("METER time went backwards", reason="meter-time-backwards")
+        # Only an upper bound: it is what protects the vehicle. No lower bound, so a station
+        # that re-meters after losing an unsynced METER in a crash (station._send_meter) and
+        # prices that energy at a later, lower time-of-use rate is not refused.
+        _, high = tariff.price_range(seen.ts_s, info.ts_s) if seen else tariff.price_range(0, 86_400)
         d_imp = info.import_wh - base_imp
         d_charge = info.charge_milli - base_charge
         d_credit = info.credit_milli - base_credit
-        if not d_imp * low <= d_charge <= d_imp * high or (
+        if not d_charge <= d_imp * high or (
                 d_credit != (info.export_wh - base_exp) * tariff.export_price_per_kwh):
             raise ChannelError("METER charge does not follow the signed tariff",
                                reason="meter-charge-mismatch")

@@ -21,8 +21,9 @@ from agent.channel.protocol import (
     Role,
     Send,
 )
-from agent.channel.records import MeterInfo
+from agent.channel.records import MeterInfo, MeterRecord, MeterReserveRecord
 from agent.channel.state import SECP256K1_N, ChannelState, check_state_signature
+from agent.channel.station import METER_RESERVE
 from agent.errors import LocalProtocolError
 from agent.keys import IdentityKey, SettlementKey
 from tests.agent.channel.harness import CHAIN_ID, CONTRACT, Link, Setup
@@ -173,8 +174,11 @@ def test_persist_precedes_every_signature_that_leaves() -> None:
     link = Link(Setup())
     link.open_and_fund()
     actions = link.cs.meter(1_000_010, 500_000, 1_700_000_000, 0.0)
-    kinds = [type(a) for a in actions if isinstance(a, Persist | Send)]
-    assert kinds == [Persist, Send]
+    kinds = [(type(a), getattr(a, "sync", None)) for a in actions if isinstance(a, Persist | Send)]
+    # The first METER reserves counters (synced), then its own record may ride along.
+    assert kinds == [(Persist, True), (Persist, False), (Send, None)]
+    assert isinstance(actions[0].record, MeterReserveRecord)
+    assert actions[0].record.counter_hi == METER_RESERVE
     pay_actions = link.ev.receive([a for a in actions if isinstance(a, Send)][0].data, 0.0)
     kinds = [type(a) for a in pay_actions if isinstance(a, Persist | Send)]
     assert kinds == [Persist, Send]
@@ -347,3 +351,20 @@ def test_docs_list_every_transition_and_reason() -> None:
         assert row in text, row
     for reason, meaning in REASONS.items():
         assert f"| `{reason}` | {meaning} |" in text, reason
+
+
+def test_meter_counters_are_never_reused_after_losing_unsynced_meters() -> None:
+    link = Link(Setup())
+    link.open_and_fund()
+    link.charge(5)
+    signed = {m.decode(d).body[0] for d in link.of_type("cs", MsgType.METER)}
+    # Crash: only what a sync made durable survives (nothing after the last synced write).
+    durable = [r for r in link.cs_store if not isinstance(r, MeterRecord)]
+    station = link.setup.station(durable)
+    assert station.counter_floor == METER_RESERVE
+    link.cs = station
+    link.run("cs", station.meter(station.base[0] + 60, station.base[1], 1_700_000_000, 1.0))
+    new = m.decode(link.of_type("cs", MsgType.METER)[-1]).body[0]
+    assert new == METER_RESERVE + 1 and new not in signed
+    # The vehicle accepts the re-metered statement and pays it.
+    assert link.cs.cosigned is not None and link.cs.cosigned.state.wh == 60

@@ -1,8 +1,9 @@
 """Both parties under a hostile network and crashes (hypothesis RuleBasedStateMachine).
 
 The network loses, duplicates and reorders messages; either party may crash before any
-of the records a step persists (then it is rebuilt from its store and says REESTABLISH,
-as the session does after a restart). Invariants (issue 6):
+of the records a step persists or after the last one (then it is rebuilt from what a sync
+made durable, losing unsynced records, and says REESTABLISH, as the session does after a
+restart). Invariants (issue 6):
 
 - no two different co-signed states with one nonce, anywhere, ever; no state signature
   that left a party for one nonce differs from another;
@@ -37,6 +38,7 @@ class ChannelMachine(RuleBasedStateMachine):
         self.setup = Setup(credit_window_wh=WINDOW_WH, pay_step_wh=10)
         self.party = {"cs": self.setup.station(), "ev": self.setup.vehicle()}
         self.store: dict[str, list[Record]] = {"cs": [], "ev": []}
+        self.durable: dict[str, int] = {"cs": 0, "ev": 0}  # store prefix a sync made durable
         self.inbox: dict[str, list[bytes]] = {"cs": [], "ev": []}
         self.history: dict[str, list[ChannelState]] = {"cs": [], "ev": []}
         self.cosigned_by_nonce: dict[int, ChannelState] = {}
@@ -66,12 +68,14 @@ class ChannelMachine(RuleBasedStateMachine):
                 return
             if isinstance(action, Persist):
                 persists += 1
-                self.persist(side, action.record)
+                self.persist(side, action.record, action.sync)
             elif isinstance(action, Send):
                 self.sent(side, action.data)
 
-    def persist(self, side: str, record: Record) -> None:
+    def persist(self, side: str, record: Record, sync: bool = True) -> None:
         self.store[side].append(record)
+        if sync:  # an fsync makes everything written before it durable too
+            self.durable[side] = len(self.store[side])
         if isinstance(record, CosignedRecord):
             state = record.state
             known = self.cosigned_by_nonce.setdefault(state.nonce, state)
@@ -94,6 +98,8 @@ class ChannelMachine(RuleBasedStateMachine):
 
     def restart(self, side: str) -> None:
         self.crashes += 1
+        # Unsynced records written after the last fsync are lost (the worst case).
+        del self.store[side][self.durable[side]:]
         records = list(self.store[side])
         self.party[side] = (self.setup.station(records) if side == "cs"
                             else self.setup.vehicle(records))
