@@ -74,6 +74,9 @@ def test_compaction_keeps_what_restore_needs(tmp_path: Path) -> None:
     assert sum(isinstance(r, MeterRecord) for r in station_kept) == 256
     station = link.setup.station(station_kept)
     assert station.cosigned == link.cs.cosigned and station.last_meter == link.cs.last_meter
+    # The METER counter reservation survives compaction: no counter is ever reused.
+    assert station.counter_floor == link.cs.reserved >= link.cs.last_meter.counter
+    assert station.base == link.cs.base
     # On open, a big file is rewritten compacted, and a restart still resumes.
     path = tmp_path / "ev"
     with ChannelStore(path) as store:
