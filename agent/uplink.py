@@ -41,6 +41,7 @@ import contextlib
 import json
 import logging
 import random
+import socket
 import ssl
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -295,6 +296,16 @@ class _Client(aiomqtt.Client):
         return self._disconnected
 
 
+def _no_delay(client: aiomqtt.Client) -> None:
+    """Turn Nagle off. paho-mqtt leaves it on, so a PUBLISH written right after a PUBACK
+    waits for the broker's delayed ACK (~40 ms per hop on Linux): a channel round trip took
+    ~90 ms instead of ~0.5 ms. aiomqtt does not expose the socket; paho's client does."""
+    sock = client._client.socket()
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def _settle(fut: asyncio.Future[None], topic: str, reason_code: Any) -> None:
     if getattr(reason_code, "is_failure", False):
         reason = "not-authorised" if reason_code.value == 0x87 else "publish-refused"
@@ -471,6 +482,7 @@ class Uplink:
         client = self._make_client(protocol)
         try:
             async with client:
+                _no_delay(client)
                 self._client, self.protocol = client, protocol
                 self.epoch += 1
                 self.counters["connections"] += 1

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.channel.messages import MsgType, Tariff, sign_tariff  # noqa: E402
 from agent.channel.records import Party  # noqa: E402
-from agent.channel.session import run_station, run_vehicle, tcp_nodelay  # noqa: E402
+from agent.channel.session import run_station, run_vehicle  # noqa: E402
 from agent.channel.station import StationChannel  # noqa: E402
 from agent.channel.store import ChannelStore  # noqa: E402
 from agent.channel.vehicle import VehicleChannel  # noqa: E402
@@ -94,8 +94,6 @@ async def reference_rtt(url: str, size: int, count: int) -> list[float]:
     async with a, b:
         await a.wait_connected()
         await b.wait_connected()
-        tcp_nodelay(a)  # same socket tuning as the channel session
-        tcp_nodelay(b)
         await a.subscribe("bench/pong")
         await b.subscribe("bench/ping")
 

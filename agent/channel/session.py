@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
@@ -223,28 +222,8 @@ class ChannelDriver:
             epoch = await self.transport.wait_connected()
             if epoch != seen:
                 seen = epoch
-                tcp_nodelay(self.transport)
                 self.execute(self.channel.reestablish(self.now()))
             await asyncio.sleep(0.2)
-
-
-def tcp_nodelay(transport: object) -> bool:
-    """Turn Nagle off on the uplink's socket (best effort; True if done).
-
-    paho-mqtt leaves Nagle on: a PUBLISH written right after a PUBACK waits for the
-    broker's delayed ACK (~40 ms per hop on Linux), which makes a channel round trip ~90 ms
-    instead of ~0.5 ms. agent.uplink does not expose its socket, so this reaches through
-    aiomqtt's client to paho's socket; remove it once the uplink sets TCP_NODELAY itself.
-    """
-    target = getattr(transport, "uplink", transport)  # unwrap test/bench wrappers
-    client = getattr(getattr(target, "_client", None), "_client", None)
-    sock = client.socket() if client is not None and hasattr(client, "socket") else None
-    if not isinstance(sock, socket.socket):
-        return False
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return True
-    return False
 
 
 async def _stop_tasks(tasks: list[asyncio.Task[None]]) -> None:
