@@ -61,6 +61,7 @@ from agent.report import (
 from agent.runtime import Runtime, SourceRunner, build_sources
 from agent.settlement.chain import InProcessChain
 from agent.settlement.client import SettlementClient
+from agent.settlement.funding import check_channel_funded
 from agent.settlement.model import TxResult
 from agent.status import ChannelStatus
 from agent.uplink import MqttConfig, Uplink
@@ -353,10 +354,16 @@ class Rig:
             "time_scale": s.time_scale})), peer=ev.device_id, make_channel=station_channel)
         meter_source = station.source(METER_ID)
 
+        async def check_funding(params: OpenParams, reference: bytes) -> None:
+            # the station reads the channel's record on the contract before it trusts FUNDED
+            await asyncio.to_thread(check_channel_funded, cs_client, params)
+            self.say("station checked the funding on chain: channel open, deposit in place")
+
         async def station_session(agent: Agent, runtime: Runtime) -> Closed:
             assert agent.channel is not None and agent.store is not None
             return await run_station(runtime.uplink, agent.channel, agent.store,  # type: ignore[arg-type]
-                                     self._meter_until_over(runtime.tap(METER_ID)))
+                                     self._meter_until_over(runtime.tap(METER_ID)),
+                                     check_funding=check_funding)
 
         async def vehicle_session(agent: Agent, runtime: Runtime) -> Closed:
             assert agent.channel is not None and agent.store is not None

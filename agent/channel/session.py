@@ -41,6 +41,7 @@ from agent.channel.protocol import (
     Closed,
     DeliveryPaused,
     DeliveryResumed,
+    Funded,
     Opened,
     Persist,
     Phase,
@@ -52,7 +53,7 @@ from agent.channel.records import OpenParams, Record
 from agent.channel.station import StationChannel
 from agent.channel.store import ChannelStore
 from agent.channel.vehicle import VehicleChannel
-from agent.errors import ChannelError, LocalProtocolError, UplinkError
+from agent.errors import ChannelError, EdgeAgentError, LocalProtocolError, UplinkError
 
 log = logging.getLogger(__name__)
 TOPIC_ROOT = "evedge/v1/channel"
@@ -238,7 +239,9 @@ async def run_station(uplink: Transport, channel: StationChannel, store: Channel
                       meter: AsyncIterator[tuple[int, int]], *,
                       charger: Callable[[bool], Awaitable[None] | None] | None = None,
                       wall_clock: Callable[[], float] = time.time,
-                      linger_s: float = 1.0, close_timeout_s: float | None = None) -> Closed:
+                      linger_s: float = 1.0, close_timeout_s: float | None = None,
+                      check_funding: Callable[[OpenParams, bytes], Awaitable[None]] | None = None
+                      ) -> Closed:
     """Open (or resume) the channel, meter until ``meter`` ends or the vehicle asks to
     close, and return the final co-signed state.
 
@@ -246,21 +249,31 @@ async def run_station(uplink: Transport, channel: StationChannel, store: Channel
     after the final METER raises ChannelError(reason="close-timeout"); ``channel.cosigned``
     then holds the latest co-signed state for a unilateral close on the ledger."""
     pending: list[Awaitable[None]] = []
+    funded: asyncio.Queue[bytes] = asyncio.Queue()
 
     def on_event(action: Action) -> None:
         if charger is not None and isinstance(action, DeliveryPaused | DeliveryResumed):
             result = charger(isinstance(action, DeliveryResumed))
             if result is not None:
                 pending.append(result)
+        if isinstance(action, Funded):
+            funded.put_nowait(action.reference)
 
     if (done := _already_closed(channel)) is not None:
         return done
     driver = ChannelDriver(channel, uplink, store, on_event)
+    refused: asyncio.Future[ChannelError] = asyncio.get_running_loop().create_future()
     async with asyncio.TaskGroup() as tg:
         tasks = await driver.start(tg)
         if channel.phase is Phase.IDLE:
             await uplink.wait_connected()
             driver.execute(channel.open(driver.now()))
+        if check_funding is not None:
+            if channel.phase is Phase.ACTIVE:  # restarted: check again, it costs one call
+                funded.put_nowait(channel.funding_ref)
+            tasks.append(tg.create_task(
+                _verify_funding(channel, funded, check_funding, charger, refused),
+                name="channel.funding"))
 
         async def metering() -> None:
             async for import_wh, export_wh in meter:
@@ -277,18 +290,55 @@ async def run_station(uplink: Transport, channel: StationChannel, store: Channel
                 driver.execute(channel.close(driver.now()))
 
         meter_task = tg.create_task(metering(), name="channel.meter")
-        try:
-            closed: Closed | None = await _wait_closed(driver, channel, close_timeout_s)
-        except ChannelError as exc:  # raised below, outside the TaskGroup (not wrapped)
-            closed, timeout = None, exc
+        waiter = tg.create_task(_closed_or_error(driver, channel, close_timeout_s))
+        await asyncio.wait({waiter, refused}, return_when=asyncio.FIRST_COMPLETED)
+        if refused.done():
+            waiter.cancel()
+            outcome: Closed | ChannelError = refused.result()
+        else:
+            outcome = waiter.result()
+        # a ChannelError is raised below, outside the TaskGroup (so it is not wrapped)
+        closed, timeout = (None, outcome) if isinstance(outcome, ChannelError) else (outcome, None)
         meter_task.cancel()
         if closed is not None:
             await driver.flush()
             await _linger(driver, linger_s)
         await _stop_tasks(tasks)
     if closed is None:
+        assert timeout is not None
         raise timeout
     return closed
+
+
+async def _closed_or_error(driver: ChannelDriver, channel: Channel,
+                           close_timeout_s: float | None) -> Closed | ChannelError:
+    try:
+        return await _wait_closed(driver, channel, close_timeout_s)
+    except ChannelError as exc:
+        return exc
+
+
+async def _verify_funding(channel: StationChannel, funded: asyncio.Queue[bytes],
+                          check: Callable[[OpenParams, bytes], Awaitable[None]],
+                          charger: Callable[[bool], Awaitable[None] | None] | None,
+                          refused: asyncio.Future[ChannelError]) -> None:
+    """Check the vehicle's FUNDED claim on the ledger (``check`` raises if the channel is
+    not open there with the agreed parties and deposits). A vehicle that says FUNDED without
+    funding would otherwise charge against states that can never be settled: on failure the
+    charger is stopped and ``run_station`` raises ChannelError("funding-not-verified").
+    Exposure until the answer comes is at most the credit window."""
+    reference = await funded.get()
+    assert channel.params is not None
+    try:
+        await check(channel.params, reference)
+    except EdgeAgentError as exc:
+        channel.counters["funding-not-verified"] += 1
+        if charger is not None:
+            result = charger(False)
+            if result is not None:
+                await result
+        refused.set_result(ChannelError(f"funding not found on the ledger: {exc}",
+                                        reason="funding-not-verified"))
 
 
 async def _wait_closed(driver: ChannelDriver, channel: Channel,

@@ -243,3 +243,50 @@ def test_station_gives_up_on_a_vanished_vehicle(mosquitto, tmp_path: Path) -> No
     assert error.nonce == cs.nonce >= ev.nonce >= 5
     check_state_signature(cs.cosigned.state, cs.cosigned.sig_ev, cs.peer.address)
     assert cs.unpaid_wh <= 50  # delivery stopped at the credit window
+
+
+# ------------------------------------------------------------------------ funding check
+
+
+async def _unfunded(port: int, tmp: Path) -> tuple[ChannelError, list[bool], list]:
+    setup = Setup(credit_window_wh=50)
+    cs, ev = setup.station(), setup.vehicle()
+    switched: list[bool] = []
+    checked: list = []
+
+    async def meter():  # type: ignore[no-untyped-def]
+        wh = 1_000_000
+        while True:
+            yield wh, 0
+            wh += 5
+            await asyncio.sleep(0.005)
+
+    async def lying_fund(params):  # type: ignore[no-untyped-def]
+        return b"\x00" * 32  # says FUNDED, deposited nothing
+
+    async def ledger_says_no(params, reference):  # type: ignore[no-untyped-def]
+        checked.append((params, reference))
+        from agent.errors import SettlementError
+        raise SettlementError("channel is unknown on the ledger", reason="not-funded")
+
+    with ChannelStore(tmp / "cs") as cs_store, ChannelStore(tmp / "ev") as ev_store:
+        async with uplink(port, "f-cs") as cs_up, uplink(port, "f-ev") as ev_up:
+            vehicle = asyncio.create_task(run_vehicle(ev_up, ev, ev_store, fund=lying_fund))
+            try:
+                with pytest.raises(ChannelError) as info:
+                    await asyncio.wait_for(run_station(
+                        cs_up, cs, cs_store, meter(), charger=switched.append,
+                        check_funding=ledger_says_no, linger_s=0.1), 30)
+            finally:
+                vehicle.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await vehicle
+    return info.value, switched, checked
+
+
+def test_station_stops_when_the_ledger_does_not_show_the_funding(mosquitto,
+                                                                  tmp_path: Path) -> None:
+    error, switched, checked = asyncio.run(_unfunded(mosquitto.port, tmp_path))
+    assert error.reason == "funding-not-verified"
+    assert checked and checked[0][1] == b"\x00" * 32
+    assert switched and switched[-1] is False  # the charger was told to stop
