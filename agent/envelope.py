@@ -66,15 +66,21 @@ class Signer(Protocol):
     def sign(self, message: bytes) -> bytes: ...
 
 
+def _head(major: int, value: int) -> bytes:
+    """A CBOR head (major type, argument) in its shortest form (RFC 8949 s3.1, s4.2.1).
+    Hand-made for the two heads sealing needs per envelope: cbor2.dumps costs ~2.5 us a
+    call whatever the value, a tenth of an Ed25519 signature."""
+    top = major << 5
+    if value < 24:
+        return bytes([top | value])
+    for info, size in ((24, 1), (25, 2), (26, 4), (27, 8)):
+        if value < 1 << (8 * size):
+            return bytes([top | info]) + value.to_bytes(size, "big")
+    raise ValueError("CBOR argument above 2**64")
+
+
 def _bstr_head(length: int) -> bytes:
-    """CBOR head of a byte string (major type 2) in its shortest form (RFC 8949 s3.1)."""
-    if length < 24:
-        return bytes([0x40 | length])
-    if length < 0x100:
-        return bytes([0x58, length])
-    if length < 0x10000:
-        return b"\x59" + length.to_bytes(2, "big")
-    return b"\x5a" + length.to_bytes(4, "big")
+    return _head(2, length)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +120,10 @@ class Sealer:
         # once and append the payload (byte-identical to dcbor.dumps of the whole array).
         self._sig_prefix = (b"\x84" + dcbor.dumps("Signature1") + _bstr_head(len(protected))
                             + protected + b"\x40")
+        # map of 6: device (key 1), boot (key 2), then the key of seq (3)
+        self._payload_prefix = (b"\xa6\x01" + dcbor.dumps(device_id) + b"\x02"
+                                + dcbor.dumps(boot_id) + b"\x03")
+        self._kinds = {kind: dcbor.dumps(kind) for kind in KINDS}
 
     def seal_readings(self, readings: Sequence[Reading]) -> SealedEnvelope:
         return self._seal(KIND_TELEMETRY, [r.to_cbor_item() for r in readings])
@@ -131,8 +141,12 @@ class Sealer:
 
     def _seal(self, kind: str, body: object) -> SealedEnvelope:
         seq, prev = self.next_seq, self.head
-        payload = dcbor.dumps({P_DEVICE: self.device_id, P_BOOT: self.boot_id, P_SEQ: seq,
-                               P_PREV: prev, P_KIND: kind, P_BODY: body})
+        # The payload map's keys are 1..6 in this fixed (sorted) order and the first two
+        # values never change, so its bytes are spliced from parts instead of encoding a
+        # dict each time: byte-identical to dcbor.dumps of the map (a test checks), a
+        # quarter of the per-envelope overhead at batch size 1.
+        payload = b"".join((self._payload_prefix, _head(0, seq), b"\x04\x58\x20", prev,
+                            b"\x05", self._kinds[kind], b"\x06", dcbor.dumps(body)))
         payload_item = _bstr_head(len(payload)) + payload
         signature = self.identity.sign(self._sig_prefix + payload_item)
         data = self._cose_prefix + payload_item + b"\x58\x40" + signature

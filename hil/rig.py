@@ -35,6 +35,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 from agent.channel.messages import Tariff, sign_tariff
 from agent.channel.protocol import Closed
@@ -297,18 +298,14 @@ class Rig:
         live = LiveVerifier(registry)
         stop = asyncio.Event()
         try:
-            async with Uplink(self._verifier_config(broker_url)) as verifier:
-                for topic in ("evedge/v1/+/telemetry", "evedge/v1/+/event"):
-                    await verifier.subscribe(topic)
+            async with self._verifier(broker_url) as verifier:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._collect(verifier, live), name="verifier")
                     vehicle.start(tg, stop)
                     timeline = tg.create_task(self.timeline(tg, stop), name="timeline")
                     await self._wait(timeline.done)
                     timeline.cancel()
-                    await self._stop_agents(stop)
-                    await self._quiet(live, 1.0)
-                    raise _Done
+                    await self._finish(stop, live)
         except* _Done:
             pass
         readings, summary = self._verified(live)
@@ -379,9 +376,7 @@ class Rig:
         live = LiveVerifier(registry)
         stop = asyncio.Event()
         try:
-            async with Uplink(self._verifier_config(broker_url)) as verifier:
-                for topic in ("evedge/v1/+/telemetry", "evedge/v1/+/event"):
-                    await verifier.subscribe(topic)
+            async with self._verifier(broker_url) as verifier:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._collect(verifier, live), name="verifier")
                     station.start(tg, stop)
@@ -392,16 +387,12 @@ class Rig:
                                             and vehicle.closed is not None):
                         watch.cancel()
                         timeline.cancel()
-                        await self._stop_agents(stop)
-                        await self._quiet(live, 1.0)
-                        raise _Done
+                        await self._finish(stop, live)
                     watch.cancel()
                     closed = station.closed
                     settlement = await self.settle(closed, ev_client, cs_client)
                     await timeline  # a fault still in force (a restart) finishes first
-                    await self._stop_agents(stop)  # both flush their spools and stop
-                    await self._quiet(live, 1.0)
-                    raise _Done
+                    await self._finish(stop, live)  # both flush their spools and stop
         except* _Done:
             pass
         if self.timed_out:  # what was verified, no receipt: the run failed
@@ -412,6 +403,21 @@ class Rig:
                                             ("station", cs.settlement.address))}
         readings, summary = self._verified(live)
         return readings, self._receipt(closed, settlement, chain, ev, cs), summary
+
+    @contextlib.asynccontextmanager
+    async def _verifier(self, broker_url: str) -> AsyncIterator[Uplink]:
+        """A subscriber to every device's telemetry and events, for the live verifier."""
+        async with Uplink(self._verifier_config(broker_url)) as verifier:
+            for topic in ("evedge/v1/+/telemetry", "evedge/v1/+/event"):
+                await verifier.subscribe(topic)
+            yield verifier
+
+    async def _finish(self, stop: asyncio.Event, live: LiveVerifier) -> NoReturn:
+        """Stop the agents (they flush their spools), let the verifier go quiet, and end
+        the session's TaskGroup."""
+        await self._stop_agents(stop)
+        await self._quiet(live, 1.0)
+        raise _Done
 
     @staticmethod
     def _verifier_config(broker_url: str) -> MqttConfig:

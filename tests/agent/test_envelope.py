@@ -219,3 +219,14 @@ def test_sealer_rejects_bad_state():
 def test_boot_id_random_per_start():
     a, b = os.urandom(16), os.urandom(16)
     assert open_envelope(Sealer(KEY, "d", a).seal_readings([]).data, lookup).boot == a != b
+
+
+@given(st.lists(readings, max_size=5), st.integers(min_value=0, max_value=2**40))
+def test_spliced_payload_equals_the_encoded_map(batch, start):
+    s = Sealer(KEY, "dev-splice-ü", bytes(range(16)), next_seq=start, prev_hash=bytes(31) + b"\x01")
+    for sealed in (s.seal_readings(batch), s.seal_events([Event("e", "m", 1)]),
+                   s.seal_drop(start, start, bytes(32), 1, 2, "spool-full")):
+        payload = dcbor.loads(sealed.data).value[2]
+        body = dcbor.loads(payload)[6]
+        assert payload == dcbor.dumps({1: "dev-splice-ü", 2: bytes(range(16)), 3: sealed.seq,
+                                       4: sealed.prev, 5: sealed.kind, 6: body})
