@@ -125,8 +125,8 @@ def test_tmpfiles_matches_the_unit_directories() -> None:
 
 def _tool(name: str) -> str:
     path = shutil.which(name)
-    if path is None:
-        pytest.skip(f"{name} not installed: only the self-parsing checks above ran")
+    # scripts/test.sh installs systemd's tools: a missing one is a failed set-up, not a skip
+    assert path is not None, f"{name} not installed: apt-get install systemd"
     return path
 
 
@@ -168,8 +168,6 @@ def test_sandbox_exposure_score(tmp_path: Path) -> None:
     copy = tmp_path / UNIT.name
     copy.write_text(UNIT.read_text().replace(f"ExecStart={EXEC} ", "ExecStart=/bin/true "))
     result = _run(analyze, "security", "--offline=yes", "--no-pager", str(copy))
-    if result.returncode != 0 and "offline" in result.stderr:
-        pytest.skip(f"systemd-analyze security --offline unsupported: {result.stderr.strip()}")
     match = re.search(r"Overall exposure level for edge-agent\.service: (\d+\.\d+)",
                       result.stdout)
     assert match, result.stdout[-2000:] + result.stderr
