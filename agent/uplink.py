@@ -43,8 +43,9 @@ import logging
 import random
 import socket
 import ssl
+import threading
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,10 +209,23 @@ class _Client(aiomqtt.Client):
     """aiomqtt's client plus publish futures that carry the PUBACK's reason code and fail
     at once when the connection drops (aiomqtt's own publish would wait for its timeout)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, sink: Callable[[Incoming], None], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.acks: dict[int, tuple[asyncio.Future[None], str]] = {}
         self._early: dict[int, Any] = {}
+        self._sink = sink
+        self._loop_thread = threading.get_ident()  # made on the event loop's thread
+        self._flush_handle: asyncio.Handle | None = None
+
+    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
+        """Straight into the uplink's queue. aiomqtt's own message iterator costs a task and
+        an asyncio.wait per message, and a second queue hop (a third of the channel's
+        per-message cost). paho calls this from loop_read, on the event loop."""
+        incoming = Incoming(message.topic, bytes(message.payload), bool(message.retain))
+        if threading.get_ident() == self._loop_thread:
+            self._sink(incoming)
+        else:  # pragma: no cover - paho reads on the loop; kept safe all the same
+            self._loop.call_soon_threadsafe(self._sink, incoming)
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any,
                        properties: Any = None) -> None:
@@ -235,6 +249,7 @@ class _Client(aiomqtt.Client):
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise UplinkError(f"publish to {topic} failed: {paho.error_string(info.rc)}",
                               reason="disconnected")
+        self.flush()  # on the wire now, not after another turn of the loop
         fut: asyncio.Future[None] = self._loop.create_future()
         fut.add_done_callback(_retrieve)
         if info.mid in self._early:  # PUBACK already seen (paho may call back that fast)
@@ -253,31 +268,47 @@ class _Client(aiomqtt.Client):
         super()._on_publish(client, userdata, mid, reason_code, properties)
 
     def _on_socket_register_write(self, client: Any, userdata: Any, sock: Any) -> None:
-        """aiomqtt's version reads ``sock.fileno()`` now and registers it later; when the
-        socket closes in between (a broker dropping us) asyncio logs a traceback about a bad
-        file descriptor. Read the fd when registering, and skip a closed socket."""
+        """paho has bytes to send. On the loop's thread (every publish and PUBACK once
+        connected) write them in this turn of the loop: aiomqtt's way (a thread-safe
+        callback that adds a writer, then a write when the socket polls writable) costs a
+        self-pipe write and two more turns of the loop per packet. From paho's connect
+        thread, register a writer as aiomqtt does, reading the fd when registering (when the
+        socket closes in between, asyncio would log a traceback about a bad fd)."""
+        if threading.get_ident() == self._loop_thread:
+            if self._flush_handle is None:
+                self._flush_handle = self._loop.call_soon(self.flush)
+            return
+        self._loop.call_soon_threadsafe(self._add_writer, sock)
 
-        def write() -> None:
-            try:
-                client.loop_write()
-            except Exception as exc:  # noqa: BLE001 - any failure means the connection died
-                if not self._disconnected.done():
-                    self._disconnected.set_exception(exc)
+    def flush(self) -> None:
+        """Write what paho has queued; wait for the socket to drain only if it is full."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        self._write()
+        sock = self._client.socket()
+        if self._client.want_write() and sock is not None:
+            self._add_writer(sock)  # paho thinks it registered already: it will not ask
 
-        def register() -> None:
-            fd = sock.fileno()
-            if fd < 0:
-                return
-            try:
-                self._loop.add_writer(fd, write)
-            except OSError:
-                # A stale registration of a closed socket that had the same fd number:
-                # drop it (the selector ignores the kernel's ENOENT) and register anew.
-                self._loop.remove_writer(fd)
-                with contextlib.suppress(OSError):
-                    self._loop.add_writer(fd, write)
+    def _write(self) -> None:
+        try:
+            self._client.loop_write()
+        except Exception as exc:  # noqa: BLE001 - any failure means the connection died
+            if not self._disconnected.done():
+                self._disconnected.set_exception(exc)
 
-        self._loop.call_soon_threadsafe(register)
+    def _add_writer(self, sock: Any) -> None:
+        fd = sock.fileno()
+        if fd < 0:
+            return
+        try:
+            self._loop.add_writer(fd, self._write)
+        except OSError:
+            # A stale registration of a closed socket that had the same fd number:
+            # drop it (the selector ignores the kernel's ENOENT) and register anew.
+            self._loop.remove_writer(fd)
+            with contextlib.suppress(OSError):
+                self._loop.add_writer(fd, self._write)
 
     def _on_socket_unregister_write(self, client: Any, userdata: Any, sock: Any) -> None:
         fd = sock.fileno()
@@ -321,8 +352,7 @@ def _settle(fut: asyncio.Future[None], topic: str, reason_code: Any) -> None:
 class Uplink:
     """One MQTT connection kept up for the agent's lifetime. See the module docstring."""
 
-    def __init__(self, config: MqttConfig, *, rng: random.Random | None = None,
-                 incoming_limit: int = 1000) -> None:
+    def __init__(self, config: MqttConfig, *, rng: random.Random | None = None) -> None:
         self.config = config
         self.counters: Counter[str] = Counter()
         self.last_error: UplinkError | None = None
@@ -332,7 +362,9 @@ class Uplink:
         self._client: _Client | None = None
         self._connected = asyncio.Event()
         self._subscriptions: list[str] = []
-        self._incoming: asyncio.Queue[Incoming] = asyncio.Queue(incoming_limit)
+        # Unbounded, as paho's was: a QoS 1 message is acknowledged once it is here, so
+        # dropping one would lose it. The consumers (verifier, channel) keep up.
+        self._incoming: asyncio.Queue[Incoming] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._tls: ssl.SSLContext | None = self._tls_context() if config.tls else None
         self._tg: asyncio.TaskGroup | None = None
@@ -476,7 +508,7 @@ class Uplink:
             cfg.host, cfg.port, identifier=cfg.client_id, protocol=protocol, will=will,
             username=cfg.username, password=cfg.password, keepalive=cfg.keepalive_s,
             timeout=cfg.connect_timeout_s, tls_context=self._tls,
-            max_inflight_messages=cfg.window + 2, logger=log, **kwargs)
+            max_inflight_messages=cfg.window + 2, logger=log, sink=self._receive, **kwargs)
 
     async def _session(self, protocol: aiomqtt.ProtocolVersion) -> None:
         client = self._make_client(protocol)
@@ -511,12 +543,16 @@ class Uplink:
             except UplinkError as exc:  # an ACL change must not take the uplink down
                 self.last_error = exc
                 log.warning("uplink: %s", exc)
-        async for message in client.messages:
-            payload = message.payload if isinstance(message.payload, bytes) else \
-                str(message.payload).encode()
-            self.counters["received"] += 1
-            await self._incoming.put(Incoming(str(message.topic), payload, message.retain))
-        raise UplinkError("connection closed", reason="disconnected")  # pragma: no cover
+        # Incoming messages go straight to _receive (see _Client._on_message); here we
+        # only wait for the connection to end. asyncio.wait, not await: a cancel must not
+        # cancel aiomqtt's own future.
+        await asyncio.wait({client.disconnected})
+        client.disconnected.result()  # raises the MqttError of an unexpected disconnect
+        raise UplinkError("connection closed", reason="disconnected")
+
+    def _receive(self, message: Incoming) -> None:
+        self.counters["received"] += 1
+        self._incoming.put_nowait(message)
 
     async def _subscribe(self, client: _Client, topic: str) -> None:
         granted = await client.subscribe(topic, qos=1)

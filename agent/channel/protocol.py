@@ -398,7 +398,7 @@ class Channel:
     def _adopt(self, record: CosignedRecord) -> list[Action]:
         """Take a co-signed state as the latest (persisted before anything acts on it)."""
         self.cosigned = record
-        out: list[Action] = [Persist(record)]
+        out: list[Action] = [Persist(record, sync=self._sync_cosigned(record.state))]
         if record.state.final:
             self.phase = Phase.CLOSED
             self._deadline = None
@@ -406,6 +406,11 @@ class Channel:
         else:
             out.append(Paid(record.state))
         return out
+
+    def _sync_cosigned(self, state: ChannelState) -> bool:
+        """Must a co-signed ``state`` be fsync'd before what follows it? Yes, unless the
+        role says otherwise (the vehicle, see VehicleChannel._sync_cosigned)."""
+        return True
 
     def _check_state_domain(self, state: ChannelState) -> None:
         if state.chain_id != self.chain_id:

@@ -144,7 +144,7 @@ class StationChannel(Channel):
         sig_cs = self.settlement.sign_digest(digest)
         out = self._adopt(CosignedRecord(state, sig_ev, sig_cs))
         out.append(self._send(MsgType.ACK, {0: state.nonce, 1: sig_cs}))
-        if not self._retransmit(now):
+        if not self._meter_unpaid():
             self._deadline = None
         return out + self._window_events()
 
@@ -237,11 +237,16 @@ class StationChannel(Channel):
         assert self.params is not None
         if self.phase is Phase.OPENING:
             return [self._send(MsgType.OPEN, self.params.to_body())]
-        last = self.last_meter
-        if self.phase in (Phase.ACTIVE, Phase.CLOSING) and last is not None and (
-                last.final or last.import_wh > self.paid_wh):
-            return [self._send(MsgType.METER, last.to_body())]
+        if self._meter_unpaid():
+            assert self.last_meter is not None
+            return [self._send(MsgType.METER, self.last_meter.to_body())]
         return []
+
+    def _meter_unpaid(self) -> bool:
+        """Is the last METER still waiting for its PAY (or the final one for its CLOSE)?"""
+        last = self.last_meter
+        return self.phase in (Phase.ACTIVE, Phase.CLOSING) and last is not None and (
+            last.final or last.import_wh > self.paid_wh)
 
     # ---- restart
 

@@ -101,6 +101,9 @@ class ChannelMachine(RuleBasedStateMachine):
         # Unsynced records written after the last fsync are lost (the worst case).
         del self.store[side][self.durable[side]:]
         records = list(self.store[side])
+        # What the party holds now: a co-signed state lost with its unsynced record may be
+        # adopted again (the same state: cosigned_by_nonce checks that).
+        self.history[side] = [r.state for r in records if isinstance(r, CosignedRecord)]
         self.party[side] = (self.setup.station(records) if side == "cs"
                             else self.setup.vehicle(records))
         if side == "cs":  # the driver's meter loop reads the meter again at once
