@@ -32,9 +32,12 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import Protocol
 
+from agent.channel.disk import FsyncHelper
 from agent.channel.protocol import (
     Action,
     Channel,
@@ -49,7 +52,7 @@ from agent.channel.protocol import (
     Role,
     Send,
 )
-from agent.channel.records import OpenParams, Record
+from agent.channel.records import OpenParams
 from agent.channel.station import StationChannel
 from agent.channel.store import ChannelStore
 from agent.channel.vehicle import VehicleChannel
@@ -99,56 +102,85 @@ class ChannelDriver:
         self.inbox = topic_for(channel.channel_id, peer)
         self.outbox = topic_for(channel.channel_id, channel.role)
         self.on_event = on_event or (lambda action: None)
-        self.closed: asyncio.Future[Closed] = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self.closed: asyncio.Future[Closed] = self._loop.create_future()
         self.sent = 0
         self.received = 0
-        self.batches = 0
-        self._inq: asyncio.Queue[bytes] = asyncio.Queue()
-        self._outq: asyncio.Queue[list[Action]] = asyncio.Queue()
+        self.syncs = 0
+        self._steps: deque[list[Action]] = deque()  # made by the core, not yet carried out
+        self._syncing = False
+        self._stopped = False
         self._drained = asyncio.Event()
         self._drained.set()
-        self._wake = asyncio.Event()
+        self._fsync: FsyncHelper | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
         self._last_publish: asyncio.Future[None] | None = None
-        self._loop = asyncio.get_running_loop()
 
     def now(self) -> float:
         return self._loop.time()
 
     def execute(self, actions: list[Action]) -> None:
-        """Hand the effects of one core step to the writer (FIFO). The writer makes the
-        step's records durable, and only then publishes its messages and reports its
-        events; steps queued meanwhile share the next fsync (group commit), so the core
-        keeps working while the disk flushes. Writing a record earlier than the core asked
-        is always safe; publishing earlier never happens."""
+        """Carry out the effects of one core step, in order after every earlier step: its
+        records are written (fsync'd when the core says so) before its messages are
+        published and its events reported. A step that needs an fsync goes to the disk
+        thread together with every step queued behind it (group commit), and the loop goes
+        on: the core keeps answering while the disk flushes, and the steps made meanwhile
+        share the next fsync. Writing a record earlier than the core asked is always safe;
+        publishing earlier never happens."""
         for action in actions:  # stopping the charger cannot wait for the disk
             if isinstance(action, DeliveryPaused):
                 self._event(action)
-        if actions:
-            self._outq.put_nowait(actions)
-            self._drained.clear()
-        self._wake.set()
+        if actions and not self._stopped:
+            self._steps.append(actions)
+            if not self._syncing:
+                self._drain()
+        self._arm_timer()
 
-    async def _writer_loop(self) -> None:
-        while True:
-            steps = [await self._outq.get()]
-            while not self._outq.empty():
-                steps.append(self._outq.get_nowait())
-            persists = [a for step in steps for a in step if isinstance(a, Persist)]
-            if persists:
-                records: list[Record] = [a.record for a in persists]
-                sync = any(a.sync for a in persists)
-                if sync and self.store.sync:  # fdatasync off the loop: the core runs on
-                    await asyncio.to_thread(self.store.append, records, sync=True)
-                else:
-                    self.store.append(records, sync=sync)
-            for step in steps:
-                for action in step:
-                    if isinstance(action, Send):
-                        self._publish(action.data)
-                    elif not isinstance(action, Persist | DeliveryPaused):
-                        self._event(action)
-            if self._outq.empty():
-                self._drained.set()
+    def _drain(self) -> None:
+        """Carry out queued steps until one needs the disk; hand that one, and all behind
+        it, to the fsync helper (``_synced`` goes on when the fdatasync is done)."""
+        while self._steps:
+            step = self._steps[0]
+            persists = [a for a in step if isinstance(a, Persist)]
+            if self.store.sync and any(a.sync for a in persists):
+                steps = list(self._steps)
+                self._steps.clear()
+                self.store.append([a.record for s in steps for a in s if isinstance(a, Persist)],
+                                  sync=False)
+                self._syncing = True
+                self._drained.clear()
+                if self._fsync is None:
+                    self._fsync = FsyncHelper(self.store.fileno())
+                self._fsync.sync(partial(self._synced, steps))
+                return
+            self._steps.popleft()
+            if persists:  # nothing to wait for: into the page cache, a later fsync covers it
+                self.store.append([a.record for a in persists], sync=False)
+            self._carry_out(step)
+        self._drained.set()
+
+    def _synced(self, steps: list[list[Action]], error: BaseException | None) -> None:
+        self._syncing = False
+        if self._stopped:
+            return  # stopped (a simulated crash, or shutdown): nothing more leaves
+        if error is not None:  # the disk failed: nothing of these steps may leave
+            self._stopped = True
+            self._drained.set()
+            if not self.closed.done():
+                self.closed.set_exception(error)
+            return
+        self.syncs += 1
+        for step in steps:
+            self._carry_out(step)
+        self._drain()
+
+    def _carry_out(self, step: list[Action]) -> None:
+        for action in step:
+            if isinstance(action, Send):
+                self._publish(action.data)
+            elif not isinstance(action, Persist | DeliveryPaused):
+                self._event(action)
 
     def _publish(self, data: bytes) -> None:
         try:
@@ -165,13 +197,31 @@ class ChannelDriver:
             self.closed.set_result(action)
         self.on_event(action)
 
+    def _arm_timer(self) -> None:
+        """Keep one loop timer at or before the core's deadline. A later deadline leaves
+        the armed timer alone (it fires, finds nothing due and re-arms): most steps move
+        the deadline later, and this costs them nothing."""
+        deadline = self.channel.get_timer()
+        if deadline is None or self._stopped or (
+                self._timer_at is not None and self._timer_at <= deadline):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_at = self._loop.call_at(deadline, self._on_timer), deadline
+
+    def _on_timer(self) -> None:
+        self._timer = self._timer_at = None
+        deadline = self.channel.get_timer()
+        if deadline is not None and deadline <= self.now():
+            self.execute(self.channel.handle_timer(self.now()))
+        else:
+            self._arm_timer()
+
     async def start(self, tg: asyncio.TaskGroup) -> list[asyncio.Task[None]]:
         await self.transport.subscribe(self.inbox)
         name = f"channel[{self.channel.channel_id.hex()[:12]}]"
+        self._arm_timer()
         return [tg.create_task(self._receive_loop(), name=f"{name}.receive"),
-                tg.create_task(self._process_loop(), name=f"{name}.process"),
-                tg.create_task(self._writer_loop(), name=f"{name}.writer"),
-                tg.create_task(self._timer_loop(), name=f"{name}.timer"),
                 tg.create_task(self._reconnect_loop(), name=f"{name}.reconnect")]
 
     async def flush(self, timeout_s: float = 2.0) -> None:
@@ -182,39 +232,27 @@ class ChannelDriver:
             with contextlib.suppress(UplinkError, TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(self._last_publish), timeout_s)
 
+    def stop(self) -> None:
+        """Nothing more is carried out (steps still waiting for the disk are dropped, as
+        in a crash); the timer and the fsync helper end."""
+        self._stopped = True
+        self._steps.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = self._timer_at = None
+        if self._fsync is not None:
+            self._fsync.close()
+            self._fsync = None
+
     async def _receive_loop(self) -> None:
-        async for message in self.transport.messages():
-            if message.topic != self.inbox:
-                continue
-            self.received += 1
-            self._inq.put_nowait(bytes(message.payload))
-
-    async def _process_loop(self) -> None:
-        """Handle every message that is waiting as one batch (see ``execute``)."""
-        while True:
-            batch = [await self._inq.get()]
-            while not self._inq.empty():
-                batch.append(self._inq.get_nowait())
-            actions: list[Action] = []
-            for data in batch:
-                actions += self.channel.receive(data, self.now())
-            self.batches += 1
-            self.execute(actions)
-
-    async def _timer_loop(self) -> None:
-        # call_at + Event rather than wait_for: wait_for in 3.11 can swallow a cancel.
-        while True:
-            self._wake.clear()
-            deadline = self.channel.get_timer()
-            if deadline is not None and deadline <= self.now():
-                self.execute(self.channel.handle_timer(self.now()))
-                continue
-            handle = None if deadline is None else self._loop.call_at(deadline, self._wake.set)
-            try:
-                await self._wake.wait()
-            finally:
-                if handle is not None:
-                    handle.cancel()
+        try:
+            async for message in self.transport.messages():
+                if message.topic != self.inbox:
+                    continue
+                self.received += 1
+                self.execute(self.channel.receive(bytes(message.payload), self.now()))
+        finally:
+            self.stop()
 
     async def _reconnect_loop(self) -> None:
         """REESTABLISH on start and after every reconnect (epoch changes)."""
@@ -279,7 +317,7 @@ async def run_station(uplink: Transport, channel: StationChannel, store: Channel
             async for import_wh, export_wh in meter:
                 driver.execute(channel.meter(import_wh, export_wh, int(wall_clock()),
                                              driver.now()))
-                await asyncio.sleep(0)  # let the writer and the receiver run between readings
+                await asyncio.sleep(0)  # let the receiver run between readings
                 while pending:
                     await pending.pop(0)
                 if channel.phase in (Phase.CLOSING, Phase.CLOSED):
