@@ -33,6 +33,28 @@ def test_encode_decode_authenticate() -> None:
         m.authenticate(wire, DOMAIN, IdentityKey.generate().public)
 
 
+BODY_VALUES = st.one_of(st.integers(0, 2**64 - 1), st.binary(max_size=70), st.none(),
+                        st.booleans(), st.text(max_size=20))
+
+
+@given(msg_type=st.sampled_from(list(MsgType)),
+       body=st.dictionaries(st.integers(0, 30), BODY_VALUES, max_size=8),
+       chain_id=st.integers(0, 2**64 - 1))
+@settings(max_examples=200, deadline=None)
+def test_spliced_encoding_equals_the_plain_one(msg_type: MsgType, body: dict,
+                                               chain_id: int) -> None:
+    """encode/decode splice the to-be-signed bytes and the wire form from cached prefixes
+    and the body's bytes; both must be exactly the plain deterministic encodings."""
+    domain = Domain(chain_id, DOMAIN.contract, DOMAIN.channel_id)
+    data = m.encode(domain, msg_type, body, KEY)
+    tbs = m.to_be_signed(domain, msg_type, body)
+    sig = KEY.sign(tbs)
+    assert data == dcbor.dumps([int(msg_type), domain.channel_id, KEY.kid, body, sig])
+    wire = m.decode(data)
+    assert wire.body == body and wire.body_bytes == dcbor.dumps(body)
+    m.authenticate(wire, domain, KEY.public)
+
+
 def test_tariff_signature_and_id() -> None:
     tariff = Tariff(300, 100, ((0, 250), (420, 300)))
     sig = sign_tariff(tariff, KEY)
