@@ -397,8 +397,9 @@ class Channel:
 
     def _adopt(self, record: CosignedRecord) -> list[Action]:
         """Take a co-signed state as the latest (persisted before anything acts on it)."""
+        sync = self._sync_cosigned(record.state)  # asked while self.cosigned is the old one
         self.cosigned = record
-        out: list[Action] = [Persist(record, sync=self._sync_cosigned(record.state))]
+        out: list[Action] = [Persist(record, sync=sync)]
         if record.state.final:
             self.phase = Phase.CLOSED
             self._deadline = None

@@ -15,6 +15,8 @@ Records (deterministic CBOR arrays, first element the record kind):
     [6, counter_hi, base_import, base_export]       MeterReserveRecord: METER counters up to
                                                     counter_hi may have been signed; the
                                                     meter registers at the channel's start
+    [7, nonce_hi]                                   NonceReserveRecord: state nonces up to
+                                                    nonce_hi may have been signed (vehicle)
 """
 
 from __future__ import annotations
@@ -180,8 +182,13 @@ class MeterReserveRecord:
     base_export: int
 
 
+@dataclass(frozen=True, slots=True)
+class NonceReserveRecord:
+    nonce_hi: int
+
+
 Record = (OpenRecord | FundedRecord | MeterRecord | SignedRecord | CosignedRecord
-          | MeterReserveRecord)
+          | MeterReserveRecord | NonceReserveRecord)
 
 
 def encode_record(record: Record) -> bytes:
@@ -195,8 +202,10 @@ def encode_record(record: Record) -> bytes:
         item = [4, record.state.to_cbor_item(), record.sig, record.meter.to_body()]
     elif isinstance(record, CosignedRecord):
         item = [5, record.state.to_cbor_item(), record.sig_ev, record.sig_cs]
-    else:
+    elif isinstance(record, MeterReserveRecord):
         item = [6, record.counter_hi, record.base_import, record.base_export]
+    else:
+        item = [7, record.nonce_hi]
     return dcbor.dumps(item)
 
 
@@ -219,6 +228,9 @@ def decode_record(data: bytes) -> Record:
             return CosignedRecord(ChannelState.from_cbor_item(rest[0]), rest[1], rest[2])  # type: ignore[arg-type]
         if kind == 6 and all(isinstance(x, int) for x in rest[:3]):
             return MeterReserveRecord(rest[0], rest[1], rest[2])  # type: ignore[arg-type]
+        if kind == 7 and len(rest) == 1 and isinstance(rest[0], int) \
+                and not isinstance(rest[0], bool):
+            return NonceReserveRecord(rest[0])
     except (IndexError, TypeError, AttributeError) as exc:
         raise MalformedEnvelope(f"bad channel record: {exc}", reason="malformed-record") from None
     raise MalformedEnvelope(f"unknown record kind {kind}", reason="malformed-record")

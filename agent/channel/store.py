@@ -29,6 +29,7 @@ from agent.channel.records import (
     FundedRecord,
     MeterRecord,
     MeterReserveRecord,
+    NonceReserveRecord,
     OpenRecord,
     Record,
     SignedRecord,
@@ -150,9 +151,9 @@ class ChannelStore:
 
 
 def compact(records: list[Record]) -> list[Record]:
-    """What restore needs: OPEN, FUNDED, the highest METER reservation, the last meters, the
-    latest co-signed state and our signatures above it (plus the highest one signed), so no
-    nonce and no METER counter is ever signed twice."""
+    """What restore needs: OPEN, FUNDED, the highest METER and nonce reservations, the last
+    meters, the latest co-signed state and our signatures above it (plus the highest one
+    signed), so no nonce and no METER counter is ever signed twice."""
     cosigned = None
     for r in records:
         if isinstance(r, CosignedRecord) and (cosigned is None or r.state.nonce > cosigned.state.nonce):
@@ -166,4 +167,7 @@ def compact(records: list[Record]) -> list[Record]:
     head = [r for r in records if isinstance(r, OpenRecord | FundedRecord)]
     reserves = [r for r in records if isinstance(r, MeterReserveRecord)]
     reserve = [max(reserves, key=lambda r: r.counter_hi)] if reserves else []
-    return head + reserve + meters + keep_signed + ([cosigned] if cosigned else [])
+    nonces = [r for r in records if isinstance(r, NonceReserveRecord)]
+    nonce_reserve = [max(nonces, key=lambda r: r.nonce_hi)] if nonces else []
+    return (head + reserve + nonce_reserve + meters + keep_signed
+            + ([cosigned] if cosigned else []))

@@ -27,6 +27,7 @@ from agent.channel.records import (
     CosignedRecord,
     FundedRecord,
     MeterInfo,
+    NonceReserveRecord,
     OpenParams,
     OpenRecord,
     Party,
@@ -35,6 +36,9 @@ from agent.channel.records import (
 )
 from agent.channel.state import ChannelState
 from agent.errors import ChannelError, LocalProtocolError
+
+# State nonces reserved per synced record (a restart skips the unused rest).
+NONCE_RESERVE = 64
 
 
 class VehicleChannel(Channel):
@@ -56,6 +60,7 @@ class VehicleChannel(Channel):
         self.meter_seen: MeterInfo | None = None
         self.signed: dict[int, SignedRecord] = {}   # our proposals above the co-signed nonce
         self.highest_signed = 0
+        self.nonce_reserved = 0  # nonces up to this may have been signed (persisted, synced)
         self.abandoned: set[int] = set()
         self.withheld: int | None = None            # METER counter we refused to pay
         self.paid_counter = 0                       # highest METER counter we proposed for
@@ -200,12 +205,14 @@ class VehicleChannel(Channel):
         return out
 
     def _sync_cosigned(self, state: ChannelState) -> bool:
-        """Only the final state. The vehicle acts on a non-final co-signed state only by
-        signing the next one, and that signature's record is synced first, which makes this
-        record (written before it) durable too: one fsync per update instead of two. A crash
-        in between loses at most this countersignature, which the station also holds and
-        sends again (REESTABLISH, or the duplicate ACK to the PAY the vehicle resends)."""
-        return state.final
+        """The final state, and any state that raises t_cs (what the station owes us for
+        V2G); not one that only raises t_ev. Losing a co-signed state in a crash costs the
+        vehicle nothing unless it holds a claim of ours: a later state that only pays the
+        station more is the station's to keep (it holds it too, and sends it again with
+        REESTABLISH or the duplicate ACK). So the durable latest state always carries our
+        highest V2G claim, and plain charging costs the vehicle no fsync per update."""
+        previous = self.cosigned.state if self.cosigned is not None else None
+        return state.final or previous is None or state.t_cs > previous.t_cs
 
     def _peer_rejected(self, nonce: int | None) -> list[Action]:
         if nonce is not None and nonce in self.signed:
@@ -262,7 +269,17 @@ class VehicleChannel(Channel):
         if meter.final:
             self.phase = Phase.CLOSING
         self._arm(now)
-        return [Persist(record), self._proposal_message(record)]
+        out: list[Action] = []
+        if nonce > self.nonce_reserved:
+            self.nonce_reserved = nonce + NONCE_RESERVE - 1
+            out.append(Persist(NonceReserveRecord(self.nonce_reserved)))
+        # The proposal itself need not be synced: its nonce is covered by the reservation,
+        # so a restart never signs another state with it ("persist the highest nonce you
+        # signed before releasing a signature", DESIGN s5, kept one fsync per NONCE_RESERVE
+        # updates instead of one per update). A proposal lost in a crash is only made again
+        # under a fresh nonce for the same cumulative amounts (states are cumulative: paying
+        # twice for one METER pays once). The final one is synced: the close depends on it.
+        return out + [Persist(record, sync=meter.final), self._proposal_message(record)]
 
     def _proposal_message(self, record: SignedRecord) -> Send:
         kind = MsgType.CLOSE if record.state.final else MsgType.PAY
@@ -299,10 +316,14 @@ class VehicleChannel(Channel):
                     ch.meter_seen = record.meter
                 if record.state.final:
                     ch.phase = Phase.CLOSING
+            elif isinstance(record, NonceReserveRecord):
+                ch.nonce_reserved = max(ch.nonce_reserved, record.nonce_hi)
             elif isinstance(record, CosignedRecord):
                 if record.state.nonce > ch.nonce:
                     ch.cosigned = record
                     if record.state.final:
                         ch.phase = Phase.CLOSED
         ch.signed = {n: r for n, r in ch.signed.items() if n > ch.nonce}
+        # Nonces up to the reservation may have been signed before the crash: skip them all.
+        ch.highest_signed = max(ch.highest_signed, ch.nonce_reserved)
         return ch

@@ -21,9 +21,16 @@ from agent.channel.protocol import (
     Role,
     Send,
 )
-from agent.channel.records import MeterInfo, MeterRecord, MeterReserveRecord
+from agent.channel.records import (
+    MeterInfo,
+    MeterRecord,
+    MeterReserveRecord,
+    NonceReserveRecord,
+    SignedRecord,
+)
 from agent.channel.state import SECP256K1_N, ChannelState, check_state_signature
 from agent.channel.station import METER_RESERVE
+from agent.channel.vehicle import NONCE_RESERVE
 from agent.errors import LocalProtocolError
 from agent.keys import IdentityKey, SettlementKey
 from tests.agent.channel.harness import CHAIN_ID, CONTRACT, Link, Setup
@@ -180,12 +187,38 @@ def test_persist_precedes_every_signature_that_leaves() -> None:
     assert isinstance(actions[0].record, MeterReserveRecord)
     assert actions[0].record.counter_hi == METER_RESERVE
     pay_actions = link.ev.receive([a for a in actions if isinstance(a, Send)][0].data, 0.0)
-    kinds = [type(a) for a in pay_actions if isinstance(a, Persist | Send)]
-    assert kinds == [Persist, Send]
+    kinds = [(type(a), getattr(a, "sync", None)) for a in pay_actions
+             if isinstance(a, Persist | Send)]
+    # Likewise the vehicle's first PAY reserves nonces (synced) before its signature leaves.
+    assert kinds == [(Persist, True), (Persist, False), (Send, None)]
+    reserve = next(a.record for a in pay_actions if isinstance(a, Persist))
+    assert isinstance(reserve, NonceReserveRecord) and reserve.nonce_hi == NONCE_RESERVE
     ack_actions = link.cs.receive([a for a in pay_actions if isinstance(a, Send)][0].data, 0.0)
-    kinds = [type(a) for a in ack_actions if isinstance(a, Persist | Send)]
-    assert kinds == [Persist, Send]
+    kinds = [(type(a), getattr(a, "sync", None)) for a in ack_actions
+             if isinstance(a, Persist | Send)]
+    assert kinds == [(Persist, True), (Send, None)]  # the station's countersignature: synced
     assert any(isinstance(a, Paid) for a in ack_actions)
+    # The next PAY is within the reservation: no fsync before it leaves.
+    link.run("ev", link.ev.receive([a for a in ack_actions if isinstance(a, Send)][0].data, 0.0))
+    actions = link.cs.meter(1_000_020, 500_000, 1_700_000_001, 0.0)
+    pay_actions = link.ev.receive([a for a in actions if isinstance(a, Send)][0].data, 0.0)
+    assert [(type(a), getattr(a, "sync", None)) for a in pay_actions
+            if isinstance(a, Persist | Send)] == [(Persist, False), (Send, None)]
+
+
+def test_a_restarted_vehicle_skips_every_reserved_nonce() -> None:
+    """A crash loses the unsynced proposals; the restarted vehicle must not sign another
+    state with any nonce it may have used, so it starts above the whole reservation."""
+    link = Link(Setup())
+    link.open_and_fund()
+    link.charge(3)
+    durable = [r for r in link.ev_store if not isinstance(r, SignedRecord)]
+    vehicle = link.setup.vehicle(durable)
+    assert vehicle.highest_signed == NONCE_RESERVE
+    actions = link.cs.meter(1_000_100, 500_000, 1_700_000_100, 0.0)
+    pay = vehicle.receive([a for a in actions if isinstance(a, Send)][0].data, 0.0)
+    signed = [a.record for a in pay if isinstance(a, Persist) and isinstance(a.record, SignedRecord)]
+    assert signed[0].state.nonce == NONCE_RESERVE + 1
 
 
 # ------------------------------------------------------------------------ adversarial
