@@ -1,9 +1,10 @@
 """Benchmark: co-signed channel updates over a real mosquitto on loopback.
 
 One update = the station's METER (+10 Wh), the vehicle's PAY (state + its secp256k1
-signature, Ed25519 on the message, fsync'd before sending) and the station's ACK
-(countersignature, fsync'd before sending); the next METER goes out when the station has
-co-signed. ``p50_ms`` / ``p99_ms`` are PAY -> ACK round trips measured at the vehicle.
+signature, Ed25519 on the message; its nonce covered by a synced reservation, one fsync per
+64 updates) and the station's ACK (countersignature, fsync'd before sending); the next METER
+goes out when the station has co-signed. The durability rules are those of the product
+(docs/channel.md "Persist before signing out"); ``--no-fsync`` only measures their cost. ``p50_ms`` / ``p99_ms`` are PAY -> ACK round trips measured at the vehicle.
 The station runs in a child process (two devices, two cores; ``--one-process`` puts both in
 one event loop), each party with its own MQTT connection (agent.uplink.Uplink), so every
 message crosses the broker. ``updates_per_s`` is the rate of ACKs at the vehicle.
