@@ -9,6 +9,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,38 @@ def test_publish_returns_on_puback_and_subscribers_get_it_in_order(mosquitto):
         assert pub.counters["published"] == 201
 
     asyncio.run(main())
+
+
+def test_exit_ends_the_uplink_even_when_a_cancel_is_swallowed(mosquitto):
+    """Python 3.11's asyncio.wait_for (aiomqtt's, around each SUBACK) can swallow a cancel
+    that arrives as its future completes (CPython gh-86296); the uplink then served on
+    and ``async with Uplink`` never returned (seen as a CI hang). Here the swallow is made
+    certain: the subscription that runs at connect time eats the cancel."""
+    async def main():
+        up = Uplink(config(mosquitto.url, "swallow"))
+        subscribe = up._subscribe
+
+        async def swallowing(client, topic):
+            try:
+                await asyncio.sleep(0.5)
+            except asyncio.CancelledError:
+                pass  # what wait_for does in the race
+            await subscribe(client, topic)
+
+        up._subscribe = swallowing
+        await up.subscribe("t/swallow")  # not connected yet: subscribed at connect
+        async with up:
+            await up.wait_connected()
+            await asyncio.sleep(0.1)  # the uplink task is now inside `swallowing`
+        return up.connected
+
+    outcome: dict[str, object] = {}
+    thread = threading.Thread(target=lambda: outcome.update(connected=asyncio.run(main())),
+                              daemon=True)
+    thread.start()
+    thread.join(20)
+    assert not thread.is_alive(), "async with Uplink did not return"
+    assert outcome == {"connected": False}
 
 
 def test_status_is_retained_online_then_offline_and_the_will_says_lost(mosquitto, tmp_path):
