@@ -144,6 +144,8 @@ class Runtime:
         self.status_file = status_path(config.device.state_dir, self.status_config.path)
         self.notifier = notifier or Notifier()
         self.sources = sources if sources is not None else build_sources(config)
+        for runner in self.sources:  # e.g. the odometer's last value survives a restart
+            runner.source.attach_state(config.device.state_dir)
         self.errors = ErrorLog()
         self.started_ns = time.time_ns()
         self.state = "starting"

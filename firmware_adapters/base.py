@@ -11,15 +11,19 @@ go on at all (an AdapterUnavailable for a missing optional dependency, say).
 from __future__ import annotations
 
 import abc
+import hashlib
+import re
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import ClassVar, Self
 
 from agent.readings import Event, Reading, TimeStatus
 
 Emit = Callable[[Reading | Event], Awaitable[None]]
 Clock = Callable[[], tuple[int, TimeStatus]]
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def system_clock() -> tuple[int, TimeStatus]:
@@ -43,3 +47,16 @@ class Source(abc.ABC):
     @abc.abstractmethod
     async def run(self, emit: Emit) -> None:
         """Poll or listen until cancelled, handing readings and events to ``emit``."""
+
+    def attach_state(self, directory: Path) -> None:  # noqa: B027 - an optional hook
+        """The agent's state directory, before ``run``: a source that must remember
+        something across restarts (the odometer's last value) keeps it under
+        ``state_file(directory, ...)``. Default: nothing to remember."""
+
+    def state_file(self, directory: Path, suffix: str) -> Path:
+        """``<directory>/sources/<source id>.<suffix>``; an id that is not a plain file
+        name is replaced by its hash, so no config value can point outside the directory."""
+        name = self.id
+        if not _SAFE_NAME.fullmatch(name):
+            name = "src-" + hashlib.sha256(name.encode()).hexdigest()[:16]
+        return directory / "sources" / f"{name}.{suffix}"

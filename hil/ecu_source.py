@@ -21,6 +21,8 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
 from typing import Self
 
 import can
@@ -83,6 +85,15 @@ class HilEcuSource(ObdCanSource):
         if self._sim_bus is not None:
             self._sim_bus.shutdown()
             self._sim_bus = None
+
+    def attach_state(self, directory: Path) -> None:
+        """As a real source does; and the simulated car, restarted with the agent, goes on
+        from the odometer the agent saw last (a real car does not reset its odometer when
+        the agent restarts). ``core.odometer_offset_km`` still injects a tampered cluster."""
+        super().attach_state(directory)
+        saved = self.odometer_keeper.saved if self.odometer_keeper else None
+        if saved is not None and self.simulator is None:
+            self.core.profile = replace(self.core.profile, odometer_start_km=saved)
 
     async def run(self, emit: Emit) -> None:
         try:

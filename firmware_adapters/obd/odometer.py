@@ -14,6 +14,11 @@ signs it like a reading):
 
 The monitor never drops a value: it reports and carries on from the new value, so one event
 marks one discontinuity (not every reading after it).
+
+Across a restart of the agent (``restore(km)``, the last value the source saved in the state
+directory, see :mod:`firmware_adapters.obd.odometer_file`) only a decrease is judged: the
+car may have been driven while the agent was off, but never backwards. That is the classic
+fraud: unplug the box, clock the cluster back, plug it in again.
 """
 
 from __future__ import annotations
@@ -36,6 +41,17 @@ class OdometerMonitor:
     _current_kmh: float | None = None
     _asleep_ns: int = 0
     _sleep_started: int | None = None
+    _restored_km: float | None = None
+
+    @property
+    def last_km(self) -> float | None:
+        """The last accepted odometer value (what a source saves across restarts)."""
+        return self._last_km
+
+    def restore(self, km: float) -> None:
+        """The last value seen before the agent (re)started: the next value is judged
+        against it for a decrease only."""
+        self._restored_km = km
 
     def speed(self, kmh: float) -> None:
         self._current_kmh = kmh
@@ -54,7 +70,14 @@ class OdometerMonitor:
     def odometer(self, km: float, now: int, ts_ns: int) -> Event | None:
         last = self._last_km
         if last is None:
+            restored, self._restored_km = self._restored_km, None
             self._accept(km, now)
+            if restored is not None and km < restored - 0.1:
+                return Event("odometer-decreased",
+                             f"odometer went from {restored} km (before the agent started) "
+                             f"to {km} km", ts_ns, self.source,
+                             (("from_m", round(restored * 1000)), ("to_m", round(km * 1000)),
+                              ("across_restart", 1)))
             return None
         event = None
         if km < last - 0.1:

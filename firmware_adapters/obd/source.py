@@ -13,10 +13,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
 from agent.errors import AdapterError, AdapterUnavailable, DecodeError
 from firmware_adapters.base import Clock, Emit, Source, system_clock
 from firmware_adapters.obd.odometer import OdometerMonitor
+from firmware_adapters.obd.odometer_file import OdometerKeeper
 from firmware_adapters.obd.scheduler import Plan, Poller
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,15 @@ class PollingSource(Source):
         self.poller = Poller(source=source_id, counters=self.counters,
                              odometer=OdometerMonitor(source_id, slack_km=slack_km),
                              **poll)  # type: ignore[arg-type]
+        self.odometer_keeper: OdometerKeeper | None = None
+
+    def attach_state(self, directory: Path) -> None:
+        """Keep the odometer's last value across restarts (see odometer_file)."""
+        assert self.poller.odometer is not None
+        self.odometer_keeper = OdometerKeeper(self.poller.odometer,
+                                              self.state_file(directory, "odometer"),
+                                              self.counters)
+        self.odometer_keeper.restore()
 
     @abc.abstractmethod
     async def _open(self) -> None:
@@ -48,6 +59,13 @@ class PollingSource(Source):
         """Send one request; return ECU number -> complete answer payload."""
 
     async def run(self, emit: Emit) -> None:
+        try:
+            await self._run(emit)
+        finally:
+            if self.odometer_keeper is not None:
+                self.odometer_keeper.checkpoint(force=True)
+
+    async def _run(self, emit: Emit) -> None:
         delay = RECONNECT_MIN_S
         while True:
             try:
@@ -81,3 +99,5 @@ class PollingSource(Source):
             for item in self.poller.on_answers(plan, answers, time.monotonic_ns(), ts_ns,
                                                status):
                 await emit(item)
+            if self.odometer_keeper is not None:
+                self.odometer_keeper.checkpoint()

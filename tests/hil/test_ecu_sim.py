@@ -177,3 +177,26 @@ def test_profile_with_zero_length_segments() -> None:
     p = DrivingProfile((Segment(0, 0, 30), Segment(10, 30, 30)))
     assert p.state(5).speed_kmh == 30
     assert DrivingProfile((Segment(0, 0, 0),)).state(3).odometer_km == p.odometer_start_km
+
+
+def test_odometer_clocked_back_while_the_agent_was_off_is_caught(tmp_path) -> None:
+    """The agent saves the odometer's last value in its state directory. Restarted on a
+    car that went on from there, it is silent; restarted on a car whose cluster was clocked
+    back in between, the first value is a signed ``odometer-decreased`` event."""
+    options = {"pids": {"ODOMETER": 0.05, "SPEED": 0.05}, "read_vin": False,
+               "time_scale": 20.0}
+
+    def run_once(offset_km: float, readings: int) -> list[object]:
+        src = HilEcuSource.from_options("car", options, "t")
+        src.attach_state(tmp_path)  # as the runtime does, before run
+        src.core.odometer_offset_km = offset_km
+        return asyncio.run(collect(  # type: ignore[return-value]
+            src, lambda xs: len(named(xs, "Vehicle.TraveledDistance")) >= readings, 20))
+
+    first = run_once(0.0, 3)
+    saved = float((tmp_path / "sources" / "car.odometer").read_text())
+    assert saved == named(first, "Vehicle.TraveledDistance")[-1].value  # type: ignore[arg-type]
+    assert events(run_once(0.0, 3)) == []  # type: ignore[arg-type]  # the car went on: silent
+    tampered = run_once(-2_000.0, 2)
+    (event,) = events(tampered)  # type: ignore[arg-type]
+    assert event.code == "odometer-decreased" and dict(event.details)["across_restart"] == 1
