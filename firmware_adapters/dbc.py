@@ -50,6 +50,7 @@ from agent.readings import VEHICLE_SIGNALS, Event, Reading, TimeStatus
 from firmware_adapters.base import Clock, Emit, Source, system_clock
 from firmware_adapters.obd.can_driver import bus_kwargs
 from firmware_adapters.obd.odometer import OdometerMonitor
+from firmware_adapters.obd.odometer_file import OdometerKeeper
 from firmware_adapters.obd.options import Options
 
 NS = 1_000_000_000
@@ -163,6 +164,14 @@ class DbcSource(Source):
         decoder.counters = self.counters
         decoder.source = source_id
         self.odometer = OdometerMonitor(source_id)
+        self.odometer_keeper: OdometerKeeper | None = None
+
+    def attach_state(self, directory: Path) -> None:
+        """Keep the odometer's last value across restarts (see obd/odometer_file)."""
+        self.odometer_keeper = OdometerKeeper(self.odometer,
+                                              self.state_file(directory, "odometer"),
+                                              self.counters)
+        self.odometer_keeper.restore()
 
     @classmethod
     def from_options(cls, source_id: str, options: Mapping[str, object], where: str) -> Self:
@@ -178,6 +187,13 @@ class DbcSource(Source):
         return cls(source_id, bus_kwargs(o), decoder)
 
     async def run(self, emit: Emit) -> None:
+        try:
+            await self._run(emit)
+        finally:
+            if self.odometer_keeper is not None:
+                self.odometer_keeper.checkpoint(force=True)
+
+    async def _run(self, emit: Emit) -> None:
         delay = 0.2
         while True:
             try:
@@ -226,6 +242,8 @@ class DbcSource(Source):
                 wake.clear()
                 while frames:
                     await self._handle(frames.popleft(), emit)
+                if self.odometer_keeper is not None:
+                    self.odometer_keeper.checkpoint()
             self.counters["io-bus-read"] += 1
         finally:
             stop.set()

@@ -146,3 +146,46 @@ def test_source_on_a_virtual_bus_with_a_cantools_peer() -> None:
 
 async def _append(items: list[Reading | Event], item: Reading | Event) -> None:
     items.append(item)
+
+
+def test_odometer_clocked_back_between_two_runs_is_caught(tmp_path: Path) -> None:
+    """The DBC source keeps the odometer's last value in the state directory, so the
+    first value after a restart is judged against it (a decrease only)."""
+    db = cantools.database.load_file(str(DBC))
+    message = db.get_message_by_name("Cluster_Odometer")
+
+    def run_once(km: float) -> list[Reading | Event]:
+        channel = f"dbc-{uuid.uuid4().hex}"
+        src = DbcSource.from_options("body", {"dbc": str(DBC), "interface": "virtual",
+                                              "channel": channel, "signals": MAP}, "car.toml")
+        src.attach_state(tmp_path)
+        peer = can.Bus(interface="virtual", channel=channel)
+
+        async def scenario() -> list[Reading | Event]:
+            got: list[Reading | Event] = []
+            task = asyncio.create_task(src.run(lambda x: _append(got, x)))
+            await asyncio.sleep(0.2)
+            peer.send(can.Message(arbitration_id=message.frame_id,
+                                  is_extended_id=message.is_extended_frame,
+                                  data=message.encode({"Odometer": km, "AmbientTemp": 18})))
+            for _ in range(100):
+                if any(getattr(g, "name", "") == "Vehicle.TraveledDistance" for g in got):
+                    break
+                await asyncio.sleep(0.02)
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            return got
+
+        try:
+            return asyncio.run(scenario())
+        finally:
+            peer.shutdown()
+
+    assert [g for g in run_once(1000.0) if isinstance(g, Event)] == []
+    assert (tmp_path / "sources" / "body.odometer").read_text() == "1000.0\n"
+    assert [g for g in run_once(1010.0) if isinstance(g, Event)] == []  # driven meanwhile
+    (event,) = [g for g in run_once(400.0) if isinstance(g, Event)]
+    assert event.code == "odometer-decreased" and dict(event.details)["across_restart"] == 1
