@@ -123,8 +123,8 @@ class ChannelDriver:
     def execute(self, actions: list[Action]) -> None:
         """Carry out the effects of one core step, in order after every earlier step: its
         records are written (fsync'd when the core says so) before its messages are
-        published and its events reported. A step that needs an fsync goes to the disk
-        thread together with every step queued behind it (group commit), and the loop goes
+        published and its events reported. A step that needs an fsync goes to the fsync
+        helper together with every step queued behind it (group commit), and the loop goes
         on: the core keeps answering while the disk flushes, and the steps made meanwhile
         share the next fsync. Writing a record earlier than the core asked is always safe;
         publishing earlier never happens."""
@@ -237,6 +237,7 @@ class ChannelDriver:
         in a crash); the timer and the fsync helper end."""
         self._stopped = True
         self._steps.clear()
+        self._drained.set()  # nothing more will be carried out: flush() must not wait
         if self._timer is not None:
             self._timer.cancel()
             self._timer = self._timer_at = None
