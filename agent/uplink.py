@@ -371,7 +371,6 @@ class Uplink:
         # Set on exit, besides cancelling the task: Python 3.11's asyncio.wait_for (which
         # aiomqtt uses for SUBACK and the like) can swallow a cancel that arrives as its
         # future completes (CPython gh-86296); the uplink then served on forever.
-        self._closing = False
         self._closed = asyncio.Event()
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -388,7 +387,6 @@ class Uplink:
                 fut = client.publish_nowait(self.config.status_topic,
                                             self._status("offline"), True)
                 await asyncio.wait_for(fut, 2.0)
-        self._closing = True
         self._closed.set()
         if self._task is not None:
             self._task.cancel()
@@ -406,7 +404,7 @@ class Uplink:
         v5, v311 = aiomqtt.ProtocolVersion.V5, aiomqtt.ProtocolVersion.V311
         auto = self.config.protocol == "auto"
         protocol = v311 if self.config.protocol == "3.1.1" else v5
-        while not self._closing:
+        while not self._closed.is_set():
             try:
                 await self._session(protocol)
             except UplinkError as exc:
@@ -421,7 +419,7 @@ class Uplink:
                     continue
                 if auto and protocol == v311 and self.epoch == 0:
                     protocol = v5
-            if self._closing:
+            if self._closed.is_set():
                 return
             delay = self._backoff.next()
             self.counters["reconnect_waits"] += 1
@@ -553,14 +551,14 @@ class Uplink:
                 self.last_error = exc
                 log.warning("uplink: %s", exc)
         # Incoming messages go straight to _receive (see _Client._on_message); here we
-        # only wait for the connection to end, or for our exit (see _closing). asyncio.wait,
+        # only wait for the connection to end, or for our exit (see _closed). asyncio.wait,
         # not await: a cancel must not cancel aiomqtt's own future.
         closed = asyncio.ensure_future(self._closed.wait())
         try:
             await asyncio.wait({client.disconnected, closed}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             closed.cancel()
-        if self._closing:
+        if self._closed.is_set():
             return
         client.disconnected.result()  # raises the MqttError of an unexpected disconnect
         raise UplinkError("connection closed", reason="disconnected")

@@ -47,10 +47,10 @@ import cantools.database
 
 from agent.errors import AdapterUnavailable, ConfigError, DecodeError
 from agent.readings import VEHICLE_SIGNALS, Event, Reading, TimeStatus
-from firmware_adapters.base import Clock, Emit, Source, system_clock
+from firmware_adapters.base import Clock, Emit, system_clock
 from firmware_adapters.obd.can_driver import bus_kwargs
 from firmware_adapters.obd.odometer import OdometerMonitor
-from firmware_adapters.obd.odometer_file import OdometerKeeper
+from firmware_adapters.obd.odometer_file import OdometerSource
 from firmware_adapters.obd.options import Options
 
 NS = 1_000_000_000
@@ -153,7 +153,7 @@ def _rule(sig: Any, key: str, spec: object, where: str) -> SignalRule:
                       o.bool("change_only", False))
 
 
-class DbcSource(Source):
+class DbcSource(OdometerSource):
     kind = "dbc"
 
     def __init__(self, source_id: str, bus: Mapping[str, Any], decoder: DbcDecoder, *,
@@ -164,14 +164,6 @@ class DbcSource(Source):
         decoder.counters = self.counters
         decoder.source = source_id
         self.odometer = OdometerMonitor(source_id)
-        self.odometer_keeper: OdometerKeeper | None = None
-
-    def attach_state(self, directory: Path) -> None:
-        """Keep the odometer's last value across restarts (see obd/odometer_file)."""
-        self.odometer_keeper = OdometerKeeper(self.odometer,
-                                              self.state_file(directory, "odometer"),
-                                              self.counters)
-        self.odometer_keeper.restore()
 
     @classmethod
     def from_options(cls, source_id: str, options: Mapping[str, object], where: str) -> Self:
@@ -185,13 +177,6 @@ class DbcSource(Source):
                               expected="a readable DBC file", found=str(path)) from exc
         decoder = DbcDecoder.from_map(db, o.mapping("signals", {}), where, source_id)
         return cls(source_id, bus_kwargs(o), decoder)
-
-    async def run(self, emit: Emit) -> None:
-        try:
-            await self._run(emit)
-        finally:
-            if self.odometer_keeper is not None:
-                self.odometer_keeper.checkpoint(force=True)
 
     async def _run(self, emit: Emit) -> None:
         delay = 0.2
@@ -242,8 +227,7 @@ class DbcSource(Source):
                 wake.clear()
                 while frames:
                     await self._handle(frames.popleft(), emit)
-                if self.odometer_keeper is not None:
-                    self.odometer_keeper.checkpoint()
+                self._save_odometer()
             self.counters["io-bus-read"] += 1
         finally:
             stop.set()

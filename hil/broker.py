@@ -251,16 +251,7 @@ class Mosquitto:
         return self
 
     def _signal(self, signum: int, timeout_s: float) -> None:
-        if self._proc is None or self.pid is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signum)
-        try:
-            self._proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-            self._proc.wait(5)
+        _end(self._proc, signum, timeout_s)
         self._proc, self.pid = None, None
 
     def save(self, timeout_s: float = 5.0) -> None:
@@ -326,17 +317,22 @@ class EmbeddedBroker:
         return self
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        if self._proc is None or self.pid is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGTERM)
-        try:
-            self._proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-            self._proc.wait(5)
+        _end(self._proc, signal.SIGTERM, timeout_s)
         self._proc, self.pid = None, None
+
+
+def _end(proc: subprocess.Popen[bytes] | None, signum: int, timeout_s: float) -> None:
+    """Send ``signum`` to a broker process and reap it; SIGKILL if it outlives the wait."""
+    if proc is None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signum)
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(5)
 
 
 def start_broker(directory: Path, options: BrokerOptions | None = None) -> Mosquitto | EmbeddedBroker:

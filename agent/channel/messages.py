@@ -210,23 +210,32 @@ def to_be_signed(domain: Domain, msg_type: int, body: dict[int, object]) -> byte
 # body's bytes, encoded once (sending) or sliced from the message (receiving): two CBOR
 # encodings fewer per message. tests/agent/channel/test_messages.py checks the splice
 # against the plain encodings above.
-_TBS_PREFIXES: dict[tuple[Domain, int], bytes] = {}
 _SIG_TAIL = len(dcbor.dumps(bytes(64)))  # a 64-byte bstr: 2-byte head + 64
 
 
-def _tbs_prefix(domain: Domain, msg_type: int) -> bytes:
-    prefix = _TBS_PREFIXES.get((domain, msg_type))
+def _prefix(cache: dict[tuple[object, ...], bytes], head: bytes,
+            items: tuple[object, ...]) -> bytes:
+    """``head`` + the deterministic CBOR of each item, cached (a channel asks for the same
+    few on every message; the bound keeps hostile channel ids from growing it)."""
+    prefix = cache.get(items)
     if prefix is None:
-        if len(_TBS_PREFIXES) > 256:
-            _TBS_PREFIXES.clear()
-        prefix = b"\x86" + b"".join(dcbor.dumps(x) for x in (
-            CHANNEL_DOMAIN, int(msg_type), domain.chain_id, domain.contract, domain.channel_id))
-        _TBS_PREFIXES[(domain, msg_type)] = prefix
+        if len(cache) > 256:
+            cache.clear()
+        prefix = cache[items] = head + b"".join(dcbor.dumps(x) for x in items)
     return prefix
 
 
+_TBS_PREFIXES: dict[tuple[object, ...], bytes] = {}
+_WIRE_PREFIXES: dict[tuple[object, ...], bytes] = {}
+
+
+def _tbs_prefix(domain: Domain, msg_type: int) -> bytes:
+    return _prefix(_TBS_PREFIXES, b"\x86", (CHANNEL_DOMAIN, int(msg_type), domain.chain_id,
+                                            domain.contract, domain.channel_id))
+
+
 def _wire_prefix(msg_type: int, channel_id: bytes, kid: bytes) -> bytes:
-    return b"\x85" + dcbor.dumps(int(msg_type)) + dcbor.dumps(channel_id) + dcbor.dumps(kid)
+    return _prefix(_WIRE_PREFIXES, b"\x85", (int(msg_type), channel_id, kid))
 
 
 def encode(domain: Domain, msg_type: MsgType, body: dict[int, object], identity: object) -> bytes:

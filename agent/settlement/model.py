@@ -15,14 +15,13 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from eth_hash.auto import keccak
-
 from agent import dcbor
 from agent.channel.state import (
     ChannelState,
     abi_encode_static,
     check_balances,
     check_state_signature,
+    keccak,
 )
 from agent.errors import MalformedEnvelope
 

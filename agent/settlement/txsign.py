@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import rlp
-from eth_hash.auto import keccak
+
+from agent.channel.state import keccak
 
 
 class DigestSigner(Protocol):

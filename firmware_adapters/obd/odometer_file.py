@@ -1,8 +1,9 @@
 """The odometer's last value, kept in the state directory across agent restarts.
 
 Without it, the odometer monitor starts blank after every restart, and a cluster clocked
-back while the agent was off (or unplugged) goes unseen. A source that has an
-:class:`~firmware_adapters.obd.odometer.OdometerMonitor` keeps one of these::
+back while the agent was off (or unplugged) goes unseen. A source that feeds an
+:class:`~firmware_adapters.obd.odometer.OdometerMonitor` derives from :class:`OdometerSource`,
+which keeps an :class:`OdometerKeeper`::
 
     keeper = OdometerKeeper(monitor, state_dir / "sources" / f"{source_id}.odometer")
     keeper.restore()        # at start: the monitor judges the first value against it
@@ -18,12 +19,14 @@ baseline only means this one restart is not judged.
 
 from __future__ import annotations
 
+import abc
 import logging
 import math
 import os
 from collections import Counter
 from pathlib import Path
 
+from firmware_adapters.base import Emit, Source
 from firmware_adapters.obd.odometer import OdometerMonitor
 
 log = logging.getLogger(__name__)
@@ -84,3 +87,33 @@ class OdometerKeeper:
             log.warning("cannot save odometer state %s: %s", self.path, exc.strerror)
             return
         self._saved = km
+
+
+class OdometerSource(Source):
+    """A source with an odometer monitor (``self.odometer``) whose last value survives
+    restarts: ``attach_state`` restores it, ``_save_odometer`` after readings saves it,
+    and ``run`` (around the subclass's ``_run``) saves it once more when the source stops."""
+
+    odometer: OdometerMonitor
+    odometer_keeper: OdometerKeeper | None = None
+
+    def attach_state(self, directory: Path) -> None:
+        self.odometer_keeper = OdometerKeeper(self.odometer,
+                                              self.state_file(directory, "odometer"),
+                                              self.counters)
+        self.odometer_keeper.restore()
+
+    async def run(self, emit: Emit) -> None:
+        try:
+            await self._run(emit)
+        finally:
+            if self.odometer_keeper is not None:
+                self.odometer_keeper.checkpoint(force=True)
+
+    @abc.abstractmethod
+    async def _run(self, emit: Emit) -> None:
+        """What ``run`` does: poll or listen until cancelled."""
+
+    def _save_odometer(self) -> None:
+        if self.odometer_keeper is not None:
+            self.odometer_keeper.checkpoint()

@@ -13,12 +13,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
-from pathlib import Path
 
 from agent.errors import AdapterError, AdapterUnavailable, DecodeError
-from firmware_adapters.base import Clock, Emit, Source, system_clock
+from firmware_adapters.base import Clock, Emit, system_clock
 from firmware_adapters.obd.odometer import OdometerMonitor
-from firmware_adapters.obd.odometer_file import OdometerKeeper
+from firmware_adapters.obd.odometer_file import OdometerSource
 from firmware_adapters.obd.scheduler import Plan, Poller
 
 log = logging.getLogger(__name__)
@@ -26,25 +25,16 @@ RECONNECT_MIN_S = 0.2
 RECONNECT_MAX_S = 30.0
 
 
-class PollingSource(Source):
+class PollingSource(OdometerSource):
     """A Source that polls OBD-II through a transport given by the subclass."""
 
     def __init__(self, source_id: str, poll: Mapping[str, object], *,
                  slack_km: float = 0.5, clock: Clock = system_clock) -> None:
         super().__init__(source_id, clock)
         self.rx_errors: list[DecodeError] = []  # transport-level faults of the last exchange
+        self.odometer = OdometerMonitor(source_id, slack_km=slack_km)
         self.poller = Poller(source=source_id, counters=self.counters,
-                             odometer=OdometerMonitor(source_id, slack_km=slack_km),
-                             **poll)  # type: ignore[arg-type]
-        self.odometer_keeper: OdometerKeeper | None = None
-
-    def attach_state(self, directory: Path) -> None:
-        """Keep the odometer's last value across restarts (see odometer_file)."""
-        assert self.poller.odometer is not None
-        self.odometer_keeper = OdometerKeeper(self.poller.odometer,
-                                              self.state_file(directory, "odometer"),
-                                              self.counters)
-        self.odometer_keeper.restore()
+                             odometer=self.odometer, **poll)  # type: ignore[arg-type]
 
     @abc.abstractmethod
     async def _open(self) -> None:
@@ -57,13 +47,6 @@ class PollingSource(Source):
     @abc.abstractmethod
     async def _exchange(self, plan: Plan) -> dict[int, bytes]:
         """Send one request; return ECU number -> complete answer payload."""
-
-    async def run(self, emit: Emit) -> None:
-        try:
-            await self._run(emit)
-        finally:
-            if self.odometer_keeper is not None:
-                self.odometer_keeper.checkpoint(force=True)
 
     async def _run(self, emit: Emit) -> None:
         delay = RECONNECT_MIN_S
@@ -99,5 +82,4 @@ class PollingSource(Source):
             for item in self.poller.on_answers(plan, answers, time.monotonic_ns(), ts_ns,
                                                status):
                 await emit(item)
-            if self.odometer_keeper is not None:
-                self.odometer_keeper.checkpoint()
+            self._save_odometer()

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from agent.errors import ConfigError, DecodeError
 from agent.readings import Event, Reading
 from firmware_adapters.dbc import DbcDecoder, DbcSource
+from tests.firmware_adapters.obd.peers import collect
 
 DBC = Path(__file__).parent.parent / "data" / "dbc" / "ev_test.dbc"
 SOC = "Vehicle.Powertrain.TractionBattery.StateOfCharge.Current"
@@ -162,21 +163,16 @@ def test_odometer_clocked_back_between_two_runs_is_caught(tmp_path: Path) -> Non
         peer = can.Bus(interface="virtual", channel=channel)
 
         async def scenario() -> list[Reading | Event]:
-            got: list[Reading | Event] = []
-            task = asyncio.create_task(src.run(lambda x: _append(got, x)))
-            await asyncio.sleep(0.2)
-            peer.send(can.Message(arbitration_id=message.frame_id,
-                                  is_extended_id=message.is_extended_frame,
-                                  data=message.encode({"Odometer": km, "AmbientTemp": 18})))
-            for _ in range(100):
-                if any(getattr(g, "name", "") == "Vehicle.TraveledDistance" for g in got):
-                    break
-                await asyncio.sleep(0.02)
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+            async def send() -> None:  # once the source listens
+                await asyncio.sleep(0.2)
+                peer.send(can.Message(arbitration_id=message.frame_id,
+                                      is_extended_id=message.is_extended_frame,
+                                      data=message.encode({"Odometer": km, "AmbientTemp": 18})))
+
+            sender = asyncio.create_task(send())
+            got = await collect(src, lambda xs: any(
+                getattr(g, "name", "") == "Vehicle.TraveledDistance" for g in xs), 10)
+            await sender
             return got
 
         try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import signal
 from pathlib import Path
@@ -12,15 +11,6 @@ import pytest
 
 from agent.channel.disk import FsyncHelper
 from agent.errors import SpoolError
-
-
-def run(coro_fn):  # type: ignore[no-untyped-def]
-    """Run an async test body in its own event loop (the suite does not use pytest-asyncio)."""
-
-    @functools.wraps(coro_fn)
-    def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
-        return asyncio.run(coro_fn(*args, **kwargs))
-    return wrapper
 
 
 async def _wait(futures: list[asyncio.Future[BaseException | None]]) -> list[object]:
@@ -33,8 +23,11 @@ def _callback(loop: asyncio.AbstractEventLoop
     return fut, fut.set_result
 
 
-@run
-async def test_every_sync_is_answered_in_order(tmp_path: Path) -> None:
+def test_every_sync_is_answered_in_order(tmp_path: Path) -> None:
+    asyncio.run(_every_sync_is_answered_in_order(tmp_path))
+
+
+async def _every_sync_is_answered_in_order(tmp_path: Path) -> None:
     loop = asyncio.get_running_loop()
     fd = os.open(tmp_path / "store", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     helper = FsyncHelper(fd)
@@ -55,8 +48,11 @@ async def test_every_sync_is_answered_in_order(tmp_path: Path) -> None:
     assert helper._proc.returncode == 0  # ended on the closed pipe, not killed
 
 
-@run
-async def test_a_failing_fdatasync_fails_every_waiting_step() -> None:
+def test_a_failing_fdatasync_fails_every_waiting_step() -> None:
+    asyncio.run(_a_failing_fdatasync_fails_every_waiting_step())
+
+
+async def _a_failing_fdatasync_fails_every_waiting_step() -> None:
     """fdatasync on a pipe fails with EINVAL: a real error from the kernel, reported with
     its errno text, never a silent success."""
     loop = asyncio.get_running_loop()
@@ -77,8 +73,11 @@ async def test_a_failing_fdatasync_fails_every_waiting_step() -> None:
     assert "fdatasync failed" in str(errors[0]) and os.strerror(22) in str(errors[0])
 
 
-@run
-async def test_a_killed_helper_fails_what_waits_and_what_comes(tmp_path: Path) -> None:
+def test_a_killed_helper_fails_what_waits_and_what_comes(tmp_path: Path) -> None:
+    asyncio.run(_a_killed_helper_fails_what_waits_and_what_comes(tmp_path))
+
+
+async def _a_killed_helper_fails_what_waits_and_what_comes(tmp_path: Path) -> None:
     loop = asyncio.get_running_loop()
     fd = os.open(tmp_path / "store", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     helper = FsyncHelper(fd)
@@ -98,9 +97,11 @@ async def test_a_killed_helper_fails_what_waits_and_what_comes(tmp_path: Path) -
 
 
 @pytest.mark.parametrize("pending", [0, 5])
-@run
-async def test_close_ends_the_helper(tmp_path: Path, pending: int) -> None:
-    loop = asyncio.get_running_loop()
+def test_close_ends_the_helper(tmp_path: Path, pending: int) -> None:
+    asyncio.run(_close_ends_the_helper(tmp_path, pending))
+
+
+async def _close_ends_the_helper(tmp_path: Path, pending: int) -> None:
     fd = os.open(tmp_path / "store", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     helper = FsyncHelper(fd)
     called: list[object] = []
@@ -111,4 +112,3 @@ async def test_close_ends_the_helper(tmp_path: Path, pending: int) -> None:
     await asyncio.sleep(0.05)
     os.close(fd)
     assert called == [] and helper._proc.returncode is not None
-    del loop
