@@ -135,8 +135,8 @@ def _read_record(path: str) -> dict[str, object]:
 
 
 def cmd_registry_add(args: argparse.Namespace) -> int:
+    from agent.fleet_keys import FleetRegistry
     from agent.keys import fingerprint
-    from agent.registry import FleetRegistry
 
     registry = FleetRegistry.load_or_empty(args.registry)
     entry = registry.add_record(_read_record(args.record))
@@ -147,7 +147,7 @@ def cmd_registry_add(args: argparse.Namespace) -> int:
 
 
 def cmd_registry_revoke(args: argparse.Namespace) -> int:
-    from agent.registry import FleetRegistry
+    from agent.fleet_keys import FleetRegistry
 
     registry = FleetRegistry.load(args.registry)
     try:
@@ -163,8 +163,8 @@ def cmd_registry_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_registry_show(args: argparse.Namespace) -> int:
+    from agent.fleet_keys import FleetRegistry
     from agent.keys import fingerprint
-    from agent.registry import FleetRegistry
 
     registry = FleetRegistry.load(args.registry)
     for entry in sorted(registry.keys.values(), key=lambda e: (e.device, e.added_ns)):
@@ -179,7 +179,7 @@ def cmd_registry_show(args: argparse.Namespace) -> int:
 # --- verify, config, demo -----------------------------------------------------------------
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from agent.registry import FleetRegistry
+    from agent.fleet_keys import FleetRegistry
     from agent.verify import verify_capture
 
     registry = FleetRegistry.load(args.registry)
@@ -233,19 +233,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     text, code = status_summary(resolve_status_path(args.config, args.file))
     print(text)
     return code
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    import importlib
-
-    # The demo lives with the simulators in hil/; reached by name so that the core never
-    # depends on them (DESIGN s2 import rules).
-    try:
-        demo = importlib.import_module("hil.demo")
-    except ModuleNotFoundError as exc:
-        raise ConfigError(f"the demo needs the {exc.name!r} package: "
-                          "pip install 'ev-edge-agent[demo]'") from None
-    return demo.run_demo(args)
 
 
 # --- parser -------------------------------------------------------------------------------
@@ -338,29 +325,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(cfg_sub, "check", cmd_config_check, "validate a config file and say what is wrong")
     p.add_argument("file")
 
-    from agent.settlement.commands import register as register_channel  # no web3 import here
-
-    register_channel(sub)
-
-    p = add(sub, "demo", cmd_demo, "run a whole simulated session on embedded defaults and "
-            "verify every envelope (no hardware, no config)")
-    p.add_argument("--out", type=Path, default=Path("demo-out"),
-                   help="directory for the capture, registry and report (default: ./demo-out)")
-    p.add_argument("--energy-wh", type=int, default=None,
-                   help="energy to charge in Wh (default 3000)")
-    _register_by_name(sub, "hil.runner")  # edge-agent hil run|list
+    _register_plugins(sub)
     return parser
 
 
-def _register_by_name(sub: argparse._SubParsersAction, module: str) -> None:
-    """Subcommands that live outside the core (hil/), reached by name like the demo; left
-    out when that part is not installed."""
-    import importlib
+COMMANDS_GROUP = "edge_agent.commands"
 
-    try:
-        importlib.import_module(module).register(sub)
-    except ModuleNotFoundError:
-        pass
+
+def _register_plugins(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Command groups registered as entry points (``edge_agent.commands``): the channel
+    commands, and the demo and HIL commands that live with the simulators in hil/ (the
+    core never imports hil, DESIGN s2). A group whose module needs a package that is not
+    installed is left out (``edge-agent demo`` needs the demo extra); a bug inside one of
+    our own modules is not hidden."""
+    from importlib.metadata import entry_points
+
+    for entry in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        try:
+            register = entry.load()
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").partition(".")[0] in ("agent", "firmware_adapters", "hil", ""):
+                raise
+            continue
+        register(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,11 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.registry import FleetRegistry
-from agent.uplink import TOPIC_ROOT, MqttConfig, Uplink
+from agent.fleet_keys import FleetRegistry
+from agent.topics import ROOT
+from agent.uplink import MqttConfig, Uplink
 from agent.verify import Verifier, VerifyReport
 
-TOPICS = (f"{TOPIC_ROOT}/+/telemetry", f"{TOPIC_ROOT}/+/event")
+TOPICS = (f"{ROOT}/+/telemetry", f"{ROOT}/+/event")
 
 
 @dataclass

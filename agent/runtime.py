@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from agent import __version__
+from agent.backoff import Backoff
 from agent.config import Config, load_config
 from agent.envelope import Sealer
 from agent.errors import (
@@ -61,7 +62,7 @@ from agent.status import (
     status_path,
 )
 from agent.telemetry import Pipeline, SpoolWorker
-from agent.uplink import Backoff, MqttConfig, Uplink
+from agent.uplink import MqttConfig, Uplink
 from firmware_adapters.base import Source
 from firmware_adapters.registry import source_class
 

@@ -41,9 +41,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from agent.config import Table
 from agent.envelope import GENESIS, KIND_DROP, KIND_EVENT, KIND_TELEMETRY, SealedEnvelope
 from agent.errors import SpoolError
+from agent.options import Table
 
 KIND_CHANNEL = "channel"
 DROPPABLE = frozenset({KIND_TELEMETRY})

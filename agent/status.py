@@ -20,7 +20,7 @@ Rules:
 
 The JSON codec (:func:`to_json_value` / :func:`from_json_value`) handles the shapes these
 dataclasses use (int, float, str, bool, None unions, tuples, ``dict[str, int]``, nested
-dataclasses); ``agent.report`` uses it for the session record.
+dataclasses); ``hil.report`` uses it for the session record.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from agent.config import Table
 from agent.errors import DecodeError, EdgeAgentError
+from agent.options import Table
 
 STATUS_VERSION = 1
 STATUS_FILE = "status.json"

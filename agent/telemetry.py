@@ -40,12 +40,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from agent.backoff import Backoff
 from agent.config import BatchConfig
 from agent.envelope import Batcher, Sealer
 from agent.errors import SpoolError, UplinkError
 from agent.readings import Event, Reading
 from agent.spool import Outgoing, Spool
-from agent.uplink import RETRY_PAUSE_S, Backoff, Uplink, event_topic, telemetry_topic
+from agent.topics import event_topic, telemetry_topic
+from agent.uplink import RETRY_PAUSE_S, Uplink
 
 log = logging.getLogger("edge_agent.telemetry")
 T = TypeVar("T")

@@ -57,33 +57,14 @@ from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.config import Table
+from agent.backoff import Backoff
 from agent.errors import ConfigError, UplinkError
+from agent.options import Table
+from agent.topics import status_topic
 
 log = logging.getLogger("edge_agent.uplink")
 
-TOPIC_ROOT = "evedge/v1"
 RETRY_PAUSE_S = 0.05
-ROLES = ("ev", "cs")
-
-
-def telemetry_topic(device_id: str) -> str:
-    return f"{TOPIC_ROOT}/{device_id}/telemetry"
-
-
-def event_topic(device_id: str) -> str:
-    return f"{TOPIC_ROOT}/{device_id}/event"
-
-
-def status_topic(device_id: str) -> str:
-    return f"{TOPIC_ROOT}/{device_id}/status"
-
-
-def channel_topic(channel_id: str, role: str) -> str:
-    """``evedge/v1/channel/<channel id hex>/<role>``: messages FROM ``role`` (ev or cs)."""
-    if not channel_id or any(c in channel_id for c in "/+#"):
-        raise ValueError(f"channel id {channel_id!r} is not a topic level")
-    return f"{TOPIC_ROOT}/channel/{channel_id}/{role}"
 
 
 # --------------------------------------------------------------------------- config
@@ -155,30 +136,6 @@ class MqttConfig:
         if (value.ca_file or value.cert_file) and not value.tls:
             raise table.error("url", "mqtts:// when ca_file/cert_file are set", url)
         return value
-
-
-# --------------------------------------------------------------------------- back-off
-
-
-class Backoff:
-    """Capped exponential back-off with jitter ("equal jitter": half fixed, half random, so
-    a fleet that lost its broker at one instant does not come back at one instant, and no
-    wait is ever near zero). Sans-I/O: the caller sleeps."""
-
-    def __init__(self, initial_s: float, cap_s: float, rng: random.Random | None = None):
-        if not 0 < initial_s <= cap_s:
-            raise ValueError("0 < initial_s <= cap_s")
-        self.initial_s, self.cap_s = initial_s, cap_s
-        self._rng = rng or random.Random()
-        self.attempt = 0
-
-    def next(self) -> float:
-        ceiling = min(self.cap_s, self.initial_s * 2 ** min(self.attempt, 32))
-        self.attempt += 1
-        return ceiling / 2 + self._rng.uniform(0, ceiling / 2)
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 # --------------------------------------------------------------------------- client

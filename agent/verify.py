@@ -39,7 +39,7 @@ from agent.errors import (
     RevokedKey,
     UnknownKey,
 )
-from agent.registry import FleetRegistry
+from agent.fleet_keys import FleetRegistry
 
 # Start of every envelope on the wire: tag 18 (0xd2), array of 4 (0x84). Used to resync a
 # capture after a damaged item.

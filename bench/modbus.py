@@ -4,8 +4,8 @@ A snapshot is every register of the map, read with the blocks the planner makes,
 plausibility-checked and emitted as readings: the whole ModbusRtuSource/ModbusTcpSource
 path against the pymodbus meter simulator.
 
-The meter simulator (``python -m hil.meter_sim``) runs in its own process, as a meter is its
-own device. RTU runs over ``hil.line_sim`` (its own process too, so its pacing thread does
+The meter simulator (``python -m hil.sim.meter``) runs in its own process, as a meter is its
+own device. RTU runs over ``hil.sim.line`` (its own process too, so its pacing thread does
 not share the measured process's GIL), which delivers bytes no faster than the line and keeps the
 3.5-character silence between frames. The wire limit is computed for the same frames:
 per block, 8 request bytes + 5 + 2N reply bytes at ``bits_per_char / baud`` each, plus two
@@ -60,7 +60,7 @@ def _wait_for(*paths: str) -> None:
 
 def _start_meter(map_name: str, *where: str) -> tuple[subprocess.Popen[bytes], str]:
     """The meter simulator in its own process, as a real meter is its own device."""
-    process = subprocess.Popen([sys.executable, "-m", "hil.meter_sim", "--map", map_name,
+    process = subprocess.Popen([sys.executable, "-m", "hil.sim.meter", "--map", map_name,
                                 "--profile", "0:7000", *where], stdout=subprocess.PIPE)
     assert process.stdout is not None
     line = process.stdout.readline().decode().strip()
@@ -95,7 +95,7 @@ def _rtu_with_meter(map_name: str, agent: str, meter: str, baud: int, seconds: f
 
 def rtu_paced(map_name: str, baud: int, seconds: float, folder: Path) -> float:
     agent, meter = str(folder / f"agent{baud}"), str(folder / f"meter{baud}")
-    relay = subprocess.Popen([sys.executable, "-m", "hil.line_sim", "--baudrate", str(baud),
+    relay = subprocess.Popen([sys.executable, "-m", "hil.sim.line", "--baudrate", str(baud),
                               agent, meter], stdout=subprocess.DEVNULL)
     try:
         _wait_for(agent, meter)

@@ -44,7 +44,7 @@ from firmware_adapters.base import Source  # noqa: E402
 from firmware_adapters.obd.can_driver import ObdCanSource  # noqa: E402
 from firmware_adapters.obd.pids import PIDS_BY_KEY  # noqa: E402
 from firmware_adapters.obd.serial_driver import Elm327Source  # noqa: E402
-from hil.ecu_sim import EcuSimCore, EcuSimulator  # noqa: E402
+from hil.sim.ecu import EcuSimCore, EcuSimulator  # noqa: E402
 
 SIX = ("ENGINE_LOAD", "COOLANT_TEMP", "RPM", "SPEED", "INTAKE_TEMP", "THROTTLE_POS")
 NAMES = {PIDS_BY_KEY[k].name for k in SIX}

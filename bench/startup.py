@@ -155,7 +155,7 @@ def source_first_reading_s() -> float:
     """In this process: a fresh ``hil-ecu`` source's ``run`` to its first Reading (OBD-II
     discovery of supported PIDs and the VIN come first: the source's share of start-up)."""
     from agent.readings import Reading
-    from hil.ecu_source import HilEcuSource
+    from hil.sim.ecu_source import HilEcuSource
 
     async def measure() -> float:
         source = HilEcuSource.from_options("car", {}, "bench")

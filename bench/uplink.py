@@ -76,7 +76,8 @@ async def run_agent(url: str, n: int, batch: int, seed: bytes, spool_path: Path)
     from agent.readings import Reading
     from agent.spool import Spool, SpoolConfig
     from agent.telemetry import Pipeline, SpoolWorker
-    from agent.uplink import MqttConfig, Uplink, status_topic
+    from agent.topics import status_topic
+    from agent.uplink import MqttConfig, Uplink
 
     spool = Spool.open(SpoolConfig(spool_path))
     sealer = Sealer(IdentityKey(seed), DEVICE, os.urandom(16), spool.next_seq, spool.head)
@@ -171,8 +172,8 @@ def main() -> None:
                                                bytes.fromhex(args.seed), Path(args.spool)))))
         return
 
+    from agent.fleet_keys import FleetRegistry
     from agent.keys import IdentityKey, SettlementKey, provisioning_record
-    from agent.registry import FleetRegistry
     from agent.verify import Verifier
     from hil.broker import BrokerOptions, Mosquitto
 

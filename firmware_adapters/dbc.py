@@ -46,12 +46,12 @@ import cantools
 import cantools.database
 
 from agent.errors import AdapterUnavailable, ConfigError, DecodeError
+from agent.options import Table
 from agent.readings import VEHICLE_SIGNALS, Event, Reading, TimeStatus
 from firmware_adapters.base import Clock, Emit, system_clock
 from firmware_adapters.obd.can_driver import bus_kwargs
 from firmware_adapters.obd.odometer import OdometerMonitor
 from firmware_adapters.obd.odometer_file import OdometerSource
-from firmware_adapters.obd.options import Options
 
 NS = 1_000_000_000
 BATCH_MAX = 512
@@ -143,13 +143,13 @@ def _rule(sig: Any, key: str, spec: object, where: str) -> SignalRule:
         raise ConfigError(file=where, key=f"signals.{key}",
                           expected="a VSS name or {name, min_interval_s, change_only}",
                           found=spec)
-    o = Options(spec, where, f"signals.{key}")
-    name = o.str("name")
+    o = Table(spec, where, f"signals.{key}")
+    name = o.nonempty_str("name")
     if name not in VEHICLE_SIGNALS:
         raise ConfigError(file=where, key=f"signals.{key}.name",
                           expected="a name from agent.readings.VEHICLE_SIGNALS", found=name)
     return SignalRule(sig.name, name, VEHICLE_SIGNALS[name].unit,
-                      int(o.float("min_interval_s", 0.0, 0.0, 86400.0) * NS),
+                      int(o.float("min_interval_s", 0.0, min=0.0, max=86400.0) * NS),
                       o.bool("change_only", False))
 
 
@@ -167,9 +167,9 @@ class DbcSource(OdometerSource):
 
     @classmethod
     def from_options(cls, source_id: str, options: Mapping[str, object], where: str) -> Self:
-        o = Options(options, where, f"sources.{source_id}")
-        o.check_keys({"dbc", "signals", "interface", "channel", "bitrate", "bus_options"})
-        path = Path(o.str("dbc"))
+        o = Table.source(options, where, source_id)
+        o.reject_unknown({"dbc", "signals", "interface", "channel", "bitrate", "bus_options"})
+        path = Path(o.nonempty_str("dbc"))
         try:
             db = cantools.database.load_file(str(path), database_format="dbc")
         except (OSError, cantools.database.UnsupportedDatabaseFormatError) as exc:

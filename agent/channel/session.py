@@ -57,9 +57,9 @@ from agent.channel.station import StationChannel
 from agent.channel.store import ChannelStore
 from agent.channel.vehicle import VehicleChannel
 from agent.errors import ChannelError, EdgeAgentError, LocalProtocolError, UplinkError
+from agent.topics import channel_topic
 
 log = logging.getLogger(__name__)
-TOPIC_ROOT = "evedge/v1/channel"
 
 
 class Incoming(Protocol):
@@ -80,7 +80,7 @@ class Transport(Protocol):
 
 
 def topic_for(channel_id: bytes, role: Role) -> str:
-    return f"{TOPIC_ROOT}/{channel_id.hex()}/{role.value}"
+    return channel_topic(channel_id.hex(), role.value)
 
 
 def open_channel(cls: type[StationChannel] | type[VehicleChannel], store: ChannelStore,

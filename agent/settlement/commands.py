@@ -69,7 +69,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 def _settings(args: argparse.Namespace) -> tuple[SettlementConfig, str, bytes, Path | None]:
     """Config file first, command-line options over it."""
-    from agent.config import Table, load_config
+    from agent.config import load_config
+    from agent.options import Table
 
     state_dir = args.state_dir
     table = Table({}, "(command line)", "settlement")

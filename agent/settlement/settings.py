@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.config import Table
+from agent.options import Table
 
 _ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 

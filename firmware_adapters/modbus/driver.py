@@ -35,14 +35,15 @@ from pymodbus import FramerType
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException
 
+from agent.backoff import Backoff
 from agent.errors import (
     AdapterError,
     AdapterIOError,
     AdapterTimeout,
     AdapterUnavailable,
-    ConfigError,
     DecodeError,
 )
+from agent.options import Table
 from agent.readings import Event, Reading
 from firmware_adapters.base import Clock, Emit, Source, system_clock
 from firmware_adapters.modbus.plausibility import PlausibilityChecker
@@ -266,15 +267,15 @@ class ModbusSource(Source):
         self._connected = False
 
     async def run(self, emit: Emit) -> None:
-        backoff = self.poll.backoff_initial_s
+        backoff = Backoff(self.poll.backoff_initial_s,
+                          max(self.poll.backoff_max_s, self.poll.backoff_initial_s))
         try:
             while True:
                 started = time.monotonic()
                 if not await self.ensure_line(emit):
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, self.poll.backoff_max_s)
+                    await asyncio.sleep(backoff.next())
                     continue
-                backoff = self.poll.backoff_initial_s
+                backoff.reset()
                 await self.poll_once(emit)
                 await asyncio.sleep(max(0.0, self.poll.interval_s - (time.monotonic() - started)))
         finally:
@@ -389,14 +390,14 @@ class ModbusRtuSource(ModbusSource):
 
     @classmethod
     def from_options(cls, source_id: str, options: Mapping[str, object], where: str) -> Self:
-        opts = _Options(options, where, f"sources.{source_id}")
-        port = opts.str("port", None)
-        line = LineFormat(baudrate=opts.int("baudrate", 9600, 300, 921_600),
-                          bytesize=opts.int("bytesize", 8, 7, 8),
+        opts = Table.source(options, where, source_id)
+        port = opts.nonempty_str("port")
+        line = LineFormat(baudrate=opts.int("baudrate", 9600, min=300, max=921_600),
+                          bytesize=opts.int("bytesize", 8, min=7, max=8),
                           parity=opts.choice("parity", "N", ("N", "E", "O")),
-                          stopbits=opts.int("stopbits", 1, 1, 2))
-        poll = opts.poll()
-        meters = opts.meters()
+                          stopbits=opts.int("stopbits", 1, min=1, max=2))
+        poll = poll_config(opts)
+        meters = meter_configs(opts)
         opts.reject_unknown()
         return cls(source_id, RtuLink(port, line, poll), meters, poll)
 
@@ -408,105 +409,52 @@ class ModbusTcpSource(ModbusSource):
 
     @classmethod
     def from_options(cls, source_id: str, options: Mapping[str, object], where: str) -> Self:
-        opts = _Options(options, where, f"sources.{source_id}")
-        host = opts.str("host", None)
-        port = opts.int("port", 502, 1, 65535)
-        poll = opts.poll()
-        meters = opts.meters()
+        opts = Table.source(options, where, source_id)
+        host = opts.nonempty_str("host")
+        port = opts.int("port", 502, min=1, max=65535)
+        poll = poll_config(opts)
+        meters = meter_configs(opts)
         opts.reject_unknown()
         return cls(source_id, TcpLink(host, port, poll), meters, poll)
 
 
-class _Options:
-    """Validates a source's options (firmware_adapters may not import agent.config)."""
+def poll_config(opts: Table) -> PollConfig:
+    return PollConfig(interval_s=opts.float("interval_s", 1.0, min=0.0, max=3600.0),
+                      timeout_s=opts.float("timeout_s", 0.5, min=0.01, max=60.0),
+                      retries=opts.int("retries", 1, min=0, max=10),
+                      backoff_initial_s=opts.float("backoff_initial_s", 0.2, min=0.01, max=60.0),
+                      backoff_max_s=opts.float("backoff_max_s", 10.0, min=0.01, max=3600.0),
+                      silent_after=opts.int("silent_after", 3, min=1, max=1000))
 
-    def __init__(self, data: Mapping[str, object], where: str, prefix: str) -> None:
-        if not isinstance(data, Mapping):
-            raise ConfigError(file=where, key=prefix, expected="a table", found=data)
-        self.data, self.where, self.prefix = data, where, prefix
-        self.used: set[str] = {"id", "kind"}
 
-    def error(self, key: str, expected: str, found: object) -> ConfigError:
-        return ConfigError(file=self.where, key=f"{self.prefix}.{key}", expected=expected,
-                           found=found)
+def meter_configs(opts: Table) -> tuple[MeterConfig, ...]:
+    """``meters = [{unit = 1, map = "sdm630"}, ...]``, or ``unit`` + ``map`` for one."""
+    if "meters" in opts.data:
+        rows = opts.list("meters")
+        if not rows:
+            raise opts.error("meters", "a non-empty array of {unit, map} tables", rows)
+        found = [_meter(Table(row, opts.where, f"{opts.key('meters')}[{i}]"), single=False)
+                 for i, row in enumerate(rows)]
+    else:
+        found = [_meter(opts, single=True)]
+    units = [m.unit for m in found]
+    if len(set(units)) != len(units):
+        raise opts.error("meters", "distinct unit ids", units)
+    return tuple(found)
 
-    def get(self, key: str, default: object) -> object:
-        self.used.add(key)
-        if key in self.data:
-            return self.data[key]
-        if default is None:
-            raise self.error(key, "a value (the key is required)", None)
-        return default
 
-    def str(self, key: str, default: str | None) -> str:
-        value = self.get(key, default)
-        if not isinstance(value, str) or not value:
-            raise self.error(key, "a non-empty string", value)
-        return value
-
-    def int(self, key: str, default: int | None, low: int, high: int) -> int:
-        value = self.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise self.error(key, f"an integer in [{low}, {high}]", value)
-        return value
-
-    def float(self, key: str, default: float, low: float, high: float) -> float:
-        value = self.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int | float) \
-                or not low <= value <= high:
-            raise self.error(key, f"a number in [{low}, {high}]", value)
-        return float(value)
-
-    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
-        value = self.get(key, default)
-        if value not in choices:
-            raise self.error(key, "one of " + ", ".join(choices), value)
-        return value  # type: ignore[return-value]
-
-    def poll(self) -> PollConfig:
-        return PollConfig(interval_s=self.float("interval_s", 1.0, 0.0, 3600.0),
-                          timeout_s=self.float("timeout_s", 0.5, 0.01, 60.0),
-                          retries=self.int("retries", 1, 0, 10),
-                          backoff_initial_s=self.float("backoff_initial_s", 0.2, 0.01, 60.0),
-                          backoff_max_s=self.float("backoff_max_s", 10.0, 0.01, 3600.0),
-                          silent_after=self.int("silent_after", 3, 1, 1000))
-
-    def meters(self) -> tuple[MeterConfig, ...]:
-        """``meters = [{unit = 1, map = "sdm630"}, ...]``, or ``unit`` + ``map`` for one."""
-        if "meters" in self.data:
-            rows = self.get("meters", None)
-            if not isinstance(rows, list) or not rows:
-                raise self.error("meters", "a non-empty array of {unit, map} tables", rows)
-            found = [self._meter(row, f"meters[{i}]") for i, row in enumerate(rows)]
-        else:
-            found = [self._meter({"unit": self.get("unit", 1), "map": self.get("map", None)},
-                                 "")]
-        units = [m.unit for m in found]
-        if len(set(units)) != len(units):
-            raise self.error("meters", "distinct unit ids", units)
-        return tuple(found)
-
-    def _meter(self, row: object, key: str) -> MeterConfig:
-        if not isinstance(row, Mapping):
-            raise self.error(key, "a table with unit and map", row)
-        sub = _Options(row, self.where, f"{self.prefix}.{key}" if key else self.prefix)
-        sub.used = {"unit", "map", "label"}
-        unit = sub.int("unit", 1, 1, 247)
-        spec = sub.get("map", None)
-        if isinstance(spec, str):
-            meter_map = load_map(spec)
-        elif isinstance(spec, Mapping):
-            meter_map = map_from_table(spec, f"{self.where} ({sub.prefix}.map)")
-        else:
-            raise sub.error("map", "a map name, a .toml path or an inline map table", spec)
-        label = sub.str("label", f"{meter_map.model} #{unit}")
-        unknown = sorted(set(row) - sub.used)
-        if unknown:
-            raise sub.error(unknown[0], "a known key (unit, map, label)", unknown[0])
-        return MeterConfig(unit, meter_map, label)
-
-    def reject_unknown(self) -> None:
-        unknown = sorted(set(self.data) - self.used)
-        if unknown:
-            raise self.error(unknown[0], "a known key", f"unknown key {unknown[0]!r}")
-
+def _meter(sub: Table, single: bool) -> MeterConfig:
+    """One meter: a row of ``meters``, or (``single``) the source table itself."""
+    unit = sub.int("unit", 1, min=1, max=247)
+    spec = sub.raw("map")
+    if isinstance(spec, str):
+        meter_map = load_map(spec)
+    elif isinstance(spec, Mapping):
+        meter_map = map_from_table(spec, f"{sub.where} ({sub.key('map')})")
+    else:
+        raise sub.error("map", "a map name, a .toml path or an inline map table", spec)
+    if single:
+        return MeterConfig(unit, meter_map, f"{meter_map.model} #{unit}")
+    label = sub.nonempty_str("label", f"{meter_map.model} #{unit}")
+    sub.reject_unknown()
+    return MeterConfig(unit, meter_map, label)

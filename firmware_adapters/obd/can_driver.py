@@ -29,8 +29,9 @@ from typing import Any, Self
 import can
 
 from agent.errors import AdapterIOError, AdapterUnavailable, ConfigError
+from agent.options import Table
 from firmware_adapters.base import Clock, system_clock
-from firmware_adapters.obd.options import POLL_KEYS, Options, poll_settings
+from firmware_adapters.obd.options import POLL_KEYS, poll_settings
 from firmware_adapters.obd.requester import CAN_11, Addressing, Frame, Transaction
 from firmware_adapters.obd.scheduler import Plan
 from firmware_adapters.obd.source import PollingSource
@@ -39,13 +40,13 @@ CAN_KEYS = {"interface", "channel", "bitrate", "addressing", "request", "ecu", "
             "bus_options"}
 
 
-def bus_kwargs(o: Options) -> dict[str, Any]:
+def bus_kwargs(o: Table) -> dict[str, Any]:
     """python-can ``Bus`` arguments from a source table (shared with ``dbc`` and ``hil-ecu``)."""
-    kwargs: dict[str, Any] = {"interface": o.str("interface"), "channel": o.str("channel")}
-    bitrate = o.opt_int("bitrate", 10_000, 1_000_000)
+    kwargs: dict[str, Any] = {"interface": o.nonempty_str("interface"), "channel": o.nonempty_str("channel")}
+    bitrate = o.opt_int("bitrate", min=10_000, max=1_000_000)
     if bitrate is not None:
         kwargs["bitrate"] = bitrate
-    extra = o.table.get("bus_options", {})
+    extra = o.data.get("bus_options", {})
     if not isinstance(extra, Mapping) or not all(
             isinstance(k, str) and isinstance(v, str | int | float | bool)
             for k, v in extra.items()):
@@ -73,15 +74,15 @@ class ObdCanSource(PollingSource):
 
     @classmethod
     def from_options(cls, source_id: str, options: Mapping[str, object], where: str) -> Self:
-        o = Options(options, where, f"sources.{source_id}")
-        o.check_keys(CAN_KEYS | POLL_KEYS)
+        o = Table.source(options, where, source_id)
+        o.reject_unknown(CAN_KEYS | POLL_KEYS)
         return cls(source_id, bus_kwargs(o), poll_settings_for_can(o),
                    addressing=Addressing(o.choice("addressing", 11, (11, 29))),  # type: ignore[arg-type]
-                   target=o.int("ecu", 0, 0, 255)
+                   target=o.int("ecu", 0, min=0, max=255)
                    if o.choice("request", "functional", ("functional", "physical")) == "physical"
                    else None,
-                   window_ns=o.int("response_timeout_ms", 100, 10, 10_000) * 1_000_000,
-                   slack_km=o.float("slack_km", 0.5, 0.0, 100.0))
+                   window_ns=o.int("response_timeout_ms", 100, min=10, max=10_000) * 1_000_000,
+                   slack_km=o.float("slack_km", 0.5, min=0.0, max=100.0))
 
     async def _open(self) -> None:
         # Only response ids reach us: a car's bus carries thousands of broadcast frames/s.
@@ -147,7 +148,7 @@ class ObdCanSource(PollingSource):
         return tx.answers
 
 
-def poll_settings_for_can(o: Options) -> dict[str, object]:
+def poll_settings_for_can(o: Table) -> dict[str, object]:
     settings = poll_settings(o)
-    settings["max_pids"] = o.int("max_pids", 6, 1, 6)
+    settings["max_pids"] = o.int("max_pids", 6, min=1, max=6)
     return settings

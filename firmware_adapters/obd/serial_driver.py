@@ -33,9 +33,10 @@ from agent.errors import (
     DecodeError,
     OversizeInput,
 )
+from agent.options import Table
 from firmware_adapters.base import Clock, system_clock
 from firmware_adapters.obd import elm327
-from firmware_adapters.obd.options import POLL_KEYS, Options, poll_settings
+from firmware_adapters.obd.options import POLL_KEYS, poll_settings
 from firmware_adapters.obd.requester import Addressing, Transaction
 from firmware_adapters.obd.scheduler import Plan
 from firmware_adapters.obd.source import PollingSource
@@ -64,15 +65,15 @@ class Elm327Source(PollingSource):
 
     @classmethod
     def from_options(cls, source_id: str, options: Mapping[str, object], where: str) -> Self:
-        o = Options(options, where, f"sources.{source_id}")
-        o.check_keys(ELM_KEYS | POLL_KEYS)
+        o = Table.source(options, where, source_id)
+        o.reject_unknown(ELM_KEYS | POLL_KEYS)
         poll = poll_settings(o)
-        poll["max_pids"] = o.int("max_pids", 6, 1, 6)
-        return cls(source_id, o.str("port"), poll,
-                   baudrate=o.int("baudrate", 38400, 1200, 4_000_000),
-                   command_timeout_s=o.int("command_timeout_ms", 2000, 50, 60_000) / 1000,
-                   max_timeouts=o.int("max_timeouts", 3, 1, 100),
-                   slack_km=o.float("slack_km", 0.5, 0.0, 100.0))
+        poll["max_pids"] = o.int("max_pids", 6, min=1, max=6)
+        return cls(source_id, o.nonempty_str("port"), poll,
+                   baudrate=o.int("baudrate", 38400, min=1200, max=4_000_000),
+                   command_timeout_s=o.int("command_timeout_ms", 2000, min=50, max=60_000) / 1000,
+                   max_timeouts=o.int("max_timeouts", 3, min=1, max=100),
+                   slack_km=o.float("slack_km", 0.5, min=0.0, max=100.0))
 
     # ------------------------------------------------------------------ transport
     async def _open(self) -> None:

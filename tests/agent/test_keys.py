@@ -14,6 +14,7 @@ from agent.errors import (
     RevokedKey,
     UnknownKey,
 )
+from agent.fleet_keys import FleetRegistry
 from agent.keys import (
     IdentityKey,
     KeyStore,
@@ -21,7 +22,6 @@ from agent.keys import (
     record_from_json,
     record_to_json,
 )
-from agent.registry import FleetRegistry
 
 
 def test_init_writes_0600_files_and_refuses_to_overwrite(tmp_path):

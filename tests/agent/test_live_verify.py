@@ -3,11 +3,12 @@
 import asyncio
 
 from agent.envelope import Sealer
+from agent.fleet_keys import FleetRegistry
 from agent.keys import IdentityKey, SettlementKey, provisioning_record
 from agent.live_verify import verify_mqtt
 from agent.readings import Reading
-from agent.registry import FleetRegistry
-from agent.uplink import MqttConfig, Uplink, event_topic, telemetry_topic
+from agent.topics import event_topic, telemetry_topic
+from agent.uplink import MqttConfig, Uplink
 
 KEY = IdentityKey(bytes(range(32)))
 

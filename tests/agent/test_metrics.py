@@ -10,9 +10,9 @@ import socket
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.config import Table
 from agent.errors import ConfigError
 from agent.metrics import CONTENT_TYPE, MetricsConfig, MetricsServer, render_metrics
+from agent.options import Table
 from agent.status import (
     AgentStatus,
     ChannelStatus,

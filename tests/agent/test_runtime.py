@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from agent.fleet_keys import FleetRegistry
 from agent.keys import KeyStore
 from agent.live_verify import verify_mqtt
-from agent.registry import FleetRegistry
 from agent.status import read_status
 
 EDGE_AGENT = str(Path(sys.executable).parent / "edge-agent")

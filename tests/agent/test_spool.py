@@ -6,9 +6,9 @@ import pytest
 
 from agent.envelope import GENESIS, KIND_DROP, KIND_EVENT, KIND_TELEMETRY, Sealer
 from agent.errors import SpoolError
+from agent.fleet_keys import FleetRegistry
 from agent.keys import IdentityKey, SettlementKey, provisioning_record
 from agent.readings import Event, Reading
-from agent.registry import FleetRegistry
 from agent.spool import ROW_OVERHEAD_BYTES, Outgoing, Spool, SpoolConfig
 from agent.verify import Verifier
 
@@ -172,8 +172,8 @@ def test_head_behind_stored_seq_is_refused(tmp_path):
 
 
 def test_config_from_table_names_bad_keys(tmp_path):
-    from agent.config import Table
     from agent.errors import ConfigError
+    from agent.options import Table
 
     config = SpoolConfig.from_table(Table({"max_bytes": 1_000_000}, "a.toml", "spool"), tmp_path)
     assert config.path == tmp_path / "spool.sqlite" and config.max_bytes == 1_000_000

@@ -17,8 +17,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.config import Table
 from agent.errors import AdapterTimeout, ConfigError, DecodeError, EdgeAgentError
+from agent.options import Table
 from agent.sdnotify import Notifier
 from agent.status import (
     EXIT_NOT_RUNNING,

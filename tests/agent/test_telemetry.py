@@ -22,13 +22,14 @@ import pytest
 from agent.config import BatchConfig
 from agent.envelope import Sealer
 from agent.errors import UplinkError
+from agent.fleet_keys import FleetRegistry
 from agent.keys import IdentityKey, SettlementKey, provisioning_record
 from agent.live_verify import TOPICS, LiveVerifier, collect, mqtt_config
 from agent.readings import Event, Reading
-from agent.registry import FleetRegistry
 from agent.spool import Spool, SpoolConfig
 from agent.telemetry import Pipeline, SpoolWorker
-from agent.uplink import MqttConfig, Uplink, status_topic
+from agent.topics import status_topic
+from agent.uplink import MqttConfig, Uplink
 from hil.broker import AclRule, BrokerOptions, Mosquitto, free_port, make_pki
 
 KEY = IdentityKey(bytes(range(32)))

@@ -14,17 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import Table
+from agent.backoff import Backoff
 from agent.errors import ConfigError, UplinkError
 from agent.keys import IdentityKey
-from agent.uplink import (
-    Backoff,
-    MqttConfig,
-    Uplink,
-    channel_topic,
-    classify,
-    status_topic,
-)
+from agent.options import Table
+from agent.topics import channel_topic, status_topic
+from agent.uplink import MqttConfig, Uplink, classify
 from hil.broker import AclRule, BrokerOptions, EmbeddedBroker, Mosquitto, make_pki
 
 FAST = {"backoff_initial_s": 0.05, "backoff_max_s": 0.4, "connect_timeout_s": 3.0}

@@ -7,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.envelope import Sealer
+from agent.fleet_keys import FleetRegistry
 from agent.keys import IdentityKey, SettlementKey, provisioning_record
 from agent.readings import Reading
-from agent.registry import FleetRegistry
 from agent.verify import Verifier, verify_capture
 
 KEY = IdentityKey(bytes(range(32)))

@@ -25,12 +25,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from agent.config import BatchConfig, Config, DeviceConfig, Table, load_config, parse_config
+from agent.config import BatchConfig, Config, DeviceConfig, load_config, parse_config
 from agent.errors import ConfigError
+from agent.fleet_keys import FleetRegistry
 from agent.keys import KeyStore
 from agent.live_verify import verify_mqtt
 from agent.metrics import MetricsConfig
-from agent.registry import FleetRegistry
+from agent.options import Table
 from agent.runtime import build_sources
 from agent.settlement.settings import SettlementConfig
 from agent.spool import SpoolConfig
@@ -269,7 +270,7 @@ def keys_read(from_table, data: dict[str, object], *args: object) -> set[str]:
     """The keys a part's ``from_table`` reads, recorded by running it on ``data``."""
     table = Table(data, "probe", "probe")
     from_table(table, *args)
-    return set(table._used)
+    return set(table.used)
 
 
 def source_keys() -> dict[str, set[str]]:
@@ -282,9 +283,9 @@ def source_keys() -> dict[str, set[str]]:
     def modbus_keys(kind: str, options: dict[str, object]) -> set[str]:
         # The poll and meter keys are read back from the options reader; the line keys are
         # read by from_options itself (and its unknown-key error does not list them).
-        opts = modbus._Options(options, "probe", "probe")
-        opts.poll()
-        opts.meters()
+        opts = modbus.Table(options, "probe", "probe")
+        modbus.poll_config(opts)
+        modbus.meter_configs(opts)
         return opts.used - {"id", "kind"} | {"meters", "unit", "map"} | (
             {"port", "baudrate", "bytesize", "parity", "stopbits"} if kind == "modbus-rtu"
             else {"host", "port"})

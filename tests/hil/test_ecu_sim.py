@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from firmware_adapters.obd import pids as P
 from firmware_adapters.obd.can_driver import ObdCanSource
 from firmware_adapters.obd.isotp import Reassembler
-from hil.ecu_sim import DrivingProfile, EcuSimCore
-from hil.ecu_source import HilEcuSource
+from hil.sim.ecu import DrivingProfile, EcuSimCore
+from hil.sim.ecu_source import HilEcuSource
 from tests.firmware_adapters.obd.peers import collect, events, named
 
 
@@ -128,7 +128,7 @@ def free_udp_port() -> int:
 def test_two_processes_over_udp_multicast_with_ignition_off_and_on() -> None:
     port = free_udp_port()
     group = "239.74.163.2"  # administratively scoped (RFC 2365), TTL 1
-    proc = subprocess.Popen([sys.executable, "-m", "hil.ecu_sim", "--interface", "udp_multicast",
+    proc = subprocess.Popen([sys.executable, "-m", "hil.sim.ecu", "--interface", "udp_multicast",
                              "--channel", group, "--bus-option", f"port={port}"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
@@ -173,7 +173,7 @@ def test_core_survives_any_frame(arb_id: int, data: bytes, t: float) -> None:
 
 
 def test_profile_with_zero_length_segments() -> None:
-    from hil.ecu_sim import Segment
+    from hil.sim.ecu import Segment
     p = DrivingProfile((Segment(0, 0, 30), Segment(10, 30, 30)))
     assert p.state(5).speed_kmh == 30
     assert DrivingProfile((Segment(0, 0, 0),)).state(3).odometer_km == p.odometer_start_km

@@ -16,8 +16,8 @@ import pytest
 from firmware_adapters.modbus.driver import ModbusRtuSource
 from firmware_adapters.modbus.registers import load_map, plan_blocks
 from firmware_adapters.modbus.rtu import LineFormat
-from hil.line_sim import LineSimulator
-from hil.meter_sim import ChargingProfile, MeterSimulator
+from hil.sim.line import LineSimulator
+from hil.sim.meter import ChargingProfile, MeterSimulator
 
 
 def open_port(path: str) -> int:
@@ -107,7 +107,7 @@ def test_a_modbus_read_takes_its_wire_time(tmp_path: Path) -> None:
 
 def test_runs_as_a_process(tmp_path: Path) -> None:
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    process = subprocess.Popen([sys.executable, "-m", "hil.line_sim", "--baudrate", "19200",
+    process = subprocess.Popen([sys.executable, "-m", "hil.sim.line", "--baudrate", "19200",
                                 a, b], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert process.stdout is not None

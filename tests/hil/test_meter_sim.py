@@ -12,7 +12,7 @@ import pytest
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 
 from firmware_adapters.modbus.registers import load_map, plan_blocks
-from hil.meter_sim import ChargingProfile, Fault, ManualClock, MeterModel, MeterSimulator
+from hil.sim.meter import ChargingProfile, Fault, ManualClock, MeterModel, MeterSimulator
 from tests.firmware_adapters.modbus.support import SocatPair
 
 
@@ -161,7 +161,7 @@ async def read_once(port: str, unit: int) -> dict[str, int]:
 
 def test_runs_as_a_process() -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "hil.meter_sim", "--map", "abb_b23", "--tcp", "127.0.0.1:0",
+        [sys.executable, "-m", "hil.sim.meter", "--map", "abb_b23", "--tcp", "127.0.0.1:0",
          "--profile", "0:5000,10:-2000"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:

@@ -10,7 +10,7 @@ import pytest
 from agent.errors import ConfigError
 from agent.readings import Reading
 from firmware_adapters.registry import source_class
-from hil.meter_source import HilMeterSource
+from hil.sim.meter_source import HilMeterSource
 from tests.firmware_adapters.modbus.support import Sink
 
 

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import Table
 from agent.errors import ConfigError
-from agent.report import FaultWindow, RecordedReading, SessionRecord
-from hil.runner import DEFAULT_TIME_SCALE, resolve, run_scenario
-from hil.scenario import Scenario, builtin_scenarios, load_scenario, parse_scenario
-from hil.scenario_rig import stepped
+from agent.options import Table
+from hil.report import FaultWindow, RecordedReading, SessionRecord
+from hil.scenarios.rig import stepped
+from hil.scenarios.runner import DEFAULT_TIME_SCALE, resolve, run_scenario
+from hil.scenarios.scenario import Scenario, builtin_scenarios, load_scenario, parse_scenario
 
 ROOT = Path(__file__).resolve().parents[2]
 S = 1_000_000_000

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.config import Table
 from agent.errors import ConfigError
-from agent.report import (
+from agent.options import Table
+from hil.report import (
     Receipt,
     RecordedReading,
     Sample,
@@ -21,7 +21,7 @@ from agent.report import (
     SessionRecord,
     VerificationSummary,
 )
-from hil.scenario import (
+from hil.scenarios.scenario import (
     CHECKS,
     FAULTS,
     SCENARIO_DIR,

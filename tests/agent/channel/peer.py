@@ -5,7 +5,7 @@
 CONFIG (written by the test, throw-away test keys): role ("cs" or "ev"), broker port,
 identity seed / settlement secret (hex), the peer's public keys, salt, tariff, deposits,
 store path, result path; the station also gets ``target_wh`` and serves a simulated meter
-(hil.meter_sim, ABB B23 map, 10 Wh register resolution) over Modbus TCP on loopback, read by
+(hil.sim.meter, ABB B23 map, 10 Wh register resolution) over Modbus TCP on loopback, read by
 the real Modbus TCP source. Each second of simulated time at 36 kW is exactly 10 Wh; the
 simulated clock advances only while the channel allows delivery (credit window), which is
 the station's charger control. The result (final state, both signatures, counters, the
@@ -29,7 +29,7 @@ from agent.keys import IdentityKey, SettlementKey
 from agent.readings import Reading
 from agent.uplink import MqttConfig, Uplink
 from firmware_adapters.modbus.driver import ModbusTcpSource
-from hil.meter_sim import ChargingProfile, ManualClock, MeterSimulator
+from hil.sim.meter import ChargingProfile, ManualClock, MeterSimulator
 
 POWER_W = 36_000  # 10 Wh per simulated second
 

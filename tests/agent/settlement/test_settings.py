@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import Table
 from agent.errors import ConfigError
+from agent.options import Table
 from agent.settlement.settings import SendPolicy, SettlementConfig
 
 

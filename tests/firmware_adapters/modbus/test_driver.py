@@ -21,8 +21,8 @@ from firmware_adapters.modbus.registers import (
 )
 from firmware_adapters.modbus.rtu import LineFormat
 from firmware_adapters.registry import source_class
-from hil.line_sim import LineSimulator
-from hil.meter_sim import ChargingProfile, Fault, ManualClock, MeterSimulator
+from hil.sim.line import LineSimulator
+from hil.sim.meter import ChargingProfile, Fault, ManualClock, MeterSimulator
 from tests.firmware_adapters.modbus.support import Sink, SocatPair
 
 MAPS = ["sdm630", "sdm120", "abb_b23", "em340"]

@@ -13,7 +13,7 @@ import pytest
 from elm.obd_message import ObdMessage
 
 from firmware_adapters.obd.can_driver import ObdCanSource
-from hil.ecu_sim import EcuSimCore, EcuSimulator
+from hil.sim.ecu import EcuSimCore, EcuSimulator
 from tests.firmware_adapters.obd.peers import collect, emulator_values, events, named
 
 SIX = ("SPEED", "RPM", "COOLANT_TEMP", "ENGINE_LOAD", "INTAKE_TEMP", "THROTTLE_POS")

@@ -9,7 +9,7 @@ from firmware_adapters.obd.can_driver import ObdCanSource
 from firmware_adapters.obd.scheduler import NS
 from firmware_adapters.obd.serial_driver import Elm327Source
 from firmware_adapters.registry import source_class
-from hil.ecu_source import HilEcuSource
+from hil.sim.ecu_source import HilEcuSource
 
 
 @pytest.mark.parametrize(("kind", "cls"), [("obd-can", ObdCanSource), ("elm327", Elm327Source),

@@ -17,7 +17,7 @@ Use in-process (tests)::
         ...  # open /tmp/x/agent as the master's port, serve the meter on /tmp/x/meter
 
 or as a process (the benchmark, to keep the pacing thread off the measured process's GIL):
-``python -m hil.line_sim --baudrate 9600 /tmp/x/agent /tmp/x/meter``.
+``python -m hil.sim.line --baudrate 9600 /tmp/x/agent /tmp/x/meter``.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ class LineSimulator:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m hil.line_sim",
+    parser = argparse.ArgumentParser(prog="python -m hil.sim.line",
                                      description="Relay two ptys at a real serial line speed.")
     parser.add_argument("path_a")
     parser.add_argument("path_b")

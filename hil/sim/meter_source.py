@@ -35,7 +35,7 @@ from firmware_adapters.modbus.driver import (
     TcpLink,
 )
 from firmware_adapters.modbus.registers import load_map
-from hil.meter_sim import ChargingProfile, MeterSimulator
+from hil.sim.meter import ChargingProfile, MeterSimulator
 
 
 class ScaledClock:

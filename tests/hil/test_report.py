@@ -12,10 +12,11 @@ import pytest
 
 from agent.envelope import Sealer, open_envelope
 from agent.errors import DecodeError
+from agent.fleet_keys import FleetRegistry
 from agent.keys import KeyStore
 from agent.readings import Reading
-from agent.registry import FleetRegistry
-from agent.report import (
+from agent.verify import verify_capture
+from hil.report import (
     ExpectationResult,
     FaultWindow,
     Receipt,
@@ -32,7 +33,6 @@ from agent.report import (
     svg_chart,
     write_report,
 )
-from agent.verify import verify_capture
 
 S = 10**9
 T0 = 1_763_700_000 * S

@@ -1,8 +1,9 @@
-"""``edge-agent demo``: one whole charging session on embedded defaults (hil/rig.py), with
+"""``edge-agent demo``: one whole charging session on embedded defaults (hil/session/rig.py), with
 progress while charging, a receipt whose figures are cross-checked, and an HTML/JSON report.
 
-The CLI reaches this module by name (like the source registry's ``hil-*`` kinds), so the
-core package never depends on the simulators.
+``edge-agent demo`` reaches this module through hil/commands.py (an ``edge_agent.commands``
+entry point, as the source registry finds the ``hil-*`` kinds), so the core package never
+depends on the simulators.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from agent.report import write_report
-from hil.rig import TOKEN_DECIMALS, Rig, RigSettings
+from hil.report import write_report
+from hil.session.rig import TOKEN_DECIMALS, Rig, RigSettings
 
 
 def _money(amount: int) -> str:

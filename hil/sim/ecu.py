@@ -4,9 +4,9 @@ The answering logic (:class:`EcuSimCore`) is sans-I/O: CAN frames and a time in 
 frames out. Its value encoders are written from SAE J1979 here, independently of
 ``firmware_adapters.obd.pids`` (so a formula error on one side shows up as a test failure,
 not as two errors cancelling out). :class:`EcuSimulator` runs the core on a bus in a thread;
-``python -m hil.ecu_sim`` runs it as its own process::
+``python -m hil.sim.ecu`` runs it as its own process::
 
-    python -m hil.ecu_sim --interface udp_multicast --channel 239.74.163.2 \\
+    python -m hil.sim.ecu --interface udp_multicast --channel 239.74.163.2 \\
         --bus-option port=43113 --addressing 11 --ecus 2
 
 In that process SIGUSR1 turns the ignition off (the ECUs stop answering), SIGUSR2 turns it on
@@ -290,7 +290,7 @@ def _bus_option(text: str) -> tuple[str, object]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m hil.ecu_sim", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m hil.sim.ecu", description=__doc__.split("\n")[0])
     ap.add_argument("--interface", default="udp_multicast")
     ap.add_argument("--channel", default="239.74.163.2")
     ap.add_argument("--bus-option", action="append", default=[], type=_bus_option,

@@ -13,9 +13,9 @@ What runs (all real protocols on loopback, nothing mocked)::
 
 The session ends when the meter has delivered ``energy_wh``; the station closes the channel,
 the final co-signed state is settled on chain (cooperative close), the agents stop, and the
-result is a :class:`agent.report.SessionRecord` with the receipt and the verification.
+result is a :class:`hil.report.SessionRecord` with the receipt and the verification.
 
-Hooks for the HIL runner (hil/runner.py subclasses :class:`Rig`): ``session_over`` decides
+Hooks for the HIL runner (hil/scenarios/runner.py subclasses :class:`Rig`): ``session_over`` decides
 when the station stops metering, ``timeline`` runs beside the agents (fault injection),
 ``settle`` puts the final state on chain; ``rig.broker``, ``rig.chain`` and ``rig.agents``
 (each an :class:`Agent` that can be killed and restarted from its state directory) are
@@ -44,21 +44,14 @@ from agent.channel.session import open_channel, run_station, run_vehicle
 from agent.channel.station import StationChannel
 from agent.channel.store import ChannelStore
 from agent.channel.vehicle import VehicleChannel
-from agent.config import Config, Table, parse_config
+from agent.config import Config, parse_config
 from agent.envelope import OpenedEnvelope, open_envelope
 from agent.errors import ConfigError, EdgeAgentError
+from agent.fleet_keys import FleetRegistry
 from agent.keys import DeviceKeys, KeyStore
 from agent.live_verify import LiveVerifier, mqtt_config
+from agent.options import Table
 from agent.readings import Reading
-from agent.registry import FleetRegistry
-from agent.report import (
-    Receipt,
-    RecordedReading,
-    Sample,
-    SessionRecord,
-    VerificationSummary,
-    recorded_readings,
-)
 from agent.runtime import Runtime, SourceRunner, build_sources
 from agent.settlement.chain import InProcessChain
 from agent.settlement.client import SettlementClient
@@ -69,7 +62,15 @@ from agent.uplink import MqttConfig, Uplink
 from agent.verify import VerifyReport
 from firmware_adapters.base import Source
 from hil.broker import EmbeddedBroker, Mosquitto, start_broker
-from hil.ecu_source import HIL_PIDS
+from hil.report import (
+    Receipt,
+    RecordedReading,
+    Sample,
+    SessionRecord,
+    VerificationSummary,
+    recorded_readings,
+)
+from hil.sim.ecu_source import HIL_PIDS
 
 IMPORT_WH, EXPORT_WH, POWER_W = "1-0:1.8.0", "1-0:2.8.0", "1-0:16.7.0"
 METER_ID, ECU_ID = "meter0", "ecu0"     # the source ids HIL scenarios name
@@ -209,7 +210,7 @@ class Rig:
         self._estimate_base: int | None = None
         self.timed_out = False
 
-    # -- hooks for the HIL runner (hil/runner.py); the demo uses these defaults ----------
+    # -- hooks for the HIL runner (hil/scenarios/runner.py); the demo uses these defaults ----------
     def session_over(self, delivered_wh: int) -> bool:
         """The station stops metering (and closes the channel) once this holds."""
         return delivered_wh >= self.settings.energy_wh

@@ -10,7 +10,7 @@ Use it in-process (the demo, the payment channel, tests)::
 With ``clock=ManualClock()`` time moves only on ``sim.advance(seconds)``.
     await sim.stop()
 
-or as a process: ``python -m hil.meter_sim --map sdm630 --tcp 127.0.0.1:5020`` or
+or as a process: ``python -m hil.sim.meter --map sdm630 --tcp 127.0.0.1:5020`` or
 ``--serial /dev/pts/7 --baudrate 9600``.
 
 The meter's state is a pure model (:class:`MeterModel`): signed active power from the
@@ -410,7 +410,7 @@ def _resolve(path: str) -> str | None:
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m hil.meter_sim",
+    parser = argparse.ArgumentParser(prog="python -m hil.sim.meter",
                                      description="Serve a simulated kWh meter over Modbus.")
     parser.add_argument("--map", action="append", default=[],
                         help="map name or file; repeat for more meters (unit ids 1, 2, ...)")

@@ -1,9 +1,9 @@
 """The rig driven by a scenario: the profile on the simulators, each fault at its time, and
 a record of what really happened (fault windows as measured, the events checks look for).
 
-Scope: :class:`ScenarioRig` plugs into the hooks of :class:`hil.rig.Rig` (``timeline``,
-``session_over``, ``settle``); hil/runner.py builds it, judges the record and writes the
-report. Faults (hil/scenario.py FAULTS) and what the rig does for each::
+Scope: :class:`ScenarioRig` plugs into the hooks of :class:`hil.session.rig.Rig` (``timeline``,
+``session_over``, ``settle``); hil/scenarios/runner.py builds it, judges the record and writes the
+report. Faults (hil/scenarios/scenario.py FAULTS) and what the rig does for each::
 
     broker-outage      mosquitto stopped (SIGTERM), restarted on the same port afterwards
     meter-timeout      the meter simulator stops answering Modbus (Fault.SILENT), then clears
@@ -40,16 +40,16 @@ from pathlib import Path
 from agent.channel.protocol import Closed, Phase
 from agent.channel.records import CosignedRecord
 from agent.errors import ConfigError, SettlementError
-from agent.report import FaultWindow, SessionEvent, SessionRecord
 from agent.settlement.client import SettlementClient
 from agent.settlement.model import SignedState
 from agent.settlement.watchtower import Watchtower, WatchtowerService
 from firmware_adapters.base import Source
-from hil.ecu_sim import DrivingProfile, Segment
-from hil.meter_sim import ChargingProfile
-from hil.meter_sim import Fault as MeterFault
-from hil.rig import Rig, RigSettings, Settlement
-from hil.scenario import Fault, Profile, Scenario
+from hil.report import FaultWindow, SessionEvent, SessionRecord
+from hil.scenarios.scenario import Fault, Profile, Scenario
+from hil.session.rig import Rig, RigSettings, Settlement
+from hil.sim.ecu import DrivingProfile, Segment
+from hil.sim.meter import ChargingProfile
+from hil.sim.meter import Fault as MeterFault
 
 # Signed events by which a source says its device stopped answering (source-timeout).
 TIMEOUT_EVENTS = {"meter-silent": None, "meter-read-failed": ("no-response", "timeout"),

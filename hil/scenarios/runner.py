@@ -8,10 +8,10 @@ Public API::
     record.passed          # True when every expectation held
     record.expectations    # one ExpectationResult (name, check, passed, detail) each
 
-``run_scenario`` drives :class:`hil.scenario_rig.ScenarioRig` (the demo's rig with the
+``run_scenario`` drives :class:`hil.scenarios.rig.ScenarioRig` (the demo's rig with the
 scenario's profile and faults), judges the record with the scenario scaled to the wall
-clock (:meth:`hil.scenario.Scenario.scaled`), and writes ``session.json`` and
-``session.html`` (agent/report.py) into ``out_dir``. The command prints one PASS/FAIL line
+clock (:meth:`hil.scenarios.scenario.Scenario.scaled`), and writes ``session.json`` and
+``session.html`` (hil/report.py) into ``out_dir``. The command prints one PASS/FAIL line
 per expectation and the report's path; it exits 0 when all pass, 1 otherwise.
 
 This module imports only the scenario format at load time, so ``edge-agent --help`` does
@@ -30,8 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from agent.errors import ConfigError
-from agent.report import SessionRecord, write_report
-from hil.scenario import Scenario, builtin_scenarios, load_scenario
+from hil.report import SessionRecord, write_report
+from hil.scenarios.scenario import Scenario, builtin_scenarios, load_scenario
 
 DEFAULT_TIME_SCALE = 10.0   # a 150 s scenario in ~15 s of charging (+ ~4 s of set-up)
 
@@ -51,7 +51,7 @@ async def run_scenario_async(scenario: Scenario, out_dir: Path, *,
                              time_scale: float = DEFAULT_TIME_SCALE,
                              say: Callable[[str], None] = lambda text: None,
                              timeout_s: float | None = None) -> SessionRecord:
-    from hil.scenario_rig import ScenarioRig  # the rig: web3, simulators (see module doc)
+    from hil.scenarios.rig import ScenarioRig  # the rig: web3, simulators (see module doc)
 
     if not time_scale > 0:
         raise ConfigError(key="time_scale", expected="a number > 0", found=time_scale)
@@ -120,7 +120,7 @@ def _positive(text: str) -> float:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """``edge-agent hil run|list`` (agent/cli.py calls this by name)."""
+    """``edge-agent hil run|list`` (registered through hil/commands.py)."""
     hil = subparsers.add_parser(
         "hil", help="hardware-in-the-loop scenarios: run one and judge its expectations",
         description="Run a scenario (hil/scenarios/*.toml, or a file) on the rig: broker, "

@@ -13,7 +13,7 @@ virtual bus. Needs no hardware and no files: the demo's vehicle source. Config::
 
 It emits at least ``Vehicle.Speed``, ``Vehicle.TraveledDistance`` and
 ``Vehicle.Powertrain.TractionBattery.StateOfCharge.Current``. ``source.simulator`` is the
-running :class:`~hil.ecu_sim.EcuSimulator` (set ``.ignition = False`` to park the car).
+running :class:`~hil.sim.ecu.EcuSimulator` (set ``.ignition = False`` to park the car).
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ from typing import Self
 
 import can
 
+from agent.options import Table
 from firmware_adapters.base import Clock, Emit, system_clock
 from firmware_adapters.obd.can_driver import ObdCanSource, poll_settings_for_can
-from firmware_adapters.obd.options import POLL_KEYS, Options
+from firmware_adapters.obd.options import POLL_KEYS
 from firmware_adapters.obd.requester import CAN_11, Addressing
-from hil.ecu_sim import EcuSimCore, EcuSimulator
+from hil.sim.ecu import EcuSimCore, EcuSimulator
 
 HIL_PIDS = {"SPEED": 1.0, "RPM": 1.0, "ODOMETER": 2.0, "HYBRID_BATTERY_REMAINING": 2.0,
             "AMBIANT_AIR_TEMP": 30.0, "CONTROL_MODULE_VOLTAGE": 30.0}
@@ -55,19 +56,19 @@ class HilEcuSource(ObdCanSource):
 
     @classmethod
     def from_options(cls, source_id: str, options: Mapping[str, object], where: str) -> Self:
-        o = Options(options, where, f"sources.{source_id}")
-        o.check_keys(POLL_KEYS | {"addressing", "ecus", "vin", "time_scale", "max_pids"})
+        o = Table.source(options, where, source_id)
+        o.reject_unknown(POLL_KEYS | {"addressing", "ecus", "vin", "time_scale", "max_pids"})
         table = dict(options)
         table.setdefault("pids", HIL_PIDS)
         table.setdefault("dtc_period_s", 60.0)
-        o = Options(table, where, o.prefix)
+        o = Table(table, where, o.prefix)
         bits = o.choice("addressing", 11, (11, 29))
-        core = EcuSimCore(addressing=bits, ecus=o.int("ecus", 1, 1, 2),  # type: ignore[arg-type]
-                          vin=o.str("vin", "WP0ZZZ99ZTS390000"))
+        core = EcuSimCore(addressing=bits, ecus=o.int("ecus", 1, min=1, max=2),  # type: ignore[arg-type]
+                          vin=o.nonempty_str("vin", "WP0ZZZ99ZTS390000"))
         return cls(source_id, poll_settings_for_can(o), addressing=Addressing(bits),  # type: ignore[arg-type]
-                   core=core, time_scale=o.float("time_scale", 1.0, 0.01, 1000.0),
-                   window_ns=o.int("response_timeout_ms", 50, 10, 10_000) * 1_000_000,
-                   slack_km=o.float("slack_km", 0.5, 0.0, 100.0))
+                   core=core, time_scale=o.float("time_scale", 1.0, min=0.01, max=1000.0),
+                   window_ns=o.int("response_timeout_ms", 50, min=10, max=10_000) * 1_000_000,
+                   slack_km=o.float("slack_km", 0.5, min=0.0, max=100.0))
 
     async def _open(self) -> None:
         if self.simulator is None:

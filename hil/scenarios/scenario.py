@@ -2,7 +2,7 @@
 
 Scope: the TOML format, its loader (every error a ConfigError naming file and key, through
 ``agent.config.Table``), and the evaluation of expectations against an
-:class:`agent.report.SessionRecord`. The runner (``edge-agent hil run``) drives the rig from
+:class:`hil.report.SessionRecord`. The runner (``edge-agent hil run``) drives the rig from
 a :class:`Scenario`, fills a SessionRecord and calls :meth:`Scenario.evaluate`; nothing here
 does I/O beyond reading the file, and time is always an argument.
 
@@ -47,10 +47,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.config import Table, load_toml
-from agent.report import ExpectationResult, FaultWindow, SessionRecord
+from agent.config import load_toml
+from agent.options import Table
+from hil.report import ExpectationResult, FaultWindow, SessionRecord
 
-SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
+SCENARIO_DIR = Path(__file__).resolve().parent
 S = 1_000_000_000
 
 ParamValue = int | float | str | bool

@@ -31,9 +31,10 @@ from pathlib import Path
 import tomli_w
 
 from agent.channel.state import eth_address
-from agent.config import Table, load_toml
+from agent.config import load_toml
 from agent.errors import ConfigError, RevokedKey, UnknownKey
 from agent.keys import check_record, key_id
+from agent.options import Table
 
 
 @dataclass(frozen=True, slots=True)
