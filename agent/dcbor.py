@@ -3,9 +3,10 @@
 Encoding uses cbor2's ``canonical=True`` (C extension, fast). cbor2 sorts map keys
 length-first (RFC 7049 s3.9), RFC 8949 s4.2.1 sorts them bytewise; the two orders agree
 whenever all keys of a map share one major type, which is the rule for every map this
-project builds (small unsigned ints in protocol structures, text in event details). The
-strict decoder below checks the RFC 8949 order, so a map that broke the rule would fail its
-own round trip in the tests.
+project builds (small unsigned ints in protocol structures, text in event details).
+``dumps`` enforces that rule and the value set ``loads`` accepts (no bignums, no types
+cbor2 would tag), so it never produces bytes its own decoder refuses: ValueError otherwise
+(a bug in the caller, not hostile input).
 
 Decoding is written by hand because no library does it well: cbor2 accepts long heads,
 indefinite lengths, unsorted maps and duplicate keys (the last silently wins), and any of
@@ -49,11 +50,50 @@ class Tag:
     value: object
 
 
+INT_MIN, INT_MAX = -(1 << 64), (1 << 64) - 1  # major types 0/1; beyond: a bignum tag
+_SCALARS = (str, bytes, bool, float, type(None))
+
+
 def dumps(value: object) -> bytes:
-    """Deterministic encoding. Maps must use keys of one major type (see module doc)."""
+    """Deterministic encoding of a value ``loads`` gives back unchanged. Maps must use keys
+    of one major type (see module doc); ValueError for anything outside the value set."""
+    _check(value, 0)
     if isinstance(value, Tag):
         value = cbor2.CBORTag(value.tag, value.value)
     return cbor2.dumps(value, canonical=True)
+
+
+def _major(key: object) -> int:
+    if isinstance(key, bool) or not isinstance(key, int | str | bytes):
+        raise ValueError(f"map key {key!r}: only ints, text and bytes are map keys here")
+    if isinstance(key, int):
+        return 0 if key >= 0 else 1
+    return 3 if isinstance(key, str) else 2
+
+
+def _check(value: object, depth: int) -> None:
+    """The rules of the module docstring, walked once (~1 us per ten scalars)."""
+    if depth > DEFAULT_MAX_DEPTH:
+        raise ValueError(f"nesting deeper than {DEFAULT_MAX_DEPTH}")
+    if isinstance(value, _SCALARS):
+        return
+    if isinstance(value, int):
+        if not INT_MIN <= value <= INT_MAX:
+            raise ValueError(f"integer {value} needs a bignum tag (RFC 8949 s3.4.3)")
+    elif isinstance(value, list | tuple):
+        for item in value:
+            if not isinstance(item, _SCALARS):
+                _check(item, depth + 1)
+    elif isinstance(value, dict):
+        if len({_major(k) for k in value}) > 1:
+            raise ValueError(f"map keys of mixed major types: {sorted(map(repr, value))}")
+        for key, item in value.items():
+            _check(key, depth + 1)
+            _check(item, depth + 1)
+    elif isinstance(value, Tag):
+        _check(value.value, depth + 1)
+    else:
+        raise ValueError(f"{type(value).__name__} is not a CBOR value of this project")
 
 
 def loads(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, max_depth: int = DEFAULT_MAX_DEPTH,
@@ -193,7 +233,7 @@ def _fits_half(value: float) -> bool:
     if math.isnan(value):
         return True
     try:
-        return struct.unpack(">e", struct.pack(">e", value))[0] == value
+        return bool(struct.unpack(">e", struct.pack(">e", value))[0] == value)
     except OverflowError:
         return False
 
@@ -202,6 +242,6 @@ def _fits_single(value: float) -> bool:
     if math.isnan(value):
         return True
     try:
-        return struct.unpack(">f", struct.pack(">f", value))[0] == value
+        return bool(struct.unpack(">f", struct.pack(">f", value))[0] == value)
     except OverflowError:
         return False

@@ -99,3 +99,39 @@ def test_random_bytes_raise_only_our_errors(data):
         dcbor.loads(data)
     except DecodeError:
         pass
+
+
+# Anything, including what breaks the project's rules: mixed key types, bignums, sets.
+anything = st.recursive(
+    st.integers() | st.binary(max_size=8) | st.text(max_size=8) | st.booleans() | st.none()
+    | st.floats(allow_nan=False) | st.frozensets(st.integers(), max_size=3),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.integers() | st.text(max_size=4) | st.binary(max_size=4), children,
+                      max_size=4),
+    max_leaves=12,
+)
+
+
+@given(anything)
+@settings(max_examples=300)
+def test_dumps_never_produces_what_loads_refuses(value):
+    """dumps enforces its own rule: it either refuses the value (ValueError) or produces
+    bytes that the strict decoder accepts and gives back unchanged."""
+    try:
+        encoded = dcbor.dumps(value)
+    except ValueError:
+        return
+    assert dcbor.loads(encoded) == value
+
+
+@pytest.mark.parametrize("value", [
+    {1: "a", "b": 2},            # keys of two major types: cbor2's order is not RFC 8949's
+    {-1: 0, 24: 1},              # negative and unsigned keys: the same trap
+    2**64,                       # a bignum tag, which loads returns as a Tag
+    [-(2**64) - 1],
+    {frozenset(): 1},
+    {1, 2},
+])
+def test_dumps_refuses_values_outside_the_rule(value):
+    with pytest.raises(ValueError):
+        dcbor.dumps(value)
