@@ -17,6 +17,7 @@ Config, ``[metrics]``: ``enabled`` (false), ``host`` ("127.0.0.1"), ``port`` (94
 from __future__ import annotations
 
 import asyncio
+import logging
 import contextlib
 import ipaddress
 import math
@@ -32,6 +33,8 @@ MAX_REQUEST_BYTES = 8192
 REQUEST_TIMEOUT_S = 5.0
 MAX_CLIENTS = 8
 DEFAULT_PORT = 9466
+
+log = logging.getLogger("edge_agent.metrics")
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,7 +248,9 @@ class MetricsServer:
         try:
             body = render_metrics(self.snapshot())
         except Exception:  # noqa: BLE001 - a bug behind the snapshot must not kill the server
+            # ... but it is a bug: log it with its traceback, so it can be found and fixed.
             self.counters["render-failed"] += 1
+            log.exception("metrics: rendering the status snapshot failed")
             return "500 Internal Server Error", "snapshot failed\n", False
         return "200 OK", body, method == b"HEAD"
 

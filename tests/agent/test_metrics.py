@@ -145,8 +145,13 @@ async def _test_hostile_clients_get_400_and_the_server_goes_on() -> None:
         assert status == 200
 
 
-def test_a_failing_snapshot_gives_500_not_a_dead_server() -> None:
-    asyncio.run(_test_a_failing_snapshot_gives_500_not_a_dead_server())
+def test_a_failing_snapshot_gives_500_not_a_dead_server(caplog) -> None:
+    with caplog.at_level("ERROR", logger="edge_agent.metrics"):
+        asyncio.run(_test_a_failing_snapshot_gives_500_not_a_dead_server())
+    # the bug is logged with its traceback, not swallowed
+    failed = [r for r in caplog.records if r.name == "edge_agent.metrics"]
+    assert failed and failed[0].exc_info is not None
+    assert "runtime bug" in caplog.text
 
 
 async def _test_a_failing_snapshot_gives_500_not_a_dead_server() -> None:
