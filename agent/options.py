@@ -37,7 +37,8 @@ class Table:
                               found=type(data).__name__)
         self.data: Mapping[str, object] = data
         self.where, self.prefix = where, prefix
-        self._used: set[str] = set(ignore)
+        self._used: set[builtins.str] = set(ignore)
+        self._ignored = frozenset(ignore)  # valid here, read by another part (id, kind)
 
     @classmethod
     def source(cls, options: Mapping[builtins.str, object], where: builtins.str,
@@ -169,7 +170,8 @@ class Table:
         allowed = self._used if known is None else self._used | set(known)
         unknown = sorted(set(self.data) - allowed)
         if unknown:
-            error = self.error(unknown[0], "a known key", f"unknown key {unknown[0]!r}")
+            listed = ", ".join(sorted(allowed - self._ignored)) or "none"
+            error = self.error(unknown[0], f"one of {listed}", f"unknown key {unknown[0]!r}")
             near = difflib.get_close_matches(unknown[0], sorted(allowed), n=1)
             if near:  # a typo: say which key was meant
                 error = ConfigError(f"{error}; did you mean {near[0]!r}?", file=error.file,
