@@ -17,9 +17,9 @@ Config, ``[metrics]``: ``enabled`` (false), ``host`` ("127.0.0.1"), ``port`` (94
 from __future__ import annotations
 
 import asyncio
-import logging
 import contextlib
 import ipaddress
+import logging
 import math
 from collections import Counter
 from collections.abc import Callable, Iterator
