@@ -136,6 +136,7 @@ class WallboxServer:
             self.units = {c: c for c in wallbox.connectors}
         else:
             self.units = {unit if unit is not None else (self.map.unit or 0): 1}
+        self.on_change: Callable[[], None] = lambda: None   # after each applied write
         self.requests: Counter[int] = Counter()
         self.writes: list[tuple[int, Write]] = []
         self._faults: dict[int, tuple[Fault, int | None]] = {}
@@ -297,6 +298,7 @@ class WallboxServer:
                 c.limit_a = float(amps)
             self._written_at[connector] = self.clock()
         self.writes.append((unit, Write(function, address, tuple(values))))
+        self.on_change()
         return None
 
     def _trace(self, sending: bool, packet: bytes) -> bytes:
