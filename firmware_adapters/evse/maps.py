@@ -206,6 +206,8 @@ class ChargerMap:
         if not needed <= self.functions:
             raise ValueError(f"{self.name}: uses function codes "
                              f"{sorted(needed - self.functions)} the device does not have")
+        if any(f.count > self.max_read for f in self.fields()):
+            raise ValueError(f"{self.name}: a field is wider than max_read")
         object.__setattr__(self, "reads", self._plan())
 
     def fields(self) -> tuple[NumberField | StateField, ...]:

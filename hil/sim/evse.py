@@ -235,6 +235,8 @@ class WallboxServer:
         spans: dict[int, list[tuple[int, int]]] = {READ_HOLDING: [], READ_INPUT: []}
         for f in (*m.fields(), m.current):
             spans[f.function].append((f.address, f.address + f.count))
+        if READ_INPUT not in m.functions:   # so that FC 4 reaches the action: exception 01
+            spans[READ_INPUT] = list(spans[READ_HOLDING])
         blocks = {fn: [SimData(lo, count=hi - lo, values=0, datatype=SimType.REGISTERS)
                        for lo, hi in _merge(s)] or
                   [SimData(0, count=1, values=0, datatype=SimType.INVALID)]
