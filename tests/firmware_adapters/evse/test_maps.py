@@ -124,3 +124,9 @@ def test_a_map_file_that_is_not_there_or_not_toml() -> None:
         load_map("/nonexistent/box.toml")
     with pytest.raises(ConfigError, match="expected one of .*phoenix-ev-eth.* or a .toml file"):
         load_map("keba-p30")
+
+
+def test_every_shipped_map_is_documented() -> None:
+    text = (Path(__file__).parents[3] / "docs" / "chargers.md").read_text()
+    for name in builtin_maps():
+        assert f"`{name}`" in text
