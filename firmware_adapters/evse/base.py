@@ -269,8 +269,7 @@ class Charger(abc.ABC):
             return True
         try:
             await self.open()
-        except AdapterUnavailable as exc:
-            self.counters["line-down"] += 1
+        except AdapterUnavailable as exc:   # counted per connector by the caller
             self._went_down(report, str(exc))
             return False
         self.opened = True
