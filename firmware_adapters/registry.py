@@ -1,8 +1,9 @@
-"""Source kinds named in config -> lazily imported classes, through entry points.
+"""Source and charger kinds named in config -> lazily imported classes, through entry points.
 
 As python-can does for its interfaces, every kind is an entry point of the group
 ``edge_agent.sources`` (pyproject.toml): the product's drivers, the simulators ``hil/``
-ships (``hil-ecu``, ``hil-meter``), and any third-party package that adds one. Nothing is
+ships (``hil-ecu``, ``hil-meter``), and any third-party package that adds one. Charger
+kinds (``[[chargers]]``: ``modbus-evse``, ``hil-evse``) are the group ``edge_agent.chargers``. Nothing is
 imported until a config names the kind, because importing a driver pulls in its hardware
 stack (python-can, pymodbus ...).
 
@@ -19,6 +20,7 @@ from importlib.metadata import EntryPoint, entry_points
 
 from agent.errors import AdapterUnavailable, ConfigError
 from firmware_adapters.base import Source
+from firmware_adapters.evse.base import Charger
 
 SOURCES_GROUP = "edge_agent.sources"
 OWN_PACKAGES = frozenset({"agent", "firmware_adapters", "hil"})
@@ -57,5 +59,18 @@ def source_class(kind: str) -> type[Source]:
     cls = load_kind(SOURCES_GROUP, kind, "sources")
     if not (isinstance(cls, type) and issubclass(cls, Source)):
         raise ConfigError(key="sources.kind", expected="a Source class registered for it",
+                          found=f"{kind} -> {cls!r}")
+    return cls
+
+
+CHARGERS_GROUP = "edge_agent.chargers"
+
+
+def charger_class(kind: str) -> type[Charger]:
+    """The Charger class registered as ``kind`` in ``edge_agent.chargers`` (``[[chargers]]``
+    tables name it; the service calls ``charger_class(kind).from_options(...)``)."""
+    cls = load_kind(CHARGERS_GROUP, kind, "chargers")
+    if not (isinstance(cls, type) and issubclass(cls, Charger)):
+        raise ConfigError(key="chargers.kind", expected="a Charger class registered for it",
                           found=f"{kind} -> {cls!r}")
     return cls
