@@ -46,13 +46,12 @@ from agent.errors import (
 from agent.options import Table
 from agent.readings import Event, Reading
 from firmware_adapters.base import Clock, Emit, Source, system_clock
+from firmware_adapters.modbus.mapfile import load_map, map_from_table
 from firmware_adapters.modbus.plausibility import PlausibilityChecker
 from firmware_adapters.modbus.registers import (
     FUNCTION_INPUT,
     Block,
     MeterMap,
-    load_map,
-    map_from_table,
     plan_blocks,
 )
 from firmware_adapters.modbus.rtu import LineFormat, diagnose_reply

@@ -34,7 +34,7 @@ from firmware_adapters.modbus.driver import (
     PollConfig,
     TcpLink,
 )
-from firmware_adapters.modbus.registers import load_map
+from firmware_adapters.modbus.mapfile import load_map
 from hil.sim.meter import ChargingProfile, MeterSimulator
 
 

@@ -13,12 +13,8 @@ import pytest
 from agent.errors import AdapterUnavailable, ConfigError
 from agent.readings import METER_SIGNALS, Event, Reading
 from firmware_adapters.modbus.driver import ModbusRtuSource, ModbusTcpSource
-from firmware_adapters.modbus.registers import (
-    Order,
-    load_map,
-    raw_for_value,
-    raw_to_registers,
-)
+from firmware_adapters.modbus.mapfile import load_map
+from firmware_adapters.modbus.registers import Order, raw_for_value, raw_to_registers
 from firmware_adapters.modbus.rtu import LineFormat
 from firmware_adapters.registry import source_class
 from hil.sim.line import LineSimulator
