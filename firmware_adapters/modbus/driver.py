@@ -262,9 +262,11 @@ class ModbusSource(Source):
         for finding in verdict.findings:
             self.counters[finding.code] += 1
             if finding.announce:
-                await emit(Event(finding.code, finding.message, now, self.id,
+                details = tuple((k, v if isinstance(v, str) or abs(v) < 1 << 63
+                                 else str(v)[:40]) for k, v in finding.details)
+                await emit(Event(finding.code, finding.message[:500], now, self.id,
                                  (("unit", unit), ("meter", meter.identity or str(unit)),
-                                  *finding.details)))
+                                  *details)))
         return 1
 
     async def _emit_reading(self, meter: _MeterState, emit: Emit, name: str,
