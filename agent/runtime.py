@@ -306,7 +306,8 @@ class Runtime:
             sources.append(SourceStatus(
                 id=runner.source.id, kind=runner.kind, state=runner.state,
                 readings=runner.readings, rate_hz=round(runner.rate.rate(), 2),
-                counters=dict(runner.source.counters), last_error=runner.last_error))
+                counters=dict(runner.source.counters), last_error=runner.last_error,
+                meters=runner.source.identities()))
         spool = None
         if self.pipeline is not None:
             s = self.pipeline.spool

@@ -113,10 +113,10 @@ class SigningMeter:
             else {}
 
     def _publish(self, readings: list[dict[str, object]]) -> None:
-        payload = {"FV": "1.0", "GI": "", "GS": "", "GV": "", "PG": f"T{self.transactions}",
-                   **self._metadata(),
+        payload = {"FV": "1.0", "GI": "", "GS": "", "GV": "", "PG": "", "IS": True,
+                   "IT": "NONE", "ID": "", **self._metadata(),
                    "MV": "Iskra", "MM": "WM3M4C", "MS": self.model.serial, "MF": "1.14",
-                   "IS": True, "IT": "NONE", "ID": "", "RD": readings}
+                   "RD": readings}
         payload["PG"] = f"T{self.transactions}"  # the meter paginates, never the host
         text = json.dumps(payload, separators=(",", ":"))
         signature = self.key.sign(text.encode("utf-8"), ec.ECDSA(hashes.SHA256()))
