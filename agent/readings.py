@@ -130,8 +130,7 @@ class Reading:
             time_status = TimeStatus(status)
         except ValueError:
             raise ValueError(f"unknown time status {status!r}") from None
-        return cls(name, value, unit, ts_ns, time_status, source,  # type: ignore[arg-type]
-                   tuple(flags), meter)  # checked above; mypy cannot narrow list items
+        return cls(name, value, unit, ts_ns, time_status, source, tuple(flags), meter)
 
 
 def _check_text(text: object, what: str, low: int, high: int, name: object) -> None:
@@ -309,5 +308,5 @@ class Event:
         details = item.get("det", {})
         if not isinstance(details, dict) or set(item) - {"code", "msg", "ts", "src", "det"}:
             raise ValueError("unexpected event fields")
-        return cls(item["code"], item["msg"], item["ts"], item["src"],  # type: ignore[arg-type]
+        return cls(item["code"], item["msg"], item["ts"], item["src"],
                    tuple(sorted(details.items())))

@@ -14,6 +14,7 @@ import agent.config, hence the small reader at the end).
 
 from __future__ import annotations
 
+import builtins
 import tomllib
 from collections.abc import Mapping
 from fractions import Fraction
@@ -169,65 +170,67 @@ def load_map(name_or_path: str) -> MeterMap:
 class _Reader:
     """Typed access to one TOML table (firmware_adapters may not import agent.config)."""
 
-    def __init__(self, data: Mapping[str, object], where: str, prefix: str) -> None:
+    def __init__(self, data: Mapping[builtins.str, object], where: builtins.str,
+                 prefix: builtins.str) -> None:
         self.data, self.where, self.prefix = data, where, prefix
 
-    def _get(self, key: str, default: object) -> object:
+    def _get(self, key: builtins.str, default: object) -> object:
         if key in self.data:
             return self.data[key]
         if default is None:
             raise self._error(key, "a value (the key is required)", None)
         return default
 
-    def _error(self, key: str, expected: str, found: object) -> ConfigError:
+    def _error(self, key: builtins.str, expected: builtins.str, found: object) -> ConfigError:
         full = f"{self.prefix}.{key}" if self.prefix else key
         return ConfigError(file=self.where, key=full, expected=expected, found=found)
 
-    def int(self, key: str, default: int | None) -> int:
+    def int(self, key: builtins.str, default: builtins.int | None) -> builtins.int:
         value = self._get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, builtins.int):
             raise self._error(key, "an integer", value)
         return value
 
-    def str(self, key: str, default: str | None) -> str:
+    def str(self, key: builtins.str, default: builtins.str | None) -> builtins.str:
         value = self._get(key, default)
-        if not isinstance(value, str):
+        if not isinstance(value, builtins.str):
             raise self._error(key, "a string", value)
         return value
 
-    def choice(self, key: str, default: str | None, choices: tuple[str, ...]) -> str:
+    def choice(self, key: builtins.str, default: builtins.str | None,
+               choices: tuple[builtins.str, ...]) -> builtins.str:
         value = self._get(key, default)
         if value not in choices:
             shown = ", ".join(choices) if len(choices) <= 8 else "a METER_SIGNALS name"
             raise self._error(key, f"one of {shown}", value)
-        return value  # type: ignore[return-value]
+        return builtins.str(value)
 
-    def raw(self, key: str, default: object) -> object:
+    def raw(self, key: builtins.str, default: object) -> object:
         return self.data.get(key, default)
 
-    def table(self, key: str) -> Mapping[str, object]:
+    def table(self, key: builtins.str) -> Mapping[builtins.str, object]:
         value = self.data.get(key, {})
         if not isinstance(value, Mapping):
             raise self._error(key, "a table", value)
         return value
 
-    def sentinels(self, key: str, default: tuple[int, ...]) -> list[int]:
+    def sentinels(self, key: builtins.str, default: tuple[builtins.int, ...]) -> list[builtins.int]:
         """Integers or hex strings ("0xFFFFFFFFFFFFFFFF" does not fit a TOML integer)."""
         value = self.data.get(key, list(default))
         out = []
         for item in value if isinstance(value, list) else [value]:
             try:
-                if isinstance(item, bool) or not isinstance(item, int | str):
+                if isinstance(item, bool) or not isinstance(item, builtins.int | builtins.str):
                     raise ValueError
-                out.append(item if isinstance(item, int) else int(item, 0))
+                out.append(item if isinstance(item, builtins.int) else int(item, 0))
             except ValueError:
                 raise self._error(key, "an array of integers or hex strings", value) from None
         return out
 
-    def fraction(self, key: str, default: str) -> Fraction:
+    def fraction(self, key: builtins.str, default: builtins.str) -> Fraction:
         value = self._get(key, default)
         try:
-            if isinstance(value, bool) or not isinstance(value, int | str):
+            if isinstance(value, bool) or not isinstance(value, builtins.int | builtins.str):
                 raise ValueError
             result = Fraction(value)
         except (ValueError, ZeroDivisionError):

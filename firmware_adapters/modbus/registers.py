@@ -40,6 +40,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from fractions import Fraction
+from typing import Literal
 
 from agent.errors import DecodeError
 from agent.readings import METER_SIGNALS
@@ -257,10 +258,11 @@ def registers_to_raw(spec: RegisterSpec, words: Sequence[int]) -> Raw:
             raise DecodeError(f"{spec.name}: register value {word!r} out of 0..65535",
                               reason="register-range")
         data += word.to_bytes(2, "big" if spec.byte_order is Order.BIG else "little")
-    (raw,) = struct.unpack(">" + spec.dtype.struct_code, bytes(data))
+    (unpacked,) = struct.unpack(">" + spec.dtype.struct_code, bytes(data))
+    raw: int | float = unpacked
     if isinstance(raw, float) and not math.isfinite(raw):
         raise DecodeError(f"{spec.name}: not a number ({raw!r})", reason=NOT_A_NUMBER)
-    if spec.dtype.is_exponent:
+    if spec.dtype.is_exponent and isinstance(raw, int):
         exponent = ((raw >> 24) ^ 0x80) - 0x80
         mantissa = raw & 0xFFFFFF
         if spec.dtype is DataType.T6 and mantissa & 0x800000:
@@ -340,7 +342,7 @@ def raw_to_registers(spec: RegisterSpec, raw: Raw) -> list[int]:
         data = struct.pack(">" + spec.dtype.struct_code, raw)
     except struct.error as exc:
         raise ValueError(f"{spec.name}: {raw!r} does not fit {spec.dtype.value}") from exc
-    order = "big" if spec.byte_order is Order.BIG else "little"
+    order: Literal["big", "little"] = "big" if spec.byte_order is Order.BIG else "little"
     words = [int.from_bytes(data[i:i + 2], order) for i in range(0, len(data), 2)]
     return words if spec.word_order is Order.BIG else list(reversed(words))
 
@@ -362,15 +364,17 @@ def raw_for_value(spec: RegisterSpec, value: int, exponent: int = 0) -> Raw:
     if spec.dtype.is_exponent:
         # 3 decimals kept, as the WM3M4 shows them; fewer when the mantissa would overflow
         for digits in (3, 2, 1, 0, -1, -2, -3):
-            quantised = Fraction(round(exact * 10**digits), 10**digits)
-            if abs(quantised * 10**digits) < 1 << 23:
+            step = Fraction(10) ** digits
+            quantised = Fraction(round(exact * step)) / step
+            if abs(quantised * step) < 1 << 23:
                 return max(quantised, Fraction(0)) if spec.dtype is DataType.T5 else quantised
         return Fraction(0)
     if spec.dtype.is_float:
         code = spec.dtype.struct_code
         largest = FLOAT32_MAX if spec.dtype is DataType.FLOAT32 else sys.float_info.max
         wide = min(max(float(exact), -largest), largest)
-        return struct.unpack(">" + code, struct.pack(">" + code, wide))[0]
+        narrowed: float = struct.unpack(">" + code, struct.pack(">" + code, wide))[0]
+        return narrowed
     bits = spec.dtype.words * 16
     signed = spec.dtype.value.startswith("int")
     low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
