@@ -284,7 +284,10 @@ def registers_as_unsigned(spec: RegisterSpec, words: Sequence[int]) -> int:
 def scale_raw(spec: RegisterSpec, raw: Raw, exponent: int = 0) -> int:
     """raw x scale (x 10^exponent), exactly, rounded half-to-even to an integer in the
     spec's unit."""
-    return round(Fraction(raw) * spec.scale * Fraction(10) ** exponent)
+    if isinstance(raw, int) and spec.scale.denominator == 1 and exponent == 0:
+        return raw * spec.scale.numerator  # the common case, without Fraction arithmetic
+    value = Fraction(raw) * spec.scale
+    return round(value * Fraction(10) ** exponent if exponent else value)
 
 
 def decode(spec: RegisterSpec, words: Sequence[int], exponent: int = 0) -> int:
