@@ -26,7 +26,14 @@ Value = int | float | str | bytes
 MAX_NAME_LEN = 128
 MAX_UNIT_LEN = 16
 MAX_SOURCE_LEN = 64
-MAX_TEXT_VALUE_LEN = 256
+MAX_METER_LEN = 64
+# Long enough for a signed OCMF record (S.A.F.E. OCMF: payload + signature, ~1 kB).
+MAX_TEXT_VALUE_LEN = 4096
+MAX_FLAGS, MAX_FLAG_LEN = 8, 32
+# CBOR major types 0/1 carry integers in [-2**64, 2**64 - 1] (RFC 8949 s3.1); beyond that
+# cbor2 writes a bignum tag, which the envelope verifier refuses. The Reading type refuses
+# such values itself, so the sealer can never seal a reading the verifier would reject.
+CBOR_INT_MIN, CBOR_INT_MAX = -(1 << 64), (1 << 64) - 1
 
 
 class TimeStatus(StrEnum):
@@ -37,7 +44,18 @@ class TimeStatus(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Reading:
-    """One value. ``flags`` marks readings an adapter found implausible (e.g. ``"implausible"``)."""
+    """One value. ``flags`` marks readings an adapter found implausible (e.g. ``"implausible"``).
+
+    ``meter`` names the device behind the source that measured the value, when a source
+    has several (a Modbus line with meters at unit ids 1 and 2): ``"<unit id>"`` or
+    ``"<unit id>/<serial>"`` when the meter reports a serial number. Empty when the
+    source is the device (an OBD adapter) or does not know.
+
+    Every value the constructor accepts can be sealed and verified (module rule above):
+    ints within CBOR's 64-bit range, finite floats, text that encodes as UTF-8, bounded
+    lengths. A check fails with ValueError, here where the reading is built, never later
+    in the sealer or at the verifier.
+    """
 
     name: str
     value: Value
@@ -46,54 +64,84 @@ class Reading:
     time_status: TimeStatus = TimeStatus.SYNCED
     source: str = ""
     flags: tuple[str, ...] = ()
+    meter: str = ""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not 0 < len(self.name) <= MAX_NAME_LEN:
-            raise ValueError(f"reading name must be 1..{MAX_NAME_LEN} chars, got {self.name!r}")
+        _check_text(self.name, "name", 1, MAX_NAME_LEN, self.name)
         value = self.value
         if isinstance(value, bool) or not isinstance(value, int | float | str | bytes):
             raise ValueError(f"{self.name}: value must be int, float, str or bytes")
+        if isinstance(value, int) and not CBOR_INT_MIN <= value <= CBOR_INT_MAX:
+            raise ValueError(f"{self.name}: integer value outside CBOR's 64-bit range")
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{self.name}: value must be finite, got {value!r}")
-        if isinstance(value, str | bytes) and len(value) > MAX_TEXT_VALUE_LEN:
+        if isinstance(value, str):
+            _check_text(value, "value", 0, MAX_TEXT_VALUE_LEN, self.name)
+        if isinstance(value, bytes) and len(value) > MAX_TEXT_VALUE_LEN:
             raise ValueError(f"{self.name}: value longer than {MAX_TEXT_VALUE_LEN}")
-        if not isinstance(self.unit, str) or len(self.unit) > MAX_UNIT_LEN:
-            raise ValueError(f"{self.name}: unit must be at most {MAX_UNIT_LEN} chars")
-        if isinstance(self.ts_ns, bool) or not isinstance(self.ts_ns, int) or self.ts_ns < 0:
-            raise ValueError(f"{self.name}: ts_ns must be a non-negative int")
+        _check_text(self.unit, "unit", 0, MAX_UNIT_LEN, self.name)
+        if isinstance(self.ts_ns, bool) or not isinstance(self.ts_ns, int) \
+                or not 0 <= self.ts_ns <= CBOR_INT_MAX:
+            raise ValueError(f"{self.name}: ts_ns must be a non-negative 64-bit int")
         if not isinstance(self.time_status, TimeStatus):
             object.__setattr__(self, "time_status", TimeStatus(self.time_status))
-        if not isinstance(self.source, str) or len(self.source) > MAX_SOURCE_LEN:
-            raise ValueError(f"{self.name}: source must be at most {MAX_SOURCE_LEN} chars")
-        if not all(isinstance(f, str) and f for f in self.flags):
-            raise ValueError(f"{self.name}: flags must be non-empty strings")
+        _check_text(self.source, "source", 0, MAX_SOURCE_LEN, self.name)
+        _check_text(self.meter, "meter", 0, MAX_METER_LEN, self.name)
+        if not isinstance(self.flags, tuple) or len(self.flags) > MAX_FLAGS:
+            raise ValueError(f"{self.name}: flags must be a tuple of at most {MAX_FLAGS}")
+        for flag in self.flags:
+            _check_text(flag, "flag", 1, MAX_FLAG_LEN, self.name)
 
     def to_cbor_item(self) -> list[object]:
-        """The envelope's array form: [name, value, unit, ts_ns, status, source(, flags)]."""
+        """The envelope's array form: [name, value, unit, ts_ns, status, source(, flags
+        (, meter))]. Optional items are appended only when set, so a reading without them
+        encodes exactly as before (flags is an empty array when only meter is set)."""
         item: list[object] = [
             self.name, self.value, self.unit, self.ts_ns, self.time_status.value, self.source
         ]
-        if self.flags:
+        if self.flags or self.meter:
             item.append(list(self.flags))
+        if self.meter:
+            item.append(self.meter)
         return item
 
     @classmethod
     def from_cbor_item(cls, item: object) -> Reading:
-        """Inverse of :meth:`to_cbor_item`; raises ValueError on a wrong shape."""
-        if not isinstance(item, list) or len(item) not in (6, 7):
-            raise ValueError("a reading is an array of 6 or 7 items")
+        """Inverse of :meth:`to_cbor_item`; raises ValueError on a wrong shape. One
+        encoding per reading: flags is non-empty when it is the last item, meter is
+        non-empty when present."""
+        if not isinstance(item, list) or len(item) not in (6, 7, 8):
+            raise ValueError("a reading is an array of 6, 7 or 8 items")
         name, value, unit, ts_ns, status, source = item[:6]
-        flags = item[6] if len(item) == 7 else []
+        flags = item[6] if len(item) >= 7 else []
+        meter = item[7] if len(item) == 8 else ""
         if not isinstance(flags, list) or not flags and len(item) == 7:
-            raise ValueError("reading flags must be a non-empty array when present")
+            raise ValueError("reading flags must be a non-empty array when last")
+        if not isinstance(meter, str) or len(item) == 8 and not meter:
+            raise ValueError("reading meter must be a non-empty string when present")
         for field, kind in ((name, str), (unit, str), (ts_ns, int), (status, str), (source, str)):
             if not isinstance(field, kind) or isinstance(field, bool):
                 raise ValueError("a reading field has the wrong type")
+        if not isinstance(value, int | float | str | bytes) or isinstance(value, bool):
+            raise ValueError("a reading value has the wrong type")
+        if not all(isinstance(flag, str) for flag in flags):
+            raise ValueError("reading flags must be strings")
         try:
             time_status = TimeStatus(status)
         except ValueError:
             raise ValueError(f"unknown time status {status!r}") from None
-        return cls(name, value, unit, ts_ns, time_status, source, tuple(flags))  # type: ignore[arg-type]
+        return cls(name, value, unit, ts_ns, time_status, source, tuple(flags), meter)
+
+
+def _check_text(text: object, what: str, low: int, high: int, name: object) -> None:
+    """A string of ``low..high`` characters that encodes as UTF-8 (no lone surrogates:
+    CBOR text is UTF-8, RFC 8949 s3.1, and cbor2 raises on them while sealing)."""
+    if not isinstance(text, str) or not low <= len(text) <= high:
+        raise ValueError(f"{name!r}: {what} must be a string of {low}..{high} chars")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{name!r}: {what} is not valid Unicode text") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +249,10 @@ METER_SIGNALS: dict[str, SignalSpec] = _table(
     ("1-0:14.7.0", "mHz", "supply frequency"),
     ("1-0:13.7.0", "1/1000", "power factor, total (thousandths)"),
     ("Meter.Event.Plausibility", "", "meter plausibility event"),
+    # Eichrecht meters: the meter's own signed record (S.A.F.E. OCMF "OCMF|payload|sig",
+    # sealed unchanged) and its public key (hex DER SubjectPublicKeyInfo, OCMF s5).
+    ("Meter.OCMF", "", "meter-signed OCMF record"),
+    ("Meter.PublicKey", "", "meter signing public key (hex DER)"),
 )
 
 SIGNALS: dict[str, SignalSpec] = {**VEHICLE_SIGNALS, **METER_SIGNALS}
@@ -229,15 +281,22 @@ class Event:
     details: tuple[tuple[str, int | str], ...] = ()
 
     def __post_init__(self) -> None:
-        if not isinstance(self.code, str) or not 0 < len(self.code) <= 64:
-            raise ValueError(f"event code must be 1..64 chars, got {self.code!r}")
-        if not isinstance(self.message, str) or len(self.message) > 512:
-            raise ValueError("event message must be a string of at most 512 chars")
-        if isinstance(self.ts_ns, bool) or not isinstance(self.ts_ns, int) or self.ts_ns < 0:
-            raise ValueError("event ts_ns must be a non-negative int")
+        _check_text(self.code, "code", 1, 64, "event")
+        _check_text(self.message, "message", 0, 512, self.code)
+        _check_text(self.source, "source", 0, MAX_SOURCE_LEN, self.code)
+        if isinstance(self.ts_ns, bool) or not isinstance(self.ts_ns, int) \
+                or not 0 <= self.ts_ns <= CBOR_INT_MAX:
+            raise ValueError("event ts_ns must be a non-negative 64-bit int")
         for key, value in self.details:
-            if not isinstance(key, str) or isinstance(value, bool) or not isinstance(value, int | str):
+            if isinstance(value, bool) or not isinstance(value, int | str):
                 raise ValueError("event details are (str, int | str) pairs")
+            _check_text(key, "detail key", 1, 64, self.code)
+            if isinstance(value, str):
+                _check_text(value, "detail", 0, MAX_TEXT_VALUE_LEN, self.code)
+            elif not CBOR_INT_MIN <= value <= CBOR_INT_MAX:
+                raise ValueError(f"{self.code}: detail {key} outside CBOR's 64-bit range")
+        if len({key for key, _ in self.details}) != len(self.details):
+            raise ValueError(f"{self.code}: a detail key appears twice")
 
     def to_cbor_item(self) -> dict[str, object]:
         # Text keys only: one major type per map keeps cbor2's canonical order equal to
@@ -255,5 +314,5 @@ class Event:
         details = item.get("det", {})
         if not isinstance(details, dict) or set(item) - {"code", "msg", "ts", "src", "det"}:
             raise ValueError("unexpected event fields")
-        return cls(item["code"], item["msg"], item["ts"], item["src"],  # type: ignore[arg-type]
+        return cls(item["code"], item["msg"], item["ts"], item["src"],
                    tuple(sorted(details.items())))

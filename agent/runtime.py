@@ -120,11 +120,20 @@ class Settings:
 
 
 def build_sources(config: Config) -> list[SourceRunner]:
-    """Instantiate every ``[[sources]]`` entry; config errors surface before anything runs."""
+    """Instantiate every ``[[sources]]`` entry; config errors surface before anything runs,
+    including two sources that claim one resource (a serial port) with different settings:
+    retrying cannot fix that, so it is a ConfigError, not an adapter error."""
     runners = []
+    claimed: dict[str, tuple[str, object]] = {}
     for entry in config.sources:
         cls = source_class(entry.kind)
         source = cls.from_options(entry.id, entry.options, entry.where)
+        for resource, settings in source.claims().items():
+            other = claimed.setdefault(resource, (entry.id, settings))
+            if other[1] != settings:
+                raise ConfigError(file=entry.where, key=f"sources.{entry.id}",
+                                  expected=f"the settings of source {other[0]!r} on "
+                                  f"{resource} ({other[1]})", found=str(settings))
         runners.append(SourceRunner(source, entry.kind))
     return runners
 
@@ -297,7 +306,8 @@ class Runtime:
             sources.append(SourceStatus(
                 id=runner.source.id, kind=runner.kind, state=runner.state,
                 readings=runner.readings, rate_hz=round(runner.rate.rate(), 2),
-                counters=dict(runner.source.counters), last_error=runner.last_error))
+                counters=dict(runner.source.counters), last_error=runner.last_error,
+                meters=runner.source.identities()))
         spool = None
         if self.pipeline is not None:
             s = self.pipeline.spool

@@ -77,6 +77,7 @@ class SourceStatus:
     rate_hz: float = 0.0
     counters: dict[str, int] = field(default_factory=dict)   # Source.counters (faults)
     last_error: ErrorRecord | None = None
+    meters: tuple[str, ...] = ()        # Source.identities(): the meters behind a source
 
 
 @dataclass(frozen=True, slots=True)
@@ -469,6 +470,8 @@ def format_status(status: AgentStatus, now_ns: int) -> str:
         lines.append(f"  {source.id:<10} {source.kind:<11} {source.state:<9} "
                      f"{source.rate_hz:7.1f}/s {source.readings:>9} readings"
                      + (f"  faults: {faults}" if faults else ""))
+        if source.meters:
+            lines.append(f"    meters: {', '.join(source.meters)}")
         if source.last_error is not None:
             lines.append(f"    last error {_error(source.last_error, now_ns)}")
     lines.append(_spool_line(status.spool, now_ns))

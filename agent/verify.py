@@ -11,6 +11,9 @@ for a :class:`VerifyReport` at any point. Per device it reports
 - ``broken_links``: ``prev`` not equal to the hash of the envelope before it (an edit, an
   insertion, a fork); ``seq_reused``: two different envelopes with one seq;
 - ``device_mismatch``: an envelope whose device id is not the device its key belongs to;
+- ``meter_signed_ok`` / ``meter_signed_bad``: ``Meter.OCMF`` readings (records an
+  Eichrecht meter signed itself) checked against the ``Meter.PublicKey`` that meter
+  reported in the stream (agent.ocmf); a record that does not verify fails the stream;
 - and, not per device, ``bad_signature``, ``unknown_key``, ``revoked_key``, ``malformed``.
 
 Everything but duplicates fails the stream (``report.ok`` is False, exit status 1).
@@ -40,6 +43,7 @@ from agent.errors import (
     UnknownKey,
 )
 from agent.fleet_keys import FleetRegistry
+from agent.ocmf import MeterSignedTally
 
 # Start of every envelope on the wire: tag 18 (0xd2), array of 4 (0x84). Used to resync a
 # capture after a damaged item.
@@ -60,13 +64,16 @@ class DeviceReport:
     seq_reused: int = 0
     device_mismatch: int = 0
     dropped_declared: int = 0
+    meter_signed_ok: int = 0
+    meter_signed_bad: int = 0
+    meter_signed_no_key: int = 0
     first_seq: int | None = None
     last_seq: int | None = None
 
     @property
     def ok(self) -> bool:
         return not (self.reorders or self.gaps or self.broken_links or self.seq_reused
-                    or self.device_mismatch)
+                    or self.device_mismatch or self.meter_signed_bad)
 
 
 @dataclass
@@ -104,7 +111,11 @@ class VerifyReport:
                                  ("reordered", d.reorders),
                                  ("device id not matching its key", d.device_mismatch),
                                  ("duplicates removed (QoS 1 redelivery or replay)", d.duplicates),
-                                 ("dropped unsent, declared by a signed drop", d.dropped_declared)):
+                                 ("dropped unsent, declared by a signed drop", d.dropped_declared),
+                                 ("meter-signed OCMF records that verify", d.meter_signed_ok),
+                                 ("meter-signed OCMF records that FAIL", d.meter_signed_bad),
+                                 ("OCMF records without the meter's key in the stream",
+                                  d.meter_signed_no_key)):
                 if value:
                     lines.append(f"    {label}: {value}")
             if d.gap_ranges:
@@ -134,6 +145,7 @@ class _DeviceState:
         self.report = DeviceReport(device)
         self.by_seq: dict[int, _Entry] = {}
         self.max_seq = -1
+        self.meter_signed = MeterSignedTally()
 
 
 class Verifier:
@@ -186,6 +198,11 @@ class Verifier:
         report.envelopes += 1
         report.readings += len(opened.readings)
         report.events += len(opened.events)
+        tally = state.meter_signed
+        for reading in opened.readings:
+            tally.add(opened.device, reading.name, reading.meter, reading.value)
+        report.meter_signed_ok, report.meter_signed_bad = tally.ok, tally.bad
+        report.meter_signed_no_key = tally.no_key
         return opened
 
     def report(self) -> VerifyReport:

@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 
 from firmware_adapters.modbus.driver import ModbusRtuSource, ModbusSource, ModbusTcpSource
-from firmware_adapters.modbus.registers import load_map, plan_blocks
+from firmware_adapters.modbus.mapfile import load_map
+from firmware_adapters.modbus.registers import plan_blocks
 from firmware_adapters.modbus.rtu import LineFormat
 
 

@@ -53,6 +53,17 @@ class Source(abc.ABC):
         something across restarts (the odometer's last value) keeps it under
         ``state_file(directory, ...)``. Default: nothing to remember."""
 
+    def claims(self) -> Mapping[str, object]:
+        """Exclusive resources this source uses, with the settings it needs them in
+        (``{"serial:/dev/ttyUSB0": LineFormat(...)}``). The runtime refuses a config in
+        which two sources claim one resource with different settings. Default: none."""
+        return {}
+
+    def identities(self) -> tuple[str, ...]:
+        """The devices behind this source as its readings name them (``Reading.meter``),
+        for the status. Default: none (the source is the device)."""
+        return ()
+
     def state_file(self, directory: Path, suffix: str) -> Path:
         """``<directory>/sources/<source id>.<suffix>``; an id that is not a plain file
         name is replaced by its hash, so no config value can point outside the directory."""

@@ -111,6 +111,11 @@ class MeterInfo:
     smallest unit. The state pays ``t_ev = charge_milli // 1000`` and
     ``t_cs = credit_milli // 1000`` (floor: nobody pays for a fraction not yet due; the
     remainder is carried in the cumulative sum, so rounding never drifts).
+
+    ``ocmf`` (optional, body key 8, encoded only when set): the record the station's
+    Eichrecht meter signed itself (``OCMF|payload|signature``), carried unchanged so that
+    the vehicle can check the METER against the meter's own key, not only the station's
+    (agent.channel.meter_proof).
     """
 
     counter: int
@@ -121,6 +126,7 @@ class MeterInfo:
     credit_milli: int
     tariff_id: bytes
     final: bool = False
+    ocmf: str = ""
 
     @property
     def t_ev(self) -> int:
@@ -131,17 +137,25 @@ class MeterInfo:
         return self.credit_milli // 1000
 
     def to_body(self) -> dict[int, object]:
-        return {0: self.counter, 1: self.import_wh, 2: self.export_wh, 3: self.ts_s,
-                4: self.charge_milli, 5: self.credit_milli, 6: self.tariff_id, 7: self.final}
+        body: dict[int, object] = {
+            0: self.counter, 1: self.import_wh, 2: self.export_wh, 3: self.ts_s,
+            4: self.charge_milli, 5: self.credit_milli, 6: self.tariff_id, 7: self.final}
+        if self.ocmf:
+            body[8] = self.ocmf
+        return body
 
     @classmethod
     def from_body(cls, b: dict[int, object]) -> MeterInfo:
         final = b.get(7)
         if not isinstance(final, bool):
             raise MalformedEnvelope("METER final must be a bool", reason="malformed-message")
+        ocmf = b.get(8, "")
+        if not isinstance(ocmf, str) or 8 in b and not ocmf or len(ocmf) > 8192:
+            raise MalformedEnvelope("METER ocmf must be a non-empty string when present",
+                                    reason="malformed-message")
         return cls(field(b, 0, int), field(b, 1, int), field(b, 2, int),  # type: ignore[arg-type]
                    field(b, 3, int), field(b, 4, int), field(b, 5, int),  # type: ignore[arg-type]
-                   field(b, 6, bytes, size=16), final)  # type: ignore[arg-type]
+                   field(b, 6, bytes, size=16), final, ocmf)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,17 @@ would hold them; :meth:`MeterSimulator.served_values` says which integers a corr
 must get back. Time comes from a clock callable, so tests freeze or advance it.
 
 Faults for the bad-input tests are injected per unit: a silent meter, an exception reply,
-a CRC error, a short frame, a reply from the wrong unit id (:class:`Fault`).
+a CRC error, a short frame, a reply from the wrong unit id (:class:`Fault`); and per
+quantity, raw register contents (``sim.set_raw(unit, name, words)``: a "not available"
+sentinel, a float glitch such as 1e30).
+
+Like the real meter, the simulator enforces its map's documented limits: a read of more
+than ``max_read`` registers gets exception 03 (ILLEGAL DATA VALUE, Modbus Application
+Protocol v1.1b3 s6.3/s6.4: "quantity of registers" out of range), a read outside the
+mapped spans or with the wrong function code gets exception 02 (ILLEGAL DATA ADDRESS).
+Identity registers (serial number, model) and scale-factor registers are served from the
+map; a map with ``extra_holding`` (the WM3M4C's OCMF interface) gets a signing meter
+(:mod:`hil.sim.signed_meter`).
 """
 
 from __future__ import annotations
@@ -43,12 +53,14 @@ from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType as SimType
 from pymodbus.simulator import SimData, SimDevice
 
+from firmware_adapters.modbus.mapfile import load_map
 from firmware_adapters.modbus.registers import (
     FUNCTION_HOLDING,
     FUNCTION_INPUT,
+    IdentityField,
+    IdentityKind,
     MeterMap,
     RegisterSpec,
-    load_map,
     raw_for_value,
     raw_to_registers,
     scale_raw,
@@ -124,8 +136,11 @@ class MeterModel:
     def __init__(self, meter_map: MeterMap, profile: ChargingProfile, clock: Clock, *,
                  import_wh: int = 12_345_600, export_wh: int = 1_234_500,
                  voltages_mv: tuple[int, int, int] = (230_100, 229_800, 231_200),
-                 frequency_mhz: int = 49_980, power_factor: int = 990) -> None:
+                 frequency_mhz: int = 49_980, power_factor: int = 990,
+                 serial: str = "20240917") -> None:
         self.map = meter_map
+        self.serial = serial
+        self.overrides: dict[str, list[int]] = {}
         self.clock = clock
         self._profile = profile
         self._origin = clock()
@@ -187,24 +202,58 @@ class MeterModel:
             values[i_name] = abs(per_phase[index]) * 1_000_000 // voltage
         return values
 
-    def raw(self) -> dict[str, int | float]:
+    def exponent(self, spec: RegisterSpec) -> int:
+        """The power of ten this meter keeps in ``spec``'s scale-factor register: chosen so
+        that the value fits its type (SunSpec int16 watts) and differs from 0, so a decoder
+        that ignores the scale factor reads a wrong value."""
+        if spec.scale_from is None:
+            return 0
+        return {"W": 1, "Wh": 1, "mV": -1, "mA": -2, "mHz": -2, "1/1000": -1}.get(spec.unit, 0)
+
+    def raw(self) -> dict[str, int | float | Fraction]:
         values = self.values()
-        return {spec.name: raw_for_value(spec, values.get(spec.name, 0))
+        return {spec.name: raw_for_value(spec, values.get(spec.name, 0), self.exponent(spec))
                 for spec in self.map.registers}
 
     def served_values(self) -> dict[str, int]:
         """What a correct decoder must read right now: the quantised register contents,
         scaled back exactly."""
         raw = self.raw()
-        return {spec.name: scale_raw(spec, raw[spec.name]) for spec in self.map.registers}
+        return {spec.name: scale_raw(spec, raw[spec.name], self.exponent(spec))
+                for spec in self.map.registers if spec.name not in self.overrides}
 
     def render(self, function: int, start: int, registers: list[int]) -> None:
         """Write every register of ``function`` into ``registers`` (index 0 = ``start``)."""
         raw = self.raw()
         for spec in self.map.registers:
-            if spec.function == function:
-                offset = spec.address - start
-                registers[offset:offset + spec.count] = raw_to_registers(spec, raw[spec.name])
+            if spec.function != function:
+                continue
+            offset = spec.address - start
+            words = self.overrides.get(spec.name) or raw_to_registers(spec, raw[spec.name])
+            registers[offset:offset + spec.count] = words
+            if spec.scale_from is not None:
+                registers[spec.scale_from - start] = self.exponent(spec) & 0xFFFF
+        for field, text in ((self.map.serial, self.serial), (self.map.model_id, self.model_text)):
+            if field is not None and field.function == function:
+                offset = field.address - start
+                registers[offset:offset + field.count] = identity_words(field, text)
+
+    @property
+    def model_text(self) -> str:
+        field = self.map.model_id
+        return (field.match[0] if field and field.match else self.map.model)[:32]
+
+
+def identity_words(field: IdentityField, text: str) -> list[int]:
+    """The registers a meter shows its serial or model in (ASCII two per register, high
+    byte first, NUL padded; or a decimal number)."""
+    if field.kind is IdentityKind.ASCII:
+        data = text.encode("ascii", "replace")[:2 * field.count].ljust(2 * field.count, b"\0")
+        return [int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2)]
+    number = int(text) if text.isdigit() else 0
+    if field.kind is IdentityKind.UINT16:
+        return [number & 0xFFFF]
+    return [(number >> 16) & 0xFFFF, number & 0xFFFF]
 
 
 _PHASES = (("1-0:32.7.0", "1-0:31.7.0", "1-0:21.7.0"),
@@ -236,6 +285,11 @@ class MeterSimulator:
             self.meters[unit] = MeterModel(resolved, profile, clock, **model_options)  # type: ignore[arg-type]
         self._faults: dict[int, tuple[Fault, int | None]] = {}
         self.requests: dict[int, int] = dict.fromkeys(self.meters, 0)
+        self.refused: dict[int, int] = dict.fromkeys(self.meters, 0)  # over max_read
+        from hil.sim.signed_meter import SigningMeter
+
+        self.signed = {unit: SigningMeter(model, clock) for unit, model in self.meters.items()
+                       if model.map.extra_holding}
         self._server: ModbusTcpServer | ModbusSerialServer | None = None
         self._watch: asyncio.Task[None] | None = None
         self._rtu = False
@@ -268,6 +322,18 @@ class MeterSimulator:
     def served_values(self, unit: int | None = None) -> dict[str, int]:
         return self._select(unit)[0].served_values()
 
+    def set_raw(self, unit: int, name: str, words: list[int] | None) -> None:
+        """Serve ``words`` for quantity ``name`` of ``unit`` from now on (a sentinel, a
+        glitch); None goes back to the model's value."""
+        model = self.meters[unit]
+        spec = model.map.spec(name)
+        if words is None:
+            model.overrides.pop(name, None)
+        elif len(words) != spec.count or not all(0 <= w <= 0xFFFF for w in words):
+            raise ValueError(f"{name} takes {spec.count} registers of 0..65535")
+        else:
+            model.overrides[name] = list(words)
+
     def inject(self, unit: int, fault: Fault, times: int | None = None) -> None:
         """Apply ``fault`` to the next ``times`` replies of ``unit`` (None: until cleared)."""
         self._faults[unit] = (fault, times)
@@ -288,24 +354,31 @@ class MeterSimulator:
     def _devices(self) -> list[SimDevice]:
         devices = []
         for unit, model in self.meters.items():
-            blocks = []
-            for function in (FUNCTION_HOLDING, FUNCTION_INPUT):
-                specs = [s for s in model.map.registers if s.function == function]
-                blocks.append(_span(specs))
+            blocks = [_span(_served_ranges(model.map, function))
+                      for function in (FUNCTION_HOLDING, FUNCTION_INPUT)]
             bits = [SimData(0, count=16, values=False, datatype=SimType.BITS)]
             devices.append(SimDevice(id=unit, simdata=(bits, list(bits), [blocks[0]],
                                                        [blocks[1]]),
                                      action=partial(self._action, unit)))
         return devices
 
-    async def _action(self, unit: int, function: int, start: int, _address: int, _count: int,
+    async def _action(self, unit: int, function: int, start: int, address: int, count: int,
                       registers: list[int], set_values: object) -> ExcCodes | None:
         self.requests[unit] += 1
+        model = self.meters[unit]
+        signed = self.signed.get(unit)
         if set_values is not None:
+            if signed is not None and function in (6, 16):
+                return signed.write(address, list(set_values), start, registers)  # type: ignore[call-overload]
             return ExcCodes.ILLEGAL_FUNCTION  # a meter's measurements are read-only
+        if count > model.map.max_read:
+            self.refused[unit] += 1
+            return ExcCodes.ILLEGAL_VALUE  # the meter's documented per-request limit
         if self._take_fault(unit, {Fault.EXCEPTION}) is Fault.EXCEPTION:
             return ExcCodes.DEVICE_FAILURE
-        self.meters[unit].render(function, start, registers)
+        model.render(function, start, registers)
+        if signed is not None and function == FUNCTION_HOLDING:
+            signed.render(start, registers)
         return None
 
     def _take_fault(self, unit: int, kinds: set[Fault]) -> Fault | None:
@@ -392,13 +465,25 @@ class MeterSimulator:
             self._server = None
 
 
-def _span(specs: list[RegisterSpec]) -> SimData:
-    """One block from the lowest to the highest register of ``specs`` (gaps read as 0, as
-    on the real meters); outside it the server answers ILLEGAL DATA ADDRESS."""
-    if not specs:
+def _served_ranges(meter_map: MeterMap, function: int) -> list[tuple[int, int]]:
+    """(start, end) of everything the meter answers with ``function``: its quantities,
+    their scale-factor registers, its identity registers, extra holding registers."""
+    ranges = [(s.address, s.end) for s in meter_map.registers if s.function == function]
+    ranges += [(a, a + 1) for f, a in meter_map.scale_registers() if f == function]
+    ranges += [(f.address, f.address + f.count) for f in (meter_map.serial, meter_map.model_id)
+               if f is not None and f.function == function]
+    if function == FUNCTION_HOLDING:
+        ranges += [(a, a + c) for a, c in meter_map.extra_holding]
+    return ranges
+
+
+def _span(ranges: list[tuple[int, int]]) -> SimData:
+    """One block from the lowest to the highest register served (gaps read as 0, as on
+    the real meters); outside it the server answers ILLEGAL DATA ADDRESS."""
+    if not ranges:
         return SimData(0, count=1, values=0, datatype=SimType.REGISTERS)
-    start = min(s.address for s in specs)
-    end = max(s.end for s in specs)
+    start = min(a for a, _ in ranges)
+    end = max(e for _, e in ranges)
     return SimData(start, count=end - start, values=0, datatype=SimType.REGISTERS)
 
 

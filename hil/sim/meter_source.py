@@ -28,13 +28,9 @@ from typing import Self
 
 from agent.errors import ConfigError
 from firmware_adapters.base import Clock, Emit, Source, system_clock
-from firmware_adapters.modbus.driver import (
-    MeterConfig,
-    ModbusTcpSource,
-    PollConfig,
-    TcpLink,
-)
-from firmware_adapters.modbus.registers import load_map
+from firmware_adapters.modbus.driver import MeterConfig, ModbusTcpSource
+from firmware_adapters.modbus.links import PollConfig, TcpLink
+from firmware_adapters.modbus.mapfile import load_map
 from hil.sim.meter import ChargingProfile, MeterSimulator
 
 

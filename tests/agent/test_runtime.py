@@ -173,6 +173,10 @@ timeout_s = 0.2
 @pytest.mark.parametrize("bad,message", [
     ('[[sources]]\nid = "x"\nkind = "warp-drive"\n', "sources.kind: expected one of"),
     ('[[sources]]\nid = "m"\nkind = "hil-meter"\npower_w = "lots"\n', "power_w"),
+    # issue 12 item 6: one RS-485 port, two line settings: a config error, not a retry loop
+    ('[[sources]]\nid = "a"\nkind = "modbus-rtu"\nport = "/dev/ttyUSB9"\nmap = "sdm630"\n'
+     '[[sources]]\nid = "b"\nkind = "modbus-rtu"\nport = "/dev/ttyUSB9"\nmap = "em340"\n'
+     'baudrate = 19200\n', "the settings of source 'a' on serial:/dev/ttyUSB9"),
 ])
 def test_config_errors_before_start(tmp_path, bad, message):
     provision(tmp_path)

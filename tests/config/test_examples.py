@@ -37,7 +37,7 @@ from agent.settlement.settings import SettlementConfig
 from agent.spool import SpoolConfig
 from agent.status import StatusConfig
 from agent.uplink import MqttConfig
-from firmware_adapters.modbus.registers import load_map
+from firmware_adapters.modbus.mapfile import load_map
 from firmware_adapters.registry import source_class
 
 ROOT = Path(__file__).resolve().parents[2]

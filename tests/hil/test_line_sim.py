@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from firmware_adapters.modbus.driver import ModbusRtuSource
-from firmware_adapters.modbus.registers import load_map, plan_blocks
+from firmware_adapters.modbus.mapfile import load_map
+from firmware_adapters.modbus.registers import plan_blocks
 from firmware_adapters.modbus.rtu import LineFormat
 from hil.sim.line import LineSimulator
 from hil.sim.meter import ChargingProfile, MeterSimulator

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 
-from firmware_adapters.modbus.registers import load_map, plan_blocks
+from firmware_adapters.modbus.mapfile import load_map
+from firmware_adapters.modbus.registers import decode_snapshot, plan_blocks
 from hil.sim.meter import ChargingProfile, Fault, ManualClock, MeterModel, MeterSimulator
 from tests.firmware_adapters.modbus.support import SocatPair
 
@@ -80,14 +81,17 @@ def test_served_values_follow_register_resolution() -> None:
 
 
 async def read_all(client, unit: int, map_name: str) -> dict[str, int]:
-    values: dict[str, int] = {}
-    for block in plan_blocks(load_map(map_name)):
+    words: dict[tuple[int, int], int] = {}
+    meter_map = load_map(map_name)
+    for block in plan_blocks(meter_map):
         call = client.read_input_registers if block.function == 4 \
             else client.read_holding_registers
         reply = await call(block.address, count=block.count, device_id=unit)
         assert not reply.isError(), reply
-        values.update(block.decode(reply.registers))
-    return values
+        words.update(block.decode(reply.registers))
+    snapshot = decode_snapshot(meter_map, words)
+    assert snapshot.unavailable == {}
+    return snapshot.values
 
 
 def test_tcp_server_serves_every_map_and_rejects_bad_requests() -> None:
@@ -115,6 +119,51 @@ def test_tcp_server_serves_every_map_and_rejects_bad_requests() -> None:
     assert write.isError() and write.exception_code == 1        # measurements are read-only
     assert [r.isError() for r in failing] == [True, True, False]
     assert sim.requests[1] == 2 + 3  # two blocks, three reads; the bad address never reached the meter
+
+
+@pytest.mark.parametrize(("map_name", "limit"), [("em340", 50), ("eem350", 11)])
+def test_the_simulator_enforces_the_documented_per_request_limit(map_name, limit) -> None:
+    """The meter answers a read of ``limit`` registers and refuses one more with exception
+    03 (illegal data value), as the real meter does (issue 16: em340 never read)."""
+    async def main():
+        sim = MeterSimulator({1: map_name}, ChargingProfile.constant(1_000), clock=ManualClock())
+        port = await sim.start_tcp()
+        client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=1, retries=0)
+        try:
+            assert await client.connect()
+            fine = await client.read_input_registers(0, count=limit, device_id=1)
+            too_many = await client.read_input_registers(0, count=limit + 1, device_id=1)
+        finally:
+            client.close()
+            await sim.stop()
+        return fine, too_many, sim.refused[1]
+
+    fine, too_many, refused = run(main())
+    assert not fine.isError() and len(fine.registers) == limit
+    assert too_many.isError() and too_many.exception_code == 3 and refused == 1
+
+
+def test_identity_and_raw_overrides_are_served() -> None:
+    async def main():
+        sim = MeterSimulator({2: "abb_b23"}, ChargingProfile.constant(1_000), clock=ManualClock(),
+                             serial="12345678")
+        sim.set_raw(2, "1-0:1.8.0", [0xFFFF] * 4)
+        port = await sim.start_tcp()
+        client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=1, retries=0)
+        try:
+            assert await client.connect()
+            serial = await client.read_holding_registers(0x8900, count=2, device_id=2)
+            model = await client.read_holding_registers(0x8960, count=6, device_id=2)
+            energy = await client.read_holding_registers(0x5000, count=4, device_id=2)
+        finally:
+            client.close()
+            await sim.stop()
+        return serial.registers, model.registers, energy.registers
+
+    serial, model, energy = run(main())
+    assert (serial[0] << 16) | serial[1] == 12_345_678
+    assert b"".join(w.to_bytes(2, "big") for w in model).rstrip(b"\0") == b"B23"
+    assert energy == [0xFFFF] * 4
 
 
 def test_serial_server_reattaches_after_the_cable_is_replugged(tmp_path: Path) -> None:

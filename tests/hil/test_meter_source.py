@@ -46,7 +46,7 @@ def test_emits_import_export_and_power_and_follows_the_profile() -> None:
     assert {"1-0:1.8.0", "1-0:2.8.0", "1-0:16.7.0"} <= names
     assert all(isinstance(r, Reading) and r.source == "meter0" for r in sink.readings)
     assert latest("1-0:1.8.0") <= imported + 1 and imported >= 12_345_600
-    assert sink.events == []
+    assert sink.problems() == []
     assert source.port is not None
 
 
@@ -89,4 +89,4 @@ def test_time_scale_accrues_energy_fast_and_stays_plausible() -> None:
     asyncio.run(main())
     energy = [r.value for r in sink.readings if r.name == "1-0:1.8.0"]
     assert energy == sorted(energy) and energy[-1] - energy[0] >= 1_000
-    assert sink.events == [] and all(r.flags == () for r in sink.readings)
+    assert sink.problems() == [] and all(r.flags == () for r in sink.readings)

@@ -66,6 +66,10 @@ class Sink:
     def codes(self) -> list[str]:
         return [e.code for e in self.events]
 
+    def problems(self) -> list[Event]:
+        """Events other than the once-per-connection ``meter-identified``."""
+        return [e for e in self.events if e.code != "meter-identified"]
+
     async def wait(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
         while not predicate():

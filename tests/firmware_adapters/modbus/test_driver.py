@@ -13,20 +13,16 @@ import pytest
 from agent.errors import AdapterUnavailable, ConfigError
 from agent.readings import METER_SIGNALS, Event, Reading
 from firmware_adapters.modbus.driver import ModbusRtuSource, ModbusTcpSource
-from firmware_adapters.modbus.registers import (
-    Order,
-    load_map,
-    raw_for_value,
-    raw_to_registers,
-)
+from firmware_adapters.modbus.mapfile import builtin_maps, load_map
+from firmware_adapters.modbus.registers import Order, raw_for_value, raw_to_registers
 from firmware_adapters.modbus.rtu import LineFormat
 from firmware_adapters.registry import source_class
 from hil.sim.line import LineSimulator
 from hil.sim.meter import ChargingProfile, Fault, ManualClock, MeterSimulator
 from tests.firmware_adapters.modbus.support import Sink, SocatPair
 
-MAPS = ["sdm630", "sdm120", "abb_b23", "em340"]
-POWER = {"sdm630": 11_000, "sdm120": 7_360, "abb_b23": 22_000, "em340": 11_000}
+MAPS = list(builtin_maps())
+POWER = {"sdm120": 7_360, "sdm230": 7_360, "abb_b23": 22_000}  # others: 11 kW
 FAST = {"timeout_s": 0.15, "retries": 0, "interval_s": 0.05, "backoff_initial_s": 0.05,
         "backoff_max_s": 0.2}
 
@@ -72,8 +68,8 @@ def assert_trap_present(map_name: str, served: dict[str, int]) -> None:
 @pytest.mark.parametrize("map_name", MAPS)
 def test_tcp_decodes_exactly_what_the_simulator_serves(map_name) -> None:
     async def main():
-        sim = MeterSimulator({7: map_name}, ChargingProfile.constant(POWER[map_name]),
-                             clock=ManualClock())
+        sim = MeterSimulator({7: map_name}, ChargingProfile.constant(POWER.get(map_name, 11_000)),
+                             clock=ManualClock(), serial="31415926")
         port = await sim.start_tcp()
         source, sink = tcp(port, [{"unit": 7, "map": map_name}]), Sink()
         try:
@@ -91,7 +87,9 @@ def test_tcp_decodes_exactly_what_the_simulator_serves(map_name) -> None:
         assert reading.unit == METER_SIGNALS[reading.name].unit
         assert isinstance(reading.value, int) and reading.flags == ()
         assert reading.source == "meter0"
-    assert sink.events == []
+        # the serial from the meter's identity registers, where its map documents them
+        assert reading.meter == ("7/31415926" if load_map(map_name).serial else "7")
+    assert sink.codes() == ["meter-identified"]
 
 
 @pytest.fixture(params=["socat", "paced-19200"])
@@ -115,7 +113,7 @@ def test_serial_decodes_exactly_what_the_simulator_serves(map_name, serial_line,
 
     async def main():
         clock = ManualClock()
-        sim = MeterSimulator({3: map_name}, ChargingProfile.constant(POWER[map_name]),
+        sim = MeterSimulator({3: map_name}, ChargingProfile.constant(POWER.get(map_name, 11_000)),
                              clock=clock)
         await sim.start_serial(meter, **options)
         source = rtu(agent, [{"unit": 3, "map": map_name}], timeout_s=1.0, **options)
@@ -172,7 +170,7 @@ def test_several_meters_share_one_rs485_line(socat_pair, sink) -> None:
 
     sim, sink_b, a, b = run(main())
     assert a.counters == {} and b.counters == {}
-    assert sink.events == [] and sink_b.events == []
+    assert sink.problems() == [] and sink_b.problems() == []
     sdm = [r for r in sink.readings if r.name == "1-0:14.7.0"]
     assert len(sdm) == 6  # both meters of source a carry a frequency, three cycles
     assert by_name(sink_b.readings) == sim.served_values(5)
@@ -200,7 +198,7 @@ def test_bad_input_is_an_event_and_a_counter_and_polling_goes_on(fault, reason, 
         return faulty, sim, source
 
     faulty, sim, source = run(main())
-    events = [i for i in faulty if isinstance(i, Event)]
+    events = [i for i in faulty if isinstance(i, Event) and i.code != "meter-identified"]
     assert [(e.code, dict(e.details)) for e in events] == [
         ("meter-read-failed", {"unit": 1, "reason": reason})]
     assert source.counters[reason] == 1
@@ -208,7 +206,7 @@ def test_bad_input_is_an_event_and_a_counter_and_polling_goes_on(fault, reason, 
     # Nothing invented for unit 1 in the faulty cycle: only unit 2's quantities.
     assert {r.name for r in faulty if isinstance(r, Reading)} == \
         {s.name for s in load_map("sdm120").registers}
-    assert len(sink.readings) == len(faulty) - 1 + 16 + 9
+    assert len(sink.readings) == sum(isinstance(i, Reading) for i in faulty) + 16 + 9
 
 
 def test_tcp_exception_and_silence_are_events(sink) -> None:
@@ -228,7 +226,7 @@ def test_tcp_exception_and_silence_are_events(sink) -> None:
         return source
 
     source = run(main())
-    assert [dict(e.details)["reason"] for e in sink.events] == ["exception", "no-response"]
+    assert [dict(e.details)["reason"] for e in sink.problems()] == ["exception", "no-response"]
     assert source.counters == {"exception": 1, "no-response": 1}
 
 

@@ -102,3 +102,62 @@ def test_no_step_check_after_a_long_gap() -> None:
 def test_bad_parameters() -> None:
     with pytest.raises(ValueError):
         PlausibilityChecker(rated_power_w=0)
+
+
+# ---------------------------------------------------------------- issue 16: the window
+
+
+def run_window(c: PlausibilityChecker, energy, power, steps: int, start: int = 0,
+               base: int = 1_000_000):
+    """One snapshot a second; ``energy(i)`` Wh above ``base``, ``power(i)`` W."""
+    return [c.check(snap(base + energy(i), power(i)), (start + i) * S) for i in range(steps)]
+
+
+def float_meter(**kw) -> PlausibilityChecker:
+    # an SDM630-like float32 counter: per-step tolerance 2 x 15.6 Wh hides a 1 s step
+    return checker(energy_resolution_wh=Fraction(1000, 64), window_s=600, **kw)
+
+
+def test_a_counter_creeping_at_zero_watts_is_drift_with_one_event() -> None:
+    verdicts = run_window(float_meter(), lambda i: i // 5, lambda i: 0, 1200)  # 12 Wh/min
+    assert all(f.code != "meter-energy-step-inconsistent"
+               for v in verdicts for f in v.findings)  # each step looks fine
+    drift = [f for v in verdicts for f in v.findings if f.code == "meter-energy-drift"]
+    assert drift and sum(f.announce for f in drift) == 1
+    assert verdicts[-1].flags_for("1-0:1.8.0") == (IMPLAUSIBLE,)
+
+
+def test_a_counter_stuck_at_22_kw_is_flagged() -> None:
+    verdicts = run_window(float_meter(), lambda i: 0, lambda i: 22_000, 700)
+    codes = {f.code for v in verdicts for f in v.findings}
+    assert "meter-counter-stuck" in codes
+    assert "meter-energy-step-inconsistent" not in codes
+
+
+def test_consistent_charging_over_the_window_is_clean() -> None:
+    # 11 kW: 11000/3600 Wh per second, the counter quantised to 15.625 Wh steps
+    verdicts = run_window(float_meter(), lambda i: int(i * 11_000 / 3600 // 15.625 * 15.625),
+                          lambda i: 11_000, 1500)
+    assert [f.code for v in verdicts for f in v.findings] == []
+
+
+def test_the_window_survives_a_restart() -> None:
+    first = float_meter()
+    run_window(first, lambda i: i // 5, lambda i: 0, 200)
+    stored = first.export_window(199 * S)
+    second = float_meter()  # after a 10 s restart, on a new monotonic clock origin
+    second.restore_window(stored, 5_000 * S, elapsed_ns=10 * S)
+    verdicts = run_window(second, lambda i: (i + 210) // 5, lambda i: 0, 200, start=5_000)
+    assert any(f.code == "meter-energy-drift" for v in verdicts for f in v.findings)
+    fresh = float_meter()  # without the stored window, the same 200 s say nothing yet
+    assert not any(f.code == "meter-energy-drift" for v in run_window(
+        fresh, lambda i: (i + 210) // 5, lambda i: 0, 200, start=5_000) for f in v.findings)
+
+
+def test_out_of_range_values_are_flagged_and_kept_out_of_the_other_rules() -> None:
+    c = checker(ranges={"1-0:32.7.0": (0, 300_000), "1-0:1.8.0": (0, 10**12)})
+    c.check({**snap(1_000, 0), "1-0:32.7.0": 230_000}, 0)
+    verdict = c.check({**snap(10**30, 0), "1-0:32.7.0": 230_000}, S)
+    assert [f.code for f in verdict.findings] == ["meter-value-out-of-range"]
+    assert verdict.flags_for("1-0:1.8.0") == (IMPLAUSIBLE,)
+    assert c.check(snap(1_000, 0), 2 * S).findings == ()  # the glitch moved no baseline

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.errors import ConfigError, DecodeError
+from firmware_adapters.modbus.mapfile import builtin_maps, load_map, map_from_table
 from firmware_adapters.modbus.registers import (
     FLOAT32_MAX,
     MAX_REGISTERS_PER_READ,
@@ -18,10 +19,7 @@ from firmware_adapters.modbus.registers import (
     MeterMap,
     Order,
     RegisterSpec,
-    builtin_maps,
     decode,
-    load_map,
-    map_from_table,
     plan_blocks,
     raw_for_value,
     raw_to_registers,
