@@ -113,6 +113,10 @@ def named(items: list[Reading | Event], name: str) -> list[Reading]:
     return [i for i in items if isinstance(i, Reading) and i.name == name]
 
 
-def events(items: list[Reading | Event]) -> list[Event]:
-    return [i for i in items if isinstance(i, Event)]
+def events(items: list[Reading | Event], *, but: tuple[str, ...] = ()) -> list[Event]:
+    """The events among ``items``, leaving out the codes in ``but``."""
+    return [i for i in items if isinstance(i, Event) and i.code not in but]
+
+
+FREEZE = ("obd-freeze-frame",)  # the simulator's stored DTC brings one freeze-frame event
 

@@ -59,7 +59,7 @@ def test_a_pid_nobody_answers_is_backed_off_exponentially() -> None:
 
 
 def test_silence_puts_the_poller_to_sleep_and_an_answer_wakes_it() -> None:
-    p = discovered(sleep_after=3, probe_interval_ns=2 * NS)
+    p = discovered(sleep_after=3, probe_interval_ns=2 * NS, sleep_hold_ns=0, wake_after=1)
     events: list[Event] = []
     now = 0
     for _ in range(3):
@@ -110,16 +110,30 @@ def discover(p: Poller, pids: set[int]) -> None:
 def test_vin_and_dtcs_are_read() -> None:
     p = Poller({0x0D: NS}, read_vin=True, dtc_period_ns=60 * NS)
     discover(p, {0x0D})
+    for pid in (0x04, 0x0A):  # the VIN plan was taken by discover(); then CALIDs, ECU name
+        plan = p.next_request(0)
+        assert plan is not None and plan.kind == "info" and plan.payload == bytes((9, pid))
     plan = p.next_request(0)
-    assert plan is not None and plan.kind == "dtcs"  # the VIN plan was taken by discover()
+    assert plan is not None and plan.kind == "dtcs"
     (dtcs,) = p.on_answers(plan, {0: bytes.fromhex("43010143"), 1: bytes.fromhex("4300")},
                            0, 0)
     assert isinstance(dtcs, Reading) and dtcs.value == "P0143"
+    plan = p.next_request(0)
+    assert plan is not None and plan.kind == "freeze"  # a new stored DTC: its freeze frame
+    assert plan.payload == bytes((0x02, 0x02, 0x00, 0x0D, 0x00))
+    (ff,) = p.on_answers(plan, {0: bytes.fromhex("42020001430D0037")}, 0, 0)
+    assert isinstance(ff, Event) and ff.code == "obd-freeze-frame"
+    assert dict(ff.details) == {"ecu": 0, "frame": 0, "dtc": "P0143", "SPEED": 0x37}
     plan = p.next_request(0)
     assert plan is not None and plan.payload == b"\x07"  # pending DTCs right after stored
     (pending,) = p.on_answers(plan, {0: bytes.fromhex("47010A80")}, 0, 0)
     assert isinstance(pending, Reading) and pending.name == "Vehicle.OBD.DTCPendingList"
     assert pending.value == "P0A80"
+    plan = p.next_request(0)
+    assert plan is not None and plan.payload == b"\x0a"  # and permanent DTCs
+    (permanent,) = p.on_answers(plan, {0: bytes.fromhex("4A00")}, 0, 0)
+    assert isinstance(permanent, Reading) and permanent.name == "Vehicle.OBD.DTCPermanentList"
+    assert permanent.value == ""
     p = Poller({0x0D: NS}, read_vin=True, dtc_period_ns=None)
     for base in (0x00,):
         plan = p.next_request(0)

@@ -75,17 +75,18 @@ def test_decoded_values_equal_what_the_emulator_defines(elm_port: str) -> None:
 
 
 def test_emulator_odometer_answer_with_a_wrong_service_byte_is_flagged(elm_port: str) -> None:
-    # The 'car' scenario answers 01 A6 with "61 A6 ..." (service 0x21's answer byte): a wrong
-    # answer that must be reported, not decoded as mileage.
+    # The 'car' scenario answers 01 A6 with "61 A6 ..." (service 0x21's answer byte): a reply
+    # that does not answer its request. It must be reported, never decoded as mileage, and
+    # the driver resynchronises with the adapter (the reply may belong to another command).
     from elm.obd_message import ObdMessage
     assert all("<data>61 A6" in r for r in ObdMessage["car"]["ODOMETER"]["Response"])
     src = Elm327Source.from_options("elm", {"port": elm_port, "pids": {"ODOMETER": 0.05,
                                                                         "SPEED": 0.05}}, "t")
     items = asyncio.run(collect(src, lambda xs: len(named(xs, "Vehicle.Speed")) >= 3, 60))
     assert not named(items, "Vehicle.TraveledDistance")
-    assert any(e.code == "obd-bad-answer" and ("reason", "decode-unexpected-service")
+    assert any(e.code == "obd-bad-answer" and ("reason", "rx-mismatch")
                in e.details for e in events(items))
-    assert src.counters["decode-unexpected-service"] >= 1
+    assert src.counters["rx-mismatch"] >= 1 and src.counters["elm-resync"] >= 1
 
 
 def test_reconnects_after_the_adapter_is_unplugged(tmp_path: Path) -> None:
