@@ -89,6 +89,7 @@ class Poller:
     read_vin: bool = True
     dtc_period_ns: int | None = 60 * NS
     profile: Profile | None = None
+    did_period_ns: int | None = None  # overrides every DID's own period when set
     sleep_hold_ns: int = 5 * NS
     wake_after: int = 2
     flap_window_ns: int = 60 * NS
@@ -192,7 +193,8 @@ class Poller:
             else:
                 self.counters["pid-unsupported"] += 1
         dids = self.profile.dids if self.profile is not None else ()
-        self._did_state = {i: _PidState(d.period_ns, now) for i, d in enumerate(dids)}
+        self._did_state = {i: _PidState(self.did_period_ns or d.period_ns, now)
+                           for i, d in enumerate(dids)}
         self._dtc_due = now
 
     # -------------------------------------------------------------- what came back

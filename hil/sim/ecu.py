@@ -313,11 +313,11 @@ class EcuSimulator:
     """Runs :class:`EcuSimCore` on a python-can bus in a thread. ``start()`` / ``stop()``."""
 
     def __init__(self, bus: can.BusABC, core: EcuSimCore | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, start_s: float = 0.0) -> None:
         self.bus = bus
         self.core = core or EcuSimCore()
         self.clock = clock
-        self._t0 = clock()
+        self._t0 = clock() - start_s  # profile time ``start_s`` now
         self._off_since: float | None = None  # a parked car does not move: profile time
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
