@@ -167,3 +167,62 @@ def test_unanswered_vin_and_dtc_requests_do_not_put_the_car_to_sleep() -> None:
         if plan.kind == "dtcs":
             assert p.on_answers(plan, {}, 0, 0) == []
     assert p.state == "run"
+
+
+def silent_round(p: Poller, now: int) -> list[Event]:
+    plan = p.next_request(now)
+    assert plan is not None
+    return [e for e in p.on_answers(plan, {}, now, now) if isinstance(e, Event)]
+
+
+def test_sleep_needs_silence_for_the_hold_time_and_wake_needs_two_answers() -> None:
+    p = discovered(sleep_after=2, probe_interval_ns=NS, sleep_hold_ns=5 * NS, wake_after=2)
+    now, got = 0, []
+    while now < 4 * NS:  # silent requests for 4 s: not yet 5 s of silence
+        got += silent_round(p, now)
+        now = p.next_time(now + 1)
+    assert got == [] and p.state == "run" and p.counters["no-answer"] >= 2
+    now = max(now, 5 * NS)
+    assert [e.code for e in silent_round(p, p.next_time(now))] == ["vehicle-asleep"]
+    now = p.next_time(now)
+    probe = p.next_request(now + NS)
+    assert probe is not None and probe.kind == "probe"
+    assert p.on_answers(probe, {0: BITMAP_00}, now + NS, 0) == []  # one answer is not enough
+    again = p.next_request(now + NS)  # the confirming probe goes out at once
+    assert again is not None and again.kind == "probe"
+    out = p.on_answers(again, {0: BITMAP_00}, now + NS, 0)
+    assert [e.code for e in out if isinstance(e, Event)] == ["vehicle-awake"]
+
+
+def test_adapter_faults_never_put_the_car_to_sleep() -> None:
+    p = discovered(sleep_after=1, sleep_hold_ns=0)
+    for now in range(NS, 50 * NS, NS):
+        plan = p.next_request(now) or p.next_request(p.next_time(now))
+        assert plan is not None
+        assert p.on_answers(plan, {}, now, now, silent=False) == []
+        assert p.on_answers(plan, {}, now, now, silent=False, heard=True) == []
+    assert p.state == "run" and p.counters["no-answer-fault"] == 49
+    assert p.counters["no-answer-heard"] == 49 and p.counters["no-answer"] == 0
+
+
+def test_a_flapping_link_doubles_the_hold_so_events_cannot_flood() -> None:
+    p = discovered(sleep_after=1, probe_interval_ns=NS, sleep_hold_ns=NS, wake_after=1,
+                   flap_window_ns=60 * NS)
+    now, codes, asleep_at = 0, [], []
+    while now < 600 * NS:  # ten minutes of a link that answers one request in two
+        now += NS // 2
+        plan = p.next_request(now)
+        if plan is None:
+            continue
+        answered = (now // (NS // 2)) % 2 == 0
+        answer = {0: BITMAP_00 if plan.kind in ("probe", "bitmap") else b"\x41\x0d\x10"}
+        out = p.on_answers(plan, answer if answered else {}, now, now)
+        for e in out:
+            if isinstance(e, Event):
+                codes.append(e.code)
+                if e.code == "vehicle-asleep":
+                    asleep_at.append(now)
+    # without hysteresis this would be hundreds of pairs; with it the holds grow to 16 s
+    assert 0 < codes.count("vehicle-asleep") <= 60
+    gaps = [b - a for a, b in zip(asleep_at, asleep_at[1:], strict=False)]
+    assert not gaps or max(gaps) >= 16 * NS
