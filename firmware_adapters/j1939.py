@@ -390,3 +390,25 @@ class J1939Source(OdometerSource):
             return self.odometer.odometer(float(reading.value), now, reading.ts_ns)
         return None
 
+
+
+PROTOCOL_PGNS: tuple[tuple[int, str, str], ...] = (
+    (PGN_TP_CM, "TP.CM", "transport connection management: BAM, RTS, CTS, EOM ack, abort"),
+    (PGN_TP_DT, "TP.DT", "transport data packets (sequence number + 7 bytes)"),
+    (PGN_ADDRESS_CLAIMED, "Address Claimed", "our NAME when claiming; contention by NAME"),
+    (PGN_DM1, "DM1", "active DTCs: SPN/FMI -> j1939-dtc-active / -cleared events"),
+)
+
+
+def markdown_pgns(dbc: str | None = None) -> str:
+    """The PGNs the core handles and those of the example DBC (docs/vehicle.md embeds it)."""
+    rows = ["| PGN | name | what | signals (unit) |", "|---|---|---|---|"]
+    rows += [f"| {pgn} (0x{pgn:04X}) | {name} | {what} | |" for pgn, name, what in PROTOCOL_PGNS]
+    path = dbc or str(Path(__file__).with_name("j1939_example.dbc"))
+    db = cantools.database.load_file(path, database_format="dbc")
+    for msg in sorted(db.messages, key=lambda m: J1939Id.parse(m.frame_id).pgn):
+        pgn = J1939Id.parse(msg.frame_id).pgn
+        sigs = ", ".join(f"{s.name} ({s.unit or '-'}, x{s.scale:g})" for s in msg.signals)
+        rows.append(f"| {pgn} (0x{pgn:04X}) | {msg.name} | {(msg.comment or '').strip()} "
+                    f"| {sigs} |")
+    return "\n".join(rows) + "\n"

@@ -28,7 +28,7 @@ from firmware_adapters.j1939 import (
 )
 from tests.firmware_adapters.obd.peers import collect
 
-DBC = Path(__file__).parent.parent / "data" / "dbc" / "j1939_test.dbc"
+DBC = Path(__file__).parents[2] / "firmware_adapters" / "j1939_example.dbc"
 SIGNALS = {"CCVS1.WheelBasedVehicleSpeed": "Vehicle.Speed",
            "VDHR.HighResolutionTotalVehicleDistance": "Vehicle.TraveledDistance",
            "PROP_BMS.BatterySoC": "Vehicle.Powertrain.TractionBattery.StateOfCharge.Current",
@@ -196,3 +196,9 @@ def test_source_against_a_j1939_peer_on_a_virtual_bus() -> None:
     assert codes == [("j1939-bad-message", None), ("j1939-dtc-active", 190),
                      ("j1939-dtc-active", 5464)]
     assert src.counters["j1939-tp-sequence"] == 1
+
+
+def test_docs_list_the_pgns() -> None:
+    from firmware_adapters.j1939 import markdown_pgns
+    doc = (Path(__file__).parents[2] / "docs" / "vehicle.md").read_text()
+    assert markdown_pgns() in doc
