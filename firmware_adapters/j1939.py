@@ -51,6 +51,7 @@ from typing import Any, Self
 import can
 import cantools
 import cantools.database
+import cantools.database.errors
 
 from agent.errors import AdapterUnavailable, ConfigError, DecodeError
 from agent.options import Table
@@ -248,6 +249,18 @@ def decode_dm1(data: bytes) -> frozenset[tuple[int, int]]:
     return frozenset(out)
 
 
+def load_dbc(path: str, where: str = "", key: str = "dbc") -> cantools.database.can.Database:
+    """A J1939 DBC file; ConfigError naming the key when it is not one."""
+    try:
+        db = cantools.database.load_file(path, database_format="dbc")
+    except (OSError, cantools.database.errors.Error) as exc:
+        raise ConfigError(file=where, key=key, expected="a readable J1939 DBC file",
+                          found=path) from exc
+    if not isinstance(db, cantools.database.can.Database):
+        raise ConfigError(file=where, key=key, expected="a CAN (DBC) database", found=path)
+    return db
+
+
 def pgn_decoder(db: cantools.database.can.Database, signals: Mapping[str, object], where: str,
                 source: str) -> tuple[DbcDecoder, dict[int, Any]]:
     """The DBC source's decoder keyed by PGN (any SA): messages by PGN, rules by message."""
@@ -278,12 +291,7 @@ class J1939Source(OdometerSource):
         o = Table.source(options, where, source_id)
         o.reject_unknown({"dbc", "signals", "interface", "channel", "bitrate", "bus_options",
                           "address", "name"})
-        path = Path(o.nonempty_str("dbc"))
-        try:
-            db = cantools.database.load_file(str(path), database_format="dbc")
-        except (OSError, cantools.database.UnsupportedDatabaseFormatError) as exc:
-            raise ConfigError(file=where, key=f"{o.prefix}.dbc",
-                              expected="a readable J1939 DBC file", found=str(path)) from exc
+        db = load_dbc(o.nonempty_str("dbc"), where, f"{o.prefix}.dbc")
         mode = o.data.get("address", "listen-only")
         if mode != "listen-only" and (isinstance(mode, bool) or not isinstance(mode, int)
                                       or not 0 <= mode <= 253):
@@ -404,8 +412,7 @@ def markdown_pgns(dbc: str | None = None) -> str:
     """The PGNs the core handles and those of the example DBC (docs/vehicle.md embeds it)."""
     rows = ["| PGN | name | what | signals (unit) |", "|---|---|---|---|"]
     rows += [f"| {pgn} (0x{pgn:04X}) | {name} | {what} | |" for pgn, name, what in PROTOCOL_PGNS]
-    path = dbc or str(Path(__file__).with_name("j1939_example.dbc"))
-    db = cantools.database.load_file(path, database_format="dbc")
+    db = load_dbc(dbc or str(Path(__file__).with_name("j1939_example.dbc")))
     for msg in sorted(db.messages, key=lambda m: J1939Id.parse(m.frame_id).pgn):
         pgn = J1939Id.parse(msg.frame_id).pgn
         sigs = ", ".join(f"{s.name} ({s.unit or '-'}, x{s.scale:g})" for s in msg.signals)

@@ -78,7 +78,7 @@ class ObdCanSource(PollingSource):
         o = Table.source(options, where, source_id)
         o.reject_unknown(CAN_KEYS | POLL_KEYS)
         return cls(source_id, bus_kwargs(o), poll_settings_for_can(o),
-                   addressing=Addressing(o.choice("addressing", 11, (11, 29))),  # type: ignore[arg-type]
+                   addressing=Addressing(o.choice("addressing", 11, (11, 29))),
                    target=o.int("ecu", 0, min=0, max=255)
                    if o.choice("request", "functional", ("functional", "physical")) == "physical"
                    else None,

@@ -192,7 +192,7 @@ def parse_field(spec: object, where: str, prefix: str) -> Field:
     _unknown(spec, FIELD_KEYS, where, prefix)
     name = spec.get("name")
     known = VEHICLE_SIGNALS.get(name) if isinstance(name, str) else None
-    if known is None:
+    if known is None or not isinstance(name, str):
         raise ConfigError(file=where, key=f"{prefix}.name",
                           expected="a name from agent.readings.VEHICLE_SIGNALS", found=name)
     states_raw = spec.get("states", {})

@@ -11,7 +11,12 @@ scaling error in the agent's decoder shows up as a test failure instead of cance
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from firmware_adapters.obd.uds import Did, Field, Profile
+
+if TYPE_CHECKING:  # hil.sim.ecu imports this module
+    from hil.sim.ecu import VehicleState
 
 _B = "Vehicle.Powertrain.TractionBattery."
 CELLS = 96  # a 96s NMC pack: ~360-420 V
@@ -20,12 +25,12 @@ USED_START_KWH = 11_000.0
 SOH_PCT = 95.5
 
 
-def physical(state: object) -> dict[str, float]:
+def physical(state: VehicleState) -> dict[str, float]:
     """VSS name -> physical value for a :class:`~hil.sim.ecu.VehicleState`."""
-    soc = float(getattr(state, "soc_pct"))
+    soc = state.soc_pct
     volts = 360.0 + 0.6 * soc
-    power_kw = float(getattr(state, "power_kw", 0.0))
-    charging = bool(getattr(state, "charging"))
+    power_kw = state.power_kw
+    charging = state.charging
     return {
         _B + "StateOfCharge.Current": soc,
         _B + "StateOfCharge.Displayed": soc,
@@ -38,13 +43,13 @@ def physical(state: object) -> dict[str, float]:
         _B + "Temperature.Min": 24.0,
         _B + "Temperature.Average": 25.5,
         _B + "AccumulatedChargedEnergy":
-            (CHARGED_START_KWH + float(getattr(state, "charged_kwh", 0.0))) * 1000,
+            (CHARGED_START_KWH + state.charged_kwh) * 1000,
         _B + "AccumulatedConsumedEnergy":
-            (USED_START_KWH + float(getattr(state, "used_kwh", 0.0))) * 1000,
+            (USED_START_KWH + state.used_kwh) * 1000,
         _B + "Charging.IsCharging": 1.0 if charging else 0.0,
         _B + "Charging.IsChargingCableConnected": 1.0 if charging else 0.0,
-        "Vehicle.TraveledDistance": float(getattr(state, "odometer_km")),
-        "Vehicle.Speed": float(getattr(state, "speed_kmh")),
+        "Vehicle.TraveledDistance": state.odometer_km,
+        "Vehicle.Speed": state.speed_kmh,
     }
 
 
