@@ -62,6 +62,9 @@ class HilEcuSource(ObdCanSource):
         table = dict(options)
         table.setdefault("pids", HIL_PIDS)
         table.setdefault("dtc_period_s", 60.0)
+        # the car's own time runs time_scale faster: so does the silence that means "asleep"
+        scale = Table(table, where, o.prefix).float("time_scale", 1.0, min=0.01, max=1000.0)
+        table.setdefault("sleep_hold_s", 5.0 / scale)
         o = Table(table, where, o.prefix)
         bits = o.choice("addressing", 11, (11, 29))
         poll = poll_settings_for_can(o)
