@@ -15,6 +15,12 @@ answers a 6-PID request by running its single-PID pipeline six times, so its CPU
 round trip, bounds the ratio. ``elm327_client_pids_per_s`` is our ELM327 path against an
 instant scripted adapter (canned answers, no emulator): what our client alone sustains.
 
+The UDS path (``uds_*``): UDS ReadDataByIdentifier DIDs of the ``hyundai-egmp`` profile
+(multi-frame answers of up to 62 bytes) per second, our ``elm327`` source against
+ELM327-emulator serving the profile (``hil.sim.elm_profile``) and our ``obd-can`` source
+against the simulator on a virtual bus; the reference is a bare blocking loop sending the
+same ATSH + 22 DID commands to the same emulator (``uds_emulator_ceiling_dids_per_s``).
+
     .venv/bin/python bench/obd.py [--seconds 0.5] [--rounds 5]
 """
 
@@ -24,6 +30,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -44,18 +51,22 @@ from firmware_adapters.base import Source  # noqa: E402
 from firmware_adapters.obd.can_driver import ObdCanSource  # noqa: E402
 from firmware_adapters.obd.pids import PIDS_BY_KEY  # noqa: E402
 from firmware_adapters.obd.serial_driver import Elm327Source  # noqa: E402
+from firmware_adapters.obd.uds import load_profile  # noqa: E402
 from hil.sim.ecu import EcuSimCore, EcuSimulator  # noqa: E402
 
 SIX = ("ENGINE_LOAD", "COOLANT_TEMP", "RPM", "SPEED", "INTAKE_TEMP", "THROTTLE_POS")
 NAMES = {PIDS_BY_KEY[k].name for k in SIX}
 
 
-def start_emulator(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_emulator(tmp: Path, module: tuple[str, ...] = ("elm", "-s", "car")
+                   ) -> tuple[subprocess.Popen[bytes], str]:
     tmp.mkdir()
     out = tmp / "elm.txt"
-    proc = subprocess.Popen([sys.executable, "-m", "elm", "-s", "car", "-b", str(out)],
+    root = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.Popen([sys.executable, "-m", *module, "-b", str(out)],
                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, cwd=tmp,
+                            env={**os.environ, "PYTHONPATH": root})
     deadline = time.monotonic() + 20
     while not (out.exists() and out.read_text().strip()):
         if time.monotonic() > deadline:
@@ -68,8 +79,9 @@ def start_emulator(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
 class Paced:
     """Runs one of our sources in a thread's event loop; counts its values per window."""
 
-    def __init__(self, source: Source) -> None:
+    def __init__(self, source: Source, names: set[str] | None = None) -> None:
         self.source = source
+        self.names = NAMES if names is None else names
         self.count = 0
         self.go = threading.Event()
         self.stop = threading.Event()
@@ -81,7 +93,7 @@ class Paced:
                 if self.stop.is_set():
                     raise asyncio.CancelledError
                 await asyncio.sleep(0.001)
-            if getattr(item, "name", "") in NAMES:
+            if getattr(item, "name", "") in self.names:
                 self.count += 1
 
         task = asyncio.create_task(self.source.run(emit))
@@ -190,6 +202,68 @@ def client_rate(seconds: float, rounds: int) -> float:
         proc.wait()
 
 
+UDS_PROFILE = "hyundai-egmp"
+
+
+def uds_poll() -> dict[str, object]:
+    return {"periods_ns": {}, "read_vin": False, "dtc_period_ns": None, "sleep_after": 1000,
+            "profile": load_profile(UDS_PROFILE), "did_period_ns": 1}
+
+
+def did_window(source: Source, paced: Paced, seconds: float) -> float:
+    before, start = source.counters["request-did"], time.perf_counter()
+    paced.window(seconds)
+    return (source.counters["request-did"] - before) / (time.perf_counter() - start)
+
+
+def uds_rates(tmp: Path, seconds: float, rounds: int) -> dict[str, float]:
+    profile = load_profile(UDS_PROFILE)
+    names = set(profile.signals)
+    proc, port = start_emulator(tmp / "uds", ("hil.sim.elm_profile", "--profile", UDS_PROFILE,
+                                              "--"))
+    raw_proc, raw_port = start_emulator(tmp / "uds-raw", ("hil.sim.elm_profile", "--profile",
+                                                          UDS_PROFILE, "--"))
+    try:
+        src = Elm327Source("bench", port, uds_poll())
+        ours = Paced(src, names)
+        ours.start()
+        elm = max(did_window(src, ours, seconds) for _ in range(rounds))
+        ours.close()
+        ser = serial.Serial(raw_port, 38400, timeout=5)
+        for cmd in ("ATZ", "ATE0", "ATL0", "ATS0", "ATH1", "ATSP6", "0100"):
+            ask(ser, cmd)
+        cmds = [(f"ATSH{d.route.request_id:03X}", f"22{d.did:04X}") for d in profile.dids]
+        best_raw = 0.0
+        for _ in range(rounds):
+            n, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                for header, req in cmds:
+                    ask(ser, header)
+                    ask(ser, req)
+                    n += 1
+            best_raw = max(best_raw, n / (time.perf_counter() - start))
+        ser.close()
+    finally:
+        for p in (proc, raw_proc):
+            p.kill()
+            p.wait()
+    channel = f"bench-uds-{uuid.uuid4().hex}"
+    sim_bus = can.Bus(interface="virtual", channel=channel)
+    sim = EcuSimulator(sim_bus, EcuSimCore(uds=profile)).start()
+    try:
+        can_src = ObdCanSource("bench", {"interface": "virtual", "channel": channel},
+                               uds_poll())
+        paced = Paced(can_src, names)
+        paced.start()
+        on_can = max(did_window(can_src, paced, seconds) for _ in range(rounds))
+        paced.close()
+    finally:
+        sim.stop()
+        sim_bus.shutdown()
+    return {"uds_elm327_dids_per_s": round(elm, 1), "uds_can_dids_per_s": round(on_can, 1),
+            "uds_emulator_ceiling_dids_per_s": round(best_raw, 1)}
+
+
 def poll_all_the_time() -> dict[str, object]:
     return {"periods_ns": {PIDS_BY_KEY[k].pid: 1 for k in SIX}, "read_vin": False,
             "dtc_period_ns": None, "sleep_after": 1000}
@@ -233,6 +307,8 @@ def main() -> None:
                 p.kill()
                 p.wait()
     client = client_rate(args.seconds, args.rounds)
+    with tempfile.TemporaryDirectory() as tmp:
+        uds = uds_rates(Path(tmp), args.seconds, args.rounds)
     channel = f"bench-{uuid.uuid4().hex}"
     sim_bus = can.Bus(interface="virtual", channel=channel)
     sim = EcuSimulator(sim_bus, EcuSimCore()).start()
@@ -255,6 +331,8 @@ def main() -> None:
         "can_pids_per_s": round(can_rate, 1),
         "emulator_ceiling_ratio": round(best["ceiling"], 2),
         "elm327_client_pids_per_s": round(client, 1),
+        **uds,
+        "uds_profile": UDS_PROFILE,
         "python_obd_version": obd.__version__,
     }))
 

@@ -27,6 +27,10 @@ monitor, as on OBD.
 
 The bus is read by one thread that hands frames over in batches (one loop wake-up per batch,
 not per frame): that is what keeps a saturated 1 Mbit/s bus (~8,000 frames/s) on one core.
+The hand-over queue is bounded (``QUEUE_MAX`` frames): when the runtime is slower than the
+bus (``emit`` waits: back-pressure), the reader thread waits too and the frames wait in the
+bus's own receive buffer (SocketCAN's socket queue) instead of growing our memory without
+limit; each wait is counted (``reader-waits``).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import math
+import queue
 import threading
 import time
 from collections.abc import Mapping
@@ -55,6 +60,7 @@ from firmware_adapters.obd.odometer_file import OdometerSource
 
 NS = 1_000_000_000
 BATCH_MAX = 512
+QUEUE_MAX = 4 * BATCH_MAX
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +198,7 @@ class DbcSource(OdometerSource):
                 delay = min(delay * 2, 30.0)
                 continue
             delay = 0.2
+            self.counters["bus-opened"] += 1  # tests and status: the source listens now
             try:
                 await self._listen(bus, emit)
             finally:
@@ -200,10 +207,19 @@ class DbcSource(OdometerSource):
 
     async def _listen(self, bus: can.BusABC, emit: Emit) -> None:
         loop = asyncio.get_running_loop()
-        frames: collections.deque[can.Message] = collections.deque()
+        frames: queue.Queue[can.Message] = queue.Queue(maxsize=QUEUE_MAX)
         wake = asyncio.Event()
         stop = threading.Event()
         failed: list[BaseException] = []
+
+        def hand_over(msg: can.Message) -> None:
+            while not stop.is_set():
+                try:
+                    frames.put(msg, timeout=0.05)
+                    return
+                except queue.Full:  # the loop is behind: wait, as emit() makes it wait
+                    self.counters["reader-waits"] += 1
+                    loop.call_soon_threadsafe(wake.set)
 
         def reader() -> None:  # python-can's recv blocks: it lives in this thread
             while not stop.is_set():
@@ -215,8 +231,9 @@ class DbcSource(OdometerSource):
                     return
                 if msg is None:
                     continue
-                frames.append(msg)
-                if len(frames) == 1 or len(frames) >= BATCH_MAX:
+                hand_over(msg)
+                size = frames.qsize()
+                if size == 1 or size >= BATCH_MAX:
                     loop.call_soon_threadsafe(wake.set)
 
         thread = threading.Thread(target=reader, name=f"dbc[{self.id}]", daemon=True)
@@ -225,8 +242,12 @@ class DbcSource(OdometerSource):
             while not failed:
                 await wake.wait()
                 wake.clear()
-                while frames:
-                    await self._handle(frames.popleft(), emit)
+                while True:
+                    try:
+                        msg = frames.get_nowait()
+                    except queue.Empty:
+                        break
+                    await self._handle(msg, emit)
                 self._save_odometer()
             self.counters["io-bus-read"] += 1
         finally:

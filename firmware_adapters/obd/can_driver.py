@@ -16,6 +16,7 @@ AsyncBufferedReader; everything OBD-specific happens in the sans-I/O cores
     response_timeout_ms = 100     # P2 window; J1979 P2max is 50 ms
     max_pids = 6                  # PIDs per request (SAE J1979 allows up to 6 on CAN)
     pids = { SPEED = 1.0, RPM = 0.5, ODOMETER = 10.0 }   # period in seconds
+    profile = "hyundai-egmp"      # optional: UDS DIDs of an EV family (obd/profiles/*.toml)
     bus_options = { tty_baudrate = 115200 }              # passed to can.Bus as is
 """
 
@@ -34,7 +35,7 @@ from firmware_adapters.base import Clock, system_clock
 from firmware_adapters.obd.options import POLL_KEYS, poll_settings
 from firmware_adapters.obd.requester import CAN_11, Addressing, Frame, Transaction
 from firmware_adapters.obd.scheduler import Plan
-from firmware_adapters.obd.source import PollingSource
+from firmware_adapters.obd.source import Exchange, PollingSource
 
 CAN_KEYS = {"interface", "channel", "bitrate", "addressing", "request", "ecu", "max_pids",
             "bus_options"}
@@ -77,7 +78,7 @@ class ObdCanSource(PollingSource):
         o = Table.source(options, where, source_id)
         o.reject_unknown(CAN_KEYS | POLL_KEYS)
         return cls(source_id, bus_kwargs(o), poll_settings_for_can(o),
-                   addressing=Addressing(o.choice("addressing", 11, (11, 29))),  # type: ignore[arg-type]
+                   addressing=Addressing(o.choice("addressing", 11, (11, 29))),
                    target=o.int("ecu", 0, min=0, max=255)
                    if o.choice("request", "functional", ("functional", "physical")) == "physical"
                    else None,
@@ -86,7 +87,12 @@ class ObdCanSource(PollingSource):
 
     async def _open(self) -> None:
         # Only response ids reach us: a car's bus carries thousands of broadcast frames/s.
-        config = {"can_filters": [self.addressing.response_filter], **self.bus_config}
+        filters: list[dict[str, int | bool]] = [self.addressing.response_filter]
+        profile = self.poller.profile
+        for _, route in profile.ecus if profile is not None else ():
+            filters.append({"can_id": route.response_id, "extended": route.extended,
+                            "can_mask": 0x1FFFFFFF if route.extended else 0x7FF})
+        config = {"can_filters": filters, **self.bus_config}
         try:
             self._bus = await asyncio.to_thread(can.Bus, **config)
         except (can.CanError, OSError, ValueError, ImportError) as exc:
@@ -117,14 +123,15 @@ class ObdCanSource(PollingSource):
             raise AdapterIOError(f"CAN send failed: {exc}", source=self.id,
                                  reason="send") from exc
 
-    async def _exchange(self, plan: Plan) -> dict[int, bytes]:
+    async def _exchange(self, plan: Plan) -> Exchange:
         reader = self._reader
         assert reader is not None
         while not reader.buffer.empty():  # late answers to an earlier request
             reader.buffer.get_nowait()
             self.counters["late-frame"] += 1
         tx = Transaction(self.addressing, plan.payload, time.monotonic_ns(), self.window_ns,
-                         plan.expected, self.target)
+                         plan.expected, self.target, plan.route)
+        extended = tx.request_frame.extended
         self._send(tx.request_frame)
         now = time.monotonic_ns()
         while not tx.done(now):
@@ -140,12 +147,12 @@ class ObdCanSource(PollingSource):
             if msg.is_error_frame or msg.is_remote_frame:
                 self.counters["error-frame"] += 1
                 continue
-            if msg.is_extended_id != self.addressing.extended:
+            if msg.is_extended_id != extended:
                 continue
             for fc in tx.receive(msg.arbitration_id, bytes(msg.data), now):
                 self._send(fc)
         self.rx_errors += tx.errors + tx.incomplete()
-        return tx.answers
+        return Exchange(tx.answers, silent=not tx.heard, heard=tx.heard and not tx.answers)
 
 
 def poll_settings_for_can(o: Table) -> dict[str, object]:

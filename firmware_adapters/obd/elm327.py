@@ -14,6 +14,16 @@ port, no clock. Rules (ELM327 datasheet, Elm Electronics, v2.3):
 * Frame lines after ``ATH1 ATS0`` are ``<id><bytes>``: 3 hex digits of id for 11-bit
   protocols (6, 8), 8 for 29-bit (7, 9, A). Non-CAN protocols (1-5: J1850, ISO 9141, KWP)
   are refused: their headers are not CAN ids and they carry one PID per request.
+* Stale replies: a reply left in the adapter by another program, or one that arrives after
+  we gave up on it, shifts every later reply by one. The driver flushes the port at open and
+  resynchronises after any reply that does not match its request: it sends ``ATI`` and
+  drops replies until one carries the version banner (:func:`is_banner`).
+* Manufacturer ECUs (UDS profiles) are addressed with ``ATSH`` (3 hex digits on 11-bit;
+  on 29-bit ``ATCP`` for the top 5 bits and 6 digits for the rest), ``ATCRA`` to see only
+  that ECU's answers, and, where the ECU's request id is not the one the adapter derives for
+  flow control (response id - 8 on 11-bit, the last two bytes swapped on 29-bit),
+  ``ATFCSH/ATFCSD/ATFCSM1``. A 29-bit ECU on an 11-bit protocol needs ``ATSP7`` (500 kbit/s)
+  or ``ATSP9`` (250 kbit/s), and back (:func:`header_commands`).
 * Status lines (:data:`STATUS_LINES`) become the reply's ``status``: ``NO DATA`` (nobody
   answered: a silent ECU or ignition off), ``CAN ERROR``, ``BUFFER FULL``, ``STOPPED`` (we
   sent before the prompt), ``?`` (command refused), ``UNABLE TO CONNECT`` ... Anything else
@@ -140,6 +150,59 @@ class ReplyParser:
         if len(data) > 8:
             raise DecodeError("frame line longer than 8 data bytes", reason="elm-garbage")
         return int(digits[:n], 16), data
+
+
+RESYNC_COMMAND = "ATI"
+
+
+def is_banner(reply: Reply) -> bool:
+    """The adapter's version banner (``ELM327 v1.5``): the answer to ATZ and ATI."""
+    return any(_VERSION.match(line) for line in reply.text)
+
+
+# The other protocol number at the same bit rate: 11-bit <-> 29-bit (ELM327 ATSP table).
+OTHER_WIDTH = {"6": "7", "7": "6", "8": "9", "9": "8"}
+DEFAULT_PRIORITY = 0x18  # ATCP default; ISO 15765-4 29-bit ids start 0x18
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """What the adapter is set to send to and listen for (None: OBD functional defaults)."""
+
+    bits: int
+    request_id: int | None = None
+    response_id: int | None = None
+
+
+def header_commands(old: Header, new: Header, protocol: str) -> list[str]:
+    """AT commands that take the adapter from header state ``old`` to ``new``. ``protocol``
+    is the ATDPN number found at init ("6": 11-bit 500 kbit/s)."""
+    cmds: list[str] = []
+    if new.bits != old.bits:
+        same = CAN_PROTOCOLS.get(protocol) == new.bits
+        fallback = "7" if new.bits == 29 else "6"
+        cmds.append("ATSP" + (protocol if same else OTHER_WIDTH.get(protocol, fallback)))
+    if new.request_id is None:
+        if old.request_id is not None:
+            cmds += ["ATCP18", "ATSHDB33F1"] if new.bits == 29 else ["ATSH7DF"]
+            cmds += ["ATCRA", "ATFCSM0"]
+        return cmds
+    req, resp = new.request_id, new.response_id
+    assert resp is not None
+    if new.bits == 29:
+        if old.request_id is None or old.request_id >> 24 != req >> 24:
+            cmds.append(f"ATCP{req >> 24:02X}")
+        cmds += [f"ATSH{req & 0xFFFFFF:06X}", f"ATCRA{resp:08X}"]
+        derived = (resp & 0x1FFF0000) | (resp & 0xFF) << 8 | (resp >> 8) & 0xFF
+    else:
+        cmds += [f"ATSH{req:03X}", f"ATCRA{resp:03X}"]
+        derived = resp - 8
+    if derived != req:  # the adapter would send flow control to the wrong ECU
+        cmds += [f"ATFCSH{req:08X}" if new.bits == 29 else f"ATFCSH{req:03X}", "ATFCSD300000",
+                 "ATFCSM1"]
+    elif old.request_id is not None:
+        cmds.append("ATFCSM0")
+    return cmds
 
 
 def command(text: str) -> bytes:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from agent.errors import LocalProtocolError
 from agent.options import Table
 from firmware_adapters.obd.pids import pid_spec
+from firmware_adapters.obd.uds import load_profile
 
 NS = 1_000_000_000
 
@@ -34,7 +35,8 @@ def pid_periods(o: Table, key: str = "pids") -> dict[int, int]:
 
 
 POLL_KEYS = {"pids", "sleep_after", "probe_interval_s", "max_backoff", "read_vin",
-             "dtc_period_s", "response_timeout_ms", "slack_km"}
+             "dtc_period_s", "response_timeout_ms", "slack_km", "profile", "profile_period_s",
+             "sleep_hold_s", "wake_after"}
 
 
 def poll_settings(o: Table) -> dict[str, object]:
@@ -47,4 +49,10 @@ def poll_settings(o: Table) -> dict[str, object]:
         "max_backoff": o.int("max_backoff", 16, min=1, max=1024),
         "read_vin": o.bool("read_vin", True),
         "dtc_period_ns": int(dtc * NS) if dtc else None,
+        "profile": load_profile(o.nonempty_str("profile"), o.where, f"{o.prefix}.profile")
+        if o.data.get("profile") is not None else None,
+        "did_period_ns": int(o.float("profile_period_s", 0.0, min=0.0, max=86400.0) * NS)
+        or None,
+        "sleep_hold_ns": int(o.float("sleep_hold_s", 5.0, min=0.0, max=3600.0) * NS),
+        "wake_after": o.int("wake_after", 2, min=1, max=100),
     }

@@ -1,4 +1,4 @@
-"""OBD-II services 01/03/04/07/09 as data: the PID table, request building and decoding.
+"""OBD-II services 01/02/03/04/07/09/0A as data: the PID table, request building and decoding.
 
 Scope (sans-I/O: no sockets, no serial, no clocks). The input is one complete diagnostic
 message (the ISO-TP payload of one ECU's answer, SAE J1979 / ISO 15765-4); the output is a
@@ -13,11 +13,18 @@ frozen value. Rules:
   did not ask for, or one cut short, is a :class:`DecodeError` rather than a guess.
 * Supported-PID bitmaps (PIDs 0x00, 0x20, ... 0xE0): bit 7 of byte A is PID base+1; the last
   bit says whether the next bitmap PID is supported.
+* A few PIDs carry several values (0x01 monitor status, 0x9A hybrid/EV battery): their
+  entry names a ``composite`` decoder returning (VSS name, unit, value) triples, one per
+  signal the ECU says it supports; they still have a fixed data length.
+* Service 02 (freeze frame) answers ``42 <pid> <frame> <data>`` for each (PID, frame) pair
+  asked (up to 3 pairs on CAN, J1979 s6.2); PID 02 in a freeze frame is the DTC that stored it.
 * Service 09 PID 02 is the VIN: 17 ISO 3779 characters. Nothing is stripped from the VIN
   except NUL padding some ECUs put in front (python-OBD strips 0/1/2 too: it turns
   ``WP0ZZZ99ZTS390000`` into ``WP0ZZZ99ZTS39``; we do not).
-* Services 03/07 (stored/pending DTCs, ISO 15765-4 form with a count byte) decode to
-  ``P0143``-style SAE J2012 codes.
+* Service 09 PID 04 (calibration IDs): a count byte, then 16 ASCII bytes each, NUL-padded;
+  PID 0A (ECU name): a count byte, then 20 ASCII bytes (J1979 s6.9, table G11).
+* Services 03/07/0A (stored/pending/permanent DTCs, ISO 15765-4 form with a count byte)
+  decode to ``P0143``-style SAE J2012 codes.
 * Service 04 (clear DTCs and freeze frames) is built only with ``allow_clear=True``.
 * A negative response (0x7F, service, NRC; ISO 14229-1 annex A) decodes to
   :class:`NegativeResponse`; it is an answer, not an exception.
@@ -28,18 +35,24 @@ Errors: every malformed input raises :class:`agent.errors.DecodeError` with a ke
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from agent.errors import DecodeError, LocalProtocolError
 from agent.readings import VEHICLE_SIGNALS
 
 SERVICE_CURRENT_DATA = 0x01
+SERVICE_FREEZE_FRAME = 0x02
 SERVICE_STORED_DTCS = 0x03
 SERVICE_CLEAR_DTCS = 0x04
 SERVICE_PENDING_DTCS = 0x07
 SERVICE_VEHICLE_INFO = 0x09
+SERVICE_PERMANENT_DTCS = 0x0A
 VIN_PID = 0x02
+CALID_PID = 0x04
+ECU_NAME_PID = 0x0A
+FREEZE_DTC_PID = 0x02
+MAX_FREEZE_PAIRS = 3  # J1979 s6.2: up to three PID/frame pairs in one CAN request
 NEGATIVE_RESPONSE = 0x7F
 POSITIVE_OFFSET = 0x40
 MAX_PIDS_PER_REQUEST = 6  # SAE J1979 s6.1.2: at most six PIDs in one CAN request
@@ -48,9 +61,13 @@ VIN_LENGTH = 17
 VIN_ALPHABET = frozenset("ABCDEFGHJKLMNPRSTUVWXYZ0123456789")  # ISO 3779: no I, O, Q
 
 
+Signal = tuple[str, str, int | float | str]  # (VSS name, unit, value)
+
+
 @dataclass(frozen=True, slots=True)
 class PidSpec:
-    """One service 01 PID: ``value = int.from_bytes(data[:length]) * mul / div + offset``."""
+    """One service 01 PID: ``value = int.from_bytes(data[:length]) * mul / div + offset``,
+    or, for a PID with several values, what its ``composite`` decoder returns."""
 
     pid: int
     key: str  # short upper-case name used in config (``SPEED``), as python-OBD names them
@@ -61,6 +78,7 @@ class PidSpec:
     div: int = 1
     offset: int = 0
     signed: bool = False
+    composite: Callable[[bytes], tuple[Signal, ...]] | None = None
 
     def decode(self, data: bytes) -> int | float:
         if len(data) != self.length:
@@ -72,14 +90,64 @@ class PidSpec:
         return round(raw * self.mul / self.div + self.offset, 6)
 
 
+    def signals(self, data: bytes) -> tuple[Signal, ...]:
+        """Every value this PID carries, as (VSS name, unit, value)."""
+        if len(data) != self.length:
+            raise DecodeError(f"PID {self.pid:02X}: {len(data)} data bytes, expected "
+                              f"{self.length}", reason="wrong-length")
+        if self.composite is not None:
+            return self.composite(data)
+        return ((self.name, self.unit, self.decode(data)),)
+
+
 def _p(pid: int, key: str, name: str, unit: str, length: int, mul: int = 1, div: int = 1,
        offset: int = 0, signed: bool = False) -> PidSpec:
     return PidSpec(pid, key, name, unit, length, mul, div, offset, signed)
 
 
+# SAE J1979-DA PID 01, bytes B..D: (supported bit, not-complete bit) per monitor. Byte B
+# holds the continuous monitors; bytes C (supported) and D (not complete) the others, whose
+# meaning depends on B bit 3 (0 spark ignition, 1 compression ignition).
+CONTINUOUS_MONITORS = (("misfire", 0), ("fuel-system", 1), ("components", 2))
+SPARK_MONITORS = ("catalyst", "heated-catalyst", "evap-system", "secondary-air", "",
+                  "oxygen-sensor", "oxygen-sensor-heater", "egr-vvt")
+COMPRESSION_MONITORS = ("nmhc-catalyst", "nox-scr", "", "boost-pressure", "",
+                        "exhaust-gas-sensor", "pm-filter", "egr-vvt")
+_S = "Vehicle.OBD.Status."
+
+
+def decode_monitor_status(data: bytes) -> tuple[Signal, ...]:
+    """PID 01: MIL (A7), DTC count (A0-6), ignition type (B3) and the monitors that are
+    supported but not complete since the DTCs were cleared (B0-2/B4-6, C/D)."""
+    a, b, c, d = data
+    compression = bool(b & 0x08)
+    not_ready = [name for name, bit in CONTINUOUS_MONITORS
+                 if b & (1 << bit) and b & (1 << (bit + 4))]
+    names = COMPRESSION_MONITORS if compression else SPARK_MONITORS
+    not_ready += [name for bit, name in enumerate(names) if name and c & d & (1 << bit)]
+    return ((_S + "IsMILOn", "", a >> 7), (_S + "DTCCount", "1", a & 0x7F),
+            (_S + "IgnitionType", "", "compression" if compression else "spark"),
+            (_S + "MonitorsNotReady", "", ",".join(not_ready)))
+
+
+def decode_hybrid_battery(data: bytes) -> tuple[Signal, ...]:
+    """PID 9A (SAE J1979-DA, hybrid/EV battery system data): A = support bits (bit 0
+    voltage, bit 1 current), B-C voltage at 1/64 V, D-E signed current at 0.1 A. The current
+    keeps the ECU's sign; a value the ECU flags unsupported is not emitted."""
+    out: list[Signal] = []
+    if data[0] & 0x01:
+        out.append(("Vehicle.Powertrain.TractionBattery.CurrentVoltage", "V",
+                    round(int.from_bytes(data[1:3], "big") / 64, 6)))
+    if data[0] & 0x02:
+        out.append(("Vehicle.Powertrain.TractionBattery.CurrentCurrent", "A",
+                    round(int.from_bytes(data[3:5], "big", signed=True) / 10, 6)))
+    return tuple(out)
+
+
 _O = "Vehicle.OBD."
 # SAE J1979-DA, service 01. Formulas as in J1979 (A, B, C, D are the data bytes).
 PIDS: dict[int, PidSpec] = {s.pid: s for s in (
+    PidSpec(0x01, "STATUS", _S + "DTCCount", "1", 4, composite=decode_monitor_status),
     _p(0x04, "ENGINE_LOAD", _O + "EngineLoad", "%", 1, 100, 255),
     _p(0x05, "COOLANT_TEMP", _O + "CoolantTemperature", "Cel", 1, offset=-40),
     _p(0x06, "SHORT_FUEL_TRIM_1", _O + "ShortTermFuelTrim1", "%", 1, 100, 128, -100),
@@ -94,6 +162,7 @@ PIDS: dict[int, PidSpec] = {s.pid: s for s in (
     _p(0x0F, "INTAKE_TEMP", _O + "IntakeTemp", "Cel", 1, offset=-40),
     _p(0x10, "MAF", _O + "MAF", "g/s", 2, 1, 100),
     _p(0x11, "THROTTLE_POS", _O + "ThrottlePosition", "%", 1, 100, 255),
+    _p(0x1C, "OBD_COMPLIANCE", _O + "OBDStandards", "1", 1),  # J1979-DA table A7 code
     _p(0x1F, "RUN_TIME", _O + "RunTime", "s", 2),
     _p(0x21, "DISTANCE_W_MIL", _O + "DistanceWithMIL", "km", 2),
     _p(0x22, "FUEL_RAIL_PRESSURE_VAC", _O + "FuelRailPressureVac", "kPa", 2, 79, 1000),
@@ -123,6 +192,7 @@ PIDS: dict[int, PidSpec] = {s.pid: s for s in (
     _p(0x4C, "THROTTLE_ACTUATOR", _O + "ThrottleActuator", "%", 1, 100, 255),
     _p(0x4D, "RUN_TIME_MIL", _O + "RunTimeMIL", "min", 2),
     _p(0x4E, "TIME_SINCE_DTC_CLEARED", _O + "TimeSinceDTCCleared", "min", 2),
+    _p(0x51, "FUEL_TYPE", _O + "FuelType", "1", 1),  # J1979-DA table A8 code (8 = electric)
     _p(0x52, "ETHANOL_PERCENT", _O + "EthanolPercent", "%", 1, 100, 255),
     _p(0x59, "FUEL_RAIL_PRESSURE_ABS", _O + "FuelRailPressureAbsolute", "kPa", 2, 10),
     _p(0x5A, "RELATIVE_ACCEL_POS", _O + "RelativeAcceleratorPosition", "%", 1, 100, 255),
@@ -136,16 +206,26 @@ PIDS: dict[int, PidSpec] = {s.pid: s for s in (
     _p(0x61, "DRIVER_DEMAND_TORQUE", _O + "DriverDemandEngineTorque", "%", 1, offset=-125),
     _p(0x62, "ACTUAL_TORQUE", _O + "ActualEngineTorque", "%", 1, offset=-125),
     _p(0x63, "REFERENCE_TORQUE", _O + "EngineReferenceTorque", "N.m", 2),
+    PidSpec(0x9A, "HYBRID_BATTERY", "Vehicle.Powertrain.TractionBattery.CurrentVoltage", "V",
+            6, composite=decode_hybrid_battery),
     # 0xA6 odometer: 4 bytes, 0.1 km per bit (J1979-DA 2017).
     _p(0xA6, "ODOMETER", "Vehicle.TraveledDistance", "km", 4, 1, 10),
 )}
 PIDS_BY_KEY: dict[str, PidSpec] = {s.key: s for s in PIDS.values()}
 
-for _spec in PIDS.values():  # the table must only name known signals with their units
-    _known = VEHICLE_SIGNALS.get(_spec.name)
-    if _known is None or _known.unit != _spec.unit:
-        raise RuntimeError(f"PID {_spec.pid:02X}: {_spec.name} [{_spec.unit}] is not in "
-                           "agent.readings.VEHICLE_SIGNALS with that unit")
+COMPOSITE_SIGNALS: tuple[tuple[str, str], ...] = (
+    (_S + "IsMILOn", ""), (_S + "DTCCount", "1"), (_S + "IgnitionType", ""),
+    (_S + "MonitorsNotReady", ""), ("Vehicle.Powertrain.TractionBattery.CurrentVoltage", "V"),
+    ("Vehicle.Powertrain.TractionBattery.CurrentCurrent", "A"))
+for _name, _unit in [(s.name, s.unit) for s in PIDS.values()]:
+    _known = VEHICLE_SIGNALS.get(_name)
+    if _known is None or _known.unit != _unit:  # the table names only known signals
+        raise RuntimeError(f"{_name} [{_unit}] is not in agent.readings.VEHICLE_SIGNALS "
+                           "with that unit")
+for _name, _unit in COMPOSITE_SIGNALS:
+    _known = VEHICLE_SIGNALS.get(_name)
+    if _known is None or _known.unit != _unit:
+        raise RuntimeError(f"{_name} [{_unit}] is not in agent.readings.VEHICLE_SIGNALS")
 
 # ISO 14229-1 annex A.1: negative response codes an OBD ECU may send.
 NRC_NAMES: dict[int, str] = {
@@ -166,9 +246,28 @@ NRC_NAMES: dict[int, str] = {
 # ----------------------------------------------------------------------------- answers
 @dataclass(frozen=True, slots=True)
 class PidValues:
-    """A service 01 answer: ``values`` is ((pid, value), ...) in answer order."""
+    """A service 01 answer: ``values`` is ((pid, value), ...) in answer order for the one-value
+    PIDs; ``signals`` is ((pid, (signal, ...)), ...) for the composite ones (0x01, 0x9A)."""
 
     values: tuple[tuple[int, int | float], ...]
+    signals: tuple[tuple[int, tuple[Signal, ...]], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class FreezeFrame:
+    """A service 02 answer: the DTC that stored frame ``frame`` (PID 02) and PID values."""
+
+    frame: int
+    dtc: str | None
+    values: tuple[tuple[int, int | float], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class VehicleInfo:
+    """Service 09 PID 04 (calibration IDs) or 0A (ECU name): text items."""
+
+    pid: int
+    items: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,7 +298,7 @@ class NegativeResponse:
         return NRC_NAMES.get(self.nrc, f"nrc-{self.nrc:02x}")
 
 
-Answer = PidValues | SupportedPids | Vin | Dtcs | NegativeResponse
+Answer = PidValues | SupportedPids | Vin | Dtcs | NegativeResponse | FreezeFrame | VehicleInfo
 
 
 # ----------------------------------------------------------------------------- requests
@@ -220,8 +319,32 @@ def vin_request() -> bytes:
     return bytes((SERVICE_VEHICLE_INFO, VIN_PID))
 
 
-def dtc_request(pending: bool = False) -> bytes:
+def dtc_request(pending: bool = False, permanent: bool = False) -> bytes:
+    if permanent:
+        return bytes((SERVICE_PERMANENT_DTCS,))
     return bytes((SERVICE_PENDING_DTCS if pending else SERVICE_STORED_DTCS,))
+
+
+def info_request(pid: int) -> bytes:
+    """Service 09: VIN (02), calibration IDs (04), ECU name (0A)."""
+    if pid not in (VIN_PID, CALID_PID, ECU_NAME_PID):
+        raise LocalProtocolError(f"service 09 PID {pid:#04x} is not read", reason="unknown-pid")
+    return bytes((SERVICE_VEHICLE_INFO, pid))
+
+
+def freeze_frame_request(pids: Sequence[int], frame: int = 0) -> bytes:
+    """Service 02 for frame ``frame``: up to 3 (PID, frame) pairs, PID 02 (the DTC) allowed."""
+    if not 0 < len(pids) <= MAX_FREEZE_PAIRS or len(set(pids)) != len(pids):
+        raise LocalProtocolError(f"a service 02 request carries 1..{MAX_FREEZE_PAIRS} "
+                                 "distinct PIDs", reason="too-many-pids")
+    for pid in pids:
+        spec = PIDS.get(pid)
+        if pid != FREEZE_DTC_PID and (spec is None or spec.composite is not None):
+            raise LocalProtocolError(f"PID {pid:#04x} is not a freeze-frame PID",
+                                     reason="unknown-pid")
+    if not 0 <= frame <= 0xFF:
+        raise LocalProtocolError("freeze frame number is one byte", reason="bad-frame")
+    return bytes((SERVICE_FREEZE_FRAME, *(b for pid in pids for b in (pid, frame))))
 
 
 def clear_dtcs_request(*, allow_clear: bool) -> bytes:
@@ -244,17 +367,77 @@ def decode_answer(payload: bytes, requested: Iterable[int] | None = None) -> Ans
         return NegativeResponse(payload[1], payload[2])
     if sid == SERVICE_CURRENT_DATA + POSITIVE_OFFSET:
         return _decode_service01(payload[1:], None if requested is None else set(requested))
-    if sid in (SERVICE_STORED_DTCS + POSITIVE_OFFSET, SERVICE_PENDING_DTCS + POSITIVE_OFFSET):
+    if sid in (SERVICE_STORED_DTCS + POSITIVE_OFFSET, SERVICE_PENDING_DTCS + POSITIVE_OFFSET,
+               SERVICE_PERMANENT_DTCS + POSITIVE_OFFSET):
         return Dtcs(sid - POSITIVE_OFFSET, decode_dtcs(payload[1:]))
     if sid == SERVICE_VEHICLE_INFO + POSITIVE_OFFSET:
-        if len(payload) < 2 or payload[1] != VIN_PID:
-            raise DecodeError("service 09 answer is not PID 02 (VIN)", reason="unexpected-pid")
-        return Vin(decode_vin(payload[2:]))
+        if len(payload) >= 2 and payload[1] == VIN_PID:
+            return Vin(decode_vin(payload[2:]))
+        if len(payload) >= 2 and payload[1] in (CALID_PID, ECU_NAME_PID):
+            return VehicleInfo(payload[1], decode_info_items(payload[1], payload[2:]))
+        raise DecodeError("service 09 answer is not PID 02, 04 or 0A", reason="unexpected-pid")
+    if sid == SERVICE_FREEZE_FRAME + POSITIVE_OFFSET:
+        return decode_freeze_frame(payload[1:], None if requested is None else set(requested))
     raise DecodeError(f"unexpected service byte {sid:#04x}", reason="unexpected-service")
+
+
+INFO_ITEM_LENGTH = {CALID_PID: 16, ECU_NAME_PID: 20}
+
+
+def decode_info_items(pid: int, data: bytes) -> tuple[str, ...]:
+    """Service 09 PID 04 / 0A data: a count byte, then fixed-size NUL-padded ASCII items."""
+    size = INFO_ITEM_LENGTH[pid]
+    if not data or data[0] == 0 or len(data) != 1 + data[0] * size:
+        raise DecodeError(f"service 09 PID {pid:02X}: {len(data)} bytes for "
+                          f"{data[0] if data else 0} items of {size}", reason="wrong-length")
+    items = []
+    for i in range(1, len(data), size):
+        raw = data[i:i + size].rstrip(b"\x00")
+        if not raw or not all(0x20 <= c < 0x7F for c in raw):
+            raise DecodeError(f"service 09 PID {pid:02X}: item is not printable ASCII",
+                              reason="invalid-text")
+        items.append(raw.decode("ascii"))
+    return tuple(items)
+
+
+def decode_freeze_frame(body: bytes, requested: set[int] | None) -> FreezeFrame:
+    """Service 02 answer body: (PID, frame, data) repeated; every pair names one frame."""
+    values: list[tuple[int, int | float]] = []
+    frames: set[int] = set()
+    dtc: str | None = None
+    i = 0
+    while i < len(body):
+        if i + 2 > len(body):
+            raise DecodeError("freeze frame cut short", offset=i + 1, reason="truncated")
+        pid, frame = body[i], body[i + 1]
+        frames.add(frame)
+        if requested is not None and pid not in requested:
+            raise DecodeError(f"freeze frame names PID {pid:02X}, not requested",
+                              offset=i + 1, reason="unexpected-pid")
+        if pid == FREEZE_DTC_PID:
+            raw = body[i + 2:i + 4]
+            if len(raw) != 2:
+                raise DecodeError("freeze frame DTC cut short", reason="truncated")
+            codes = decode_dtcs(b"\x01" + raw)
+            dtc = codes[0] if codes else None
+            i += 4
+            continue
+        spec = PIDS.get(pid)
+        if spec is None or spec.composite is not None:
+            raise DecodeError(f"PID {pid:02X} is not a freeze-frame PID", offset=i + 1,
+                              reason="unknown-pid")
+        data = body[i + 2:i + 2 + spec.length]
+        values.append((pid, spec.decode(data)))  # DecodeError(wrong-length) if cut short
+        i += 2 + spec.length
+    if len(frames) != 1:
+        raise DecodeError("freeze frame answer without exactly one frame number",
+                          reason="mixed-answer")
+    return FreezeFrame(frames.pop(), dtc, tuple(values))
 
 
 def _decode_service01(body: bytes, requested: set[int] | None) -> PidValues | SupportedPids:
     values: list[tuple[int, int | float]] = []
+    composite: list[tuple[int, tuple[Signal, ...]]] = []
     supported: set[int] = set()
     bitmaps = 0
     i = 0
@@ -275,13 +458,18 @@ def _decode_service01(body: bytes, requested: set[int] | None) -> PidValues | Su
         data = body[i + 1:i + 1 + spec.length]
         if len(data) != spec.length:
             raise DecodeError(f"PID {pid:02X} cut short", offset=i + 1, reason="truncated")
-        values.append((pid, spec.decode(data)))
+        if spec.composite is not None:
+            composite.append((pid, spec.signals(data)))
+        else:
+            values.append((pid, spec.decode(data)))
         i += 1 + spec.length
-    if not values and not bitmaps:
+    if not values and not composite and not bitmaps:
         raise DecodeError("service 01 answer without PIDs", reason="empty")
-    if bitmaps and values:
+    if bitmaps and (values or composite):
         raise DecodeError("bitmap and data PIDs mixed in one answer", reason="mixed-answer")
-    return SupportedPids(frozenset(supported)) if bitmaps else PidValues(tuple(values))
+    if bitmaps:
+        return SupportedPids(frozenset(supported))
+    return PidValues(tuple(values), tuple(composite))
 
 
 def decode_bitmap(base: int, data: bytes) -> set[int]:
@@ -361,6 +549,11 @@ def markdown_table() -> str:
     """The service 01 table as Markdown (docs/vehicle.md embeds it; a test keeps it equal)."""
     rows = ["| PID | key | VSS name | unit | bytes | value |", "|---|---|---|---|---|---|"]
     for s in sorted(PIDS.values(), key=lambda s: s.pid):
+        if s.composite is not None:
+            doc = (s.composite.__doc__ or "").split(":")[0].strip()
+            rows.append(f"| {s.pid:02X} | {s.key} | several ({doc}) | | {s.length} | "
+                        f"`{s.composite.__name__}` |")
+            continue
         raw = "signed raw" if s.signed else "raw"
         formula = raw if s.mul == 1 else f"{raw} * {s.mul}"
         formula = formula if s.div == 1 else f"{formula} / {s.div}"

@@ -13,15 +13,31 @@ States::
        +-------------------(any answer to a probe)-------------------------+
 
 * discover: bitmap PIDs 0x00, 0x20, ... (functional) to learn which ECU supports what; then
-  the VIN once (service 09), if enabled.
+  the VIN, calibration IDs and ECU name once (service 09 PIDs 02/04/0A), if enabled. A
+  source with no PIDs configured (an EV read through its UDS profile only) skips discovery.
 * run: each PID has a period; due PIDs are batched up to ``max_pids`` per request (6 on CAN,
   SAE J1979 s6.1.2). A PID no ECU answers is backed off: its period doubles per miss up to
-  ``max_backoff`` times; an answer resets it. Stored and pending DTCs (services 03 and 07) are
-  read every ``dtc_period``; service 04 (clear) is never sent by the poller.
-* asleep: after ``sleep_after`` consecutive requests without any answer (ignition off, the
-  ECUs sleep) only a probe (PID 0x00) goes out every ``probe_interval``; the first answer wakes
-  the poller, which rediscovers (ECUs may differ after a restart) and resumes on its own.
-  Entering and leaving sleep are events (``vehicle-asleep`` / ``vehicle-awake``).
+  ``max_backoff`` times; an answer resets it. Stored, pending and permanent DTCs (services
+  03, 07, 0A) are read every ``dtc_period``; a stored DTC not seen before brings a freeze
+  frame (service 02, frame 0) as an ``obd-freeze-frame`` event. Service 04 (clear) is never
+  sent by the poller. The DIDs of a UDS profile (:mod:`~firmware_adapters.obd.uds`) are
+  polled each on its own period, one physical request each, backed off like PIDs.
+* asleep: only a probe (PID 0x00, or the profile's first DID when no PID is configured)
+  goes out every ``probe_interval``.
+
+Asleep means the car said nothing at all: the transport reports each exchange as answered,
+*heard* (frames came, but broken: lost last frame, wrong sequence), *silent* (nothing from
+any ECU: ``NO DATA``, no frame on the bus) or an adapter *fault* (``STOPPED``, ``BUFFER
+FULL``, ``?``, garbage, a mismatched reply). Only silence counts towards sleep; a fault is
+counted and changes nothing. Hysteresis, so a flaky link cannot flood the spool with
+``vehicle-asleep`` / ``vehicle-awake`` pairs:
+
+* asleep needs ``sleep_after`` silent requests in a row *and* ``sleep_hold`` of silence
+  since anything was last heard; if the car was awake for less than ``flap_window`` before
+  that, the next hold doubles (up to 16x), a longer awake stretch resets it;
+* awake needs ``wake_after`` answered probes in a row (the next probe follows at once).
+
+Entering and leaving sleep are events; on waking the poller rediscovers (ECUs may differ).
 """
 
 from __future__ import annotations
@@ -34,16 +50,25 @@ from agent.errors import DecodeError
 from agent.readings import Event, Reading, TimeStatus
 from firmware_adapters.obd import pids as P
 from firmware_adapters.obd.odometer import OdometerMonitor
+from firmware_adapters.obd.requester import Route
+from firmware_adapters.obd.uds import Did, Profile
 
 NS = 1_000_000_000
+MAX_HOLD_FACTOR = 16
+DTC_SERVICES = {P.SERVICE_STORED_DTCS: "Vehicle.OBD.DTCList",
+                P.SERVICE_PENDING_DTCS: "Vehicle.OBD.DTCPendingList",
+                P.SERVICE_PERMANENT_DTCS: "Vehicle.OBD.DTCPermanentList"}
+INFO_NAMES = {P.CALID_PID: "Vehicle.OBD.CalibrationIDs", P.ECU_NAME_PID: "Vehicle.OBD.ECUName"}
 
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    kind: str  # "bitmap" | "pids" | "vin" | "dtcs" | "probe"
+    kind: str  # "bitmap" | "pids" | "vin" | "info" | "dtcs" | "freeze" | "did" | "probe"
     payload: bytes
     pids: tuple[int, ...] = ()
     expected: frozenset[int] = frozenset()  # ECUs known to answer: lets a request end early
+    route: Route | None = None  # physical ids of a profile ECU (kind "did")
+    did: Did | None = None
 
 
 @dataclass(slots=True)
@@ -63,17 +88,29 @@ class Poller:
     max_backoff: int = 16
     read_vin: bool = True
     dtc_period_ns: int | None = 60 * NS
+    profile: Profile | None = None
+    did_period_ns: int | None = None  # overrides every DID's own period when set
+    sleep_hold_ns: int = 5 * NS
+    wake_after: int = 2
+    flap_window_ns: int = 60 * NS
     counters: Counter[str] = field(default_factory=Counter)
     odometer: OdometerMonitor | None = None
     state: str = "discover"
     supported: dict[int, set[int]] = field(default_factory=dict)  # pid -> ECUs
     _asked_bitmaps: set[int] = field(default_factory=set)
     _pid_state: dict[int, _PidState] = field(default_factory=dict)
+    _did_state: dict[int, _PidState] = field(default_factory=dict)  # index in profile.dids
     _silent: int = 0
+    _last_heard: int | None = None
+    _awake_since: int = 0
+    _hold_factor: int = 1
+    _wake_answers: int = 0
     _probe_due: int = 0
-    _vin_done: bool = False
+    _info_todo: list[int] = field(default_factory=list)
     _dtc_due: int = 0
-    _pending_dtcs_next: bool = False
+    _dtc_todo: list[int] = field(default_factory=list)
+    _freeze_todo: list[str] = field(default_factory=list)
+    _known_dtcs: set[str] = field(default_factory=set)
     _seen_events: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -81,6 +118,10 @@ class Poller:
             P.pid_spec(pid)  # LocalProtocolError for a PID outside the table
         if self.odometer is None:
             self.odometer = OdometerMonitor(self.source)
+        self._reset_info()
+
+    def _reset_info(self) -> None:
+        self._info_todo = [P.VIN_PID, P.CALID_PID, P.ECU_NAME_PID] if self.read_vin else []
 
     # -------------------------------------------------------------- what to send
     def next_request(self, now: int) -> Plan | None:
@@ -88,69 +129,113 @@ class Poller:
             if now < self._probe_due:
                 return None
             self._probe_due = now + self.probe_interval_ns
-            return Plan("probe", P.pid_request([0x00]), (0x00,))
+            return self._probe()
         if self.state == "discover":
-            pid = P.next_bitmap_pid(set(self.supported), self._asked_bitmaps)
+            pid = P.next_bitmap_pid(set(self.supported), self._asked_bitmaps) \
+                if self.periods_ns else None
             if pid is not None:
                 return Plan("bitmap", P.pid_request([pid]), (pid,))
             self._start_run(now)
-        if self.read_vin and not self._vin_done:
-            self._vin_done = True
-            return Plan("vin", P.vin_request())
-        if self._pending_dtcs_next:
-            self._pending_dtcs_next = False
-            return Plan("dtcs", P.dtc_request(pending=True))
-        if self.dtc_period_ns is not None and now >= self._dtc_due:
+        if self._info_todo:
+            pid = self._info_todo.pop(0)
+            return Plan("vin" if pid == P.VIN_PID else "info", P.info_request(pid), (pid,))
+        if self._freeze_todo:
+            return self._freeze_plan()
+        if not self._dtc_todo and self.dtc_period_ns is not None and now >= self._dtc_due:
             self._dtc_due = now + self.dtc_period_ns
-            self._pending_dtcs_next = True  # service 07 right after 03
-            return Plan("dtcs", P.dtc_request())
+            self._dtc_todo = list(DTC_SERVICES)  # 03, then 07 and 0A right after
+        if self._dtc_todo:
+            service = self._dtc_todo.pop(0)
+            return Plan("dtcs", bytes((service,)))
         due = sorted((s.due_ns, pid) for pid, s in self._pid_state.items() if s.due_ns <= now)
+        did_due = sorted((s.due_ns, i) for i, s in self._did_state.items() if s.due_ns <= now)
+        if did_due and (not due or did_due[0][0] < due[0][0]):
+            assert self.profile is not None
+            did = self.profile.dids[did_due[0][1]]
+            return Plan("did", did.request, route=did.route, did=did)
         batch = tuple(pid for _, pid in due[:self.max_pids])
         if not batch:
             return None
         ecus = frozenset().union(*(self.supported.get(pid, set()) for pid in batch))
         return Plan("pids", P.pid_request(batch), batch, ecus)
 
+    def _probe(self) -> Plan:
+        if not self.periods_ns and self.profile is not None:
+            did = self.profile.dids[0]  # an EV read through its profile only
+            return Plan("probe", did.request, route=did.route, did=did)
+        return Plan("probe", P.pid_request([0x00]), (0x00,))
+
+    def _freeze_plan(self) -> Plan:
+        self._freeze_todo.pop(0)
+        extra = [pid for pid in sorted(self._pid_state)
+                 if P.PIDS[pid].composite is None][:P.MAX_FREEZE_PAIRS - 1]
+        pids = (P.FREEZE_DTC_PID, *extra)
+        return Plan("freeze", P.freeze_frame_request(pids), pids)
+
     def next_time(self, now: int) -> int:
         """When :meth:`next_request` will next return a plan (``now`` if it would now)."""
         if self.state == "asleep":
             return max(now, self._probe_due)
-        if self.state == "discover" or (self.read_vin and not self._vin_done) \
-                or self._pending_dtcs_next:
+        if self.state == "discover" or self._info_todo or self._dtc_todo or self._freeze_todo:
             return now
-        times = [s.due_ns for s in self._pid_state.values()]
+        times = [s.due_ns for s in (*self._pid_state.values(), *self._did_state.values())]
         if self.dtc_period_ns is not None:
             times.append(self._dtc_due)
         return max(now, min(times)) if times else now + self.probe_interval_ns
 
     def _start_run(self, now: int) -> None:
         self.state = "run"
+        self._awake_since = now
         self._pid_state = {}
         for pid, period in self.periods_ns.items():
             if pid in self.supported:
                 self._pid_state[pid] = _PidState(period, now)
             else:
                 self.counters["pid-unsupported"] += 1
+        dids = self.profile.dids if self.profile is not None else ()
+        self._did_state = {i: _PidState(self.did_period_ns or d.period_ns, now)
+                           for i, d in enumerate(dids)}
         self._dtc_due = now
 
     # -------------------------------------------------------------- what came back
     def on_answers(self, plan: Plan, answers: Mapping[int, bytes], now: int, ts_ns: int,
-                   time_status: TimeStatus = TimeStatus.SYNCED) -> list[Reading | Event]:
-        """``answers``: ECU number -> complete payload. Returns what to emit, in order."""
+                   time_status: TimeStatus = TimeStatus.SYNCED, *, silent: bool | None = None,
+                   heard: bool = False) -> list[Reading | Event]:
+        """``answers``: ECU number -> complete payload. ``silent``: the transport saw nothing
+        at all from the car (default: no answers); ``heard``: frames came but made no answer.
+        Neither silent nor answered nor heard is an adapter fault. Returns what to emit."""
         out: list[Reading | Event] = []
+        if silent is None:
+            silent = not answers and not heard
+        if answers or heard:
+            self._last_heard = now
+        if not answers:
+            if silent:
+                self._silence(plan, now, ts_ns, out)
+            else:
+                self.counters["no-answer-heard" if heard else "no-answer-fault"] += 1
+                self._not_answered(plan, now, backoff=False)
+                if self.state == "asleep" and not heard:
+                    self._wake_answers = 0
+            return out
+        if self.state == "asleep":
+            self._wake_answers += 1
+            if self._wake_answers >= self.wake_after:
+                self._wake(now, ts_ns, out)
+            else:
+                self._probe_due = now  # confirm at once: hysteresis, not delay
+            return out
+        self._silent = 0
+        if plan.kind == "did":
+            assert plan.did is not None
+            self._on_did(plan.did, answers, now, ts_ns, time_status, out)
+            return out
         decoded: dict[int, P.Answer] = {}
         for ecu, payload in sorted(answers.items()):
             try:
                 decoded[ecu] = P.decode_answer(payload, plan.pids or None)
             except DecodeError as exc:
                 self._bad(f"decode-{exc.reason}", str(exc), ts_ns, out, ecu)
-        if not answers:
-            self._silence(plan, now, ts_ns, out)
-            return out
-        if self.state == "asleep":
-            self._wake(now, ts_ns, out)
-            return out
-        self._silent = 0
         for ecu, ans in decoded.items():
             if isinstance(ans, P.NegativeResponse):
                 self._bad(f"nrc-{ans.reason}", f"ECU {ecu} refused service "
@@ -159,21 +244,80 @@ class Poller:
             self._on_bitmap(plan, decoded)
         elif plan.kind == "pids":
             self._on_values(plan, decoded, now, ts_ns, time_status, out)
-        elif plan.kind == "vin":
-            for ans in decoded.values():
-                if isinstance(ans, P.Vin):
-                    out.append(Reading("Vehicle.VehicleIdentification.VIN", ans.vin, "",
-                                       ts_ns, time_status, self.source))
-                    break
+        elif plan.kind in ("vin", "info"):
+            self._on_info(decoded, ts_ns, time_status, out)
         elif plan.kind == "dtcs":
-            dtcs = [a for a in decoded.values() if isinstance(a, P.Dtcs)]
-            if dtcs:
-                codes = sorted({c for a in dtcs for c in a.codes})
-                name = "Vehicle.OBD.DTCList" if dtcs[0].service == P.SERVICE_STORED_DTCS \
-                    else "Vehicle.OBD.DTCPendingList"
-                out.append(Reading(name, ",".join(codes)[:256], "", ts_ns, time_status,
-                                   self.source))
+            self._on_dtcs(decoded, ts_ns, time_status, out)
+        elif plan.kind == "freeze":
+            self._on_freeze(decoded, ts_ns, out)
         return out
+
+    def _on_info(self, decoded: Mapping[int, P.Answer], ts_ns: int, status: TimeStatus,
+                 out: list[Reading | Event]) -> None:
+        for ans in decoded.values():
+            if isinstance(ans, P.Vin):
+                out.append(Reading("Vehicle.VehicleIdentification.VIN", ans.vin, "",
+                                   ts_ns, status, self.source))
+                return
+        infos = [a for a in decoded.values() if isinstance(a, P.VehicleInfo)]
+        if infos:
+            text = ",".join(item for a in infos for item in a.items)
+            out.append(Reading(INFO_NAMES[infos[0].pid], text[:256], "", ts_ns, status,
+                               self.source))
+
+    def _on_dtcs(self, decoded: Mapping[int, P.Answer], ts_ns: int, status: TimeStatus,
+                 out: list[Reading | Event]) -> None:
+        dtcs = [a for a in decoded.values() if isinstance(a, P.Dtcs)]
+        if not dtcs:
+            return
+        codes = sorted({c for a in dtcs for c in a.codes})
+        out.append(Reading(DTC_SERVICES[dtcs[0].service], ",".join(codes)[:256], "", ts_ns,
+                           status, self.source))
+        if dtcs[0].service == P.SERVICE_STORED_DTCS:
+            new = [c for c in codes if c not in self._known_dtcs]
+            self._known_dtcs = set(codes)
+            if new and self._pid_state:
+                self._freeze_todo = new[:1]  # frame 0 belongs to one DTC (J1979 s6.2)
+
+    def _on_freeze(self, decoded: Mapping[int, P.Answer], ts_ns: int,
+                   out: list[Reading | Event]) -> None:
+        for ecu, ans in decoded.items():
+            if not isinstance(ans, P.FreezeFrame):
+                continue
+            details: list[tuple[str, int | str]] = [("ecu", ecu), ("frame", ans.frame),
+                                                    ("dtc", ans.dtc or "")]
+            for pid, value in ans.values:
+                details.append((P.PIDS[pid].key, value if isinstance(value, int)
+                                else repr(value)))
+            out.append(Event("obd-freeze-frame", f"freeze frame {ans.frame} stored with "
+                             f"{ans.dtc or 'no DTC'}", ts_ns, self.source, tuple(details)))
+            return
+
+    def _on_did(self, did: Did, answers: Mapping[int, bytes], now: int, ts_ns: int,
+                status: TimeStatus, out: list[Reading | Event]) -> None:
+        assert self.profile is not None
+        index = self.profile.dids.index(did)
+        st = self._did_state.get(index)
+        payload = answers.get(0)
+        got: tuple[P.Signal, ...] | P.NegativeResponse | None = None
+        if payload is not None:
+            try:
+                got = did.decode(payload)
+            except DecodeError as exc:
+                self._bad(f"decode-{exc.reason}", f"DID {did.did:04X}: {exc}", ts_ns, out, 0)
+        if isinstance(got, P.NegativeResponse):
+            self._bad(f"nrc-{got.reason}", f"{did.ecu} refused DID {did.did:04X}: "
+                      f"{got.reason}", ts_ns, out, 0)
+            got = None
+        if st is not None:
+            if got:
+                st.misses = 0
+                st.due_ns = now + st.period_ns
+            else:
+                self._miss(st, now)
+        for name, unit, value in got or ():
+            out.append(Reading(name, value, unit, ts_ns, status, self.source))
+            self._integrity(name, value, now, ts_ns, out)
 
     def _on_bitmap(self, plan: Plan, decoded: Mapping[int, P.Answer]) -> None:
         self._asked_bitmaps.add(plan.pids[0])
@@ -184,66 +328,107 @@ class Poller:
 
     def _on_values(self, plan: Plan, decoded: Mapping[int, P.Answer], now: int, ts_ns: int,
                    status: TimeStatus, out: list[Reading | Event]) -> None:
-        got: dict[int, int | float] = {}
+        got: dict[int, tuple[P.Signal, ...]] = {}
         for ans in decoded.values():  # lowest ECU number first: the first value wins
             if isinstance(ans, P.PidValues):
-                for pid, value in ans.values:
+                pairs = [(pid, ((P.PIDS[pid].name, P.PIDS[pid].unit, v),))
+                         for pid, v in ans.values]
+                for pid, signals in (*pairs, *ans.signals):
                     if pid in got:
                         self.counters["duplicate-value"] += 1
                     else:
-                        got[pid] = value
+                        got[pid] = signals
         for pid in plan.pids:
             st = self._pid_state[pid]
             if pid in got:
                 st.misses = 0
                 st.due_ns = now + st.period_ns
             else:
-                st.misses += 1
                 self.counters["pid-missed"] += 1
-                st.due_ns = now + st.period_ns * min(2 ** st.misses, self.max_backoff)
-        for pid, value in got.items():
-            spec = P.PIDS[pid]
-            out.append(Reading(spec.name, value, spec.unit, ts_ns, status, self.source))
+                self._miss(st, now)
+        for signals in got.values():
+            for name, unit, value in signals:
+                out.append(Reading(name, value, unit, ts_ns, status, self.source))
+        for signals in got.values():
+            for name, _, value in signals:
+                self._integrity(name, value, now, ts_ns, out)
+
+    def _integrity(self, name: str, value: int | float | str, now: int, ts_ns: int,
+                   out: list[Reading | Event]) -> None:
+        """Speed and odometer from any PID or DID feed the odometer monitor."""
         assert self.odometer is not None
-        if 0x0D in got:
-            self.odometer.speed(float(got[0x0D]))
-        if 0xA6 in got:
-            event = self.odometer.odometer(float(got[0xA6]), now, ts_ns)
+        if isinstance(value, str):
+            return
+        if name == "Vehicle.Speed":
+            self.odometer.speed(float(value))
+        elif name == "Vehicle.TraveledDistance":
+            event = self.odometer.odometer(float(value), now, ts_ns)
             if event is not None:
                 out.append(event)
+
+    def _miss(self, st: _PidState, now: int) -> None:
+        st.misses += 1
+        st.due_ns = now + st.period_ns * min(2 ** st.misses, self.max_backoff)
+
+    def _not_answered(self, plan: Plan, now: int, *, backoff: bool) -> None:
+        """A request nobody answered: back its PIDs / DID off (``backoff``), or, for an
+        adapter fault, simply ask again at the next period."""
+        states: list[_PidState] = []
+        if plan.kind == "pids":
+            states = [self._pid_state[pid] for pid in plan.pids]
+        elif plan.kind == "did" and plan.did is not None and self.profile is not None:
+            st = self._did_state.get(self.profile.dids.index(plan.did))
+            states = [st] if st is not None else []
+        for st in states:
+            if backoff:
+                self._miss(st, now)
+            else:
+                st.due_ns = now + st.period_ns
+        if plan.kind == "bitmap":
+            self._asked_bitmaps.discard(plan.pids[0])
 
     # -------------------------------------------------------------- sleep / wake
     def _silence(self, plan: Plan, now: int, ts_ns: int, out: list[Reading | Event]) -> None:
         self.counters["no-answer"] += 1
-        if plan.kind == "pids":
-            for pid in plan.pids:
-                st = self._pid_state[pid]
-                st.misses += 1
-                st.due_ns = now + st.period_ns * min(2 ** st.misses, self.max_backoff)
-        if plan.kind == "bitmap":
-            self._asked_bitmaps.discard(plan.pids[0])
-        if self.state == "asleep" or plan.kind in ("vin", "dtcs"):
-            return  # ECUs may ignore services 09/03/07: that is not the car falling asleep
+        self._not_answered(plan, now, backoff=True)
+        if self.state == "asleep":
+            self._wake_answers = 0
+            return
+        if plan.kind in ("vin", "info", "dtcs", "freeze"):
+            return  # ECUs may ignore services 09/03/07/0A/02: that is not the car falling asleep
         self._silent += 1
-        if self._silent >= self.sleep_after:
-            self.state = "asleep"
-            self._probe_due = now + self.probe_interval_ns
-            assert self.odometer is not None
-            self.odometer.asleep(now)
-            out.append(Event("vehicle-asleep", f"no ECU answered {self._silent} requests: "
-                             "ignition off or bus down; probing", ts_ns, self.source))
+        quiet_since = self._last_heard if self._last_heard is not None else self._awake_since
+        hold = self.sleep_hold_ns * self._hold_factor
+        if self._silent < self.sleep_after or now - quiet_since < hold:
+            return
+        awake_for = now - self._awake_since
+        self._hold_factor = min(self._hold_factor * 2, MAX_HOLD_FACTOR) \
+            if awake_for < self.flap_window_ns else 1
+        if self._hold_factor > 1:
+            self.counters["sleep-flapping"] += 1
+        self.state = "asleep"
+        self._wake_answers = 0
+        self._probe_due = now + self.probe_interval_ns
+        assert self.odometer is not None
+        self.odometer.asleep(now)
+        out.append(Event("vehicle-asleep", f"no ECU answered {self._silent} requests for "
+                         f"{(now - quiet_since) / NS:.1f} s: ignition off or bus down; probing",
+                         ts_ns, self.source))
 
     def _wake(self, now: int, ts_ns: int, out: list[Reading | Event]) -> None:
         self.state = "discover"
         self._silent = 0
+        self._wake_answers = 0
+        self._awake_since = now
+        self._last_heard = now
         self.supported = {}
         self._asked_bitmaps = set()
-        self._vin_done = False
+        self._reset_info()
         assert self.odometer is not None
         self.odometer.awake(now)
         self.counters["wake"] += 1
-        out.append(Event("vehicle-awake", "an ECU answered the probe: resuming", ts_ns,
-                         self.source))
+        out.append(Event("vehicle-awake", f"an ECU answered {self.wake_after} probes: resuming",
+                         ts_ns, self.source))
 
     def on_transport_errors(self, errors: list[DecodeError], ts_ns: int,
                             ecu: int = -1) -> list[Reading | Event]:

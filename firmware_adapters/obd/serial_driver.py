@@ -14,11 +14,18 @@ closed and reopened with back-off, and the adapter is initialised again. Config:
     command_timeout_ms = 2000   # until the prompt; the adapter's own ATST answers NO DATA first
     max_pids = 6                # 1 for clones that refuse multi-PID requests (they say "?")
     pids = { SPEED = 1.0, RPM = 0.5 }
+    profile = "vw-meb"          # optional: UDS DIDs of an EV family (ATSH/ATCRA per ECU)
+
+At open the port is flushed and the init checks each reply against its command: a reply
+that does not match (a stale one, left by another program) makes the driver resynchronise
+(``ATI``, drop replies until the version banner) before going on; so does an OBD reply that
+does not answer its request (:func:`~firmware_adapters.obd.requester.answers_request`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import Mapping
@@ -39,11 +46,13 @@ from firmware_adapters.obd import elm327
 from firmware_adapters.obd.options import POLL_KEYS, poll_settings
 from firmware_adapters.obd.requester import Addressing, Transaction
 from firmware_adapters.obd.scheduler import Plan
-from firmware_adapters.obd.source import PollingSource
+from firmware_adapters.obd.source import Exchange, PollingSource
 
 ELM_KEYS = {"port", "baudrate", "command_timeout_ms", "max_pids", "max_timeouts"}
 INIT_TIMEOUT_S = 5.0
 SEARCH_TIMEOUT_S = 15.0  # protocol auto-detect tries every protocol in turn
+RESYNC_REPLIES = 8
+log = logging.getLogger(__name__)  # stale replies dropped at most before giving up and reconnecting
 
 
 class Elm327Source(PollingSource):
@@ -62,6 +71,8 @@ class Elm327Source(PollingSource):
         self._parser = elm327.ReplyParser(header_digits=0)
         self._replies: asyncio.Queue[elm327.Reply | Exception] = asyncio.Queue()
         self._timeouts = 0
+        self._protocol = "6"
+        self._header = elm327.Header(11)
 
     @classmethod
     def from_options(cls, source_id: str, options: Mapping[str, object], where: str) -> Self:
@@ -83,9 +94,14 @@ class Elm327Source(PollingSource):
         except (serial.SerialException, OSError, ValueError) as exc:
             raise AdapterUnavailable(f"cannot open {self.port}: {exc}", source=self.id,
                                      reason="port-open") from exc
+        try:  # bytes another program left in the adapter's or the driver's buffer
+            self._serial.reset_input_buffer()
+        except (serial.SerialException, OSError):
+            self.counters["port-flush-error"] += 1
         self._parser.clear()
         self._replies = asyncio.Queue()
         self._timeouts = 0
+        self._header = elm327.Header(11)
         asyncio.get_running_loop().add_reader(self._serial.fileno(), self._on_readable)
         await self._initialise()
 
@@ -128,19 +144,28 @@ class Elm327Source(PollingSource):
         self._replies.put_nowait(AdapterIOError(f"serial port lost: {exc}", source=self.id,
                                                 reason="port-lost"))
 
-    async def _command(self, text: str, timeout_s: float) -> elm327.Reply:
-        """Send one command and wait for its prompt. Stale replies are dropped first."""
-        assert self._serial is not None
+    def _drop_stale(self) -> None:
         while not self._replies.empty():
             stale = self._replies.get_nowait()
             if isinstance(stale, Exception):
                 raise stale
             self.counters["elm-stale-reply"] += 1
+
+    def _write(self, text: str) -> None:
+        assert self._serial is not None
         try:
             self._serial.write(elm327.command(text))
         except (serial.SerialException, OSError) as exc:
             raise AdapterIOError(f"write to {self.port} failed: {exc}", source=self.id,
                                  reason="port-write") from exc
+
+    async def _command(self, text: str, timeout_s: float) -> elm327.Reply:
+        """Send one command and wait for its prompt. Stale replies are dropped first."""
+        self._drop_stale()
+        self._write(text)
+        return await self._reply(timeout_s)
+
+    async def _reply(self, timeout_s: float) -> elm327.Reply:
         try:
             async with asyncio.timeout(timeout_s):  # not wait_for: see can_driver
                 reply = await self._replies.get()
@@ -161,9 +186,40 @@ class Elm327Source(PollingSource):
                 self.counters[f"elm-{status}"] += 1
         return reply
 
+    async def _resync(self, why: str) -> None:
+        """Replies and commands are out of step: send ATI and drop replies until the banner.
+        AdapterIOError (reconnect) when the adapter never gets back in step."""
+        self.counters["elm-resync"] += 1
+        log.info("source %s: resynchronising with the adapter (%s)", self.id, why)
+        self._drop_stale()
+        self._write(elm327.RESYNC_COMMAND)
+        for _ in range(RESYNC_REPLIES):
+            reply = await self._reply(INIT_TIMEOUT_S)
+            if elm327.is_banner(reply):
+                self._header = elm327.Header(-1)  # unknown: set it again before the next use
+                return
+            self.counters["elm-stale-reply"] += 1
+        raise AdapterIOError(f"adapter on {self.port} out of step ({why})", source=self.id,
+                             reason="elm-desync")
+
+    async def _at(self, text: str, timeout_s: float = INIT_TIMEOUT_S) -> elm327.Reply:
+        """An AT command whose answer is OK (or, for ATZ/ATI, the banner); any other reply
+        is stale: resynchronise once and ask again."""
+        banner = text in ("ATZ", elm327.RESYNC_COMMAND)
+        for attempt in range(2):
+            reply = await self._command(text, timeout_s)
+            if "timeout" in reply.status or "refused" in reply.status:
+                return reply
+            if (elm327.is_banner(reply) if banner else "ok" in reply.status) \
+                    and not reply.frames:
+                return reply
+            if attempt == 0:
+                await self._resync(f"{text} answered {reply}"[:120])
+        return reply
+
     async def _initialise(self) -> None:
         for text in elm327.INIT_COMMANDS:
-            reply = await self._command(text, INIT_TIMEOUT_S)
+            reply = await self._at(text)
             if "timeout" in reply.status or (
                     "refused" in reply.status and text not in elm327.OPTIONAL_COMMANDS):
                 raise AdapterIOError(f"adapter refused {text}: {reply}"[:200], source=self.id,
@@ -172,13 +228,34 @@ class Elm327Source(PollingSource):
         reply = await self._command(elm327.PROTOCOL_COMMAND, INIT_TIMEOUT_S)
         try:
             self.protocol_bits = elm327.protocol_bits(reply)
+            self._protocol = next(line[-1] for line in reply.text if line[-1] in "6789A")
             self._parser.header_digits = 3 if self.protocol_bits == 11 else 8
-        except DecodeError:
+        except (DecodeError, StopIteration):
             # Not found yet (ignition off): header size follows from each line's parity.
             self._parser.header_digits = 0
             self.counters["elm-protocol-unknown"] += 1
+        self._header = elm327.Header(self.protocol_bits)
 
-    async def _exchange(self, plan: Plan) -> dict[int, bytes]:
+    async def _select(self, plan: Plan) -> int:
+        """Point the adapter at the plan's ECU (or back at OBD); returns the id size."""
+        route = plan.route
+        want = elm327.Header(self.protocol_bits) if route is None else elm327.Header(
+            29 if route.extended else 11, route.request_id, route.response_id)
+        if want == self._header:
+            return want.bits
+        old = self._header if self._header.bits > 0 else elm327.Header(
+            -1, request_id=0, response_id=0)
+        for text in elm327.header_commands(old, want, self._protocol):
+            reply = await self._at(text)
+            if "ok" not in reply.status:
+                self.counters["elm-header-refused"] += 1  # ATCP on some clones
+        self._header = want
+        if self._parser.header_digits or route is not None:
+            self._parser.header_digits = 8 if want.bits == 29 else 3
+        return want.bits
+
+    async def _exchange(self, plan: Plan) -> Exchange:
+        bits = await self._select(plan)
         reply = await self._command(elm327.obd_command(plan.payload).decode().strip(),
                                     self.command_timeout_s)
         if "refused" in reply.status and len(plan.pids) > 1 and self.poller.max_pids > 1:
@@ -186,14 +263,16 @@ class Elm327Source(PollingSource):
             self.counters["elm-multi-pid-off"] += 1
         if "stopped" in reply.status or "buffer-full" in reply.status:
             self.counters["elm-retry"] += 1
-        bits = self.protocol_bits
         if self._parser.header_digits == 0 and reply.frames:
             bits = 29 if reply.frames[0][0] > 0x7FF else 11
         if reply.text:
             self.counters["elm-unexpected-text"] += len(reply.text)
         now = time.monotonic_ns()
-        tx = Transaction(Addressing(bits), plan.payload, now, 0, plan.expected)
+        tx = Transaction(Addressing(bits), plan.payload, now, 0, plan.expected,
+                         route=plan.route)
         for arb_id, data in reply.frames:
             tx.receive(arb_id, data, now)  # the adapter itself sends the flow control
         self.rx_errors += tx.errors + tx.incomplete()
-        return tx.answers
+        if tx.mismatched:  # the reply answers another request: replies are out of step
+            await self._resync(f"reply to {plan.payload.hex()} answers something else")
+        return Exchange(tx.answers, silent=reply.silent, heard=tx.heard and not tx.answers)

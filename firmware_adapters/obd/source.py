@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from agent.errors import AdapterError, AdapterUnavailable, DecodeError
 from firmware_adapters.base import Clock, Emit, system_clock
@@ -23,6 +24,17 @@ from firmware_adapters.obd.scheduler import Plan, Poller
 log = logging.getLogger(__name__)
 RECONNECT_MIN_S = 0.2
 RECONNECT_MAX_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """What one request brought: complete answers by ECU number, and how the link looked.
+    ``silent``: nothing at all came from the car (no frame; ``NO DATA``). ``heard``: frames
+    came but made no complete answer. Neither, without answers: an adapter fault."""
+
+    answers: dict[int, bytes] = field(default_factory=dict)
+    silent: bool = False
+    heard: bool = False
 
 
 class PollingSource(OdometerSource):
@@ -45,8 +57,8 @@ class PollingSource(OdometerSource):
         """Close the transport; never raises."""
 
     @abc.abstractmethod
-    async def _exchange(self, plan: Plan) -> dict[int, bytes]:
-        """Send one request; return ECU number -> complete answer payload."""
+    async def _exchange(self, plan: Plan) -> Exchange:
+        """Send one request; return every ECU's complete answer and the link's state."""
 
     async def _run(self, emit: Emit) -> None:
         delay = RECONNECT_MIN_S
@@ -74,12 +86,12 @@ class PollingSource(OdometerSource):
                 await asyncio.sleep(max(0, self.poller.next_time(now) - now) / 1e9)
                 continue
             self.counters[f"request-{plan.kind}"] += 1
-            answers = await self._exchange(plan)
+            ex = await self._exchange(plan)
             ts_ns, status = self.clock()
             errors, self.rx_errors = self.rx_errors, []
             for item in self.poller.on_transport_errors(errors, ts_ns):
                 await emit(item)
-            for item in self.poller.on_answers(plan, answers, time.monotonic_ns(), ts_ns,
-                                               status):
+            for item in self.poller.on_answers(plan, ex.answers, time.monotonic_ns(), ts_ns,
+                                               status, silent=ex.silent, heard=ex.heard):
                 await emit(item)
             self._save_odometer()

@@ -21,11 +21,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import can
 
 from firmware_adapters.obd.isotp import pad, segment
+from firmware_adapters.obd.uds import Profile, load_profile
+from hil.sim import uds as sim_uds
 
 # -------------------------------------------------------------------------- the profile
 
@@ -52,6 +54,9 @@ class VehicleState:
     soc_pct: float
     odometer_km: float
     charging: bool
+    charged_kwh: float = 0.0  # energy into the battery since the profile started
+    used_kwh: float = 0.0  # energy taken from it (driving)
+    power_kw: float = 0.0  # into the battery: + charging, - driving
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,9 +75,8 @@ class DrivingProfile:
         if loop_s <= 0:  # no time in the profile: stand still at the start values
             return VehicleState(0.0, 0.0, self.soc_start_pct, self.odometer_start_km, False)
         loops, rest = divmod(max(0.0, t), loop_s)
-        km, kwh = self._integrate(loop_s)
-        km, kwh = km * loops, kwh * loops
-        speed, charging = 0.0, False
+        km, charged, used = (x * loops for x in self._integrate(loop_s))
+        speed, charging, power = 0.0, False, 0.0
         for seg in self.segments:
             if seg.duration_s <= 0:
                 continue  # a zero-length step (two points at one instant): nothing to integrate
@@ -81,22 +85,25 @@ class DrivingProfile:
                 dt / seg.duration_s)
             d = (seg.speed_from_kmh + v_end) / 2 * dt / 3600
             km += d
-            kwh += seg.charging_kw * dt / 3600 - d * self.consumption_kwh_per_km
+            charged += seg.charging_kw * dt / 3600
+            used += d * self.consumption_kwh_per_km
             rest -= dt
             if rest <= 0:
                 speed, charging = v_end, seg.charging_kw > 0
+                power = seg.charging_kw - v_end * self.consumption_kwh_per_km
                 break
-        soc = min(100.0, max(0.0, self.soc_start_pct + kwh / self.battery_kwh * 100))
+        soc = min(100.0, max(0.0, self.soc_start_pct + (charged - used) / self.battery_kwh * 100))
         return VehicleState(speed, speed * self.rpm_per_kmh, soc, self.odometer_start_km + km,
-                            charging)
+                            charging, charged, used, power)
 
-    def _integrate(self, seconds: float) -> tuple[float, float]:
-        km = kwh = 0.0
+    def _integrate(self, seconds: float) -> tuple[float, float, float]:
+        km = charged = used = 0.0
         for seg in (s for s in self.segments if s.duration_s > 0):
             d = (seg.speed_from_kmh + seg.speed_to_kmh) / 2 * seg.duration_s / 3600
             km += d
-            kwh += seg.charging_kw * seg.duration_s / 3600 - d * self.consumption_kwh_per_km
-        return km, kwh
+            charged += seg.charging_kw * seg.duration_s / 3600
+            used += d * self.consumption_kwh_per_km
+        return km, charged, used
 
 
 # -------------------------------------------------------------------------- encoders (J1979)
@@ -110,6 +117,15 @@ def _temp(c: float) -> bytes:
     return bytes((round(min(215, max(-40, c))) + 40,))
 
 
+def _hv_battery(s: VehicleState) -> bytes:
+    """PID 9A: voltage and current supported (A = 0x03), 1/64 V and signed 0.1 A."""
+    values = sim_uds.physical(s)
+    volts = values["Vehicle.Powertrain.TractionBattery.CurrentVoltage"]
+    amps = values["Vehicle.Powertrain.TractionBattery.CurrentCurrent"]
+    return bytes((0x03,)) + round(volts * 64).to_bytes(2, "big") + \
+        round(amps * 10).to_bytes(2, "big", signed=True) + b"\x00"
+
+
 ENCODERS: dict[int, Callable[[VehicleState, float], bytes]] = {
     0x04: lambda s, t: _pct(min(100.0, s.speed_kmh)),                 # engine/motor load
     0x05: lambda s, t: _temp(40 + s.speed_kmh / 5),                   # coolant
@@ -117,10 +133,13 @@ ENCODERS: dict[int, Callable[[VehicleState, float], bytes]] = {
     0x0D: lambda s, t: bytes((round(min(255, s.speed_kmh)),)),        # km/h
     0x0F: lambda s, t: _temp(25),                                     # intake air
     0x11: lambda s, t: _pct(s.speed_kmh),                             # throttle (pedal)
+    0x1C: lambda s, t: b"\x06",                                       # EOBD (J1979 table)
     0x1F: lambda s, t: round(min(65535, t)).to_bytes(2, "big"),       # run time s
     0x42: lambda s, t: round(14.2 * 1000).to_bytes(2, "big"),         # 12 V net, mV
     0x46: lambda s, t: _temp(18),                                     # ambient
+    0x51: lambda s, t: b"\x08",                                       # fuel type: electric
     0x5B: lambda s, t: _pct(s.soc_pct),                               # EV battery charge
+    0x9A: lambda s, t: _hv_battery(s),                                # HV battery V, A
     0xA6: lambda s, t: round(s.odometer_km * 10).to_bytes(4, "big"),  # 0.1 km
 }
 SECOND_ECU_PIDS = (0x0D, 0x46)  # a gateway/BMS that also answers some functional requests
@@ -155,10 +174,18 @@ class EcuSimCore:
     dtcs: list[str] = field(default_factory=lambda: ["P0A80"])
     ignition: bool = True
     odometer_offset_km: float = 0.0  # HIL fault injection: a tampered cluster
+    uds: Profile | None = None  # manufacturer ECUs answering UDS 0x22 (a profile's DIDs)
+    response_pending: int = 0  # "7F <sid> 78" frames before each answer (ISO 14229-1)
+    calibration_ids: tuple[str, ...] = ("EVEDGE-SIM-0001", "EVEDGE-BMS-0002")
+    ecu_name: str = "ECM-EngineControl"
     _pending: dict[int, list[bytes]] = field(default_factory=dict)  # tester id -> CFs
 
     def pids_of(self, ecu: int) -> tuple[int, ...]:
         return tuple(ENCODERS) if ecu == 0 else SECOND_ECU_PIDS
+
+    def state(self, t: float) -> VehicleState:
+        state = self.profile.state(t)
+        return replace(state, odometer_km=state.odometer_km + self.odometer_offset_km)
 
     def _ids(self, ecu: int) -> tuple[int, int]:
         """(physical request id, response id) of an ECU (ISO 15765-4 s6.3)."""
@@ -170,9 +197,44 @@ class EcuSimCore:
     def functional_id(self) -> int:
         return 0x7DF if self.addressing == 11 else 0x18DB33F1
 
+    def _send(self, resp_id: int, key: int, answer: bytes) -> list[tuple[int, bytes]]:
+        """Frames of one answer (after any response-pending frames); CFs wait for FC."""
+        out = [(resp_id, pad(bytes((3, 0x7F, answer[0] - 0x40 if answer[0] != 0x7F
+                                    else answer[1], 0x78))))] * self.response_pending
+        frames = segment(answer)
+        out.append((resp_id, pad(frames[0]) if len(frames) == 1 else frames[0]))
+        if len(frames) > 1:
+            self._pending[key] = frames[1:]
+        return out
+
+    def _handle_uds(self, arb_id: int, data: bytes, t: float) -> list[tuple[int, bytes]] | None:
+        """A frame to one of the profile's ECUs; None when it is not addressed to one."""
+        if self.uds is None:
+            return None
+        resp_id = sim_uds.routes(self.uds).get(arb_id)
+        if resp_id is None:
+            return None
+        if data[0] >> 4 == 3:  # flow control: the rest of a multi-frame answer
+            return [(resp_id, f) for f in self._pending.pop(resp_id, [])]
+        size = data[0] & 0xF
+        if data[0] >> 4 != 0 or not 0 < size <= min(7, len(data) - 1):
+            return []
+        req = data[1:1 + size]
+        if req[0] != 0x22 or len(req) != 3:
+            return self._send(resp_id, resp_id, bytes((0x7F, req[0], 0x11)))
+        did = int.from_bytes(req[1:3], "big")
+        match = [d for d in self.uds.dids if d.did == did and d.route.request_id == arb_id]
+        if not match:  # ISO 14229-1: requestOutOfRange for a DID the ECU does not have
+            return self._send(resp_id, resp_id, bytes((0x7F, 0x22, 0x31)))
+        return self._send(resp_id, resp_id, sim_uds.answer(match[0],
+                                                            sim_uds.physical(self.state(t))))
+
     def handle(self, arb_id: int, data: bytes, t: float) -> list[tuple[int, bytes]]:
         if not self.ignition or not data:
             return []
+        uds = self._handle_uds(arb_id, data, t)
+        if uds is not None:
+            return uds
         out: list[tuple[int, bytes]] = []
         for ecu in range(self.ecus):
             req_id, resp_id = self._ids(ecu)
@@ -185,12 +247,8 @@ class EcuSimCore:
             if len(data) > 8 or not 0 < size <= min(7, len(data) - 1):
                 continue  # not a classic-CAN single frame: ignore, as an ECU would
             answer = self.answer(ecu, data[1:1 + size], t, physical=arb_id == req_id)
-            if answer is None:
-                continue
-            frames = segment(answer)
-            out.append((resp_id, pad(frames[0]) if len(frames) == 1 else frames[0]))
-            if len(frames) > 1:
-                self._pending[ecu] = frames[1:]
+            if answer is not None:
+                out += self._send(resp_id, ecu, answer)
         return out
 
     def answer(self, ecu: int, req: bytes, t: float, physical: bool) -> bytes | None:
@@ -202,27 +260,50 @@ class EcuSimCore:
         if sid == 0x01:
             if len(req) < 2:
                 return nrc(0x13)
-            state = self.profile.state(t)
-            state = VehicleState(state.speed_kmh, state.rpm, state.soc_pct,
-                                 state.odometer_km + self.odometer_offset_km, state.charging)
+            state = self.state(t)
             body = b""
             for pid in req[1:]:
                 if pid % 0x20 == 0:
                     body += bytes((pid,)) + bitmap(pid, self.pids_of(ecu))
+                elif pid == 0x01 and ecu == 0:  # MIL on with stored DTCs; monitors complete
+                    body += bytes((0x01, (0x80 if self.dtcs else 0) | len(self.dtcs),
+                                   0x07, 0xE5, 0x00))
                 elif pid in self.pids_of(ecu):
                     body += bytes((pid,)) + ENCODERS[pid](state, t)
             return b"\x41" + body if body else nrc(0x31)
         if ecu != 0:
             return None
+        if sid == 0x02:  # freeze frame 0, stored with the first DTC (J1979 s6.2)
+            return self._freeze_frame(req[1:], t) or nrc(0x31)
         if sid == 0x09 and req[1:] == b"\x02":
             return b"\x49\x02\x01" + self.vin.encode("ascii")
-        if sid in (0x03, 0x07):
-            codes = self.dtcs if sid == 0x03 else []
+        if sid == 0x09 and req[1:] == b"\x04":
+            return b"\x49\x04" + bytes((len(self.calibration_ids),)) + b"".join(
+                c.encode("ascii").ljust(16, b"\x00") for c in self.calibration_ids)
+        if sid == 0x09 and req[1:] == b"\x0a":
+            return b"\x49\x0a\x01" + self.ecu_name.encode("ascii").ljust(20, b"\x00")
+        if sid in (0x03, 0x07, 0x0A):
+            codes = self.dtcs if sid in (0x03, 0x0A) else []
             return bytes((sid + 0x40, len(codes))) + b"".join(map(encode_dtc, codes))
         if sid == 0x04:
             self.dtcs.clear()
             return b"\x44"
         return nrc(0x11)
+
+    def _freeze_frame(self, pairs: bytes, t: float) -> bytes | None:
+        if not self.dtcs or len(pairs) % 2:
+            return None
+        body = b""
+        state = self.state(t)
+        for i in range(0, len(pairs), 2):
+            pid, frame = pairs[i], pairs[i + 1]
+            if frame != 0:
+                continue
+            if pid == 0x02:
+                body += b"\x02\x00" + encode_dtc(self.dtcs[0])
+            elif pid in ENCODERS and pid not in (0x01, 0x9A):
+                body += bytes((pid, 0)) + ENCODERS[pid](state, t)
+        return b"\x42" + body if body else None
 
 
 # -------------------------------------------------------------------------- the runner
@@ -232,11 +313,11 @@ class EcuSimulator:
     """Runs :class:`EcuSimCore` on a python-can bus in a thread. ``start()`` / ``stop()``."""
 
     def __init__(self, bus: can.BusABC, core: EcuSimCore | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, start_s: float = 0.0) -> None:
         self.bus = bus
         self.core = core or EcuSimCore()
         self.clock = clock
-        self._t0 = clock()
+        self._t0 = clock() - start_s  # profile time ``start_s`` now
         self._off_since: float | None = None  # a parked car does not move: profile time
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -266,20 +347,20 @@ class EcuSimulator:
             self._thread.join(timeout=2.0)
 
     def _run(self) -> None:
-        extended = self.core.addressing == 29
         while not self._stop.is_set():
             try:
                 msg = self.bus.recv(timeout=0.05)
             except (can.CanError, OSError):
                 continue
-            if msg is None or msg.is_extended_id != extended:
+            # 11-bit ids fit 0x7FF; an extended frame with a small id is not for any ECU here
+            if msg is None or msg.is_extended_id != (msg.arbitration_id > 0x7FF):
                 continue
             self.requests += 1
             for arb_id, data in self.core.handle(msg.arbitration_id, bytes(msg.data),
                                                  self.clock() - self._t0):
                 try:
                     self.bus.send(can.Message(arbitration_id=arb_id, data=data,
-                                              is_extended_id=extended))
+                                              is_extended_id=arb_id > 0x7FF))
                 except (can.CanError, OSError):
                     pass
 
@@ -299,10 +380,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--ecus", type=int, choices=(1, 2), default=1)
     ap.add_argument("--vin", default="WP0ZZZ99ZTS390000")
     ap.add_argument("--odometer-offset-km", type=float, default=0.0)
+    ap.add_argument("--profile", help="also answer this UDS profile's DIDs (hyundai-egmp ...)")
     args = ap.parse_args(argv)
     bus = can.Bus(interface=args.interface, channel=args.channel, **dict(args.bus_option))
     core = EcuSimCore(vin=args.vin, addressing=args.addressing, ecus=args.ecus,
-                      odometer_offset_km=args.odometer_offset_km)
+                      odometer_offset_km=args.odometer_offset_km,
+                      uds=load_profile(args.profile) if args.profile else None)
     sim = EcuSimulator(bus, core).start()
     done = threading.Event()
     signal.signal(signal.SIGUSR1, lambda *_: setattr(sim, "ignition", False))

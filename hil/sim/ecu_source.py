@@ -10,6 +10,7 @@ virtual bus. Needs no hardware and no files: the demo's vehicle source. Config::
     ecus = 2
     vin = "WP0ZZZ99ZTS390000"
     time_scale = 1.0      # profile seconds per wall second (10 = a 150 s loop in 15 s)
+    profile = "vw-meb"    # the simulated car also answers this UDS profile's DIDs
 
 It emits at least ``Vehicle.Speed``, ``Vehicle.TraveledDistance`` and
 ``Vehicle.Powertrain.TractionBattery.StateOfCharge.Current``. ``source.simulator`` is the
@@ -61,11 +62,16 @@ class HilEcuSource(ObdCanSource):
         table = dict(options)
         table.setdefault("pids", HIL_PIDS)
         table.setdefault("dtc_period_s", 60.0)
+        # the car's own time runs time_scale faster: so does the silence that means "asleep"
+        scale = Table(table, where, o.prefix).float("time_scale", 1.0, min=0.01, max=1000.0)
+        table.setdefault("sleep_hold_s", 5.0 / scale)
         o = Table(table, where, o.prefix)
         bits = o.choice("addressing", 11, (11, 29))
+        poll = poll_settings_for_can(o)
         core = EcuSimCore(addressing=bits, ecus=o.int("ecus", 1, min=1, max=2),  # type: ignore[arg-type]
-                          vin=o.nonempty_str("vin", "WP0ZZZ99ZTS390000"))
-        return cls(source_id, poll_settings_for_can(o), addressing=Addressing(bits),  # type: ignore[arg-type]
+                          vin=o.nonempty_str("vin", "WP0ZZZ99ZTS390000"),
+                          uds=poll["profile"])  # type: ignore[arg-type]
+        return cls(source_id, poll, addressing=Addressing(bits),  # type: ignore[arg-type]
                    core=core, time_scale=o.float("time_scale", 1.0, min=0.01, max=1000.0),
                    window_ns=o.int("response_timeout_ms", 50, min=10, max=10_000) * 1_000_000,
                    slack_km=o.float("slack_km", 0.5, min=0.0, max=100.0))

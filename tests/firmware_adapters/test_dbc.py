@@ -115,23 +115,18 @@ def test_source_on_a_virtual_bus_with_a_cantools_peer() -> None:
                            data=m.encode(values))
 
     async def scenario() -> list[Reading | Event]:
-        got: list[Reading | Event] = []
-        task = asyncio.create_task(src.run(lambda x: _append(got, x)))
-        await asyncio.sleep(0.2)
-        peer.send(frame("VehicleSpeed", {"Speed": 88.5, "Gear": 3}))
-        peer.send(frame("Cluster_Odometer", {"Odometer": 1000.0, "AmbientTemp": 18}))
-        peer.send(can.Message(arbitration_id=0x123, data=b"\x01", is_extended_id=False))
-        peer.send(frame("Cluster_Odometer", {"Odometer": 900.0, "AmbientTemp": 18}))
-        peer.send(frame("VehicleSpeed", {"Speed": 90.0, "Gear": 3}))
-        for _ in range(100):
-            if len([g for g in got if getattr(g, "name", "") == "Vehicle.Speed"]) == 2:
-                break
-            await asyncio.sleep(0.02)
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
+        async def send() -> None:
+            await listening(src)
+            peer.send(frame("VehicleSpeed", {"Speed": 88.5, "Gear": 3}))
+            peer.send(frame("Cluster_Odometer", {"Odometer": 1000.0, "AmbientTemp": 18}))
+            peer.send(can.Message(arbitration_id=0x123, data=b"\x01", is_extended_id=False))
+            peer.send(frame("Cluster_Odometer", {"Odometer": 900.0, "AmbientTemp": 18}))
+            peer.send(frame("VehicleSpeed", {"Speed": 90.0, "Gear": 3}))
+
+        sender = asyncio.create_task(send())
+        got = await collect(src, lambda xs: len(
+            [g for g in xs if getattr(g, "name", "") == "Vehicle.Speed"]) == 2, 10)
+        await sender
         return got
 
     try:
@@ -145,8 +140,11 @@ def test_source_on_a_virtual_bus_with_a_cantools_peer() -> None:
     assert src.counters["dbc-short-frame"] == 1
 
 
-async def _append(items: list[Reading | Event], item: Reading | Event) -> None:
-    items.append(item)
+async def listening(src: DbcSource) -> None:
+    """Readiness: the source has opened its bus (a virtual bus delivers every frame sent
+    after that), signalled by its counter."""
+    while not src.counters["bus-opened"]:
+        await asyncio.sleep(0.005)
 
 
 def test_odometer_clocked_back_between_two_runs_is_caught(tmp_path: Path) -> None:
@@ -164,7 +162,7 @@ def test_odometer_clocked_back_between_two_runs_is_caught(tmp_path: Path) -> Non
 
         async def scenario() -> list[Reading | Event]:
             async def send() -> None:  # once the source listens
-                await asyncio.sleep(0.2)
+                await listening(src)
                 peer.send(can.Message(arbitration_id=message.frame_id,
                                       is_extended_id=message.is_extended_frame,
                                       data=message.encode({"Odometer": km, "AmbientTemp": 18})))
@@ -185,3 +183,51 @@ def test_odometer_clocked_back_between_two_runs_is_caught(tmp_path: Path) -> Non
     assert [g for g in run_once(1010.0) if isinstance(g, Event)] == []  # driven meanwhile
     (event,) = [g for g in run_once(400.0) if isinstance(g, Event)]
     assert event.code == "odometer-decreased" and dict(event.details)["across_restart"] == 1
+
+
+def test_reader_queue_is_bounded_and_waits_for_the_runtime() -> None:
+    """Back-pressure: while emit() is held, the reader thread stops at QUEUE_MAX frames and
+    waits (counted); once released, every frame is decoded, none dropped."""
+    from firmware_adapters.dbc import QUEUE_MAX
+    channel = f"dbc-{uuid.uuid4().hex}"
+    db = cantools.database.load_file(str(DBC))
+    msg = db.get_message_by_name("VehicleSpeed")
+    src = DbcSource.from_options("body", {"dbc": str(DBC), "interface": "virtual",
+                                          "channel": channel,
+                                          "signals": {"VehicleSpeed.Speed": "Vehicle.Speed"}},
+                                 "car.toml")
+    peer = can.Bus(interface="virtual", channel=channel)
+    n = QUEUE_MAX + 700
+
+    async def scenario() -> list[Reading | Event]:
+        got: list[Reading | Event] = []
+        release, done = asyncio.Event(), asyncio.Event()
+
+        async def emit(item: Reading | Event) -> None:
+            await release.wait()
+            got.append(item)
+            if len(got) == n:
+                done.set()
+
+        task = asyncio.create_task(src.run(emit))
+        await listening(src)
+        for i in range(n):
+            peer.send(can.Message(arbitration_id=msg.frame_id, is_extended_id=False,
+                                  data=msg.encode({"Speed": i % 200, "Gear": 3})))
+        while not src.counters["reader-waits"]:  # readiness: the reader hit the bound
+            await asyncio.sleep(0.01)
+        release.set()
+        await asyncio.wait_for(done.wait(), 30)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        return got
+
+    try:
+        got = asyncio.run(scenario())
+    finally:
+        peer.shutdown()
+    assert [r.value for r in got if isinstance(r, Reading)] == [i % 200 for i in range(n)]
+    assert src.counters["reader-waits"] >= 1

@@ -5,6 +5,7 @@ teardown (the emulator can spin at 100% CPU once its pty peer is gone)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
 import subprocess
@@ -17,6 +18,8 @@ import pytest
 
 from agent.readings import Event, Reading
 from firmware_adapters.base import Source
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
@@ -33,12 +36,22 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(timeout=5)
 
 
-def start_emulator(tmp: Path, *extra: str) -> tuple[subprocess.Popen[bytes], Path]:
+def start_emulator(tmp: Path, *extra: str, module: tuple[str, ...] = ("elm", "-s", "car")
+                   ) -> tuple[subprocess.Popen[bytes], Path]:
+    """The emulator as its own process, working directory ``tmp`` (its ``elm.log`` lands
+    there, not in the repository). ``module``: what ``python -m`` runs before ``-b FILE``."""
     out = tmp / "elm-batch.txt"
-    proc = subprocess.Popen([sys.executable, "-m", "elm", "-s", "car", "-b", str(out), *extra],
+    proc = subprocess.Popen([sys.executable, "-m", *module, "-b", str(out), *extra],
                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, cwd=tmp,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
     return proc, out
+
+
+def emulator_pty(out: Path, timeout: float = 20) -> str:
+    """The pty the emulator (batch mode) wrote as the first line of its output file."""
+    _wait_for(lambda: out.exists() and out.read_text().strip() != "", timeout, "emulator pty")
+    return out.read_text().split()[0]
 
 
 @pytest.fixture
@@ -46,8 +59,7 @@ def elm_port(tmp_path: Path) -> Iterator[str]:
     """ELM327-emulator on its own pty; yields the pty path."""
     proc, out = start_emulator(tmp_path)
     try:
-        _wait_for(lambda: out.exists() and out.read_text().strip() != "", 20, "emulator pty")
-        yield out.read_text().split()[0]
+        yield emulator_pty(out)
     finally:
         _stop(proc)
 
@@ -65,8 +77,9 @@ def slcan_port(tmp_path: Path) -> Iterator[str]:
     try:
         _wait_for(lambda: emu_end.exists() and app_end.exists(), 10, "socat pty pair")
         proc, out = start_emulator(tmp_path, "-c", str(emu_end))
-        _wait_for(lambda: out.exists() and out.read_text().strip() != "", 20, "emulator start")
-        time.sleep(0.3)  # the SLCAN server opens its port right after printing the banner
+        # readiness: the emulator logs this line once its SLCAN server holds the port
+        _wait_for(lambda: out.exists() and "(SLCAN) started" in out.read_text(), 20,
+                  "emulator SLCAN server")
         yield str(app_end)
     finally:
         if proc is not None:
@@ -113,6 +126,10 @@ def named(items: list[Reading | Event], name: str) -> list[Reading]:
     return [i for i in items if isinstance(i, Reading) and i.name == name]
 
 
-def events(items: list[Reading | Event]) -> list[Event]:
-    return [i for i in items if isinstance(i, Event)]
+def events(items: list[Reading | Event], *, but: tuple[str, ...] = ()) -> list[Event]:
+    """The events among ``items``, leaving out the codes in ``but``."""
+    return [i for i in items if isinstance(i, Event) and i.code not in but]
+
+
+FREEZE = ("obd-freeze-frame",)  # the simulator's stored DTC brings one freeze-frame event
 

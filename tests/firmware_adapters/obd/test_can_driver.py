@@ -14,7 +14,7 @@ from elm.obd_message import ObdMessage
 
 from firmware_adapters.obd.can_driver import ObdCanSource
 from hil.sim.ecu import EcuSimCore, EcuSimulator
-from tests.firmware_adapters.obd.peers import collect, emulator_values, events, named
+from tests.firmware_adapters.obd.peers import FREEZE, collect, emulator_values, events, named
 
 SIX = ("SPEED", "RPM", "COOLANT_TEMP", "ENGINE_LOAD", "INTAKE_TEMP", "THROTTLE_POS")
 
@@ -70,7 +70,9 @@ def test_two_ecus_answer_one_functional_request(bits: int) -> None:
     assert odo and all(12345.6 <= v < 12346.0 for v in odo)
     soc = named(items, "Vehicle.Powertrain.TractionBattery.StateOfCharge.Current")
     assert soc and abs(soc[0].value - 60.0) < 0.5
-    assert not events(items)
+    (freeze,) = events(items)  # the stored DTC brought its freeze frame (service 02)
+    assert freeze.code == "obd-freeze-frame" and dict(freeze.details)["dtc"] == "P0A80"
+    assert 0 <= int(dict(freeze.details)["SPEED"]) <= 50
 
 
 def test_hostile_frames_on_the_bus_are_counted_and_polling_goes_on() -> None:
@@ -112,7 +114,7 @@ def test_silent_ecu_sleep_probe_and_resume() -> None:
     async def scenario() -> tuple[list[object], ObdCanSource]:
         src = ObdCanSource.from_options("can0", {
             "interface": "virtual", "channel": channel, "pids": {"SPEED": 0.05},
-            "read_vin": False, "sleep_after": 3, "probe_interval_s": 0.2,
+            "read_vin": False, "sleep_after": 3, "probe_interval_s": 0.2, "sleep_hold_s": 0.2,
             "response_timeout_ms": 30}, "t.toml")
         seen: list[object] = []
 
@@ -144,7 +146,7 @@ def test_silent_ecu_sleep_probe_and_resume() -> None:
     finally:
         sim.stop()
         bus.shutdown()
-    codes = [e.code for e in events(seen)]  # type: ignore[arg-type]
+    codes = [e.code for e in events(seen, but=FREEZE)]  # type: ignore[arg-type]
     assert codes[:2] == ["vehicle-asleep", "vehicle-awake"]
     assert src.counters["no-answer"] >= 3 and src.counters["request-probe"] >= 1
     assert len(named(seen, "Vehicle.Speed")) >= 4  # type: ignore[arg-type]

@@ -131,7 +131,11 @@ def test_random_answers_raise_only_decode_error(data: bytes) -> None:
         pass
 
 
-@given(st.sampled_from(sorted(P.PIDS)), st.data())
+LINEAR = sorted(pid for pid, spec in P.PIDS.items() if spec.composite is None)
+COMPOSITE = sorted(pid for pid, spec in P.PIDS.items() if spec.composite is not None)
+
+
+@given(st.sampled_from(LINEAR), st.data())
 def test_every_pid_decodes_any_data_of_its_length(pid: int, data: st.DataObject) -> None:
     spec = P.PIDS[pid]
     raw = data.draw(st.binary(min_size=spec.length, max_size=spec.length))
@@ -155,3 +159,62 @@ def test_docs_embed_the_generated_pid_table() -> None:
     from pathlib import Path
     doc = (Path(__file__).parents[3] / "docs" / "vehicle.md").read_text()
     assert P.markdown_table() in doc
+
+
+def test_monitor_status_pid_01() -> None:
+    # MIL on, 3 DTCs; spark ignition; misfire supported and not complete; catalyst and
+    # EVAP supported, EVAP not complete (J1979-DA PID 01 bit layout)
+    (ans,) = P.decode_answer(bytes.fromhex("4101831105" + "04")).signals
+    assert ans[0] == 0x01
+    got = {name: value for name, _, value in ans[1]}
+    assert got == {"Vehicle.OBD.Status.IsMILOn": 1, "Vehicle.OBD.Status.DTCCount": 3,
+                   "Vehicle.OBD.Status.IgnitionType": "spark",
+                   "Vehicle.OBD.Status.MonitorsNotReady": "misfire,evap-system"}
+    (ans,) = P.decode_answer(bytes.fromhex("4101000800" + "00")).signals
+    assert dict((n, v) for n, _, v in ans[1])["Vehicle.OBD.Status.IgnitionType"] == "compression"
+
+
+def test_hybrid_battery_pid_9a_emits_only_supported_values() -> None:
+    (ans,) = P.decode_answer(bytes.fromhex("419A03" + "5A00" + "FF9C" + "00")).signals
+    assert ans == (0x9A, (("Vehicle.Powertrain.TractionBattery.CurrentVoltage", "V", 360.0),
+                          ("Vehicle.Powertrain.TractionBattery.CurrentCurrent", "A", -10.0)))
+    (ans,) = P.decode_answer(bytes.fromhex("419A01" + "5A00" + "FF9C" + "00")).signals
+    assert [n for n, _, _ in ans[1]] == ["Vehicle.Powertrain.TractionBattery.CurrentVoltage"]
+
+
+def test_obd_standard_and_fuel_type() -> None:
+    assert P.decode_answer(bytes.fromhex("411C06")) == P.PidValues(((0x1C, 6),))
+    assert P.decode_answer(bytes.fromhex("415108")) == P.PidValues(((0x51, 8),))
+
+
+def test_freeze_frame_calibration_ids_and_ecu_name() -> None:
+    assert P.freeze_frame_request([0x02, 0x0D]) == bytes.fromhex("0202000D00")
+    ans = P.decode_answer(bytes.fromhex("42020001430D0037"), requested=[0x02, 0x0D])
+    assert ans == P.FreezeFrame(0, "P0143", ((0x0D, 0x37),))
+    with pytest.raises(DecodeError):
+        P.decode_answer(bytes.fromhex("42020001430D0137"))  # two frame numbers
+    cal = b"\x49\x04\x02" + b"CAL-A".ljust(16, b"\0") + b"CAL-B".ljust(16, b"\0")
+    assert P.decode_answer(cal) == P.VehicleInfo(0x04, ("CAL-A", "CAL-B"))
+    name = b"\x49\x0a\x01" + b"ECM-EngineControl".ljust(20, b"\0")
+    assert P.decode_answer(name) == P.VehicleInfo(0x0A, ("ECM-EngineControl",))
+    with pytest.raises(DecodeError) as err:
+        P.decode_answer(b"\x49\x04\x02" + b"x" * 16)
+    assert err.value.reason == "wrong-length"
+    assert P.decode_answer(bytes.fromhex("4A010A80")) == P.Dtcs(0x0A, ("P0A80",))
+
+
+@given(st.sampled_from(COMPOSITE), st.binary(min_size=6, max_size=6))
+def test_composite_pids_decode_any_data(pid: int, raw: bytes) -> None:
+    data = raw[:P.PIDS[pid].length]
+    (got,) = P.decode_answer(bytes((0x41, pid)) + data).signals
+    for name, unit, _ in got[1]:
+        assert VEHICLE_SIGNALS[name].unit == unit
+
+
+@given(st.binary(max_size=40))
+def test_random_freeze_frames_and_info_raise_only_decode_error(data: bytes) -> None:
+    for prefix in (b"\x42", b"\x49\x04", b"\x49\x0a", b"\x4a"):
+        try:
+            P.decode_answer(prefix + data)
+        except DecodeError:
+            pass

@@ -59,7 +59,7 @@ def test_a_pid_nobody_answers_is_backed_off_exponentially() -> None:
 
 
 def test_silence_puts_the_poller_to_sleep_and_an_answer_wakes_it() -> None:
-    p = discovered(sleep_after=3, probe_interval_ns=2 * NS)
+    p = discovered(sleep_after=3, probe_interval_ns=2 * NS, sleep_hold_ns=0, wake_after=1)
     events: list[Event] = []
     now = 0
     for _ in range(3):
@@ -110,16 +110,30 @@ def discover(p: Poller, pids: set[int]) -> None:
 def test_vin_and_dtcs_are_read() -> None:
     p = Poller({0x0D: NS}, read_vin=True, dtc_period_ns=60 * NS)
     discover(p, {0x0D})
+    for pid in (0x04, 0x0A):  # the VIN plan was taken by discover(); then CALIDs, ECU name
+        plan = p.next_request(0)
+        assert plan is not None and plan.kind == "info" and plan.payload == bytes((9, pid))
     plan = p.next_request(0)
-    assert plan is not None and plan.kind == "dtcs"  # the VIN plan was taken by discover()
+    assert plan is not None and plan.kind == "dtcs"
     (dtcs,) = p.on_answers(plan, {0: bytes.fromhex("43010143"), 1: bytes.fromhex("4300")},
                            0, 0)
     assert isinstance(dtcs, Reading) and dtcs.value == "P0143"
+    plan = p.next_request(0)
+    assert plan is not None and plan.kind == "freeze"  # a new stored DTC: its freeze frame
+    assert plan.payload == bytes((0x02, 0x02, 0x00, 0x0D, 0x00))
+    (ff,) = p.on_answers(plan, {0: bytes.fromhex("42020001430D0037")}, 0, 0)
+    assert isinstance(ff, Event) and ff.code == "obd-freeze-frame"
+    assert dict(ff.details) == {"ecu": 0, "frame": 0, "dtc": "P0143", "SPEED": 0x37}
     plan = p.next_request(0)
     assert plan is not None and plan.payload == b"\x07"  # pending DTCs right after stored
     (pending,) = p.on_answers(plan, {0: bytes.fromhex("47010A80")}, 0, 0)
     assert isinstance(pending, Reading) and pending.name == "Vehicle.OBD.DTCPendingList"
     assert pending.value == "P0A80"
+    plan = p.next_request(0)
+    assert plan is not None and plan.payload == b"\x0a"  # and permanent DTCs
+    (permanent,) = p.on_answers(plan, {0: bytes.fromhex("4A00")}, 0, 0)
+    assert isinstance(permanent, Reading) and permanent.name == "Vehicle.OBD.DTCPermanentList"
+    assert permanent.value == ""
     p = Poller({0x0D: NS}, read_vin=True, dtc_period_ns=None)
     for base in (0x00,):
         plan = p.next_request(0)
@@ -153,3 +167,62 @@ def test_unanswered_vin_and_dtc_requests_do_not_put_the_car_to_sleep() -> None:
         if plan.kind == "dtcs":
             assert p.on_answers(plan, {}, 0, 0) == []
     assert p.state == "run"
+
+
+def silent_round(p: Poller, now: int) -> list[Event]:
+    plan = p.next_request(now)
+    assert plan is not None
+    return [e for e in p.on_answers(plan, {}, now, now) if isinstance(e, Event)]
+
+
+def test_sleep_needs_silence_for_the_hold_time_and_wake_needs_two_answers() -> None:
+    p = discovered(sleep_after=2, probe_interval_ns=NS, sleep_hold_ns=5 * NS, wake_after=2)
+    now, got = 0, []
+    while now < 4 * NS:  # silent requests for 4 s: not yet 5 s of silence
+        got += silent_round(p, now)
+        now = p.next_time(now + 1)
+    assert got == [] and p.state == "run" and p.counters["no-answer"] >= 2
+    now = max(now, 5 * NS)
+    assert [e.code for e in silent_round(p, p.next_time(now))] == ["vehicle-asleep"]
+    now = p.next_time(now)
+    probe = p.next_request(now + NS)
+    assert probe is not None and probe.kind == "probe"
+    assert p.on_answers(probe, {0: BITMAP_00}, now + NS, 0) == []  # one answer is not enough
+    again = p.next_request(now + NS)  # the confirming probe goes out at once
+    assert again is not None and again.kind == "probe"
+    out = p.on_answers(again, {0: BITMAP_00}, now + NS, 0)
+    assert [e.code for e in out if isinstance(e, Event)] == ["vehicle-awake"]
+
+
+def test_adapter_faults_never_put_the_car_to_sleep() -> None:
+    p = discovered(sleep_after=1, sleep_hold_ns=0)
+    for now in range(NS, 50 * NS, NS):
+        plan = p.next_request(now) or p.next_request(p.next_time(now))
+        assert plan is not None
+        assert p.on_answers(plan, {}, now, now, silent=False) == []
+        assert p.on_answers(plan, {}, now, now, silent=False, heard=True) == []
+    assert p.state == "run" and p.counters["no-answer-fault"] == 49
+    assert p.counters["no-answer-heard"] == 49 and p.counters["no-answer"] == 0
+
+
+def test_a_flapping_link_doubles_the_hold_so_events_cannot_flood() -> None:
+    p = discovered(sleep_after=1, probe_interval_ns=NS, sleep_hold_ns=NS, wake_after=1,
+                   flap_window_ns=60 * NS)
+    now, codes, asleep_at = 0, [], []
+    while now < 600 * NS:  # ten minutes of a link that answers one request in two
+        now += NS // 2
+        plan = p.next_request(now)
+        if plan is None:
+            continue
+        answered = (now // (NS // 2)) % 2 == 0
+        answer = {0: BITMAP_00 if plan.kind in ("probe", "bitmap") else b"\x41\x0d\x10"}
+        out = p.on_answers(plan, answer if answered else {}, now, now)
+        for e in out:
+            if isinstance(e, Event):
+                codes.append(e.code)
+                if e.code == "vehicle-asleep":
+                    asleep_at.append(now)
+    # without hysteresis this would be hundreds of pairs; with it the holds grow to 16 s
+    assert 0 < codes.count("vehicle-asleep") <= 60
+    gaps = [b - a for a, b in zip(asleep_at, asleep_at[1:], strict=False)]
+    assert not gaps or max(gaps) >= 16 * NS

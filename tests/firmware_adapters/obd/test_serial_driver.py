@@ -75,17 +75,18 @@ def test_decoded_values_equal_what_the_emulator_defines(elm_port: str) -> None:
 
 
 def test_emulator_odometer_answer_with_a_wrong_service_byte_is_flagged(elm_port: str) -> None:
-    # The 'car' scenario answers 01 A6 with "61 A6 ..." (service 0x21's answer byte): a wrong
-    # answer that must be reported, not decoded as mileage.
+    # The 'car' scenario answers 01 A6 with "61 A6 ..." (service 0x21's answer byte): a reply
+    # that does not answer its request. It must be reported, never decoded as mileage, and
+    # the driver resynchronises with the adapter (the reply may belong to another command).
     from elm.obd_message import ObdMessage
     assert all("<data>61 A6" in r for r in ObdMessage["car"]["ODOMETER"]["Response"])
     src = Elm327Source.from_options("elm", {"port": elm_port, "pids": {"ODOMETER": 0.05,
                                                                         "SPEED": 0.05}}, "t")
     items = asyncio.run(collect(src, lambda xs: len(named(xs, "Vehicle.Speed")) >= 3, 60))
     assert not named(items, "Vehicle.TraveledDistance")
-    assert any(e.code == "obd-bad-answer" and ("reason", "decode-unexpected-service")
+    assert any(e.code == "obd-bad-answer" and ("reason", "rx-mismatch")
                in e.details for e in events(items))
-    assert src.counters["decode-unexpected-service"] >= 1
+    assert src.counters["rx-mismatch"] >= 1 and src.counters["elm-resync"] >= 1
 
 
 def test_reconnects_after_the_adapter_is_unplugged(tmp_path: Path) -> None:
@@ -252,3 +253,76 @@ def test_two_ecus_answering_one_pid_through_the_adapter(elm_port: str) -> None:
     got = [r.value for r in named(items, "Vehicle.OBD.EngineLoad")][:6]
     assert got == pytest.approx(values[:6], abs=1e-5)
     assert src.counters["duplicate-value"] >= len(two)
+
+
+class StaleAdapter(HostileAdapter):
+    """An adapter that still holds another program's reply when we open it: every answer
+    comes one command late until the client resynchronises (ATI, drop until the banner)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queue: list[bytes] = [b"7E803410D63\r\r>"]  # left over from someone else
+        self.resynced = False
+
+    def answer(self, cmd: str) -> bytes:
+        if cmd == "ATI":
+            self.resynced = True
+            self.queue.clear()  # the client drains; from now on replies are in step
+            return b"ELM327 v1.5\r\r>"
+        if cmd == "010D":
+            return b"7E803410D2A\r\r>"
+        reply = super().answer(cmd)
+        if self.resynced:
+            return reply
+        self.queue.append(reply)
+        return self.queue.pop(0)
+
+
+def test_a_stale_reply_at_port_open_is_flushed_and_the_adapter_resynchronised() -> None:
+    adapter = StaleAdapter()
+    adapter.start()
+    try:
+        src = Elm327Source.from_options("elm", {"port": adapter.name, "pids": {"SPEED": 0.02},
+                                                "read_vin": False, "dtc_period_s": 0}, "t")
+        items = asyncio.run(collect(src, lambda xs: len(named(xs, "Vehicle.Speed")) >= 3, 30))
+    finally:
+        adapter.stop.set()
+        os.close(adapter.master)
+        os.close(adapter.slave)
+    assert adapter.resynced and src.counters["elm-resync"] >= 1
+    # never the stale 0x63 (99 km/h) from the other program's request
+    assert [r.value for r in named(items, "Vehicle.Speed")][:3] == [0x2A] * 3
+
+
+class GarbageAdapter(HostileAdapter):
+    """Answers, then a long run of adapter faults: not one of them is the car asleep."""
+
+    FAULTS = [b"STOPPED\r\r>", b"BUFFER FULL\r\r>", b"?\r\r>", b"\x01\xfe#!garbage\r\r>",
+              b"7E8100E410D\r\r>"]  # the last: a multi-frame answer whose CFs never come
+
+    def answer(self, cmd: str) -> bytes:
+        if cmd == "010D":
+            self.requests += 1
+            if 3 <= self.requests < 3 + 6 * len(self.FAULTS):
+                return self.FAULTS[self.requests % len(self.FAULTS)]
+            return b"7E803410D2A\r\r>"
+        return super().answer(cmd)
+
+
+def test_adapter_garbage_and_lost_frames_are_faults_not_ignition_off() -> None:
+    adapter = GarbageAdapter()
+    adapter.start()
+    try:
+        src = Elm327Source.from_options("elm", {"port": adapter.name, "pids": {"SPEED": 0.01},
+                                                "read_vin": False, "dtc_period_s": 0,
+                                                "sleep_after": 2, "sleep_hold_s": 0},
+                                        "t")
+        items = asyncio.run(collect(src, lambda xs: len(named(xs, "Vehicle.Speed")) >= 4, 30))
+    finally:
+        adapter.stop.set()
+        os.close(adapter.master)
+        os.close(adapter.slave)
+    assert adapter.requests >= 3 + 6 * len(GarbageAdapter.FAULTS)
+    assert not [e for e in events(items) if e.code.startswith("vehicle-")]
+    assert src.counters["no-answer-fault"] >= 20 and src.counters["no-answer-heard"] >= 5
+    assert src.counters["no-answer"] == 0
