@@ -8,6 +8,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -65,26 +66,53 @@ def provision(tmp_path: Path) -> FleetRegistry:
 
 
 class NotifySocket:
+    """The service manager's end of NOTIFY_SOCKET. Like systemd it reads all the time (a
+    thread), so the agent's datagrams never pile up in the kernel's queue of 10 and get
+    dropped while the test is busy elsewhere."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
-        self.sock.settimeout(0.2)
+        self.sock.settimeout(0.1)
         self.messages: list[str] = []
+        self._arrived = threading.Condition()
+        self._closed = False
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while not self._closed:
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._arrived:
+                self.messages.append(data.decode())
+                self._arrived.notify_all()
 
     def drain(self) -> list[str]:
-        while True:
-            try:
-                self.messages.append(self.sock.recv(4096).decode())
-            except (TimeoutError, BlockingIOError):
-                return self.messages
+        with self._arrived:
+            return list(self.messages)
 
     def wait_for(self, text: str, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if any(text in m for m in self.drain()):
-                return
-        raise AssertionError(f"no {text!r} on the notify socket; got {self.messages}")
+        with self._arrived:
+            if not self._arrived.wait_for(lambda: any(text in m for m in self.messages),
+                                          timeout_s):
+                raise AssertionError(f"no {text!r} on the notify socket; got {self.messages}")
+
+
+def wait_status(path: Path, done, timeout_s: float = 15.0):
+    """The agent's status file once ``done(status)`` holds (it is rewritten every tick),
+    or the last one read when the time is up."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = read_status(path)
+        if done(status) or time.monotonic() > deadline:
+            return status
+        time.sleep(0.1)
 
 
 def start_agent(config: Path, notify: NotifySocket) -> subprocess.Popen:
@@ -157,6 +185,7 @@ timeout_s = 0.2
     proc = start_agent(config, notify)
     try:
         notify.wait_for("READY=1", 20)
+        notify.wait_for("WATCHDOG=1", 5)  # the status file is written before each ping
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             status = read_status(tmp_path / "status.json")
@@ -199,11 +228,13 @@ def test_metrics_port_taken_does_not_stop_the_agent(tmp_path, mosquitto):
     proc = start_agent(config, notify)
     try:
         notify.wait_for("READY=1", 20)
+        notify.wait_for("WATCHDOG=1", 5)  # the status file is written before each ping
         report = asyncio.run(verify_mqtt(mosquitto.url, registry, envelopes=3, idle_s=10,
                                          timeout_s=30))
         assert report.ok and report.devices["cs-test-1"].envelopes >= 3
-        errors = read_status(tmp_path / "status.json").errors
-        assert any(e.reason == "metrics-bind" for e in errors), errors
+        status = wait_status(tmp_path / "status.json",
+                             lambda st: any(e.reason == "metrics-bind" for e in st.errors))
+        assert any(e.reason == "metrics-bind" for e in status.errors), status.errors
     finally:
         holder.close()
         out = stop_agent(proc)
