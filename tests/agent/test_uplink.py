@@ -22,9 +22,9 @@ from paho.mqtt.reasoncodes import ReasonCode
 from agent.backoff import Backoff
 from agent.errors import ConfigError, UplinkError
 from agent.keys import IdentityKey
+from agent.mqtt_connection import classify_connack, classify_connect_error, classify_puback
 from agent.options import Table
 from agent.topics import channel_topic, status_topic
-from agent.mqtt_connection import classify_connack, classify_connect_error, classify_puback
 from agent.uplink import MqttConfig, Uplink
 from hil.broker import AclRule, BrokerOptions, EmbeddedBroker, Mosquitto, make_pki
 
