@@ -20,6 +20,7 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import stat
 import time
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ import nacl.signing
 from coincurve import PrivateKey, PublicKey
 
 from agent import dcbor
+from agent.durable import OS, FileOps, create_file, make_dir, write_atomic
 from agent.errors import BadSignature, InsecureKeyFile, KeyStoreError, MalformedEnvelope
 
 IDENTITY_FILE = "identity.ed25519"
@@ -133,16 +135,6 @@ class SettlementKey:
 
 # --- key files -------------------------------------------------------------------------
 
-def _write_secret(path: Path, secret: bytes) -> None:
-    """Create ``path`` mode 0600 from the start (never world-readable, not even briefly)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, secret)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _read_secret(path: Path) -> bytes:
     try:
         info = path.stat()
@@ -169,23 +161,41 @@ class DeviceKeys:
     settlement: SettlementKey
 
 
-class KeyStore:
-    """The key directory ``<state_dir>/keys``: secrets, the device file, issued records."""
+KEY_FILES = (IDENTITY_FILE, SETTLEMENT_FILE, DEVICE_FILE)
+NEW = ".new"  # suffix of a rotation's files before they replace the current ones
 
-    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+
+class KeyStore:
+    """The key directory ``<state_dir>/keys``: secrets, the device file, issued records.
+
+    Power-cut safety (issue 15.2; agent.durable): ``init`` builds the whole directory as
+    ``keys.partial`` and renames it into place, so there are either no keys or complete
+    ones. ``rotate`` writes the new files as ``*.new`` (fsync'd, directory fsync'd), then
+    the rotation record signed by the old key (temp, fsync, rename, fsync: the commit
+    point), then renames the new files over the old ones. At every instant the old key, or
+    the new key with its record, is on disk; ``load`` finishes a rotation a crash
+    interrupted (forward if its record is on disk, back otherwise)."""
+
+    def __init__(self, state_dir: str | os.PathLike[str], *, ops: FileOps = OS) -> None:
         self.dir = Path(state_dir) / "keys"
+        self.ops = ops
 
     def exists(self) -> bool:
         return (self.dir / IDENTITY_FILE).exists()
 
     def load(self) -> DeviceKeys:
+        self._finish_rotation()
         identity = IdentityKey(_read_secret(self.dir / IDENTITY_FILE))
         settlement = SettlementKey(_read_secret(self.dir / SETTLEMENT_FILE))
         try:
             device = json.loads((self.dir / DEVICE_FILE).read_text())
             device_id = device["device"]
+            kid = device["kid"]
         except (OSError, ValueError, KeyError, TypeError):
             raise KeyStoreError(f"{self.dir / DEVICE_FILE} is missing or damaged") from None
+        if kid != identity.kid.hex():
+            raise KeyStoreError(f"{self.dir / DEVICE_FILE} names key {kid}, the identity key "
+                                f"is {identity.kid.hex()}")
         return DeviceKeys(device_id, identity, settlement)
 
     def init(self, device_id: str | None = None) -> tuple[DeviceKeys, dict[str, object]]:
@@ -196,43 +206,82 @@ class KeyStore:
                                 reason="keys-exist")
         identity, settlement = IdentityKey.generate(), SettlementKey.generate()
         device_id = device_id or f"dev-{fingerprint(identity.public).replace('-', '').lower()}"
-        self._store(identity, settlement, device_id, suffix="")
         record = provisioning_record(device_id, identity, settlement, time.time_ns())
-        self._save_record(record)
+        ops = self.ops
+        partial = self.dir.with_name(self.dir.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)  # a crashed init's leftovers
+        make_dir(self.dir.parent, ops=ops)
+        ops.mkdir(partial, 0o700)
+        ops.mkdir(partial / RECORDS_DIR, 0o700)
+        self._write_keys(partial, identity, settlement, device_id, suffix="")
+        create_file(partial / RECORDS_DIR / _record_name(record),
+                    (record_to_json(record) + "\n").encode(), mode=0o644, ops=ops)
+        ops.fsync_dir(partial / RECORDS_DIR)
+        ops.fsync_dir(partial)
+        try:
+            ops.replace(partial, self.dir)  # onto nothing, or an empty directory
+        except OSError as exc:
+            raise KeyStoreError(f"{self.dir} exists and is not empty ({exc.strerror}); "
+                                "move it away first") from None
+        ops.fsync_dir(self.dir.parent)
         return DeviceKeys(device_id, identity, settlement), record
 
     def rotate(self) -> tuple[DeviceKeys, dict[str, object]]:
         """New key pair; the rotation record is signed by the old identity key. The old
-        secrets are deleted once the new ones are durable."""
-        old = self.load()
+        secrets are replaced only once the new ones and the record are durable."""
+        old = self.load()  # also ends a rotation that crashed: no *.new left after it
         identity, settlement = IdentityKey.generate(), SettlementKey.generate()
         record = rotation_record(old.device_id, old.identity, identity, settlement, time.time_ns())
-        self._store(identity, settlement, old.device_id, suffix=".new")
-        for name in (IDENTITY_FILE, SETTLEMENT_FILE, DEVICE_FILE):
-            os.replace(self.dir / (name + ".new"), self.dir / name)
-        _fsync_dir(self.dir)
-        self._save_record(record)
+        ops = self.ops
+        self._write_keys(self.dir, identity, settlement, old.device_id, suffix=NEW)
+        ops.fsync_dir(self.dir)
+        self._save_record(record)  # the commit point (see the class docstring)
+        for name in KEY_FILES:
+            ops.replace(self.dir / (name + NEW), self.dir / name)
+        ops.fsync_dir(self.dir)
         return DeviceKeys(old.device_id, identity, settlement), record
 
-    def _store(self, identity: IdentityKey, settlement: SettlementKey, device_id: str,
-               suffix: str) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if suffix:  # leftovers of a rotation that crashed before its os.replace
-            for name in (IDENTITY_FILE, SETTLEMENT_FILE, DEVICE_FILE):
-                (self.dir / (name + suffix)).unlink(missing_ok=True)
-        _write_secret(self.dir / (IDENTITY_FILE + suffix), identity.seed())
-        _write_secret(self.dir / (SETTLEMENT_FILE + suffix), settlement.secret())
+    def _write_keys(self, directory: Path, identity: IdentityKey, settlement: SettlementKey,
+                    device_id: str, suffix: str) -> None:
+        """The three files, each fsync'd (the caller fsyncs the directory once)."""
         public = {"device": device_id, "ed25519": identity.public.hex(),
                   "kid": identity.kid.hex(), "secp256k1": settlement.public.hex(),
                   "address": "0x" + settlement.address.hex()}
-        (self.dir / (DEVICE_FILE + suffix)).write_text(json.dumps(public, indent=2) + "\n")
-        _fsync_dir(self.dir)
+        create_file(directory / (IDENTITY_FILE + suffix), identity.seed(), ops=self.ops)
+        create_file(directory / (SETTLEMENT_FILE + suffix), settlement.secret(), ops=self.ops)
+        create_file(directory / (DEVICE_FILE + suffix),
+                    (json.dumps(public, indent=2) + "\n").encode(), mode=0o644, ops=self.ops)
+
+    def _finish_rotation(self) -> None:
+        """Forward if the record of the keys in ``*.new`` (or already in place) is on disk,
+        else back (the record is written before any key file is replaced)."""
+        pending = [name for name in KEY_FILES if (self.dir / (name + NEW)).exists()]
+        if not pending:
+            return
+        identity = _public_or_none(self.dir, IDENTITY_FILE, IdentityKey)
+        settlement = _public_or_none(self.dir, SETTLEMENT_FILE, SettlementKey)
+        forward = any(r.get("type") == "rotate" and r.get("ed25519") == identity
+                      and r.get("secp256k1") == settlement for r in self._records())
+        for name in pending:
+            if forward:
+                self.ops.replace(self.dir / (name + NEW), self.dir / name)
+            else:
+                self.ops.unlink(self.dir / (name + NEW))
+        self.ops.fsync_dir(self.dir)
+
+    def _records(self) -> list[dict[str, object]]:
+        records = []
+        for path in sorted((self.dir / RECORDS_DIR).glob("*.json")):
+            try:
+                records.append(record_from_json(path.read_text()))
+            except (OSError, MalformedEnvelope):
+                continue  # a torn leftover is no record
+        return records
 
     def _save_record(self, record: dict[str, object]) -> Path:
-        records = self.dir / RECORDS_DIR
-        records.mkdir(exist_ok=True)
-        path = records / f"{record['type']}-{record['created_ns']}.json"
-        path.write_text(record_to_json(record) + "\n")
+        path = self.dir / RECORDS_DIR / _record_name(record)
+        make_dir(path.parent, ops=self.ops)
+        write_atomic(path, (record_to_json(record) + "\n").encode(), mode=0o644, ops=self.ops)
         return path
 
     def latest_record(self) -> dict[str, object]:
@@ -243,12 +292,20 @@ class KeyStore:
         return record_from_json(records[-1].read_text())
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _record_name(record: dict[str, object]) -> str:
+    return f"{record['type']}-{record['created_ns']}.json"
+
+
+def _public_or_none(directory: Path, name: str,
+                    key: type[IdentityKey] | type[SettlementKey]) -> bytes | None:
+    """The public key of ``name.new`` if it exists, else of ``name``; None if unreadable."""
+    path = directory / (name + NEW)
+    if not path.exists():
+        path = directory / name
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        return key(_read_secret(path)).public
+    except KeyStoreError:
+        return None
 
 
 # --- provisioning and rotation records --------------------------------------------------

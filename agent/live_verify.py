@@ -86,11 +86,14 @@ async def verify_mqtt(url: str, registry: FleetRegistry, *, envelopes: int | Non
                       until: Callable[[LiveVerifier], bool] | None = None,
                       client_id: str | None = None, ca_file: Path | None = None,
                       cert_file: Path | None = None, key_file: Path | None = None,
-                      persistent: bool = False) -> VerifyReport:
+                      persistent: bool = False,
+                      subscribed: asyncio.Event | None = None) -> VerifyReport:
     """Subscribe to every device's telemetry and events at ``url`` and verify what comes.
 
     Stops after ``envelopes`` distinct envelopes, after ``idle_s`` seconds without a
     message, after ``timeout_s``, or when ``until(live)`` is true, whichever comes first.
+    ``subscribed`` (if given) is set once the broker acknowledged the subscriptions
+    (SUBACK): a caller that publishes after it loses nothing to a race.
     """
     live = LiveVerifier(registry)
 
@@ -102,7 +105,12 @@ async def verify_mqtt(url: str, registry: FleetRegistry, *, envelopes: int | Non
     config = mqtt_config(url, client_id=client_id, ca_file=ca_file, cert_file=cert_file,
                          key_file=key_file, persistent=persistent)
     async with Uplink(config) as up:
+        if subscribed is not None:  # subscribe on a live connection: returns on SUBACK
+            async with asyncio.timeout(timeout_s):
+                await up.wait_connected()
         for topic in TOPICS:
             await up.subscribe(topic)
+        if subscribed is not None:
+            subscribed.set()
         await collect(up, live, until=done, idle_s=idle_s, timeout_s=timeout_s)
     return live.report()

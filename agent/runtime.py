@@ -17,6 +17,12 @@ Shutdown (SIGTERM, SIGINT or ``stop``): sources stop first, then whatever the ba
 is sealed and committed, publishing gets a short grace period to drain, and the spool is
 closed. Nothing committed is lost: what was not acknowledged goes out after the restart.
 
+A full disk at start-up (the spool cannot be opened: ``disk-full``) does not stop the agent:
+it starts, reports it (log, status, sd_notify), retries the spool with back-off, and starts
+the sources and the uplink once space frees; the first envelope then is a signed
+``spool-disk-full`` event naming the stretch of time in which no reading was taken. (A
+spool that is damaged, ``spool-corrupt``, still ends the agent: waiting will not fix it.)
+
 Errors: an AdapterError in a source is counted, logged, shown in the status, and the source
 is restarted after a capped back-off; any other exception is a bug and ends the agent (the
 service manager restarts it), never silently swallowed.
@@ -43,6 +49,7 @@ from agent.errors import (
     AdapterUnavailable,
     ConfigError,
     EdgeAgentError,
+    SpoolError,
     UplinkError,
 )
 from agent.keys import DeviceKeys, KeyStore
@@ -72,6 +79,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("edge_agent.runtime")
 
 DRAIN_GRACE_S = 3.0
+SPOOL_RETRY_INITIAL_S = 1.0  # opening the spool on a full disk: retried with back-off
+SPOOL_RETRY_MAX_S = 30.0
 SOURCE_BACKOFF_INITIAL_S = 1.0
 SOURCE_BACKOFF_MAX_S = 60.0
 
@@ -164,6 +173,7 @@ class Runtime:
         self._extra: list[tuple[str, Callable[[Runtime], Awaitable[None]]]] = []
         self._channel_status: Callable[[], tuple] = tuple
         self.ready = asyncio.Event()
+        self.spool_state = "ok"  # "disk-full" while the spool cannot be opened
 
     # -- extension points (payment channel, demo, HIL) ---------------------------------
     def add_task(self, name: str, factory: Callable[[Runtime], Awaitable[None]]) -> None:
@@ -187,7 +197,12 @@ class Runtime:
 
     # -- the supervisor --------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
-        spool = await asyncio.to_thread(Spool.open, self.spool_config)
+        opened = await self._open_spool(stop)
+        if opened is None:  # stopped while waiting for disk space
+            self.state = "stopped"
+            self.notifier.close()
+            return
+        spool, waited = opened
         worker = SpoolWorker(spool)
         sealer = Sealer(self.keys.identity, self.device_id, os.urandom(16),
                         spool.next_seq, spool.head)
@@ -196,6 +211,8 @@ class Runtime:
                 self.uplink = uplink
                 self.pipeline = Pipeline(sealer, worker, uplink, self.device_id,
                                          batch=self.config.batch)
+                if waited is not None:
+                    await self.pipeline.emit(_disk_full_event(*waited))
                 await self._supervise(stop)
         finally:
             self.state = "stopped"
@@ -204,6 +221,44 @@ class Runtime:
                 from agent.status import write_status
                 write_status(self.status_file, self.status())
             self.notifier.close()
+
+    async def _open_spool(self, stop: asyncio.Event
+                          ) -> tuple[Spool, tuple[int, int] | None] | None:
+        """The spool, and (from, to) ns if it had to wait for disk space; None if stopped
+        while waiting. Only ``disk-full`` is waited out; any other SpoolError ends the
+        agent. The status task runs while waiting, so the status and the watchdog say so."""
+        try:
+            return await asyncio.to_thread(Spool.open, self.spool_config), None
+        except SpoolError as exc:
+            if exc.reason != "disk-full":
+                raise
+            first = exc
+        since = time.time_ns()
+        self.state, self.spool_state = "waiting", "disk-full"
+        self.errors.add(since, "spool", first)
+        log.error("%s; the agent waits for free space (no readings are taken meanwhile)", first)
+        self.notifier.ready(f"{self.role} {self.device_id}: disk full, waiting for space")
+        backoff = Backoff(SPOOL_RETRY_INITIAL_S, SPOOL_RETRY_MAX_S)
+        async with asyncio.TaskGroup() as tg:
+            status = tg.create_task(self._status_task(), name="status")
+            try:
+                while True:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(backoff.next()):
+                            await stop.wait()
+                    if stop.is_set():
+                        return None
+                    try:
+                        spool = await asyncio.to_thread(Spool.open, self.spool_config)
+                        break
+                    except SpoolError as exc:
+                        if exc.reason != "disk-full":
+                            raise
+            finally:
+                status.cancel()
+        self.state, self.spool_state = "starting", "ok"
+        log.info("spool open: disk space is back after %.0f s", (time.time_ns() - since) / 1e9)
+        return spool, (since, time.time_ns())
 
     async def _supervise(self, stop: asyncio.Event) -> None:
         assert self.pipeline is not None
@@ -310,11 +365,17 @@ class Runtime:
                 meters=runner.source.identities()))
         spool = None
         if self.pipeline is not None:
-            s = self.pipeline.spool
+            p = self.pipeline
+            s = p.spool
             spool = SpoolStatus(depth=s.rows, bytes=s.total_bytes,
                                 capacity_bytes=self.spool_config.max_bytes,
-                                next_seq=self.pipeline.sealer.next_seq,
-                                dropped=s.counters.get("dropped", 0))
+                                next_seq=p.sealer.next_seq,
+                                dropped=s.counters.get("dropped", 0),
+                                state="disk-full" if p.disk_full else "ok",
+                                lost=p.counters.get("envelopes_lost_uncommitted", 0))
+        elif self.spool_state != "ok":
+            spool = SpoolStatus(depth=0, bytes=0, capacity_bytes=self.spool_config.max_bytes,
+                                next_seq=0, state=self.spool_state)
         uplink = None
         if self.uplink is not None:
             up = self.uplink
@@ -322,13 +383,30 @@ class Runtime:
                 state="connected" if up.connected else "connecting",
                 broker=f"{self.mqtt.host}:{self.mqtt.port}",
                 published=up.counters.get("published", 0),
-                reconnects=max(up.epoch - 1, 0))
+                reconnects=max(up.epoch - 1, 0),
+                protocol=_protocol_name(up))
         return AgentStatus(
             device_id=self.device_id, role=self.role, pid=os.getpid(), state=self.state,
             started_ns=self.started_ns, updated_ns=now,
             interval_s=self.status_config.interval_s, version=__version__,
             sources=tuple(sources), spool=spool, uplink=uplink,
             channels=tuple(self._channel_status()), errors=self.errors.snapshot())
+
+
+def _protocol_name(up: Uplink) -> str:
+    if up.protocol is None:
+        return ""
+    if up.protocol == 5:
+        return "5"
+    return "3.1.1 (broker refused 5)" if up.downgraded else "3.1.1"
+
+
+def _disk_full_event(since_ns: int, until_ns: int) -> Event:
+    """The signed record of a start-up on a full disk: no reading was taken meanwhile."""
+    return Event("spool-disk-full",
+                 f"the spool could not be opened for {(until_ns - since_ns) / 1e9:.0f} s "
+                 "(disk full): no readings were taken", until_ns, source="spool",
+                 details=(("from_ns", since_ns), ("to_ns", until_ns)))
 
 
 def load_keys(config: Config) -> DeviceKeys:

@@ -10,11 +10,20 @@ Rules this module keeps:
 - A row leaves the spool only through :meth:`Spool.delete_acked`, which the uplink calls
   after the broker's PUBACK. Rows go out in ``id`` order (= commit order = seq order).
 - Capacity is in bytes (``SpoolConfig.max_bytes``). Above it, the drop policy deletes the
-  OLDEST telemetry (a run of consecutive seqs, never a row handed to the broker since this
-  process started: it may have arrived without its PUBACK reaching us) down to the
-  low-water mark, and writes a signed drop envelope (``Sealer.seal_drop``) naming the range,
-  in the same transaction. Event, drop and channel rows are never dropped: they may push the
-  spool above its cap (counted in ``counters["over_cap"]``).
+  OLDEST telemetry (runs of consecutive seqs, never a row handed to the broker since this
+  process started: it may have arrived without its PUBACK reaching us) until the spool is
+  down to the low-water mark, and records what it deleted as a *pending drop* (first, last,
+  count, bytes, last hash) in the same transaction. A pass whose run starts right after a
+  pending drop extends it, so a whole outage is ONE range. The signed drop envelope
+  (``Sealer.seal_drop``) is sealed from the pending drop by a later commit with
+  ``declare=True`` (the pipeline asks when the uplink is connected): sealing one per pass
+  would put a drop envelope, which is never dropped, between every two passes, and a later
+  pass could only merge it by dropping everything older than it (the spool emptied of
+  telemetry, dozens of declarations per outage). Event, drop and channel rows are never
+  dropped: they may push the spool above its cap (``counters["over_cap"]``), and a kept
+  event between two runs makes two declarations.
+- Envelopes sealed but never committed (a full disk) are declared the same way: the
+  pipeline passes them as ``lost`` to the next commit (reason ``disk-full``).
 - Every method is blocking (SQLite); the asyncio side calls them through one worker thread
   (``telemetry.SpoolWorker``), so the one connection is never used by two threads at once.
 
@@ -33,6 +42,8 @@ which the verifier removes.
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import sqlite3
 import threading
 from collections import Counter
@@ -48,6 +59,7 @@ from agent.options import Table
 KIND_CHANNEL = "channel"
 DROPPABLE = frozenset({KIND_TELEMETRY})
 ROW_OVERHEAD_BYTES = 64  # rough per-row cost in SQLite beyond the payload (keys, header)
+MIN_FREE_BYTES = 64 * 1024  # below this a file system counts as full (SQLite's -shm: 32 kB)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -62,6 +74,15 @@ CREATE TABLE IF NOT EXISTS outbox (
     drop_last  INTEGER,
     drop_bytes INTEGER
 );
+CREATE TABLE IF NOT EXISTS pending_drop (  -- dropped, not yet declared (see the docstring)
+    first      INTEGER PRIMARY KEY,
+    last       INTEGER NOT NULL,
+    last_hash  BLOB    NOT NULL,
+    count      INTEGER NOT NULL,
+    nbytes     INTEGER NOT NULL,
+    reason     TEXT    NOT NULL,
+    topic      TEXT    NOT NULL
+);
 CREATE TABLE IF NOT EXISTS chain (
     one      INTEGER PRIMARY KEY CHECK (one = 1),
     next_seq INTEGER NOT NULL,
@@ -73,13 +94,8 @@ CREATE TABLE IF NOT EXISTS chain (
 @dataclass(frozen=True, slots=True)
 class SpoolConfig:
     """``[spool]``: ``path`` (default ``<state_dir>/spool.sqlite``), ``max_bytes`` (cap),
-    ``low_water`` (fraction of the cap the drop policy frees down to).
-
-    Why 0.5 by default: a drop envelope is sealed after every row present, and the next
-    pass absorbs it (see ``Spool._apply_drop_policy``) by dropping everything older than it.
-    Passes therefore alternate between keeping ``low_water`` and ``1 - low_water`` of the
-    cap; at 0.5 every pass keeps the newest half, and a long outage leaves one drop
-    envelope in the spool."""
+    ``low_water`` (fraction of the cap a drop pass frees down to: after a pass the spool
+    holds about ``low_water x max_bytes``, the newest telemetry)."""
 
     path: Path
     max_bytes: int = 64 * 1024 * 1024
@@ -117,6 +133,20 @@ class _Row:
     drop_bytes: int | None
 
 
+@dataclass(frozen=True, slots=True)
+class DroppedRange:
+    """Envelopes ``first..last`` (``count`` of them, ``nbytes``) that will never be sent;
+    ``last_hash`` is the hash of envelope ``last`` (the next one links to it)."""
+
+    first: int
+    last: int
+    last_hash: bytes
+    count: int
+    nbytes: int
+    reason: str
+    topic: str  # where its declaration goes: where the envelopes would have gone
+
+
 class DropSealer(Protocol):
     """What the spool needs of agent.envelope.Sealer: seal a drop, and its chain head."""
 
@@ -145,6 +175,7 @@ class Spool:
         self._lock = threading.Lock()
         row = conn.execute("SELECT COALESCE(SUM(nbytes), 0), COUNT(*) FROM outbox").fetchone()
         self.total_bytes, self.rows = int(row[0]), int(row[1])
+        self.pending = self._count_pending()  # pending drops (read from the loop thread)
         head = conn.execute("SELECT next_seq, head FROM chain WHERE one = 1").fetchone()
         self.next_seq, self.head = (int(head[0]), bytes(head[1])) if head else (0, GENESIS)
 
@@ -153,8 +184,15 @@ class Spool:
     def open(cls, config: SpoolConfig, *, check: bool = True) -> Spool:
         """Open (or create) the spool. SQLite replays or discards the WAL itself; we then
         check the file (``quick_check``) and that the chain head is ahead of every stored
-        seq. Raises SpoolError(reason="spool-corrupt") when it is not."""
-        config.path.parent.mkdir(parents=True, exist_ok=True)
+        seq. Raises SpoolError: ``disk-full`` (nothing is wrong with the file; retry when
+        space frees), ``spool-corrupt`` (the file is damaged), ``spool`` (other I/O)."""
+        try:
+            config.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            reason = "disk-full" if exc.errno == errno.ENOSPC else "spool"
+            raise SpoolError(f"{config.path.parent}: cannot create: {exc.strerror}",
+                             reason=reason) from exc
+        conn = None
         try:
             conn = sqlite3.connect(config.path, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
@@ -171,11 +209,20 @@ class Spool:
                     raise SpoolError(f"{config.path}: integrity check failed: {result}",
                                      reason="spool-corrupt")
             spool = cls(conn, config)
-        except sqlite3.DatabaseError as exc:
-            raise SpoolError(f"{config.path}: cannot open spool: {exc}",
-                             reason="spool-corrupt") from exc
+        except sqlite3.Error as exc:
+            if conn is not None:
+                conn.close()
+            reason = _reason(exc, config.path)
+            what = {"disk-full": "the disk is full", "spool-corrupt": "the file is damaged"}
+            raise SpoolError(f"{config.path}: cannot open spool ({what.get(reason, 'I/O')}: "
+                             f"{exc})", reason=reason) from exc
+        except SpoolError:
+            if conn is not None:
+                conn.close()
+            raise
         top = conn.execute("SELECT MAX(seq) FROM outbox").fetchone()[0]
         if top is not None and top >= spool.next_seq:
+            conn.close()
             raise SpoolError(f"{config.path}: stored seq {top} is not below the chain head "
                              f"{spool.next_seq}", reason="spool-corrupt")
         return spool
@@ -187,16 +234,27 @@ class Spool:
         return str(self._db.execute("PRAGMA integrity_check").fetchone()[0])
 
     # -- writing ----------------------------------------------------------------------
-    def commit(self, items: Sequence[Outgoing], sealer: DropSealer | None = None) -> list[int]:
-        """Store sealed envelopes and the sealer's chain head in one transaction. When the
-        new rows would push the spool over its cap and ``sealer`` is given, apply the drop
-        policy in the same transaction. Returns the new row ids."""
+    def commit(self, items: Sequence[Outgoing], sealer: DropSealer | None = None, *,
+               declare: bool = False, lost: DroppedRange | None = None) -> list[int]:
+        """Store sealed envelopes and the sealer's chain head in one transaction. With
+        ``sealer``: apply the drop policy when the new rows would push the spool over its
+        cap; record ``lost`` (envelopes sealed but never stored) as a pending drop; and
+        with ``declare``, seal every pending drop into a drop envelope, all in the same
+        transaction. Returns the new row ids."""
         incoming = sum(len(i.envelope.data) + ROW_OVERHEAD_BYTES for i in items)
         try:
             with self._transaction():
                 ids = [self._insert(i.topic, i.envelope) for i in items]
-                if sealer is not None and self.total_bytes + incoming > self.config.max_bytes:
-                    ids += self._apply_drop_policy(sealer, incoming)
+                freed = dropped_rows = 0
+                if sealer is not None:
+                    if lost is not None:
+                        self._add_pending(lost)
+                    if self.total_bytes + incoming > self.config.max_bytes:
+                        freed, dropped_rows = self._apply_drop_policy(incoming)
+                    if declare:
+                        declared = self._declare(sealer)
+                        ids += [row_id for row_id, _ in declared]
+                        incoming += sum(nbytes for _, nbytes in declared)
                 if items or sealer is not None:
                     next_seq, head = (sealer.next_seq, sealer.head) if sealer else \
                         (items[-1].envelope.seq + 1, items[-1].envelope.hash)
@@ -206,9 +264,11 @@ class Spool:
                         "head = excluded.head", (next_seq, head))
         except sqlite3.Error as exc:
             self._reload_totals()
-            raise SpoolError(f"spool commit failed: {exc}", reason=_reason(exc)) from exc
-        self.total_bytes += incoming
-        self.rows += len(items)
+            raise SpoolError(f"spool commit failed: {exc}",
+                             reason=_reason(exc, self.config.path)) from exc
+        self.total_bytes += incoming - freed
+        self.rows += len(ids) - dropped_rows
+        self.pending = self._count_pending()
         if items or sealer is not None:
             self.next_seq, self.head = next_seq, head
         if self.total_bytes > self.config.max_bytes:
@@ -224,7 +284,8 @@ class Spool:
                     "INSERT INTO outbox(seq, kind, topic, data, hash, nbytes) "
                     "VALUES (NULL, ?, ?, ?, NULL, ?)", (KIND_CHANNEL, topic, data, nbytes))
         except sqlite3.Error as exc:
-            raise SpoolError(f"spool commit failed: {exc}", reason=_reason(exc)) from exc
+            raise SpoolError(f"spool commit failed: {exc}",
+                             reason=_reason(exc, self.config.path)) from exc
         self.total_bytes += nbytes
         self.rows += 1
         return int(cur.lastrowid or 0)
@@ -239,78 +300,90 @@ class Spool:
              len(envelope.data) + ROW_OVERHEAD_BYTES, first, last, nbytes))
         return int(cur.lastrowid or 0)
 
-    def _apply_drop_policy(self, sealer: DropSealer, incoming: int) -> list[int]:
+    def _apply_drop_policy(self, incoming: int) -> tuple[int, int]:
         """Delete the oldest runs of consecutive telemetry seqs (not in flight) until the
-        spool is back under the low-water mark; one signed drop envelope per run.
-
-        A drop envelope still unsent whose declared range ends right before a run starts is
-        absorbed into that run (deleted with it) and the new envelope declares both ranges
-        as one: in a long outage the spool then holds ONE drop envelope, not one per pass
-        (drop envelopes are never dropped alone, so they would otherwise fill the spool).
-        An event in between (never dropped) stops a run, so with events in the spool one
-        drop envelope per pass may stay: ~300 bytes per (1 - low_water) x cap of data."""
+        spool, with ``incoming`` bytes added, is at the low-water mark; each run is added
+        to the pending drops. Returns the bytes and rows freed."""
         target = int(self.config.max_bytes * self.config.low_water)
-        freed, new_ids = 0, []
+        freed = rows = 0
         with self._lock:
             in_flight = set(self._in_flight)
+        self.counters["drop_passes"] += 1
         while self.total_bytes + incoming - freed > target:
-            found = self._droppable_run(in_flight, self.total_bytes + incoming - freed - target)
-            if found is None:
+            run = self._droppable_run(in_flight, self.total_bytes + incoming - freed - target)
+            if not run:
                 self.counters["nothing_droppable"] += 1
                 break
-            declared_first, run = found
-            last = run[-1]
+            first, last = run[0], run[-1]
             nbytes = sum(r.nbytes for r in run)
-            absorbed = [r for r in run if r.kind == KIND_DROP]
-            declared_bytes = nbytes + sum(r.drop_bytes - r.nbytes for r in absorbed)
-            self._db.execute("DELETE FROM outbox WHERE seq BETWEEN ? AND ?",
-                             (run[0].seq, last.seq))
-            drop = sealer.seal_drop(declared_first, last.seq, last.hash,
-                                    last.seq - declared_first + 1, declared_bytes, "spool-full")
-            # The drop envelope goes where the dropped telemetry would have gone.
-            topic = next(r.topic for r in run if r.kind != KIND_DROP)
-            new_ids.append(self._insert(topic, drop, (declared_first, last.seq,
-                                                      declared_bytes)))
-            freed += nbytes - (len(drop.data) + ROW_OVERHEAD_BYTES)
-            self.rows -= len(run) - 1
-            self.counters["dropped"] += len(run) - len(absorbed)  # envelopes deleted unsent
-            self.counters["drop_envelopes"] += 1
-            self.counters["drop_envelopes_merged"] += len(absorbed)
-        self.total_bytes -= freed  # the caller adds `incoming`
-        return new_ids
+            self._db.execute("DELETE FROM outbox WHERE seq BETWEEN ? AND ?", (first.seq, last.seq))
+            self._add_pending(DroppedRange(first.seq, last.seq, last.hash, len(run), nbytes,
+                                           "spool-full", first.topic))
+            freed += nbytes
+            rows += len(run)
+            self.counters["dropped"] += len(run)  # envelopes deleted unsent
+        return freed, rows
 
-    def _droppable_run(self, in_flight: set[int], need: int) -> tuple[int, list[_Row]] | None:
-        """(declared first seq, rows) of the oldest run of consecutive seqs that may go:
-        telemetry not in flight, plus unsent drop envelopes whose range ends right before
-        the declared first seq. Stops at any other row or a seq hole, and once ``need``
-        bytes are covered and no absorbable drop envelope lies ahead."""
-        drops = {r.drop_last: r for r in self._rows("kind = ?", (KIND_DROP,))
-                 if r.id not in in_flight}
+    def _droppable_run(self, in_flight: set[int], need: int) -> list[_Row]:
+        """The oldest run of consecutive seqs of telemetry not in flight, cut once it
+        covers ``need`` bytes (so a pass stops at the low-water mark, not below)."""
         run: list[_Row] = []
-        first, covered, target = 0, 0, None
+        covered = 0
         for row in self._rows("seq IS NOT NULL"):
-            sendable = row.kind == KIND_TELEMETRY and row.id not in in_flight
+            sendable = row.kind in DROPPABLE and row.id not in in_flight
             if not run:
                 if sendable:
-                    run, first, covered = [row], row.seq, row.nbytes
-                    target = drops.get(first - 1)
-                continue
-            if row.seq != run[-1].seq + 1:
-                break
-            if sendable:
+                    run, covered = [row], row.nbytes
+            elif sendable and row.seq == run[-1].seq + 1:
                 run.append(row)
                 covered += row.nbytes
-            elif target is not None and row.id == target.id:
-                run.append(row)
-                first = row.drop_first
-                target = drops.get(first - 1)
             else:
                 break
-            if covered >= need and (target is None or target.seq < row.seq):
+            if covered >= need:
                 break
-        return (first, run) if run else None
+        return run
 
-    def _rows(self, where: str, args: tuple = ()) -> list[_Row]:
+    def _add_pending(self, dropped: DroppedRange) -> None:
+        """Record a dropped range; one that starts right after a pending range of the
+        same reason extends it (a whole outage: one range, one declaration)."""
+        before = self._db.execute(
+            "SELECT first FROM pending_drop WHERE last = ? AND reason = ?",
+            (dropped.first - 1, dropped.reason)).fetchone()
+        if before is not None:
+            self._db.execute(
+                "UPDATE pending_drop SET last = ?, last_hash = ?, count = count + ?, "
+                "nbytes = nbytes + ? WHERE first = ?",
+                (dropped.last, dropped.last_hash, dropped.count, dropped.nbytes, before[0]))
+        else:
+            self._db.execute(
+                "INSERT INTO pending_drop(first, last, last_hash, count, nbytes, reason, "
+                "topic) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (dropped.first, dropped.last, dropped.last_hash, dropped.count,
+                 dropped.nbytes, dropped.reason, dropped.topic))
+
+    def _count_pending(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM pending_drop").fetchone()[0])
+
+    def pending_drops(self) -> list[DroppedRange]:
+        """Dropped ranges not declared yet, oldest first."""
+        return [DroppedRange(r[0], r[1], bytes(r[2]), r[3], r[4], r[5], r[6])
+                for r in self._db.execute(
+                    "SELECT first, last, last_hash, count, nbytes, reason, topic "
+                    "FROM pending_drop ORDER BY first")]
+
+    def _declare(self, sealer: DropSealer) -> list[tuple[int, int]]:
+        """Seal every pending drop into a drop envelope; returns (row id, bytes) of each."""
+        out = []
+        for dropped in self.pending_drops():
+            drop = sealer.seal_drop(dropped.first, dropped.last, dropped.last_hash,
+                                    dropped.count, dropped.nbytes, dropped.reason)
+            row_id = self._insert(dropped.topic, drop, (dropped.first, dropped.last, dropped.nbytes))
+            self._db.execute("DELETE FROM pending_drop WHERE first = ?", (dropped.first,))
+            out.append((row_id, len(drop.data) + ROW_OVERHEAD_BYTES))
+            self.counters["drop_envelopes"] += 1
+        return out
+
+    def _rows(self, where: str, args: tuple[object, ...] = ()) -> list[_Row]:
         return [_Row(*r) for r in self._db.execute(
             "SELECT id, seq, kind, topic, hash, nbytes, drop_first, drop_last, drop_bytes "
             f"FROM outbox WHERE {where} ORDER BY seq", args)]
@@ -323,7 +396,8 @@ class Spool:
                 "SELECT id, seq, kind, topic, data FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
                 (after_id, limit)).fetchall()
         except sqlite3.Error as exc:
-            raise SpoolError(f"spool read failed: {exc}", reason=_reason(exc)) from exc
+            raise SpoolError(f"spool read failed: {exc}",
+                             reason=_reason(exc, self.config.path)) from exc
         return [SpoolRow(r[0], r[1], r[2], r[3], bytes(r[4])) for r in rows]
 
     def delete_acked(self, ids: Iterable[int]) -> int:
@@ -339,7 +413,8 @@ class Spool:
                     ids).fetchone()
                 self._db.execute(f"DELETE FROM outbox WHERE id IN ({marks})", ids)
         except sqlite3.Error as exc:
-            raise SpoolError(f"spool delete failed: {exc}", reason=_reason(exc)) from exc
+            raise SpoolError(f"spool delete failed: {exc}",
+                             reason=_reason(exc, self.config.path)) from exc
         self.total_bytes -= int(nbytes)
         self.rows -= int(count)
         return int(count)
@@ -396,13 +471,33 @@ class _Transaction:
                 self._db.execute("ROLLBACK")
 
 
-def _reason(exc: sqlite3.Error) -> str:
-    text = str(exc).lower()
-    if "full" in text:
+# SQLite primary result codes (https://www.sqlite.org/rescode.html); the extended code's
+# low byte is the primary one.
+SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_FULL, SQLITE_NOTADB = 10, 11, 13, 26
+
+
+def _reason(exc: sqlite3.Error, path: Path | None = None) -> str:
+    """Classify by SQLite's result code, not by message text. An I/O error while the file
+    system has no free block left is a full disk too: SQLite reports ENOSPC on its -shm or
+    -wal file as SQLITE_IOERR_* (\"disk I/O error\"), not as SQLITE_FULL."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    if primary == SQLITE_FULL:
         return "disk-full"
-    if "malformed" in text or "not a database" in text:
+    if primary == SQLITE_IOERR and path is not None and _no_space(path):
+        return "disk-full"
+    if primary in (SQLITE_CORRUPT, SQLITE_NOTADB):
         return "spool-corrupt"
     return "spool"
+
+
+def _no_space(path: Path) -> bool:
+    """True when the file system holding ``path`` has (almost) no block left for us."""
+    try:
+        info = os.statvfs(path if path.is_dir() else path.parent)
+    except OSError:
+        return False
+    return info.f_bavail * info.f_frsize < MIN_FREE_BYTES
 
 
 __all__ = ["KIND_CHANNEL", "KIND_DROP", "KIND_EVENT", "KIND_TELEMETRY", "Outgoing", "Spool",

@@ -88,6 +88,8 @@ class SpoolStatus:
     next_seq: int
     oldest_ts_ns: int | None = None
     dropped: int = 0                    # envelopes deleted unsent (declared by drop envelopes)
+    state: str = "ok"                   # ok | disk-full (commits fail, or it cannot open)
+    lost: int = 0                       # envelopes never stored (disk full), declared
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +101,7 @@ class UplinkStatus:
     in_flight: int = 0
     reconnects: int = 0
     last_error: ErrorRecord | None = None
+    protocol: str = ""                  # "5", "3.1.1", "3.1.1 (broker refused 5)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -492,7 +495,9 @@ def _spool_line(spool: SpoolStatus | None, now_ns: int) -> str:
     share = 100 * spool.bytes / spool.capacity_bytes if spool.capacity_bytes else 0.0
     oldest = (f", oldest {_duration((now_ns - spool.oldest_ts_ns) / 1e9)} old"
               if spool.oldest_ts_ns is not None and spool.depth else "")
-    return (f"spool:    {spool.depth} envelopes waiting, {_size(spool.bytes)} of "
+    full = f"DISK FULL ({spool.lost} envelopes not stored, declared), " \
+        if spool.state == "disk-full" else ""
+    return (f"spool:    {full}{spool.depth} envelopes waiting, {_size(spool.bytes)} of "
             f"{_size(spool.capacity_bytes)} ({share:.1f} %){oldest}, next seq {spool.next_seq}, "
             f"dropped {spool.dropped}")
 
@@ -501,7 +506,9 @@ def _uplink_line(uplink: UplinkStatus | None, now_ns: int) -> str:
     if uplink is None:
         return "uplink:   not configured"
     since = f" for {_duration((now_ns - uplink.since_ns) / 1e9)}" if uplink.since_ns else ""
-    line = (f"uplink:   {uplink.state} ({uplink.broker}){since}, {uplink.published} published, "
+    mqtt = f", MQTT {uplink.protocol}" if uplink.protocol else ""
+    line = (f"uplink:   {uplink.state} ({uplink.broker}{mqtt}){since}, "
+            f"{uplink.published} published, "
             f"{uplink.in_flight} in flight, {uplink.reconnects} reconnects")
     if uplink.last_error is not None:
         line += f"\n    last error {_error(uplink.last_error, now_ns)}"

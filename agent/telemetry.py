@@ -16,8 +16,13 @@ Rules:
   a duplicate only for a message whose PUBACK we never got (QoS 1 redelivery).
 - A publish the broker refuses (ACL: ``not-authorised``) leaves the row in the spool and
   is retried after a capped exponential back-off.
-- A failed commit (disk full) is counted and logged; the sealer is set back to the spool's
-  chain head so the next envelope reuses no published seq and links to the last committed.
+- A failed commit (disk full) is counted and logged. Its envelopes are never stored, so
+  never published: their seqs are given up (the sealer is NOT set back, so no seq is ever
+  handed out twice, even if the failed commit's outcome was not what SQLite reported), and
+  the next commit that succeeds records them as a dropped range (``disk-full``). Every
+  dropped range (spool full or disk full) is declared by a signed drop envelope sealed at
+  the first commit while the uplink is connected (``Spool.commit(declare=True)``): one per
+  outage, published after what was kept.
 
 Usage (runtime)::
 
@@ -45,7 +50,7 @@ from agent.config import BatchConfig
 from agent.envelope import Batcher, Sealer
 from agent.errors import SpoolError, UplinkError
 from agent.readings import Event, Reading
-from agent.spool import Outgoing, Spool
+from agent.spool import DroppedRange, Outgoing, Spool, SpoolRow
 from agent.topics import event_topic, telemetry_topic
 from agent.uplink import RETRY_PAUSE_S, Uplink
 
@@ -96,6 +101,8 @@ class Pipeline:
         self._acked: list[int] = []
         self._refused_backoff = Backoff(uplink.config.backoff_initial_s,
                                         uplink.config.backoff_max_s)
+        self._lost_bytes = 0  # of envelopes sealed whose commit failed, not yet recorded
+        self.disk_full = False  # the last commit failed for want of space
 
     # -- intake ---------------------------------------------------------------------
     async def emit(self, item: Reading | Event) -> None:
@@ -121,7 +128,7 @@ class Pipeline:
             batch = self._batcher.flush(now, force=force)
             if batch:
                 out.append(Outgoing(self.sealer.seal_readings(batch), self.telemetry_topic))
-            if out:
+            if out or self._declaration_due():
                 await self._commit(out)
 
     async def _next_item(self) -> Reading | Event | _Flush | None:
@@ -158,18 +165,40 @@ class Pipeline:
             out.append(Outgoing(self.sealer.seal_readings(batch), self.telemetry_topic))
         return False
 
+    def _declaration_due(self) -> bool:
+        """A commit with nothing new is worth it to record lost envelopes, or to declare
+        pending drops now that the uplink is up (the publisher asks with a flush)."""
+        lost = self.sealer.next_seq > self.spool.next_seq
+        return lost or (self.spool.pending > 0 and self.uplink.connected)
+
+    def _lost(self, out: list[Outgoing]) -> DroppedRange | None:
+        """Envelopes sealed after the committed head and before ``out``: their commit
+        failed. The first of ``out`` links to the last of them (its ``prev``)."""
+        first_new = out[0].envelope.seq if out else self.sealer.next_seq
+        committed = self.spool.next_seq
+        if first_new <= committed:
+            return None
+        last_hash = out[0].envelope.prev if out else self.sealer.head
+        return DroppedRange(committed, first_new - 1, last_hash, first_new - committed,
+                            self._lost_bytes, "disk-full", self.telemetry_topic)
+
     async def _commit(self, out: list[Outgoing]) -> None:
+        commit = functools.partial(self.spool.commit, out, self.sealer,
+                                   declare=self.uplink.connected, lost=self._lost(out))
         try:
-            await self.worker.call(self.spool.commit, out, self.sealer)
+            await self.worker.call(commit)
         except SpoolError as exc:
-            # Nothing of `out` was committed, so nothing of it was published: set the
-            # sealer back to the committed head (no seq of ours was ever seen with it).
-            self.sealer.next_seq, self.sealer.head = self.spool.next_seq, self.spool.head
+            # Nothing of `out` was stored, so nothing of it can be published; its seqs are
+            # declared lost by the next commit that succeeds (see the module docstring).
+            self._lost_bytes += sum(len(o.envelope.data) for o in out)
+            self.disk_full = exc.reason == "disk-full"
             self.counters[f"commit_failed_{exc.reason}"] += 1
             self.counters["envelopes_lost_uncommitted"] += len(out)
             log.error("spool commit failed (%s): %d envelope(s) not stored", exc.reason,
                       len(out))
             return
+        self._lost_bytes = 0
+        self.disk_full = False
         self.counters["envelopes_committed"] += len(out)
         self._new_rows.set()
 
@@ -177,6 +206,8 @@ class Pipeline:
     async def run_publisher(self) -> None:
         while True:
             await self.uplink.wait_connected()
+            if self.spool.pending:
+                await self.flush()  # the sealer declares what was dropped meanwhile
             try:
                 await self._stream()
             except UplinkError as exc:
@@ -222,7 +253,7 @@ class Pipeline:
                 await self._flush_acks()
                 last_flush = time.monotonic()
 
-    def _fetch(self, cursor: int, limit: int) -> list:
+    def _fetch(self, cursor: int, limit: int) -> list[SpoolRow]:
         """Runs on the spool thread: fetch and mark in flight in one step, so the drop
         policy (same thread) never drops a row the publisher is about to send."""
         rows = self.spool.fetch(cursor, limit)

@@ -12,7 +12,8 @@ was never acknowledged by ``append``, so nothing acted on it). A bad frame in th
 
 ``append(records)`` writes all records of one step with one fsync and returns only when
 they are durable. On open, a file that grew past ``compact_bytes`` is rewritten with only
-what restore needs (atomic: temp file, fsync, rename, fsync of the directory).
+what restore needs (atomic: temp file, fsync, rename, fsync of the directory; a new store
+file's directory is fsync'd before the first append, so its name survives a power cut).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from agent.channel.records import (
     decode_record,
     encode_record,
 )
+from agent.durable import OS, write_atomic
 from agent.errors import EdgeAgentError, SpoolError
 
 _HEAD = struct.Struct(">II")
@@ -54,7 +56,10 @@ class ChannelStore:
         if self.path.exists() and self.path.stat().st_size > compact_bytes:
             self._records = compact(self._records)
             self._rewrite(self._records)
+        created = not self.path.exists()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        if created:  # the new name must survive a power cut before any append counts
+            OS.fsync_dir(self.path.parent)
 
     def records(self) -> list[Record]:
         """Everything persisted, in order (what ``restore`` replays)."""
@@ -134,20 +139,11 @@ class ChannelStore:
         return records
 
     def _rewrite(self, records: list[Record]) -> None:
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        with open(tmp, "wb") as f:
-            for record in records:
-                data = encode_record(record)
-                f.write(_HEAD.pack(len(data), zlib.crc32(data)) + data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        frames = []
+        for record in records:
+            data = encode_record(record)
+            frames.append(_HEAD.pack(len(data), zlib.crc32(data)) + data)
+        write_atomic(self.path, b"".join(frames), mode=0o600)
 
 
 def compact(records: list[Record]) -> list[Record]:

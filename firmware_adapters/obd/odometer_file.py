@@ -10,8 +10,8 @@ which keeps an :class:`OdometerKeeper`::
     keeper.checkpoint()     # after readings: saved when it moved by >= step_km
     keeper.checkpoint(force=True)   # when the source stops
 
-The file holds one decimal number (km), written atomically (temp file, fsync, rename) with
-mode 0600. Saving every ``step_km`` (1 km) keeps SD-card writes rare (one every ~30 s at
+The file holds one decimal number (km), written atomically (agent.durable: temp file,
+fsync, rename, fsync of the directory) with mode 0600. Saving every ``step_km`` (1 km) keeps SD-card writes rare (one every ~30 s at
 motorway speed); a rollback is thousands of km, far above that granularity. A file that
 cannot be read or parsed is counted (``odometer-state-unreadable``) and ignored: a missing
 baseline only means this one restart is not judged.
@@ -22,10 +22,10 @@ from __future__ import annotations
 import abc
 import logging
 import math
-import os
 from collections import Counter
 from pathlib import Path
 
+from agent.durable import make_dir, write_atomic
 from firmware_adapters.base import Emit, Source
 from firmware_adapters.obd.odometer import OdometerMonitor
 
@@ -73,15 +73,8 @@ class OdometerKeeper:
         if not force and self._saved is not None and abs(km - self._saved) < self.step_km:
             return
         try:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.write(fd, f"{km!r}\n".encode("ascii"))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
+            make_dir(self.path.parent)
+            write_atomic(self.path, f"{km!r}\n".encode("ascii"))  # tmp, fsync, rename, fsync dir
         except OSError as exc:  # a full or read-only disk must not stop the readings
             self.counters["odometer-state-write-failed"] += 1
             log.warning("cannot save odometer state %s: %s", self.path, exc.strerror)

@@ -20,10 +20,12 @@ def registry() -> FleetRegistry:
 
 
 async def run(url: str, messages: list[bytes], **options):
-    verifying = asyncio.create_task(verify_mqtt(url, registry(), **options))
+    subscribed = asyncio.Event()
+    verifying = asyncio.create_task(verify_mqtt(url, registry(), subscribed=subscribed,
+                                                **options))
     async with Uplink(MqttConfig.from_url(url, "dev-a")) as up:
         await asyncio.wait_for(up.wait_connected(), 5)
-        await asyncio.sleep(0.3)  # let the verifier subscribe first (no persistent session)
+        await asyncio.wait_for(subscribed.wait(), 10)  # its SUBACKs (no persistent session)
         for data in messages:
             await up.publish(telemetry_topic("dev-a"), data)
         await up.publish(event_topic("dev-a"), b"garbage, not an envelope")

@@ -1,8 +1,13 @@
 """The spool: one transaction per commit with the chain head, recovery, drop policy."""
 
+import os
 import sqlite3
+import tempfile
+from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.envelope import GENESIS, KIND_DROP, KIND_EVENT, KIND_TELEMETRY, Sealer
 from agent.errors import SpoolError
@@ -90,11 +95,14 @@ def test_drop_policy_drops_oldest_telemetry_keeps_events_and_declares_the_range(
     event = Outgoing(sealer.seal_events([Event("E1", "door open", 1)]), "evedge/v1/dev-a/event")
     spool.commit([event], sealer)
     committed = [event.envelope]
-    while spool.counters["drop_envelopes"] == 0:
+    while spool.counters["drop_passes"] == 0:
         batch = readings(sealer, 5, size=20)
         committed += [b.envelope for b in batch]
         spool.commit(batch, sealer)
-    assert spool.total_bytes <= config.max_bytes
+    assert spool.total_bytes <= config.max_bytes * config.low_water
+    assert spool.kinds()[KIND_DROP] == 0 and len(spool.pending_drops()) == 1
+    spool.commit([], sealer, declare=True)  # the uplink is back: seal the declaration
+    assert spool.pending_drops() == []
     kinds = spool.kinds()
     assert kinds[KIND_EVENT] == 1 and kinds[KIND_DROP] == 1 and kinds[KIND_TELEMETRY] > 0
     rows = spool.fetch(0, 10_000)
@@ -126,9 +134,10 @@ def test_drop_policy_never_drops_rows_in_flight(tmp_path):
     ids = spool.commit(readings(sealer, 3, size=20), sealer)
     for row_id in ids:
         spool.mark_in_flight(row_id)
-    while spool.counters["drop_envelopes"] == 0:
+    while spool.counters["drop_passes"] == 0:
         spool.commit(readings(sealer, 5, size=20), sealer)
     assert {r.id for r in spool.fetch(0, 3)} == set(ids)
+    assert spool.pending_drops()[0].first == 3  # the run starts after the rows in flight
 
 
 def test_events_alone_may_exceed_the_cap_but_are_never_dropped(tmp_path):
@@ -145,7 +154,7 @@ def test_channel_messages_are_stored_in_order_and_never_dropped(tmp_path):
     spool = Spool.open(SpoolConfig(tmp_path / "s.sqlite", max_bytes=64 * 1024, low_water=0.5))
     sealer = sealer_for(spool)
     spool.commit_channel("evedge/v1/channel/ab/ev", b"PAY")
-    while spool.counters["drop_envelopes"] == 0:
+    while spool.counters["drop_passes"] == 0:
         spool.commit(readings(sealer, 5, size=20), sealer)
     first = spool.fetch(0, 1)[0]
     assert (first.kind, first.seq, first.data) == ("channel", None, b"PAY")
@@ -184,10 +193,9 @@ def test_config_from_table_names_bad_keys(tmp_path):
 
 
 @pytest.mark.parametrize("event_every", [0, 37])
-def test_long_outage_keeps_drop_envelopes_bounded_and_the_stream_verifiable(tmp_path,
-                                                                            event_every):
-    """Pass after pass, an unsent drop envelope is absorbed into the next declaration, so
-    the spool does not fill up with drop envelopes (which are never dropped alone)."""
+def test_long_outage_makes_one_declaration_and_the_stream_verifiable(tmp_path, event_every):
+    """Pass after pass, each run continues the pending drop of the one before: a whole
+    outage is one range, one drop envelope (several when kept events split the runs)."""
     spool = Spool.open(SpoolConfig(tmp_path / "s.sqlite", max_bytes=64 * 1024))
     sealer = sealer_for(spool)
     events = 0
@@ -198,11 +206,13 @@ def test_long_outage_keeps_drop_envelopes_bounded_and_the_stream_verifiable(tmp_
             events += 1
         spool.commit(batch, sealer)
         assert spool.total_bytes <= 64 * 1024
-    assert spool.counters["drop_envelopes"] > 5
+    assert spool.counters["drop_passes"] > 5
+    spool.commit([], sealer, declare=True)
+    declarations = spool.kinds()[KIND_DROP]
     if not event_every:
-        assert spool.counters["drop_envelopes_merged"] > 5 and spool.kinds()[KIND_DROP] == 1
-    # With events in the spool (never dropped), a run stops at an event and cannot reach
-    # the newest drop envelope: one per pass then stays (about 300 bytes per pass).
+        assert declarations == 1
+    else:
+        assert 1 <= declarations <= events  # a kept event between two runs splits them
     assert spool.kinds()[KIND_EVENT] == events
     verifier = Verifier(registry())
     for row in spool.fetch(0, 100_000):
@@ -212,3 +222,63 @@ def test_long_outage_keeps_drop_envelopes_bounded_and_the_stream_verifiable(tmp_
     assert report.ok, report.format()
     assert device.last_seq == sealer.next_seq - 1
     assert device.envelopes + device.dropped_declared == sealer.next_seq
+
+
+def _tmpfs() -> str | None:
+    """A RAM file system for the property test: SQLite fsyncs every commit."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") else None
+
+
+@settings(max_examples=25, deadline=None)
+@given(low_water=st.sampled_from([0.1, 0.25, 0.5, 0.75, 0.9]),
+       phases=st.lists(st.tuples(st.booleans(), st.integers(1, 80), st.integers(1, 40)),
+                       min_size=1, max_size=6))
+def test_drop_policy_keeps_the_newest_down_to_low_water_and_declares_each_outage_once(
+        low_water, phases):
+    """Issue 15.1. Phases alternate between connected (every row published, declarations
+    sealed) and outages (nothing sent). After every drop pass the spool holds about
+    ``low_water`` of the cap, all of it newer than anything dropped; once connected, one
+    drop envelope per outage declares exactly what was dropped, and the stream verifies."""
+    cap = 64 * 1024
+    with tempfile.TemporaryDirectory(dir=_tmpfs()) as tmp:
+        config = SpoolConfig(Path(tmp) / "s.sqlite", max_bytes=cap, low_water=low_water)
+        spool = Spool.open(config)
+        sealer = sealer_for(spool)
+        verifier = Verifier(registry())
+        target = int(cap * low_water)
+        outages_with_drops, row_max, in_outage, dropped_in_outage = 0, 0, False, False
+        for connected, commits, size in phases + [(True, 1, 1)]:
+            if connected and in_outage:  # an outage is the run of phases without a link
+                outages_with_drops += dropped_in_outage
+                dropped_in_outage = False
+            in_outage = not connected
+            for _ in range(commits):
+                batch = readings(sealer, 2, size=size)
+                row_max = max([row_max] + [len(b.envelope.data) + ROW_OVERHEAD_BYTES
+                                           for b in batch])
+                passes = spool.counters["drop_passes"]
+                declared_before = spool.counters["drop_envelopes"]
+                spool.commit(batch, sealer, declare=connected)
+                if spool.counters["drop_passes"] > passes:
+                    dropped_in_outage |= not connected
+                    declared = spool.counters["drop_envelopes"] > declared_before
+                    slack = 1024 if declared else 0  # a declaration sealed in the commit
+                    # Down to the low-water mark, not below it by more than one row.
+                    assert target - row_max < spool.total_bytes <= target + slack
+                    pending = spool.pending_drops()
+                    newest_dropped = max(d.last for d in pending) if pending else -1
+                    kept = [r.seq for r in spool.fetch(0, 100_000) if r.kind == KIND_TELEMETRY]
+                    assert all(seq > newest_dropped for seq in kept)  # the newest are kept
+                if connected:
+                    rows = spool.fetch(0, 100_000)
+                    for row in rows:
+                        verifier.add(row.data)
+                    spool.delete_acked([r.id for r in rows])
+        spool.close()
+    report = verifier.report()
+    device = report.devices["dev-a"]
+    assert report.ok, report.format()
+    assert device.gaps == 0 and device.last_seq == sealer.next_seq - 1
+    assert device.envelopes + device.dropped_declared == sealer.next_seq
+    assert spool.counters["drop_envelopes"] == outages_with_drops
+    assert device.dropped_declared == spool.counters["dropped"]

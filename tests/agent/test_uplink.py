@@ -7,19 +7,25 @@ import json
 import os
 import random
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
 import pytest
+from paho.mqtt.client import convert_connack_rc_to_reason_code
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.backoff import Backoff
 from agent.errors import ConfigError, UplinkError
 from agent.keys import IdentityKey
+from agent.mqtt_connection import classify_connack, classify_connect_error, classify_puback
 from agent.options import Table
 from agent.topics import channel_topic, status_topic
-from agent.uplink import MqttConfig, Uplink, classify
+from agent.uplink import MqttConfig, Uplink
 from hil.broker import AclRule, BrokerOptions, EmbeddedBroker, Mosquitto, make_pki
 
 FAST = {"backoff_initial_s": 0.05, "backoff_max_s": 0.4, "connect_timeout_s": 3.0}
@@ -27,6 +33,13 @@ FAST = {"backoff_initial_s": 0.05, "backoff_max_s": 0.4, "connect_timeout_s": 3.
 
 def config(url: str, client_id: str, **options) -> MqttConfig:
     return MqttConfig.from_url(url, client_id, **{**FAST, **options})
+
+
+async def until(condition, timeout_s: float = 15.0) -> None:
+    """Wait for a counter or state to reach a value (checked every 20 ms)."""
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.02)
 
 
 async def next_message(up: Uplink, timeout_s: float = 5.0):
@@ -72,9 +85,33 @@ def test_channel_topics_follow_the_scheme_and_refuse_wildcards():
             channel_topic(bad, "cs")
 
 
-def test_classify_names_the_cause():
-    assert classify(OSError("[SSL: CERTIFICATE_VERIFY_FAILED] x"), True).reason == "tls-verify"
-    assert classify(OSError("[Errno 111] Connection refused"), False).reason == "unreachable"
+def test_failures_are_classified_by_type_and_reason_code_not_by_text():
+    verify = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    assert classify_connect_error(verify).reason == "tls-verify"
+    assert classify_connect_error(ssl.SSLError(1, "alert")).reason == "tls-handshake"
+    assert classify_connect_error(ConnectionRefusedError(111, "x")).reason == "unreachable"
+    assert classify_connect_error(socket.gaierror(-2, "x")).reason == "unreachable"
+    assert classify_connect_error(TimeoutError()).reason == "timeout"
+    # The text says nothing: a plain OSError mentioning SSL is not a TLS failure.
+    assert classify_connect_error(OSError(113, "SSL CERTIFICATE_VERIFY_FAILED")).reason \
+        == "unreachable"
+    with pytest.raises(ValueError):  # not a network failure: a bug, never hidden
+        classify_connect_error(ValueError("x"))  # type: ignore[arg-type]
+
+    def connack(value: int) -> ReasonCode:
+        return ReasonCode(PacketTypes.CONNACK, identifier=value)
+
+    assert classify_connack(connack(0x84)).reason == "protocol-version"
+    for value in (0x86, 0x87, 0x8A, 0x8C):
+        assert classify_connack(connack(value)).reason == "not-authorised"
+    assert classify_connack(connack(0x80)).reason == "connect-refused"
+    # A 3.1.1 broker's return codes, as paho hands them to on_connect (MQTT 5 codes).
+    assert classify_connack(convert_connack_rc_to_reason_code(1)).reason == "protocol-version"
+    assert classify_connack(convert_connack_rc_to_reason_code(5)).reason == "not-authorised"
+    puback = ReasonCode(PacketTypes.PUBACK, identifier=0x87)
+    assert classify_puback(puback, "t").reason == "not-authorised"
+    assert classify_puback(ReasonCode(PacketTypes.PUBACK, identifier=0x80), "t").reason \
+        == "publish-refused"
 
 
 # ----------------------------------------------------------------------------- mosquitto
@@ -100,15 +137,17 @@ def test_publish_returns_on_puback_and_subscribers_get_it_in_order(mosquitto):
 
 
 def test_exit_ends_the_uplink_even_when_a_cancel_is_swallowed(mosquitto):
-    """Python 3.11's asyncio.wait_for (aiomqtt's, around each SUBACK) can swallow a cancel
+    """Python 3.11's asyncio.wait_for (in code the uplink awaits) can swallow a cancel
     that arrives as its future completes (CPython gh-86296); the uplink then served on
     and ``async with Uplink`` never returned (seen as a CI hang). Here the swallow is made
     certain: the subscription that runs at connect time eats the cancel."""
     async def main():
         up = Uplink(config(mosquitto.url, "swallow"))
         subscribe = up._subscribe
+        inside = asyncio.Event()
 
         async def swallowing(client, topic):
+            inside.set()
             try:
                 await asyncio.sleep(0.5)
             except asyncio.CancelledError:
@@ -119,7 +158,7 @@ def test_exit_ends_the_uplink_even_when_a_cancel_is_swallowed(mosquitto):
         await up.subscribe("t/swallow")  # not connected yet: subscribed at connect
         async with up:
             await up.wait_connected()
-            await asyncio.sleep(0.1)  # the uplink task is now inside `swallowing`
+            await inside.wait()  # the uplink task is now inside `swallowing`
         return up.connected
 
     outcome: dict[str, object] = {}
@@ -173,7 +212,7 @@ def test_publish_with_retry_survives_a_broker_restart(mosquitto):
                 up.publish_nowait("evedge/v1/x/event", b"now")
             assert info.value.reason == "disconnected"
             sending = asyncio.create_task(up.publish("evedge/v1/x/event", b"later"))
-            await asyncio.sleep(0.3)
+            await until(lambda: up.counters["error_unreachable"] >= 2)  # it tried, and waits
             assert not sending.done()
             await asyncio.to_thread(mosquitto.start)
             await asyncio.wait_for(sending, 10)
@@ -229,9 +268,7 @@ def test_tls_failures_are_clear_and_retried_with_backoff(tls_mosquitto, pki, tmp
 
     async def main():
         async with Uplink(config(tls_mosquitto.url, "dev1", protocol="5", **tls)) as up:
-            async with asyncio.timeout(15):
-                while up.counters["reconnect_waits"] < 3:
-                    await asyncio.sleep(0.05)
+            await until(lambda: up.counters["reconnect_waits"] >= 3)
             assert not up.connected
             assert up.last_error is not None and up.last_error.reason == expected
             assert up.counters[f"error_{expected}"] >= 3
@@ -261,16 +298,51 @@ def test_acl_denied_publish_raises_not_authorised_and_the_uplink_goes_on(broker_
 # ----------------------------------------------------------------------------- amqtt
 
 
-def test_falls_back_to_mqtt_311_on_a_broker_without_mqtt_5():
+def test_falls_back_to_311_only_on_the_brokers_explicit_refusal_and_retries_5_after():
+    """amqtt speaks 3.1.1 only. To an MQTT 5 CONNECT without properties it answers CONNACK
+    return code 1 (3.1.1 s3.2.2.3: unacceptable protocol level): the explicit refusal."""
     broker = EmbeddedBroker().start()
     try:
         async def main():
-            async with Uplink(config(broker.url, "ev-311", connect_timeout_s=2.0)) as up:
+            explicit = config(broker.url, "ev-311", connect_timeout_s=2.0, session_expiry_s=0)
+            async with Uplink(explicit) as up:
                 await asyncio.wait_for(up.wait_connected(), 15)
-                assert up.protocol == 4 and up.counters["protocol_fallbacks"] == 1
+                assert up.protocol == 4 and up.downgraded
+                assert up.counters["protocol_fallbacks"] == 1
+                assert up.counters["error_protocol-version"] == 1
                 await up.subscribe(channel_topic("c3", "cs"))
                 await up.publish(channel_topic("c3", "cs"), b"hello")
                 assert (await next_message(up)).payload == b"hello"
+                # After a reconnect MQTT 5 is tried first again (and refused again).
+                await asyncio.to_thread(broker.stop)
+                await asyncio.to_thread(broker.start)
+                await until(lambda: up.epoch >= 2 and up.connected)
+                assert up.protocol == 4 and up.counters["protocol_fallbacks"] == 2
+                assert up.counters["error_protocol-version"] == 2
+
+            forbidden = config(broker.url, "ev-5", connect_timeout_s=2.0, session_expiry_s=0,
+                               protocol="5")
+            async with Uplink(forbidden) as up:
+                await until(lambda: up.counters["error_protocol-version"] >= 2)
+                assert not up.connected and up.counters["protocol_fallbacks"] == 0
+
+        asyncio.run(main())
+    finally:
+        broker.stop()
+
+
+def test_no_answer_before_connack_is_retried_on_mqtt_5_never_downgraded():
+    """amqtt 0.12 misreads an MQTT 5 CONNECT with properties (our session expiry) and
+    waits: no CONNACK. That is a timeout to retry, not a reason to speak 3.1.1."""
+    broker = EmbeddedBroker().start()
+    try:
+        async def main():
+            async with Uplink(config(broker.url, "ev-t", connect_timeout_s=0.5)) as up:
+                await until(lambda: up.counters["error_timeout"] >= 2)
+                assert not up.connected and up.counters["protocol_fallbacks"] == 0
+            async with Uplink(config(broker.url, "ev-t", protocol="3.1.1")) as up:
+                await asyncio.wait_for(up.wait_connected(), 15)  # configured: it works
+                assert up.protocol == 4 and not up.downgraded
 
         asyncio.run(main())
     finally:
