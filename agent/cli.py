@@ -228,7 +228,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from agent.status import resolve_status_path, status_summary
+    from agent.status_view import resolve_status_path, status_summary
 
     text, code = status_summary(resolve_status_path(args.config, args.file))
     print(text)

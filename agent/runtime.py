@@ -6,7 +6,7 @@ Tasks (named, none fire-and-forget; STYLE "one supervisor")::
     telemetry.seal    Batcher -> Sealer -> Spool.commit           (agent.telemetry)
     telemetry.publish Spool -> Uplink, delete on PUBACK           (agent.telemetry)
     uplink            the MQTT connection, reconnects             (agent.uplink)
-    status            status file, sd_notify WATCHDOG/STATUS      (agent.status)
+    status            status file, sd_notify WATCHDOG/STATUS      (agent.status_publisher)
     metrics           optional Prometheus endpoint                (agent.metrics)
     channel[...]      payment-channel sessions added by the caller (add_task)
 
@@ -58,9 +58,10 @@ from agent.status import (
     SpoolStatus,
     StatusConfig,
     UplinkStatus,
-    publish_status,
     status_path,
+    write_status,
 )
+from agent.status_publisher import publish_status
 from agent.telemetry import Pipeline, SpoolWorker
 from agent.uplink import MqttConfig, Uplink
 from firmware_adapters.base import Source
@@ -192,7 +193,6 @@ class Runtime:
             self.state = "stopped"
             await asyncio.to_thread(worker.close)
             with contextlib.suppress(EdgeAgentError):
-                from agent.status import write_status
                 write_status(self.status_file, self.status())
             self.notifier.close()
 

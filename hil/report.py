@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from agent.status import decode_json, to_json_value
+from agent.jsoncodec import decode_json, to_json_value
 
 if TYPE_CHECKING:
     from agent.envelope import OpenedEnvelope

@@ -20,10 +20,8 @@ from hypothesis import strategies as st
 from agent.errors import AdapterTimeout, ConfigError, DecodeError, EdgeAgentError
 from agent.options import Table
 from agent.sdnotify import Notifier
+from agent.jsoncodec import decode_json
 from agent.status import (
-    EXIT_NOT_RUNNING,
-    EXIT_RUNNING,
-    EXIT_UNKNOWN,
     AgentStatus,
     ChannelStatus,
     ErrorLog,
@@ -33,15 +31,18 @@ from agent.status import (
     SpoolStatus,
     StatusConfig,
     UplinkStatus,
-    decode_json,
     encode_status,
-    publish_status,
     read_status,
-    resolve_status_path,
-    status_line,
     status_path,
-    status_summary,
     write_status,
+)
+from agent.status_publisher import publish_status, status_line
+from agent.status_view import (
+    EXIT_NOT_RUNNING,
+    EXIT_RUNNING,
+    EXIT_UNKNOWN,
+    resolve_status_path,
+    status_summary,
 )
 
 NOW = 1_763_700_000 * 10**9
@@ -114,8 +115,8 @@ def test_write_failure_is_our_error(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("mutate, where", [
     (lambda d: d.pop("pid"), "pid: missing"),
-    (lambda d: d.update(pid="12"), "pid: expected int"),
-    (lambda d: d.update(pid=True), "pid: expected int"),
+    (lambda d: d.update(pid="12"), "pid: expected an integer"),
+    (lambda d: d.update(pid=True), "pid: expected an integer"),
     (lambda d: d["sources"][0].update(rate_hz="fast"), "sources[0].rate_hz"),
     (lambda d: d["sources"][0]["counters"].update(timeout=None), "sources[0].counters.timeout"),
     (lambda d: d["spool"].update(depth=[]), "spool.depth"),
