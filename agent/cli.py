@@ -15,8 +15,13 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from agent import __version__
 from agent.errors import ConfigError, EdgeAgentError
+
+if TYPE_CHECKING:
+    from agent.keys import KeyStore
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -59,10 +64,22 @@ def _print_record(record: dict[str, object], qr: bool) -> None:
         segno.make(text, error="l").terminal(compact=True)
 
 
-def cmd_keys_init(args: argparse.Namespace) -> int:
+def _key_store(state_dir: Path, *, writes: bool, create: bool = False) -> KeyStore:
+    """The key store, after checking the state directory; a command that writes state takes
+    the directory's lock first (agent/statedir.py: one agent per state directory)."""
     from agent.keys import KeyStore
+    from agent.statedir import check_state_dir, lock_state_dir
 
-    store = KeyStore(args.state_dir)
+    if writes:
+        check_state_dir(state_dir, create=create)
+        lock_state_dir(state_dir, "this command")
+    else:
+        check_state_dir(state_dir, create=False)
+    return KeyStore(state_dir)
+
+
+def cmd_keys_init(args: argparse.Namespace) -> int:
+    store = _key_store(args.state_dir, writes=True, create=True)
     keys, record = store.init(args.device_id)
     print(f"created device keys in {store.dir} (secret files mode 0600, never printed)")
     _print_record(record, qr=not args.no_qr)
@@ -70,9 +87,9 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_show(args: argparse.Namespace) -> int:
-    from agent.keys import KeyStore, fingerprint
+    from agent.keys import fingerprint
 
-    store = KeyStore(args.state_dir)
+    store = _key_store(args.state_dir, writes=False)
     keys = store.load()
     print(f"device:       {keys.device_id}")
     print(f"fingerprint:  {fingerprint(keys.identity.public)}")
@@ -85,9 +102,7 @@ def cmd_keys_show(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
-    from agent.keys import KeyStore
-
-    store = KeyStore(args.state_dir)
+    store = _key_store(args.state_dir, writes=True)
     _, record = store.rotate()
     print("rotated the device keys; the old identity key signed this record:")
     _print_record(record, qr=not args.no_qr)
@@ -95,9 +110,9 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_export(args: argparse.Namespace) -> int:
-    from agent.keys import KeyStore, record_to_cbor, record_to_json
+    from agent.keys import record_to_cbor, record_to_json
 
-    record = KeyStore(args.state_dir).latest_record()
+    record = _key_store(args.state_dir, writes=False).latest_record()
     data = record_to_cbor(record) if args.format == "cbor" else \
         (record_to_json(record) + "\n").encode()
     if args.out:

@@ -49,6 +49,7 @@ from agent.keys import DeviceKeys, KeyStore
 from agent.readings import Event, Reading
 from agent.sdnotify import Notifier, watchdog_interval_s
 from agent.spool import Spool, SpoolConfig
+from agent.statedir import check_state_dir, lock_state_dir, release_state_dir
 from agent.status import (
     AgentStatus,
     ErrorLog,
@@ -179,7 +180,13 @@ class Runtime:
 
     # -- the supervisor --------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
-        spool = await asyncio.to_thread(Spool.open, self.spool_config)
+        # One agent per state directory (agent/statedir.py): a second one would fork the chain.
+        lock_state_dir(self.config.device.state_dir, "this agent")
+        try:
+            spool = await asyncio.to_thread(Spool.open, self.spool_config)
+        except BaseException:
+            release_state_dir(self.config.device.state_dir)
+            raise
         worker = SpoolWorker(spool)
         sealer = Sealer(self.keys.identity, self.device_id, os.urandom(16),
                         spool.next_seq, spool.head)
@@ -195,6 +202,7 @@ class Runtime:
             with contextlib.suppress(EdgeAgentError):
                 write_status(self.status_file, self.status())
             self.notifier.close()
+            release_state_dir(self.config.device.state_dir)
 
     async def _supervise(self, stop: asyncio.Event) -> None:
         assert self.pipeline is not None
@@ -329,6 +337,7 @@ async def run_agent(config_path: str | os.PathLike[str],
                     install_signals: bool = True) -> None:
     """``edge-agent run``: load config and keys, run until SIGTERM/SIGINT."""
     config = load_config(config_path)
+    check_state_dir(config.device.state_dir, create=False)
     keys = load_keys(config)
     runtime = Runtime(config, keys)
     stop = asyncio.Event()

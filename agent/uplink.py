@@ -99,8 +99,15 @@ class MqttConfig:
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise ConfigError(key="mqtt.url", expected="mqtt://host[:port] or mqtts://...",
                               found=url)
+        try:
+            port = parts.port  # urllib raises ValueError for "99999" or "x"
+            if port == 0:
+                raise ValueError("port 0")
+        except ValueError:
+            raise ConfigError(key="mqtt.url", expected="a port from 1 to 65535 after the host",
+                              found=url) from None
         tls = parts.scheme == "mqtts"
-        return cls(host=parts.hostname, port=parts.port or (8883 if tls else 1883),
+        return cls(host=parts.hostname, port=port or (8883 if tls else 1883),
                    client_id=client_id, tls=tls, **options)
 
     @classmethod
@@ -108,8 +115,9 @@ class MqttConfig:
         url = table.str("url")
         try:
             base = cls.from_url(url, table.str("client_id", device_id))
-        except ConfigError:
-            raise table.error("url", "mqtt://host[:port] or mqtts://host[:port]", url) from None
+        except ConfigError as exc:
+            raise table.error("url", exc.expected or "mqtt://host[:port] or mqtts://host[:port]",
+                              url) from None
 
         def opt_path(name: str) -> Path | None:
             value = table.opt_str(name)
@@ -532,9 +540,24 @@ class Uplink:
             raise UplinkError(f"broker refused subscription to {topic}", reason="not-authorised")
 
 
+SESSION_TAKEN_OVER = 0x8E  # MQTT 5.0 s3.14.2.1: "Session taken over"
+
+
+def _reason_value(exc: BaseException) -> int | None:
+    rc = getattr(exc, "rc", None)
+    value = getattr(rc, "value", rc)
+    return value if isinstance(value, int) else None
+
+
 def classify(exc: BaseException, tls: bool = False) -> UplinkError:
     """Turn an aiomqtt/paho/ssl failure into an UplinkError with a reason code."""
     text = str(exc)
+    if _reason_value(exc) == SESSION_TAKEN_OVER and not isinstance(exc, MqttConnectError):
+        return UplinkError(
+            "the broker ended our session because another client connected with our client "
+            "id (MQTT 5 DISCONNECT 0x8E, session taken over): is a second agent running with "
+            "this device's identity? Two agents fork the signed chain; stop one of them",
+            reason="session-taken-over")
     if isinstance(exc, ClosedBeforeConnack):
         if tls:
             return UplinkError(f"TLS: the broker dropped us after the handshake (our client "

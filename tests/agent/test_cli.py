@@ -75,7 +75,7 @@ def test_demo_capture_verifies_and_a_tampered_one_fails(tmp_path):
 
 
 @pytest.mark.parametrize("setup,args,message", [
-    (None, ("keys", "show", "--state-dir", "{tmp}/none"), "run `edge-agent keys init` first"),
+    (None, ("keys", "show", "--state-dir", "{tmp}/none"), "run `edge-agent keys init"),
     ("world-readable", ("keys", "show", "--state-dir", "{tmp}/s"), "chmod 600"),
     ("bad-config", ("config", "check", "{tmp}/bad.toml"), "bad.toml: batch.max_age_ms: expected"),
     (None, ("verify", "{tmp}/missing.cbor", "--registry", "{tmp}/missing.toml"), "no such config file"),
