@@ -125,28 +125,39 @@ def cmd_keys_export(args: argparse.Namespace) -> int:
 
 # --- registry -----------------------------------------------------------------------------
 
+RECORD_FORMS = "a provisioning or rotation record (the JSON or CBOR of `keys export`, or the " \
+    "QR text EVEDGE1:...)"
+
+
 def _read_record(path: str) -> dict[str, object]:
     from agent import dcbor
     from agent.errors import DecodeError, MalformedEnvelope
     from agent.keys import record_from_json
 
     try:
-        raw = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+        raw = sys.stdin.buffer.read(1 << 16) if path == "-" else _read_small(Path(path))
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the record: {exc.strerror}") from None
     text = raw.strip()
-    if text.startswith(b"EVEDGE1:"):  # the QR payload, as a scanner app gives it back
-        text = text[len(b"EVEDGE1:"):]
-        raw = base64.urlsafe_b64decode(text + b"=" * (-len(text) % 4))
-    elif text.startswith(b"{"):
-        return record_from_json(raw.decode("utf-8", "replace"))
     try:
+        if text.startswith(b"EVEDGE1:"):  # the QR payload, as a scanner app gives it back
+            text = text[len(b"EVEDGE1:"):]
+            raw = base64.urlsafe_b64decode(text + b"=" * (-len(text) % 4))
+        elif text.startswith(b"{"):
+            return record_from_json(raw.decode("utf-8"))
         record = dcbor.loads(raw, max_bytes=4096)
-    except DecodeError as exc:
-        raise MalformedEnvelope(f"{path}: not a record (JSON, CBOR or QR text): {exc}") from None
+    except (DecodeError, MalformedEnvelope, ValueError):
+        # The decoder's own words ("need 729618471703438689 bytes") mean nothing here.
+        raise MalformedEnvelope(f"{path}: not {RECORD_FORMS}",
+                                reason="malformed-record") from None
     if not isinstance(record, dict):
-        raise MalformedEnvelope(f"{path}: not a record")
+        raise MalformedEnvelope(f"{path}: not {RECORD_FORMS}", reason="malformed-record")
     return record
+
+
+def _read_small(path: Path, limit: int = 1 << 16) -> bytes:
+    with path.open("rb") as handle:
+        return handle.read(limit)
 
 
 def cmd_registry_add(args: argparse.Namespace) -> int:
@@ -154,10 +165,17 @@ def cmd_registry_add(args: argparse.Namespace) -> int:
     from agent.keys import fingerprint
 
     registry = FleetRegistry.load_or_empty(args.registry)
-    entry = registry.add_record(_read_record(args.record))
+    record = _read_record(args.record)
+    known = set(registry.keys)
+    entry = registry.add_record(record, replace=args.replace)
+    if entry.kid in known:
+        print(f"key {entry.kid.hex()} ({fingerprint(entry.ed25519)}) of device {entry.device} "
+              f"is already in {args.registry}: nothing changed")
+        return EXIT_OK
     registry.save(args.registry)
+    how = f", replacing {', '.join(k.hex() for k in entry.replaces)}" if entry.replaces else ""
     print(f"proof of possession checks: added key {entry.kid.hex()} "
-          f"({fingerprint(entry.ed25519)}) for device {entry.device} to {args.registry}")
+          f"({fingerprint(entry.ed25519)}) for device {entry.device}{how} to {args.registry}")
     return EXIT_OK
 
 
@@ -170,10 +188,13 @@ def cmd_registry_revoke(args: argparse.Namespace) -> int:
         if len(kid) != 8:
             raise ValueError
     except ValueError:
-        raise ConfigError(key="kid", expected="an 8-byte key id in hex", found=args.kid) from None
-    registry.revoke(kid)
+        raise ConfigError(key="kid", expected="an 8-byte key id: 16 hex digits",
+                          found=args.kid) from None
+    if not registry.revoke(kid):
+        print(f"key {args.kid} was already revoked in {args.registry}: nothing changed")
+        return EXIT_OK
     registry.save(args.registry)
-    print(f"revoked key {args.kid} in {args.registry}")
+    print(f"revoked key {args.kid} (device {registry.device_of(kid)}) in {args.registry}")
     return EXIT_OK
 
 
@@ -301,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(reg_sub, "add", cmd_registry_add, "check a provisioning or rotation record's proof "
             "of possession and admit its key")
     p.add_argument("record", help="record file: JSON, CBOR or the QR text; - for stdin")
+    p.add_argument("--replace", action="store_true",
+                   help="admit a provisioning record for a device id that already has keys "
+                        "(a legitimate re-provisioning; recorded in the registry)")
     registry_path(p)
     p = add(reg_sub, "show", cmd_registry_show, "list devices and keys")
     registry_path(p)

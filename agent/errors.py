@@ -22,6 +22,8 @@ sqlite3, paho, pymodbus, python-can, web3 ...) are translated at the boundary wi
     |   +-- BadSignature            the bytes were changed, or signed by another key
     |   +-- UnknownKey              kid not in the registry / key store
     |   +-- RevokedKey              kid is in the registry's revoked list
+    |   +-- RegistryRefusal         the fleet registry refuses a change (revoked signer,
+    |                               unknown kid, a second device with one id, ...)
     +-- KeyStoreError               key files: missing, unreadable, wrong size
     |   +-- InsecureKeyFile         a secret key file readable by group/others
     +-- AdapterError                a data source (OBD, ELM327, DBC, Modbus ...)
@@ -200,6 +202,16 @@ class RevokedKey(SignatureError):
     """The key id is listed as revoked in the fleet registry."""
 
     reason = "revoked-key"
+
+
+class RegistryRefusal(SignatureError):
+    """The fleet registry refuses a change, with the reason in ``reason``: a rotation signed
+    by a revoked key (``revoked-signer``), re-adding a revoked key (``revoked-key``),
+    revoking a key id it does not hold (``unknown-kid``), a provisioning record for a device
+    id that already has keys (``device-exists``; ``registry add --replace`` for a legitimate
+    re-provisioning), a second rotation from one key (``already-rotated``)."""
+
+    reason = "registry-refusal"
 
 
 class KeyStoreError(EdgeAgentError):

@@ -69,6 +69,7 @@ from firmware_adapters.base import Source
 from firmware_adapters.registry import source_class
 
 if TYPE_CHECKING:
+    from agent.fleet_keys import FleetRegistry
     from agent.metrics import MetricsConfig, MetricsServer
 
 log = logging.getLogger("edge_agent.runtime")
@@ -106,6 +107,7 @@ class Settings:
     spool: SpoolConfig
     status: StatusConfig
     metrics: MetricsConfig | None
+    registry: FleetRegistry | None = None   # [device] registry, loaded and checked
 
     @classmethod
     def from_config(cls, config: Config, device_id: str) -> Settings:
@@ -114,11 +116,16 @@ class Settings:
             from agent.metrics import MetricsConfig
 
             metrics = MetricsConfig.from_table(config.section("metrics"))
+        registry = None
+        if config.device.registry is not None:
+            from agent.fleet_keys import FleetRegistry
+
+            registry = FleetRegistry.load(config.device.registry)
         return cls(mqtt=MqttConfig.from_table(config.section("mqtt"), device_id),
                    spool=SpoolConfig.from_table(config.section("spool"),
                                                 config.device.state_dir),
                    status=StatusConfig.from_table(config.section("status")),
-                   metrics=metrics)
+                   metrics=metrics, registry=registry)
 
 
 def build_sources(config: Config) -> list[SourceRunner]:
@@ -144,6 +151,7 @@ class Runtime:
         settings = Settings.from_config(config, self.device_id)
         self.mqtt, self.spool_config = settings.mqtt, settings.spool
         self.status_config, self.metrics_config = settings.status, settings.metrics
+        self.registry = settings.registry   # the fleet registry, for the channel service
         self.status_file = status_path(config.device.state_dir, self.status_config.path)
         self.notifier = notifier or Notifier()
         self.sources = sources if sources is not None else build_sources(config)

@@ -78,7 +78,7 @@ def test_demo_capture_verifies_and_a_tampered_one_fails(tmp_path):
     (None, ("keys", "show", "--state-dir", "{tmp}/none"), "run `edge-agent keys init"),
     ("world-readable", ("keys", "show", "--state-dir", "{tmp}/s"), "chmod 600"),
     ("bad-config", ("config", "check", "{tmp}/bad.toml"), "bad.toml: batch.max_age_ms: expected"),
-    (None, ("verify", "{tmp}/missing.cbor", "--registry", "{tmp}/missing.toml"), "no such config file"),
+    (None, ("verify", "{tmp}/missing.cbor", "--registry", "{tmp}/missing.toml"), "no such fleet registry file"),
     (None, ("registry", "add", "{tmp}/nothing.json", "--registry", "{tmp}/r.toml"), "cannot read the record"),
 ])
 def test_errors_are_one_line_without_traceback(tmp_path, setup, args, message):
