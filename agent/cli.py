@@ -14,7 +14,6 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from agent import __version__
@@ -253,12 +252,11 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
-    import logging
 
+    from agent.logsetup import setup_logging
     from agent.runtime import run_agent
 
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(args.verbose, args.log_format)
     asyncio.run(run_agent(args.config))
     return EXIT_OK
 
@@ -350,7 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(sub, "run", cmd_run, "run the agent (vehicle or station role) from a config file "
             "until SIGTERM/SIGINT; systemd's Type=notify and watchdog are supported")
     p.add_argument("--config", type=Path, required=True, help="the agent's TOML config")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="-v: the agent's own debug lines; -vv: also the MQTT library's "
+                        "packet dump")
+    p.add_argument("--log-format", choices=("auto", "text", "json", "journal"), default="auto",
+                   help="auto (default): journal under systemd (priorities and structured "
+                        "fields), else text; json: one object a line")
 
     p = add(sub, "status", cmd_status, "print a running agent's sources, rates, spool depth, "
             "uplink and channel state and last errors (exit 0 running, 3 not running)")

@@ -57,7 +57,6 @@ from agent.errors import ConfigError, RegistryRefusal, RevokedKey, UnknownKey
 from agent.keys import check_record, key_id
 from agent.options import Table
 
-
 REGISTRY_MODE = 0o644
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import signal
@@ -46,6 +47,7 @@ from agent.errors import (
     UplinkError,
 )
 from agent.keys import DeviceKeys, KeyStore
+from agent.logsetup import StatusFeed
 from agent.readings import Event, Reading
 from agent.sdnotify import Notifier, watchdog_interval_s
 from agent.spool import Spool, SpoolConfig
@@ -66,7 +68,7 @@ from agent.status_publisher import publish_status
 from agent.telemetry import Pipeline, SpoolWorker
 from agent.uplink import MqttConfig, Uplink
 from firmware_adapters.base import Source
-from firmware_adapters.registry import source_class
+from firmware_adapters.registry import kind_roles, kinds_for_role, source_class
 
 if TYPE_CHECKING:
     from agent.fleet_keys import FleetRegistry
@@ -81,6 +83,16 @@ SOURCE_BACKOFF_MAX_S = 60.0
 
 class _Stop(Exception):
     """Raised inside the TaskGroup to end it cleanly."""
+
+
+_running: contextvars.ContextVar[Runtime | None] = contextvars.ContextVar(
+    "edge_agent_runtime", default=None)
+
+
+def _recorded(where: str, exc: BaseException) -> dict[str, object]:
+    """``extra=`` for a log line whose error the runtime put in its error log itself."""
+    reason = exc.reason if isinstance(exc, EdgeAgentError) else type(exc).__name__
+    return {"status_recorded": True, "where": where, "reason": reason}
 
 
 @dataclass
@@ -131,7 +143,16 @@ class Settings:
 def build_sources(config: Config) -> list[SourceRunner]:
     """Instantiate every ``[[sources]]`` entry; config errors surface before anything runs."""
     runners = []
+    role = config.device.role
     for entry in config.sources:
+        roles = kind_roles(entry.kind)
+        if roles and role not in roles:  # a meter on a car, an OBD reader on a station
+            raise ConfigError(
+                f"{entry.where}: sources.{entry.id}.kind: {entry.kind} is a source for the "
+                f"{' and '.join(sorted(roles))} role, and [device] role is {role}; "
+                f"kinds for a {role}: {', '.join(kinds_for_role(role))}",
+                file=entry.where, key=f"sources.{entry.id}.kind",
+                expected=f"a {role} source kind", found=entry.kind)
         cls = source_class(entry.kind)
         source = cls.from_options(entry.id, entry.options, entry.where)
         runners.append(SourceRunner(source, entry.kind))
@@ -190,11 +211,21 @@ class Runtime:
     async def run(self, stop: asyncio.Event) -> None:
         # One agent per state directory (agent/statedir.py): a second one would fork the chain.
         lock_state_dir(self.config.device.state_dir, "this agent")
+        # Every warning the log shows reaches the status too (issue 15.4); tasks started
+        # below inherit the context, so a process with two agents keeps their errors apart.
+        token = _running.set(self)
+        feed = StatusFeed(self.errors.add_entry,
+                          accept=lambda record: _running.get() in (None, self))
+        logging.getLogger().addHandler(feed)
         try:
-            spool = await asyncio.to_thread(Spool.open, self.spool_config)
-        except BaseException:
+            await self._run(stop)
+        finally:
+            logging.getLogger().removeHandler(feed)
+            _running.reset(token)
             release_state_dir(self.config.device.state_dir)
-            raise
+
+    async def _run(self, stop: asyncio.Event) -> None:
+        spool = await asyncio.to_thread(Spool.open, self.spool_config)
         worker = SpoolWorker(spool)
         sealer = Sealer(self.keys.identity, self.device_id, os.urandom(16),
                         spool.next_seq, spool.head)
@@ -210,7 +241,6 @@ class Runtime:
             with contextlib.suppress(EdgeAgentError):
                 write_status(self.status_file, self.status())
             self.notifier.close()
-            release_state_dir(self.config.device.state_dir)
 
     async def _supervise(self, stop: asyncio.Event) -> None:
         assert self.pipeline is not None
@@ -276,7 +306,8 @@ class Runtime:
         runner.state = "retrying"
         runner.last_error = self.errors.add(time.time_ns(), f"source[{source.id}]", exc)
         source.counters[f"error_{exc.reason}"] += 1
-        log.warning("source[%s]: %s (%s); retrying", source.id, exc, exc.reason)
+        log.warning("source[%s]: %s (%s); retrying", source.id, exc, exc.reason,
+                    extra=_recorded(f"source[{source.id}]", exc))
 
     async def _serve_metrics(self, server: MetricsServer) -> None:
         """Metrics are optional: a port already taken is an error in the status, not a
@@ -287,11 +318,12 @@ class Runtime:
             error = UplinkError(f"metrics endpoint {server.host}:{server.port} not served: "
                                 f"{exc.strerror}", reason="metrics-bind")
             self.errors.add(time.time_ns(), "metrics", error)
-            log.warning("%s", error)
+            log.warning("%s", error, extra=_recorded("metrics", error))
 
     async def _status_task(self) -> None:
         def on_error(exc: BaseException) -> None:
             self.errors.add(time.time_ns(), "status", exc)
+            log.warning("status: %s", exc, extra=_recorded("status", exc))
 
         await publish_status(self.status, self.status_file, self.status_config.interval_s,
                              self.notifier, watchdog_interval_s(), on_error)
@@ -313,7 +345,8 @@ class Runtime:
             sources.append(SourceStatus(
                 id=runner.source.id, kind=runner.kind, state=runner.state,
                 readings=runner.readings, rate_hz=round(runner.rate.rate(), 2),
-                counters=dict(runner.source.counters), last_error=runner.last_error))
+                counters=dict(runner.source.counters), last_error=runner.last_error,
+                requests=dict(runner.source.requests)))
         spool = None
         if self.pipeline is not None:
             s = self.pipeline.spool
@@ -353,5 +386,10 @@ async def run_agent(config_path: str | os.PathLike[str],
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-    log.info("edge-agent %s: %s %s starting", __version__, runtime.role, runtime.device_id)
-    await runtime.run(stop)
+    log.info("edge-agent %s: %s %s starting (pid %d, state %s)", __version__, runtime.role,
+             runtime.device_id, os.getpid(), config.device.state_dir)
+    try:
+        await runtime.run(stop)
+    finally:
+        why = "on request" if stop.is_set() else "after an error"
+        log.info("edge-agent %s %s stopped %s", runtime.role, runtime.device_id, why)

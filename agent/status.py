@@ -42,17 +42,24 @@ MAX_MESSAGE_LEN = 300
 
 @dataclass(frozen=True, slots=True)
 class ErrorRecord:
-    """One fault: when, where (a task name: ``source[obd0]``, ``uplink``), our reason code."""
+    """One kind of fault: where (a task name: ``source[obd0]``, ``uplink``), our reason
+    code, the last message, how often and when it was first and last seen."""
 
-    ts_ns: int
+    ts_ns: int                          # last seen
     where: str
     reason: str
     message: str
+    count: int = 1
+    first_ns: int = 0                   # first seen (0: same as ts_ns)
 
     @classmethod
     def from_exception(cls, ts_ns: int, where: str, exc: BaseException) -> ErrorRecord:
         reason = exc.reason if isinstance(exc, EdgeAgentError) else type(exc).__name__
         return cls(ts_ns, where, reason, str(exc)[:MAX_MESSAGE_LEN])
+
+    @property
+    def first_seen_ns(self) -> int:
+        return self.first_ns or self.ts_ns
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +71,7 @@ class SourceStatus:
     rate_hz: float = 0.0
     counters: dict[str, int] = field(default_factory=dict)   # Source.counters (faults)
     last_error: ErrorRecord | None = None
+    requests: dict[str, int] = field(default_factory=dict)   # Source.requests (not faults)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,18 +125,31 @@ class AgentStatus:
 
 
 class ErrorLog:
-    """The bounded list of last errors the runtime keeps for the snapshot."""
+    """The errors the runtime shows in the snapshot: one entry per (where, reason), with a
+    count and first/last time, the most recent ``maxlen`` kinds, oldest first. Everything
+    the log shows as a warning or worse lands here (agent/logsetup.py StatusFeed)."""
 
     def __init__(self, maxlen: int = MAX_ERRORS) -> None:
-        self._items: deque[ErrorRecord] = deque(maxlen=maxlen)
+        self.maxlen = maxlen
+        self._items: dict[tuple[str, str], ErrorRecord] = {}
 
     def add(self, ts_ns: int, where: str, exc: BaseException) -> ErrorRecord:
         record = ErrorRecord.from_exception(ts_ns, where, exc)
-        self._items.append(record)
+        return self.add_entry(ts_ns, where, record.reason, record.message)
+
+    def add_entry(self, ts_ns: int, where: str, reason: str, message: str) -> ErrorRecord:
+        key = (where, reason)
+        old = self._items.pop(key, None)
+        record = ErrorRecord(ts_ns, where, reason, message[:MAX_MESSAGE_LEN],
+                             count=old.count + 1 if old else 1,
+                             first_ns=old.first_seen_ns if old else ts_ns)
+        self._items[key] = record       # re-inserted: dict order is "last seen" order
+        while len(self._items) > self.maxlen:
+            del self._items[next(iter(self._items))]
         return record
 
     def snapshot(self) -> tuple[ErrorRecord, ...]:
-        return tuple(self._items)
+        return tuple(self._items.values())
 
 
 class RateMeter:

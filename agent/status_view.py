@@ -105,8 +105,10 @@ def format_status(status: AgentStatus, now_ns: int) -> str:
     lines.append("sources:" if status.sources else "sources: none")
     for source in status.sources:
         faults = ", ".join(f"{k}={v}" for k, v in sorted(source.counters.items()) if v)
+        requests = ", ".join(f"{k}={v}" for k, v in sorted(source.requests.items()) if v)
         lines.append(f"  {source.id:<10} {source.kind:<11} {source.state:<9} "
                      f"{source.rate_hz:7.1f}/s {source.readings:>9} readings"
+                     + (f"  requests: {requests}" if requests else "")
                      + (f"  faults: {faults}" if faults else ""))
         if source.last_error is not None:
             lines.append(f"    last error {_error(source.last_error, now_ns)}")
@@ -145,8 +147,11 @@ def _uplink_line(uplink: UplinkStatus | None, now_ns: int) -> str:
 
 
 def _error(error: ErrorRecord, now_ns: int) -> str:
-    return (f"{_clock(error.ts_ns)} ({_ago((now_ns - error.ts_ns) / 1e9)}) {error.where} "
+    text = (f"{_clock(error.ts_ns)} ({_ago((now_ns - error.ts_ns) / 1e9)}) {error.where} "
             f"{error.reason}: {error.message}")
+    if error.count > 1:
+        text += f" ({error.count} times since {_clock(error.first_seen_ns)})"
+    return text
 
 
 def _clock(ts_ns: int) -> str:

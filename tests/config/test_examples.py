@@ -167,7 +167,8 @@ def test_vehicle_example_names_the_dbc_file_on_the_car() -> None:
     if Path("/etc/edge-agent/car.dbc").exists():
         assert any(r.kind == "dbc" for r in _build_quietly(config))
         return
-    with pytest.raises(ConfigError, match=r"sources\.can-broadcast\.dbc: expected a readable"):
+    with pytest.raises(ConfigError, match=r"sources\.can-broadcast\.dbc: expected the car's DBC "
+                       r"file \(its CAN signals.*found \"/etc/edge-agent/car\.dbc\" \(no such file\)"):
         build_sources(config)
 
 
