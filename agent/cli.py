@@ -264,7 +264,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from agent.status_view import resolve_status_path, status_summary
 
-    text, code = status_summary(resolve_status_path(args.config, args.file))
+    text, code = status_summary(resolve_status_path(args.config, args.file,
+                                                    state_dir=args.state_dir),
+                                as_json=args.json)
     print(text)
     return code
 
@@ -360,6 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=None,
                    help="the agent's config (to find its status file)")
     p.add_argument("--file", type=Path, default=None, help="the status file itself")
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="the agent's state directory (default: $EDGE_AGENT_STATE_DIR, else the "
+                        "service's /run/edge-agent)")
+    p.add_argument("--json", action="store_true", help="one JSON object (running, reason, "
+                   "file, status: the snapshot)")
 
     cfg = sub.add_parser("config", help="check a config file",
                          description="Config file tools.")

@@ -40,6 +40,12 @@ def load_toml(path: str | os.PathLike[str], what: str = "config file") -> Table:
     return Table(data, str(path))
 
 
+def default_state_dir() -> str:
+    """``[device] state_dir`` when the file does not set it: ``$EDGE_AGENT_STATE_DIR`` (as
+    for the CLI's ``--state-dir``), else the service's ``/var/lib/edge-agent``."""
+    return os.environ.get("EDGE_AGENT_STATE_DIR") or "/var/lib/edge-agent"
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceConfig:
     id: str | None
@@ -52,7 +58,7 @@ class DeviceConfig:
         registry = table.opt_str("registry")
         value = cls(id=table.opt_str("id"),
                     role=table.str("role", "vehicle", choices=("vehicle", "station")),
-                    state_dir=table.path("state_dir", "/var/lib/edge-agent"),
+                    state_dir=table.path("state_dir", default_state_dir()),
                     registry=Path(registry) if registry else None)
         table.reject_unknown()
         return value

@@ -173,7 +173,8 @@ class Runtime:
         self.mqtt, self.spool_config = settings.mqtt, settings.spool
         self.status_config, self.metrics_config = settings.status, settings.metrics
         self.registry = settings.registry   # the fleet registry, for the channel service
-        self.status_file = status_path(config.device.state_dir, self.status_config.path)
+        self.status_file = status_path(config.device.state_dir, self.status_config.path,
+                                       run_dir=None)
         self.notifier = notifier or Notifier()
         self.sources = sources if sources is not None else build_sources(config)
         for runner in self.sources:  # e.g. the odometer's last value survives a restart
@@ -391,5 +392,6 @@ async def run_agent(config_path: str | os.PathLike[str],
     try:
         await runtime.run(stop)
     finally:
-        why = "on request" if stop.is_set() else "after an error"
-        log.info("edge-agent %s %s stopped %s", runtime.role, runtime.device_id, why)
+        if runtime.state == "stopped":   # it ran (a refused start never got that far)
+            why = "on request" if stop.is_set() else "after an error"
+            log.info("edge-agent %s %s stopped %s", runtime.role, runtime.device_id, why)

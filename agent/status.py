@@ -191,19 +191,20 @@ class StatusConfig:
 
 def status_path(state_dir: Path, configured: Path | None = None,
                 environ: Mapping[str, str] | None = None,
-                run_dir: Path = Path("/run/edge-agent")) -> Path:
+                run_dir: Path | None = Path("/run/edge-agent")) -> Path:
     """Where the snapshot lives; the runtime and ``edge-agent status`` agree on it.
 
     The configured path wins; else ``$RUNTIME_DIRECTORY`` (set by systemd's
-    RuntimeDirectory=); else ``/run/edge-agent`` if it exists (the CLI, run by a technician
-    on a box where the unit runs); else the state directory.
+    RuntimeDirectory=); else ``run_dir`` if it exists (the CLI, run by a technician on a box
+    where the unit runs; the runtime passes None: an agent started by hand must not
+    overwrite the service's snapshot); else the state directory.
     """
     if configured is not None:
         return configured
     runtime_dir = (os.environ if environ is None else environ).get("RUNTIME_DIRECTORY")
     if runtime_dir:
         return Path(runtime_dir.split(":")[0]) / STATUS_FILE
-    if run_dir.is_dir():
+    if run_dir is not None and run_dir.is_dir():
         return run_dir / STATUS_FILE
     return state_dir / STATUS_FILE
 

@@ -8,12 +8,14 @@ LSB init-script convention ``systemctl status`` uses (0 running, 3 not running, 
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
 from agent.errors import DecodeError
+from agent.jsoncodec import to_json_value
 from agent.status import (
     AgentStatus,
     ErrorRecord,
@@ -60,41 +62,63 @@ def not_running_reason(status: AgentStatus, now_ns: int,
 
 def resolve_status_path(config_file: Path | None = None, status_file: Path | None = None,
                         environ: Mapping[str, str] | None = None,
-                        run_dir: Path = Path("/run/edge-agent")) -> Path:
-    """For ``edge-agent status [--config FILE] [--file PATH]``: an explicit file wins, else
-    the config's ``[status] path`` / ``[device] state_dir``, else the defaults. Config errors
-    are ConfigErrors (the CLI prints them)."""
+                        run_dir: Path = Path("/run/edge-agent"),
+                        state_dir: Path | None = None) -> Path:
+    """For ``edge-agent status [--config FILE] [--state-dir DIR] [--file PATH]``: an explicit
+    file wins, else the config's ``[status] path`` / ``[device] state_dir``, else
+    ``--state-dir`` or ``$EDGE_AGENT_STATE_DIR`` (where an agent started by hand writes it),
+    else the service's ``/run/edge-agent``, else ``/var/lib/edge-agent``. Config errors are
+    ConfigErrors (the CLI prints them)."""
     if status_file is not None:
         return status_file
-    state_dir, configured = Path("/var/lib/edge-agent"), None
+    env = dict(os.environ if environ is None else environ)
+    env.pop("RUNTIME_DIRECTORY", None)    # the CLI's own, if any, is not the agent's
     if config_file is not None:
         from agent.config import load_config
 
         config = load_config(config_file)
-        state_dir = config.device.state_dir
         configured = StatusConfig.from_table(config.section("status")).path
-    env = dict(os.environ if environ is None else environ)
-    env.pop("RUNTIME_DIRECTORY", None)    # the CLI's own, if any, is not the agent's
-    return status_path(state_dir, configured, env, run_dir)
+        return status_path(config.device.state_dir, configured, env, run_dir)
+    chosen = state_dir or (Path(env["EDGE_AGENT_STATE_DIR"]) if env.get("EDGE_AGENT_STATE_DIR")
+                           else None)
+    if chosen is not None:
+        return status_path(chosen, None, env, None)
+    return status_path(Path("/var/lib/edge-agent"), None, env, run_dir)
 
 
 def status_summary(path: Path, now_ns: int | None = None, *,
-                   check_pid: bool = True) -> tuple[str, int]:
-    """What ``edge-agent status`` prints, and its exit code (0 running, 3 not, 4 unknown)."""
+                   check_pid: bool = True, as_json: bool = False) -> tuple[str, int]:
+    """What ``edge-agent status`` prints, and its exit code (0 running, 3 not, 4 unknown).
+
+    ``as_json``: one object for scripts, ``{"running", "reason", "file", "status"}`` with
+    the snapshot as the agent wrote it (``null`` when there is none)."""
     now_ns = time.time_ns() if now_ns is None else now_ns
+    status: AgentStatus | None = None
     try:
         status = read_status(path)
     except FileNotFoundError:
-        return f"edge-agent is not running (no status file at {path})", EXIT_NOT_RUNNING
+        problem, code = f"edge-agent is not running (no status file at {path})", EXIT_NOT_RUNNING
     except PermissionError:
-        return f"cannot read {path}: permission denied (try sudo)", EXIT_UNKNOWN
+        problem, code = f"cannot read {path}: permission denied (try sudo)", EXIT_UNKNOWN
     except (DecodeError, OSError) as exc:
-        return f"status file {path} is unreadable: {exc}", EXIT_UNKNOWN
+        problem, code = f"status file {path} is unreadable: {exc}", EXIT_UNKNOWN
+    if status is None:
+        if as_json:
+            return _json(False, problem, path, None), code
+        return problem, code
     reason = not_running_reason(status, now_ns, pid_alive(status.pid) if check_pid else None)
+    code = EXIT_RUNNING if reason is None else EXIT_NOT_RUNNING
+    if as_json:
+        return _json(reason is None, reason, path, status), code
     text = format_status(status, now_ns)
     if reason is not None:
-        return f"edge-agent is NOT RUNNING: {reason}\nlast known state:\n{text}", EXIT_NOT_RUNNING
-    return text, EXIT_RUNNING
+        return f"edge-agent is NOT RUNNING: {reason}\nlast known state:\n{text}", code
+    return text, code
+
+
+def _json(running: bool, reason: str | None, path: Path, status: AgentStatus | None) -> str:
+    return json.dumps({"running": running, "reason": reason, "file": str(path),
+                       "status": to_json_value(status) if status is not None else None})
 
 
 def format_status(status: AgentStatus, now_ns: int) -> str:
