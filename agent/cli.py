@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -90,13 +91,16 @@ def cmd_keys_show(args: argparse.Namespace) -> int:
 
     store = _key_store(args.state_dir, writes=False)
     keys = store.load()
-    print(f"device:       {keys.device_id}")
-    print(f"fingerprint:  {fingerprint(keys.identity.public)}")
-    print(f"key id (kid): {keys.identity.kid.hex()}")
-    print(f"ed25519:      {keys.identity.public.hex()}")
-    print(f"secp256k1:    {keys.settlement.public.hex()}")
-    print(f"address:      0x{keys.settlement.address.hex()}")
-    print(f"key files:    {store.dir}")
+    rows = {"device": keys.device_id, "fingerprint": fingerprint(keys.identity.public),
+            "kid": keys.identity.kid.hex(), "ed25519": keys.identity.public.hex(),
+            "secp256k1": keys.settlement.public.hex(),
+            "address": "0x" + keys.settlement.address.hex(), "key_files": str(store.dir)}
+    if args.json:
+        print(json.dumps(rows))
+        return EXIT_OK
+    labels = {"kid": "key id (kid)", "key_files": "key files"}
+    for name, value in rows.items():
+        print(f"{labels.get(name, name) + ':':<14}{value}")
     return EXIT_OK
 
 
@@ -202,10 +206,22 @@ def cmd_registry_show(args: argparse.Namespace) -> int:
     from agent.keys import fingerprint
 
     registry = FleetRegistry.load(args.registry)
-    for entry in sorted(registry.keys.values(), key=lambda e: (e.device, e.added_ns)):
+    entries = sorted(registry.keys.values(), key=lambda e: (e.device, e.added_ns))
+    if args.json:
+        print(json.dumps({
+            "devices": registry.devices(), "revoked": sorted(k.hex() for k in registry.revoked),
+            "keys": [{"device": e.device, "kid": e.kid.hex(), "fingerprint": fingerprint(e.ed25519),
+                      "ed25519": e.ed25519.hex(), "secp256k1": e.secp256k1.hex(),
+                      "address": "0x" + e.address.hex(), "added_ns": e.added_ns,
+                      "rotated_from": e.rotated_from.hex() if e.rotated_from else None,
+                      "replaces": [k.hex() for k in e.replaces],
+                      "revoked": e.kid in registry.revoked} for e in entries]}))
+        return EXIT_OK
+    for entry in entries:
         state = "REVOKED" if entry.kid in registry.revoked else "valid"
+        how = f"  replaces {', '.join(k.hex() for k in entry.replaces)}" if entry.replaces else ""
         print(f"{entry.device}  kid {entry.kid.hex()}  {fingerprint(entry.ed25519)}  "
-              f"0x{entry.address.hex()}  {state}")
+              f"0x{entry.address.hex()}  {state}{how}")
     print(f"{len(registry.devices())} device(s), {len(registry.keys)} key(s), "
           f"{len(registry.revoked)} revoked")
     return EXIT_OK
@@ -242,9 +258,20 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     from agent.config import load_config
     from agent.runtime import Settings, build_sources
 
-    config = load_config(args.file)
-    Settings.from_config(config, config.device.id or "device-id-from-keys")
-    sources = build_sources(config)  # validates each source's options; opens nothing
+    try:
+        config = load_config(args.file)
+        Settings.from_config(config, config.device.id or "device-id-from-keys")
+        sources = build_sources(config)  # validates each source's options; opens nothing
+    except ConfigError as exc:
+        if not args.json:
+            raise
+        print(json.dumps({"file": str(args.file), "ok": False, "error": str(exc),
+                          "key": exc.key, "expected": exc.expected}))
+        return EXIT_USAGE
+    if args.json:
+        print(json.dumps({"file": str(args.file), "ok": True, "role": config.device.role,
+                          "sources": [{"id": r.source.id, "kind": r.kind} for r in sources]}))
+        return EXIT_OK
     kinds = ", ".join(f"{r.source.id} ({r.kind})" for r in sources) or "no sources"
     print(f"{args.file}: ok ({config.device.role}; {kinds})")
     return EXIT_OK
@@ -306,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-qr", action="store_true", help="do not print the QR code")
     p = add(keys_sub, "show", cmd_keys_show, "print the public keys and fingerprint")
     state_dir(p)
+    p.add_argument("--json", action="store_true", help="one JSON object")
     p = add(keys_sub, "rotate", cmd_keys_rotate,
             "replace the keys; the old key signs a rotation record (seq continues)")
     state_dir(p)
@@ -328,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     registry_path(p)
     p = add(reg_sub, "show", cmd_registry_show, "list devices and keys")
     registry_path(p)
+    p.add_argument("--json", action="store_true", help="one JSON object")
     p = add(reg_sub, "revoke", cmd_registry_revoke, "mark a key id as revoked")
     p.add_argument("kid", help="key id (16 hex digits)")
     registry_path(p)
@@ -373,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     p = add(cfg_sub, "check", cmd_config_check, "validate a config file and say what is wrong")
     p.add_argument("file")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object: ok, role, sources; or ok false with the error")
 
     _register_plugins(sub)
     return parser
