@@ -9,7 +9,6 @@ that need them, so ``--help`` and ``keys`` stay fast on a Pi.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import sys
@@ -57,11 +56,12 @@ def _print_record(record: dict[str, object], qr: bool) -> None:
     print(f"\n{record['type']} record (JSON; give it to `edge-agent registry add`):")
     print(record_to_json(record))
     if qr:
-        import segno
+        from agent.qr import print_terminal
 
-        text = "EVEDGE1:" + base64.urlsafe_b64encode(record_to_cbor(record)).decode().rstrip("=")
-        print("\nthe same record as a QR code (CBOR, base64url):")
-        segno.make(text, error="l").terminal(compact=True)
+        print("\nthe same record as QR codes (fit a 60-column terminal; "
+              "`keys export --qr FILE.png` prints one code):")
+        sys.stdout.flush()
+        print_terminal(record_to_cbor(record), sys.stdout)
 
 
 def _key_store(state_dir: Path, *, writes: bool, create: bool = False) -> KeyStore:
@@ -116,6 +116,18 @@ def cmd_keys_export(args: argparse.Namespace) -> int:
     from agent.keys import record_to_cbor, record_to_json
 
     record = _key_store(args.state_dir, writes=False).latest_record()
+    if args.qr is not None:
+        from agent.qr import save_image
+
+        try:
+            save_image(record_to_cbor(record), args.qr)
+        except ValueError as exc:
+            raise ConfigError(key="--qr", expected="a file name ending in .png or .svg",
+                              found=str(args.qr)) from exc
+        except OSError as exc:
+            raise ConfigError(f"{args.qr}: cannot write the QR image: {exc.strerror}") from None
+        print(f"wrote the {record['type']} record as a QR code to {args.qr}")
+        return EXIT_OK
     data = record_to_cbor(record) if args.format == "cbor" else \
         (record_to_json(record) + "\n").encode()
     if args.out:
@@ -136,6 +148,7 @@ def _read_record(path: str) -> dict[str, object]:
     from agent import dcbor
     from agent.errors import DecodeError, MalformedEnvelope
     from agent.keys import record_from_json
+    from agent.qr import decode_text
 
     try:
         raw = sys.stdin.buffer.read(1 << 16) if path == "-" else _read_small(Path(path))
@@ -143,9 +156,8 @@ def _read_record(path: str) -> dict[str, object]:
         raise ConfigError(f"{path}: cannot read the record: {exc.strerror}") from None
     text = raw.strip()
     try:
-        if text.startswith(b"EVEDGE1:"):  # the QR payload, as a scanner app gives it back
-            text = text[len(b"EVEDGE1:"):]
-            raw = base64.urlsafe_b64decode(text + b"=" * (-len(text) % 4))
+        if text.startswith(b"EVEDGE"):  # the QR text(s), as a scanner app gives them back
+            raw = decode_text(text.decode("ascii")) or b""
         elif text.startswith(b"{"):
             return record_from_json(raw.decode("utf-8"))
         record = dcbor.loads(raw, max_bytes=4096)
@@ -343,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     state_dir(p)
     p.add_argument("--format", choices=("json", "cbor"), default="json")
     p.add_argument("--out", help="file to write (default: stdout)")
+    p.add_argument("--qr", type=Path, metavar="FILE.png|FILE.svg",
+                   help="write the record as one QR code image to print (instead of --out)")
 
     reg = sub.add_parser("registry", help="the fleet registry: admit, list and revoke keys",
                          description="The fleet registry of devices and keys (a TOML file).")
