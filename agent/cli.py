@@ -72,7 +72,7 @@ def _key_store(state_dir: Path, *, writes: bool, create: bool = False) -> KeySto
 
     if writes:
         check_state_dir(state_dir, create=create)
-        lock_state_dir(state_dir, "this command")
+        lock_state_dir(state_dir, "this command", reentrant=True)
     else:
         check_state_dir(state_dir, create=False)
     return KeyStore(state_dir)
@@ -459,6 +459,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_FAIL
     except BrokenPipeError:
         return EXIT_OK
+    finally:
+        if "agent.statedir" in sys.modules:   # a command's lock lasts as long as the command
+            sys.modules["agent.statedir"].release_all()
 
 
 if __name__ == "__main__":

@@ -54,13 +54,16 @@ def check_state_dir(path: Path, *, create: bool = True) -> Path:
     return path
 
 
-def lock_state_dir(path: Path, what: str = "edge-agent") -> None:
+def lock_state_dir(path: Path, what: str = "edge-agent", *, reentrant: bool = False) -> None:
     """Take the state directory's lock until :func:`release_state_dir` or the end of the
     process. Raises StateDirLocked when another holder has it (another process, or another
     agent in this one: flock(2) locks belong to open file descriptions), StateDirError when
-    the directory is unusable."""
+    the directory is unusable. ``reentrant``: a lock this process already holds is fine
+    (CLI commands; the runtime never passes it)."""
     path = check_state_dir(path)
     key = path.resolve()
+    if reentrant and key in _held:   # a command run twice in one process (scripts, tests)
+        return
     lock = path / LOCK_FILE
     try:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
@@ -91,6 +94,13 @@ def release_state_dir(path: Path) -> None:
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
         os.close(fd)
+
+
+def release_all() -> None:
+    """Drop every lock this process holds (the CLI, when a command ends: a test or a
+    script may run several commands in one process)."""
+    for key in list(_held):
+        release_state_dir(key)
 
 
 def lock_holder(path: Path) -> int | None:

@@ -103,7 +103,7 @@ def _client(args: argparse.Namespace,
             raise ConfigError("no settlement key: give --state-dir or --config")
         from agent.statedir import lock_state_dir  # the agent signs with this key too
 
-        lock_state_dir(state_dir, "this command")
+        lock_state_dir(state_dir, "this command", reentrant=True)
         key = KeyStore(state_dir).load().settlement
     else:
         key = SettlementKey.generate()  # reads only; never signs anything
