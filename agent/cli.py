@@ -9,14 +9,18 @@ that need them, so ``--help`` and ``keys`` stay fast on a Pi.
 from __future__ import annotations
 
 import argparse
-import base64
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent import __version__
 from agent.errors import ConfigError, EdgeAgentError
+
+if TYPE_CHECKING:
+    from agent.keys import KeyStore
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -52,17 +56,30 @@ def _print_record(record: dict[str, object], qr: bool) -> None:
     print(f"\n{record['type']} record (JSON; give it to `edge-agent registry add`):")
     print(record_to_json(record))
     if qr:
-        import segno
+        from agent.qr import print_terminal
 
-        text = "EVEDGE1:" + base64.urlsafe_b64encode(record_to_cbor(record)).decode().rstrip("=")
-        print("\nthe same record as a QR code (CBOR, base64url):")
-        segno.make(text, error="l").terminal(compact=True)
+        print("\nthe same record as QR codes (fit a 60-column terminal; "
+              "`keys export --qr FILE.png` prints one code):")
+        sys.stdout.flush()
+        print_terminal(record_to_cbor(record), sys.stdout)
+
+
+def _key_store(state_dir: Path, *, writes: bool, create: bool = False) -> KeyStore:
+    """The key store, after checking the state directory; a command that writes state takes
+    the directory's lock first (agent/statedir.py: one agent per state directory)."""
+    from agent.keys import KeyStore
+    from agent.statedir import check_state_dir, lock_state_dir
+
+    if writes:
+        check_state_dir(state_dir, create=create)
+        lock_state_dir(state_dir, "this command", reentrant=True)
+    else:
+        check_state_dir(state_dir, create=False)
+    return KeyStore(state_dir)
 
 
 def cmd_keys_init(args: argparse.Namespace) -> int:
-    from agent.keys import KeyStore
-
-    store = KeyStore(args.state_dir)
+    store = _key_store(args.state_dir, writes=True, create=True)
     keys, record = store.init(args.device_id)
     print(f"created device keys in {store.dir} (secret files mode 0600, never printed)")
     _print_record(record, qr=not args.no_qr)
@@ -70,24 +87,25 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_show(args: argparse.Namespace) -> int:
-    from agent.keys import KeyStore, fingerprint
+    from agent.keys import fingerprint
 
-    store = KeyStore(args.state_dir)
+    store = _key_store(args.state_dir, writes=False)
     keys = store.load()
-    print(f"device:       {keys.device_id}")
-    print(f"fingerprint:  {fingerprint(keys.identity.public)}")
-    print(f"key id (kid): {keys.identity.kid.hex()}")
-    print(f"ed25519:      {keys.identity.public.hex()}")
-    print(f"secp256k1:    {keys.settlement.public.hex()}")
-    print(f"address:      0x{keys.settlement.address.hex()}")
-    print(f"key files:    {store.dir}")
+    rows = {"device": keys.device_id, "fingerprint": fingerprint(keys.identity.public),
+            "kid": keys.identity.kid.hex(), "ed25519": keys.identity.public.hex(),
+            "secp256k1": keys.settlement.public.hex(),
+            "address": "0x" + keys.settlement.address.hex(), "key_files": str(store.dir)}
+    if args.json:
+        print(json.dumps(rows))
+        return EXIT_OK
+    labels = {"kid": "key id (kid)", "key_files": "key files"}
+    for name, value in rows.items():
+        print(f"{labels.get(name, name) + ':':<14}{value}")
     return EXIT_OK
 
 
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
-    from agent.keys import KeyStore
-
-    store = KeyStore(args.state_dir)
+    store = _key_store(args.state_dir, writes=True)
     _, record = store.rotate()
     print("rotated the device keys; the old identity key signed this record:")
     _print_record(record, qr=not args.no_qr)
@@ -95,9 +113,21 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_export(args: argparse.Namespace) -> int:
-    from agent.keys import KeyStore, record_to_cbor, record_to_json
+    from agent.keys import record_to_cbor, record_to_json
 
-    record = KeyStore(args.state_dir).latest_record()
+    record = _key_store(args.state_dir, writes=False).latest_record()
+    if args.qr is not None:
+        from agent.qr import save_image
+
+        try:
+            save_image(record_to_cbor(record), args.qr)
+        except ValueError as exc:
+            raise ConfigError(key="--qr", expected="a file name ending in .png or .svg",
+                              found=str(args.qr)) from exc
+        except OSError as exc:
+            raise ConfigError(f"{args.qr}: cannot write the QR image: {exc.strerror}") from None
+        print(f"wrote the {record['type']} record as a QR code to {args.qr}")
+        return EXIT_OK
     data = record_to_cbor(record) if args.format == "cbor" else \
         (record_to_json(record) + "\n").encode()
     if args.out:
@@ -110,28 +140,39 @@ def cmd_keys_export(args: argparse.Namespace) -> int:
 
 # --- registry -----------------------------------------------------------------------------
 
+RECORD_FORMS = "a provisioning or rotation record (the JSON or CBOR of `keys export`, or the " \
+    "QR text EVEDGE1:...)"
+
+
 def _read_record(path: str) -> dict[str, object]:
     from agent import dcbor
     from agent.errors import DecodeError, MalformedEnvelope
     from agent.keys import record_from_json
+    from agent.qr import decode_text
 
     try:
-        raw = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+        raw = sys.stdin.buffer.read(1 << 16) if path == "-" else _read_small(Path(path))
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the record: {exc.strerror}") from None
     text = raw.strip()
-    if text.startswith(b"EVEDGE1:"):  # the QR payload, as a scanner app gives it back
-        text = text[len(b"EVEDGE1:"):]
-        raw = base64.urlsafe_b64decode(text + b"=" * (-len(text) % 4))
-    elif text.startswith(b"{"):
-        return record_from_json(raw.decode("utf-8", "replace"))
     try:
+        if text.startswith(b"EVEDGE"):  # the QR text(s), as a scanner app gives them back
+            raw = decode_text(text.decode("ascii")) or b""
+        elif text.startswith(b"{"):
+            return record_from_json(raw.decode("utf-8"))
         record = dcbor.loads(raw, max_bytes=4096)
-    except DecodeError as exc:
-        raise MalformedEnvelope(f"{path}: not a record (JSON, CBOR or QR text): {exc}") from None
+    except (DecodeError, MalformedEnvelope, ValueError):
+        # The decoder's own words ("need 729618471703438689 bytes") mean nothing here.
+        raise MalformedEnvelope(f"{path}: not {RECORD_FORMS}",
+                                reason="malformed-record") from None
     if not isinstance(record, dict):
-        raise MalformedEnvelope(f"{path}: not a record")
+        raise MalformedEnvelope(f"{path}: not {RECORD_FORMS}", reason="malformed-record")
     return record
+
+
+def _read_small(path: Path, limit: int = 1 << 16) -> bytes:
+    with path.open("rb") as handle:
+        return handle.read(limit)
 
 
 def cmd_registry_add(args: argparse.Namespace) -> int:
@@ -139,10 +180,17 @@ def cmd_registry_add(args: argparse.Namespace) -> int:
     from agent.keys import fingerprint
 
     registry = FleetRegistry.load_or_empty(args.registry)
-    entry = registry.add_record(_read_record(args.record))
+    record = _read_record(args.record)
+    known = set(registry.keys)
+    entry = registry.add_record(record, replace=args.replace)
+    if entry.kid in known:
+        print(f"key {entry.kid.hex()} ({fingerprint(entry.ed25519)}) of device {entry.device} "
+              f"is already in {args.registry}: nothing changed")
+        return EXIT_OK
     registry.save(args.registry)
+    how = f", replacing {', '.join(k.hex() for k in entry.replaces)}" if entry.replaces else ""
     print(f"proof of possession checks: added key {entry.kid.hex()} "
-          f"({fingerprint(entry.ed25519)}) for device {entry.device} to {args.registry}")
+          f"({fingerprint(entry.ed25519)}) for device {entry.device}{how} to {args.registry}")
     return EXIT_OK
 
 
@@ -155,10 +203,13 @@ def cmd_registry_revoke(args: argparse.Namespace) -> int:
         if len(kid) != 8:
             raise ValueError
     except ValueError:
-        raise ConfigError(key="kid", expected="an 8-byte key id in hex", found=args.kid) from None
-    registry.revoke(kid)
+        raise ConfigError(key="kid", expected="an 8-byte key id: 16 hex digits",
+                          found=args.kid) from None
+    if not registry.revoke(kid):
+        print(f"key {args.kid} was already revoked in {args.registry}: nothing changed")
+        return EXIT_OK
     registry.save(args.registry)
-    print(f"revoked key {args.kid} in {args.registry}")
+    print(f"revoked key {args.kid} (device {registry.device_of(kid)}) in {args.registry}")
     return EXIT_OK
 
 
@@ -167,10 +218,22 @@ def cmd_registry_show(args: argparse.Namespace) -> int:
     from agent.keys import fingerprint
 
     registry = FleetRegistry.load(args.registry)
-    for entry in sorted(registry.keys.values(), key=lambda e: (e.device, e.added_ns)):
+    entries = sorted(registry.keys.values(), key=lambda e: (e.device, e.added_ns))
+    if args.json:
+        print(json.dumps({
+            "devices": registry.devices(), "revoked": sorted(k.hex() for k in registry.revoked),
+            "keys": [{"device": e.device, "kid": e.kid.hex(), "fingerprint": fingerprint(e.ed25519),
+                      "ed25519": e.ed25519.hex(), "secp256k1": e.secp256k1.hex(),
+                      "address": "0x" + e.address.hex(), "added_ns": e.added_ns,
+                      "rotated_from": e.rotated_from.hex() if e.rotated_from else None,
+                      "replaces": [k.hex() for k in e.replaces],
+                      "revoked": e.kid in registry.revoked} for e in entries]}))
+        return EXIT_OK
+    for entry in entries:
         state = "REVOKED" if entry.kid in registry.revoked else "valid"
+        how = f"  replaces {', '.join(k.hex() for k in entry.replaces)}" if entry.replaces else ""
         print(f"{entry.device}  kid {entry.kid.hex()}  {fingerprint(entry.ed25519)}  "
-              f"0x{entry.address.hex()}  {state}")
+              f"0x{entry.address.hex()}  {state}{how}")
     print(f"{len(registry.devices())} device(s), {len(registry.keys)} key(s), "
           f"{len(registry.revoked)} revoked")
     return EXIT_OK
@@ -207,9 +270,20 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     from agent.config import load_config
     from agent.runtime import Settings, build_sources
 
-    config = load_config(args.file)
-    Settings.from_config(config, config.device.id or "device-id-from-keys")
-    sources = build_sources(config)  # validates each source's options; opens nothing
+    try:
+        config = load_config(args.file)
+        Settings.from_config(config, config.device.id or "device-id-from-keys")
+        sources = build_sources(config)  # validates each source's options; opens nothing
+    except ConfigError as exc:
+        if not args.json:
+            raise
+        print(json.dumps({"file": str(args.file), "ok": False, "error": str(exc),
+                          "key": exc.key, "expected": exc.expected}))
+        return EXIT_USAGE
+    if args.json:
+        print(json.dumps({"file": str(args.file), "ok": True, "role": config.device.role,
+                          "sources": [{"id": r.source.id, "kind": r.kind} for r in sources]}))
+        return EXIT_OK
     kinds = ", ".join(f"{r.source.id} ({r.kind})" for r in sources) or "no sources"
     print(f"{args.file}: ok ({config.device.role}; {kinds})")
     return EXIT_OK
@@ -217,20 +291,21 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
-    import logging
 
+    from agent.logsetup import setup_logging
     from agent.runtime import run_agent
 
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(args.verbose, args.log_format)
     asyncio.run(run_agent(args.config))
     return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from agent.status import resolve_status_path, status_summary
+    from agent.status_view import resolve_status_path, status_summary
 
-    text, code = status_summary(resolve_status_path(args.config, args.file))
+    text, code = status_summary(resolve_status_path(args.config, args.file,
+                                                    state_dir=args.state_dir),
+                                as_json=args.json)
     print(text)
     return code
 
@@ -270,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-qr", action="store_true", help="do not print the QR code")
     p = add(keys_sub, "show", cmd_keys_show, "print the public keys and fingerprint")
     state_dir(p)
+    p.add_argument("--json", action="store_true", help="one JSON object")
     p = add(keys_sub, "rotate", cmd_keys_rotate,
             "replace the keys; the old key signs a rotation record (seq continues)")
     state_dir(p)
@@ -279,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     state_dir(p)
     p.add_argument("--format", choices=("json", "cbor"), default="json")
     p.add_argument("--out", help="file to write (default: stdout)")
+    p.add_argument("--qr", type=Path, metavar="FILE.png|FILE.svg",
+                   help="write the record as one QR code image to print (instead of --out)")
 
     reg = sub.add_parser("registry", help="the fleet registry: admit, list and revoke keys",
                          description="The fleet registry of devices and keys (a TOML file).")
@@ -286,9 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(reg_sub, "add", cmd_registry_add, "check a provisioning or rotation record's proof "
             "of possession and admit its key")
     p.add_argument("record", help="record file: JSON, CBOR or the QR text; - for stdin")
+    p.add_argument("--replace", action="store_true",
+                   help="admit a provisioning record for a device id that already has keys "
+                        "(a legitimate re-provisioning; recorded in the registry)")
     registry_path(p)
     p = add(reg_sub, "show", cmd_registry_show, "list devices and keys")
     registry_path(p)
+    p.add_argument("--json", action="store_true", help="one JSON object")
     p = add(reg_sub, "revoke", cmd_registry_revoke, "mark a key id as revoked")
     p.add_argument("kid", help="key id (16 hex digits)")
     registry_path(p)
@@ -311,19 +393,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(sub, "run", cmd_run, "run the agent (vehicle or station role) from a config file "
             "until SIGTERM/SIGINT; systemd's Type=notify and watchdog are supported")
     p.add_argument("--config", type=Path, required=True, help="the agent's TOML config")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="-v: the agent's own debug lines; -vv: also the MQTT library's "
+                        "packet dump")
+    p.add_argument("--log-format", choices=("auto", "text", "json", "journal"), default="auto",
+                   help="auto (default): journal under systemd (priorities and structured "
+                        "fields), else text; json: one object a line")
 
     p = add(sub, "status", cmd_status, "print a running agent's sources, rates, spool depth, "
             "uplink and channel state and last errors (exit 0 running, 3 not running)")
     p.add_argument("--config", type=Path, default=None,
                    help="the agent's config (to find its status file)")
     p.add_argument("--file", type=Path, default=None, help="the status file itself")
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="the agent's state directory (default: $EDGE_AGENT_STATE_DIR, else the "
+                        "service's /run/edge-agent)")
+    p.add_argument("--json", action="store_true", help="one JSON object (running, reason, "
+                   "file, status: the snapshot)")
 
     cfg = sub.add_parser("config", help="check a config file",
                          description="Config file tools.")
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     p = add(cfg_sub, "check", cmd_config_check, "validate a config file and say what is wrong")
     p.add_argument("file")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object: ok, role, sources; or ok false with the error")
 
     _register_plugins(sub)
     return parser
@@ -365,6 +459,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_FAIL
     except BrokenPipeError:
         return EXIT_OK
+    finally:
+        if "agent.statedir" in sys.modules:   # a command's lock lasts as long as the command
+            sys.modules["agent.statedir"].release_all()
 
 
 if __name__ == "__main__":

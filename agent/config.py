@@ -20,19 +20,30 @@ from agent.errors import ConfigError
 from agent.options import Table
 
 
-def load_toml(path: str | os.PathLike[str]) -> Table:
-    """Read a TOML file into a Table; a missing or malformed file is a ConfigError."""
+def load_toml(path: str | os.PathLike[str], what: str = "config file") -> Table:
+    """Read a TOML file into a Table; a missing or malformed file is a ConfigError that
+    says which kind of file (``what``) was expected."""
     path = Path(path)
     try:
         with path.open("rb") as handle:
             data = tomllib.load(handle)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
+        raise ConfigError(f"{path}: no such {what}") from None
     except PermissionError:
         raise ConfigError(f"{path}: not readable (permission denied)") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, expected a {what} (TOML)") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a {what} (TOML is UTF-8 text)") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     return Table(data, str(path))
+
+
+def default_state_dir() -> str:
+    """``[device] state_dir`` when the file does not set it: ``$EDGE_AGENT_STATE_DIR`` (as
+    for the CLI's ``--state-dir``), else the service's ``/var/lib/edge-agent``."""
+    return os.environ.get("EDGE_AGENT_STATE_DIR") or "/var/lib/edge-agent"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,12 +51,15 @@ class DeviceConfig:
     id: str | None
     role: str
     state_dir: Path
+    registry: Path | None = None    # the fleet registry (fleet.toml) the station trusts
 
     @classmethod
     def from_table(cls, table: Table) -> DeviceConfig:
+        registry = table.opt_str("registry")
         value = cls(id=table.opt_str("id"),
                     role=table.str("role", "vehicle", choices=("vehicle", "station")),
-                    state_dir=table.path("state_dir", "/var/lib/edge-agent"))
+                    state_dir=table.path("state_dir", default_state_dir()),
+                    registry=Path(registry) if registry else None)
         table.reject_unknown()
         return value
 

@@ -22,12 +22,16 @@ sqlite3, paho, pymodbus, python-can, web3 ...) are translated at the boundary wi
     |   +-- BadSignature            the bytes were changed, or signed by another key
     |   +-- UnknownKey              kid not in the registry / key store
     |   +-- RevokedKey              kid is in the registry's revoked list
+    |   +-- RegistryRefusal         the fleet registry refuses a change (revoked signer,
+    |                               unknown kid, a second device with one id, ...)
     +-- KeyStoreError               key files: missing, unreadable, wrong size
     |   +-- InsecureKeyFile         a secret key file readable by group/others
     +-- AdapterError                a data source (OBD, ELM327, DBC, Modbus ...)
     |   +-- AdapterUnavailable      port/bus/host absent, optional dependency missing
     |   +-- AdapterIOError          read/write failed, CRC error, exception response
     |   +-- AdapterTimeout          no answer in time (silent ECU, meter off the line)
+    +-- StateDirError               the state directory is missing, a file, read-only
+    |   +-- StateDirLocked          another agent (pid N) holds the state directory's lock
     +-- SpoolError                  the durable store (disk full, corrupt database)
     +-- UplinkError                 MQTT connection / authorisation failures
     +-- ChannelError                payment channel rule broken (reason code, nonce)
@@ -51,6 +55,35 @@ class EdgeAgentError(Exception):
             self.reason = reason
 
 
+class Prose(str):
+    """A ``found`` value that is already words (``nothing (the key is required)``), shown
+    as it is rather than quoted like a value from the file."""
+
+
+def show_value(value: object) -> str:
+    """A config value in the file's own words (TOML), never a Python repr: strings in
+    double quotes, ``true``/``false``, arrays as ``[1, 2]``; ``None`` is "nothing"."""
+    if isinstance(value, Prose):
+        return str(value)
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        text = value if len(value) <= 80 else value[:77] + "..."
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, list | tuple):
+        items = ", ".join(show_value(item) for item in value[:8])
+        return f"[{items}{', ...' if len(value) > 8 else ''}]"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, bytes):
+        return f"{len(value)} bytes"
+    return type(value).__name__
+
+
 class ConfigError(EdgeAgentError):
     """A config file or value is wrong. Example: ``batch.max_readings = -1``.
 
@@ -72,7 +105,7 @@ class ConfigError(EdgeAgentError):
         if message is None:
             where = f"{file}: " if file else ""
             what = f"{key}: " if key else ""
-            message = f"{where}{what}expected {expected}, found {found!r}"
+            message = f"{where}{what}expected {expected}, found {show_value(found)}"
         super().__init__(message)
 
 
@@ -171,6 +204,16 @@ class RevokedKey(SignatureError):
     reason = "revoked-key"
 
 
+class RegistryRefusal(SignatureError):
+    """The fleet registry refuses a change, with the reason in ``reason``: a rotation signed
+    by a revoked key (``revoked-signer``), re-adding a revoked key (``revoked-key``),
+    revoking a key id it does not hold (``unknown-kid``), a provisioning record for a device
+    id that already has keys (``device-exists``; ``registry add --replace`` for a legitimate
+    re-provisioning), a second rotation from one key (``already-rotated``)."""
+
+    reason = "registry-refusal"
+
+
 class KeyStoreError(EdgeAgentError):
     """A key file is missing, unreadable or the wrong size. Example: ``keys show`` before
     ``keys init``."""
@@ -210,6 +253,24 @@ class AdapterTimeout(AdapterError):
     """No answer in time: silent ECU, ignition off, meter off the line."""
 
     reason = "timeout"
+
+
+class StateDirError(EdgeAgentError):
+    """The state directory cannot be used: missing and not creatable, a file, on a read-only
+    file system, owned by another user. The message names the directory and the fix."""
+
+    reason = "state-dir"
+
+
+class StateDirLocked(StateDirError):
+    """Another process holds the state directory (agent/statedir.py). Example: a technician
+    runs ``edge-agent run`` by hand while the service is up. ``pid`` names the holder."""
+
+    reason = "state-dir-locked"
+
+    def __init__(self, message: str, *, pid: int | None = None) -> None:
+        super().__init__(message)
+        self.pid = pid
 
 
 class SpoolError(EdgeAgentError):

@@ -12,6 +12,8 @@ A TOML file the verifier and the station load (DESIGN s7)::
     address = "0x..."        # its Ethereum address
     added_ns = 1763700000000000000
     rotated_from = "..."     # kid of the key that signed the rotation, if any
+    replaces = ["..."]       # kids this key replaced (`registry add --replace`), if any
+    replaced_ns = 17637...   # when the replacement was admitted
 
     [revoked]
     kids = ["..."]
@@ -19,12 +21,31 @@ A TOML file the verifier and the station load (DESIGN s7)::
 ``registry add`` is the technician's step: it takes a provisioning (or rotation) record and
 admits the key only if the record's proofs of possession check. A rotated-out key stays
 valid for the envelopes it signed; only ``revoke`` makes a key unacceptable.
+
+What it refuses (RegistryRefusal, each with a reason code), because each would let a key
+that should not speak for a device speak for it:
+
+* a rotation record signed by a revoked key (``revoked-signer``): whoever stole the key
+  could otherwise introduce a fresh one;
+* a second rotation from one key (``already-rotated``): a copy of an old key must not fork
+  the device's key history;
+* re-adding a revoked key (``revoked-key``);
+* a provisioning record for a device id that already has keys (``device-exists``): a
+  second ``keys init`` with the same ``--device-id`` on another box. A legitimate
+  re-provisioning (the SD card died, the box was swapped) passes ``replace=True``
+  (``registry add --replace``), recorded on the new key as ``replaces``/``replaced_ns``;
+  the old keys stay valid for what they signed (revoke them if the old box is lost);
+* revoking a key id the registry does not hold (``unknown-kid``), with the nearest one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import os
+import stat
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,9 +53,11 @@ import tomli_w
 
 from agent.channel.state import eth_address
 from agent.config import load_toml
-from agent.errors import ConfigError, RevokedKey, UnknownKey
+from agent.errors import ConfigError, RegistryRefusal, RevokedKey, UnknownKey
 from agent.keys import check_record, key_id
 from agent.options import Table
+
+REGISTRY_MODE = 0o644
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +68,8 @@ class RegisteredKey:
     secp256k1: bytes
     added_ns: int
     rotated_from: bytes | None = None
+    replaces: tuple[bytes, ...] = ()
+    replaced_ns: int | None = None
 
     @property
     def address(self) -> bytes:
@@ -73,10 +98,20 @@ class FleetRegistry:
     def devices(self) -> list[str]:
         return sorted({k.device for k in self.keys.values()})
 
+    def current_keys(self, device: str) -> list[RegisteredKey]:
+        """The device's keys that nothing has rotated away from or replaced (and that are
+        not revoked): normally one."""
+        superseded = {k.rotated_from for k in self.keys.values() if k.rotated_from}
+        superseded.update(kid for k in self.keys.values() for kid in k.replaces)
+        return [k for k in self.keys.values() if k.device == device
+                and k.kid not in superseded and k.kid not in self.revoked]
+
     # -- changes ---------------------------------------------------------------------
-    def add_record(self, record: dict[str, object]) -> RegisteredKey:
+    def add_record(self, record: dict[str, object], *, replace: bool = False,
+                   now_ns: int | None = None) -> RegisteredKey:
         """Admit the key a provisioning/rotation record introduces, after checking its
-        proofs (raises BadSignature / MalformedEnvelope / UnknownKey)."""
+        proofs (BadSignature / MalformedEnvelope / UnknownKey) and the rules above
+        (RegistryRefusal). The same record twice is not an error: it returns the entry."""
         old_public = None
         if record.get("type") == "rotate":
             old_kid = record.get("old_kid")
@@ -90,21 +125,72 @@ class FleetRegistry:
             old_public = old.ed25519
         check_record(record, old_public)
         public = record["ed25519"]
+        device, created_ns = record["device"], record["created_ns"]
+        assert isinstance(public, bytes) and isinstance(device, str)
+        assert isinstance(created_ns, int)   # check_record checked the types
+        kid = key_id(public)
+        if kid in self.revoked:
+            raise RegistryRefusal(f"key {kid.hex()} of device {device} is revoked: a revoked "
+                                  f"key is never admitted again (make new keys with "
+                                  f"`edge-agent keys rotate` or `keys init`)",
+                                  kid=kid, reason="revoked-key")
+        if kid in self.keys:
+            return self.keys[kid]
+        rotated_from = record.get("old_kid") if record["type"] == "rotate" else None
+        replaces: tuple[bytes, ...] = ()
+        if isinstance(rotated_from, bytes):
+            self._check_rotation(device, rotated_from)
+        else:
+            current = self.current_keys(device)
+            if current and not replace:
+                kids = ", ".join(k.kid.hex() for k in current)
+                raise RegistryRefusal(
+                    f"device {device} already has key {kids}: a second `keys init` with this "
+                    f"device id (another box?) is refused. If this box legitimately replaces "
+                    f"the old one, run `edge-agent registry add --replace` (recorded in the "
+                    f"registry), and revoke the old key if the old box is lost",
+                    kid=current[0].kid, reason="device-exists")
+            replaces = tuple(k.kid for k in current)
         entry = RegisteredKey(
-            device=record["device"], kid=key_id(public), ed25519=public,  # type: ignore[arg-type]
-            secp256k1=record["secp256k1"], added_ns=record["created_ns"],  # type: ignore[arg-type]
-            rotated_from=record.get("old_kid"),  # type: ignore[arg-type]
-        )
+            device=device, kid=kid, ed25519=public, secp256k1=record["secp256k1"],  # type: ignore[arg-type]
+            added_ns=created_ns,
+            rotated_from=rotated_from if isinstance(rotated_from, bytes) else None,
+            replaces=replaces,
+            replaced_ns=(time.time_ns() if now_ns is None else now_ns) if replaces else None)
         self.keys[entry.kid] = entry
         return entry
 
-    def revoke(self, kid: bytes) -> None:
+    def _check_rotation(self, device: str, old_kid: bytes) -> None:
+        if old_kid in self.revoked:
+            raise RegistryRefusal(f"rotation record for device {device} is signed by revoked "
+                                  f"key {old_kid.hex()}: a revoked key cannot introduce a new "
+                                  f"one (re-provision the device with `keys init` and "
+                                  f"`registry add --replace`)", kid=old_kid,
+                                  reason="revoked-signer")
+        for other in self.keys.values():
+            if other.rotated_from == old_kid:
+                raise RegistryRefusal(f"key {old_kid.hex()} of device {device} was already "
+                                      f"rotated to {other.kid.hex()}: one key rotates once "
+                                      f"(a copy of an old key must not fork the device's keys)",
+                                      kid=old_kid, reason="already-rotated")
+
+    def revoke(self, kid: bytes) -> bool:
+        """Mark ``kid`` revoked; False if it already was. A kid the registry does not hold
+        is refused (a typo must not report success), naming the nearest known one."""
+        if kid not in self.keys:
+            near = difflib.get_close_matches(kid.hex(), [k.hex() for k in self.keys], n=1)
+            hint = f"; did you mean {near[0]}?" if near else " (`registry show` lists them)"
+            raise RegistryRefusal(f"key {kid.hex()} is not in the registry, nothing revoked"
+                                  f"{hint}", kid=kid, reason="unknown-kid")
+        if kid in self.revoked:
+            return False
         self.revoked.add(kid)
+        return True
 
     # -- file ------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> FleetRegistry:
-        top = load_toml(path)
+        top = load_toml(path, "fleet registry file")
         registry = cls()
         for device in top.tables("devices"):
             device_id = device.str("id")
@@ -113,7 +199,9 @@ class FleetRegistry:
                     device=device_id, kid=_hex(key, "kid", 8), ed25519=_hex(key, "ed25519", 32),
                     secp256k1=_hex(key, "secp256k1", 33), added_ns=key.int("added_ns", 0, min=0),
                     rotated_from=_hex(key, "rotated_from", 8) if "rotated_from" in key.data
-                    else None)
+                    else None,
+                    replaces=tuple(_hex_list(key, "replaces", 8)),
+                    replaced_ns=key.opt_int("replaced_ns", min=0))
                 key.str("address", "")
                 key.reject_unknown()
                 if key_id(entry.ed25519) != entry.kid:
@@ -121,10 +209,7 @@ class FleetRegistry:
                 registry.keys[entry.kid] = entry
             device.reject_unknown()
         revoked = top.table("revoked")
-        for index, kid in enumerate(revoked.list("kids", [])):
-            if not isinstance(kid, str) or not _is_hex(kid, 8):
-                raise revoked.error(f"kids[{index}]", "an 8-byte key id in hex", kid)
-            registry.revoked.add(bytes.fromhex(kid))
+        registry.revoked.update(_hex_list(revoked, "kids", 8))
         revoked.reject_unknown()
         top.reject_unknown()
         return registry
@@ -143,15 +228,35 @@ class FleetRegistry:
                 "added_ns": entry.added_ns}
             if entry.rotated_from:
                 item["rotated_from"] = entry.rotated_from.hex()
+            if entry.replaces:
+                item["replaces"] = [kid.hex() for kid in entry.replaces]
+                item["replaced_ns"] = entry.replaced_ns or 0
             by_device.setdefault(entry.device, []).append(item)
         document = {"devices": [{"id": d, "keys": k} for d, k in by_device.items()],
                     "revoked": {"kids": sorted(k.hex() for k in self.revoked)}}
         path = Path(path)
+        # Public keys only, and the service reads it (/etc/edge-agent/fleet.toml, group
+        # edge-agent): a new file is 0644; a file that exists keeps its mode and group.
+        try:
+            before = path.stat()
+            mode, gid = stat.S_IMODE(before.st_mode), before.st_gid
+        except FileNotFoundError:
+            mode, gid = REGISTRY_MODE, -1
         fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(b"# ev-edge-agent fleet registry (edge-agent registry add/revoke)\n")
-            tomli_w.dump(document, handle)
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(b"# ev-edge-agent fleet registry (edge-agent registry add/revoke)\n")
+                tomli_w.dump(document, handle)
+                os.fchmod(handle.fileno(), mode)
+                if gid != -1 and gid != os.getegid():
+                    with contextlib.suppress(PermissionError):
+                        os.fchown(handle.fileno(), -1, gid)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def _is_hex(text: str, size: int) -> bool:
@@ -159,6 +264,15 @@ def _is_hex(text: str, size: int) -> bool:
         return len(bytes.fromhex(text)) == size
     except ValueError:
         return False
+
+
+def _hex_list(table: Table, name: str, size: int) -> list[bytes]:
+    out = []
+    for index, text in enumerate(table.list(name, [])):
+        if not isinstance(text, str) or not _is_hex(text, size):
+            raise table.error(f"{name}[{index}]", f"{size} bytes in hex", text)
+        out.append(bytes.fromhex(text))
+    return out
 
 
 def _hex(table: Table, name: str, size: int) -> bytes:

@@ -108,13 +108,17 @@ def _families(status: AgentStatus) -> Iterator[_Family]:
     readings = family("source_readings_total", "counter", "Readings emitted by the source.")
     rate = family("source_rate_hz", "gauge", "Readings per second over the last window.")
     faults = family("source_faults_total", "counter", "Faults counted by the source, by reason.")
+    requests = family("source_requests_total", "counter",
+                      "Requests the source sent (OBD polls), by kind: work, not faults.")
     for source in status.sources:
         up.add(1 if source.state == "running" else 0, source=source.id, kind=source.kind)
         readings.add(source.readings, source=source.id)
         rate.add(float(source.rate_hz), source=source.id)
         for reason, count in sorted(source.counters.items()):
             faults.add(count, source=source.id, reason=reason)
-    yield from (up, readings, rate, faults)
+        for kind, count in sorted(source.requests.items()):
+            requests.add(count, source=source.id, kind=kind)
+    yield from (up, readings, rate, faults, requests)
 
     if status.spool is not None:
         spool = status.spool

@@ -91,6 +91,9 @@ class Incoming:
     retain: bool = False
 
 
+SESSION_TAKEN_OVER = 0x8E  # MQTT 5.0 s3.14.2.1 (DISCONNECT reason "Session taken over")
+
+
 def _disconnected(why: str = "connection lost before PUBACK") -> UplinkError:
     return UplinkError(why, reason="disconnected")
 
@@ -296,6 +299,13 @@ class Connection:
                                             reason_code, properties)
             return
         self._fail_connect(self._closed_before_connack())
+        if reason_code.value == SESSION_TAKEN_OVER:
+            self._finish(UplinkError(
+                "the broker ended our session because another client connected with our "
+                "client id (MQTT 5 DISCONNECT 0x8E, session taken over): is a second agent "
+                "running with this device's identity? Two agents fork the signed chain; stop "
+                "one of them", reason="session-taken-over"))
+            return
         self._finish(_disconnected(f"connection lost ({reason_code})"))
 
     def _on_publish(self, client: paho.Client, userdata: object, mid: int,

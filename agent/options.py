@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping, Set
 from pathlib import Path
 from typing import TypeVar
 
-from agent.errors import ConfigError
+from agent.errors import ConfigError, Prose, show_value
 
 T = TypeVar("T")
 _MISSING = object()
@@ -64,7 +64,7 @@ class Table:
             return self.data[name]
         if default is _MISSING:
             raise ConfigError(file=self.where, key=self.key(name), expected="a value",
-                              found="nothing (the key is required)")
+                              found=Prose("nothing (the key is required)"))
         return default
 
     def raw(self, name: builtins.str, default: object = _MISSING) -> object:
@@ -170,11 +170,12 @@ class Table:
         allowed = self._used if known is None else self._used | set(known)
         unknown = sorted(set(self.data) - allowed)
         if unknown:
-            listed = ", ".join(sorted(allowed - self._ignored)) or "none"
-            error = self.error(unknown[0], f"one of {listed}", f"unknown key {unknown[0]!r}")
+            known_keys = sorted(allowed - set(self._ignored))
+            expected = "one of " + ", ".join(known_keys) if known_keys else "no keys here"
+            error = self.error(unknown[0], expected, Prose(f'unknown key "{unknown[0]}"'))
             near = difflib.get_close_matches(unknown[0], sorted(allowed), n=1)
             if near:  # a typo: say which key was meant
-                error = ConfigError(f"{error}; did you mean {near[0]!r}?", file=error.file,
+                error = ConfigError(f'{error}; did you mean "{near[0]}"?', file=error.file,
                                     key=error.key, expected=error.expected, found=error.found)
             raise error
 
@@ -194,5 +195,5 @@ def _range(kind: str, low: float | None, high: float | None) -> str:
 
 
 def _show(value: object) -> str:
-    return repr(value) if isinstance(value, str) else str(value)
+    return show_value(value)
 

@@ -6,7 +6,7 @@ Tasks (named, none fire-and-forget; STYLE "one supervisor")::
     telemetry.seal    Batcher -> Sealer -> Spool.commit           (agent.telemetry)
     telemetry.publish Spool -> Uplink, delete on PUBACK           (agent.telemetry)
     uplink            the MQTT connection, reconnects             (agent.uplink)
-    status            status file, sd_notify WATCHDOG/STATUS      (agent.status)
+    status            status file, sd_notify WATCHDOG/STATUS      (agent.status_publisher)
     metrics           optional Prometheus endpoint                (agent.metrics)
     channel[...]      payment-channel sessions added by the caller (add_task)
 
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import signal
@@ -53,9 +54,11 @@ from agent.errors import (
     UplinkError,
 )
 from agent.keys import DeviceKeys, KeyStore
+from agent.logsetup import StatusFeed
 from agent.readings import Event, Reading
 from agent.sdnotify import Notifier, watchdog_interval_s
 from agent.spool import Spool, SpoolConfig
+from agent.statedir import check_state_dir, lock_state_dir, release_state_dir
 from agent.status import (
     AgentStatus,
     ErrorLog,
@@ -65,15 +68,17 @@ from agent.status import (
     SpoolStatus,
     StatusConfig,
     UplinkStatus,
-    publish_status,
     status_path,
+    write_status,
 )
+from agent.status_publisher import publish_status
 from agent.telemetry import Pipeline, SpoolWorker
 from agent.uplink import MqttConfig, Uplink
 from firmware_adapters.base import Source
-from firmware_adapters.registry import source_class
+from firmware_adapters.registry import kind_roles, kinds_for_role, source_class
 
 if TYPE_CHECKING:
+    from agent.fleet_keys import FleetRegistry
     from agent.metrics import MetricsConfig, MetricsServer
 
 log = logging.getLogger("edge_agent.runtime")
@@ -87,6 +92,16 @@ SOURCE_BACKOFF_MAX_S = 60.0
 
 class _Stop(Exception):
     """Raised inside the TaskGroup to end it cleanly."""
+
+
+_running: contextvars.ContextVar[Runtime | None] = contextvars.ContextVar(
+    "edge_agent_runtime", default=None)
+
+
+def _recorded(where: str, exc: BaseException) -> dict[str, object]:
+    """``extra=`` for a log line whose error the runtime put in its error log itself."""
+    reason = exc.reason if isinstance(exc, EdgeAgentError) else type(exc).__name__
+    return {"status_recorded": True, "where": where, "reason": reason}
 
 
 @dataclass
@@ -113,6 +128,7 @@ class Settings:
     spool: SpoolConfig
     status: StatusConfig
     metrics: MetricsConfig | None
+    registry: FleetRegistry | None = None   # [device] registry, loaded and checked
 
     @classmethod
     def from_config(cls, config: Config, device_id: str) -> Settings:
@@ -121,11 +137,16 @@ class Settings:
             from agent.metrics import MetricsConfig
 
             metrics = MetricsConfig.from_table(config.section("metrics"))
+        registry = None
+        if config.device.registry is not None:
+            from agent.fleet_keys import FleetRegistry
+
+            registry = FleetRegistry.load(config.device.registry)
         return cls(mqtt=MqttConfig.from_table(config.section("mqtt"), device_id),
                    spool=SpoolConfig.from_table(config.section("spool"),
                                                 config.device.state_dir),
                    status=StatusConfig.from_table(config.section("status")),
-                   metrics=metrics)
+                   metrics=metrics, registry=registry)
 
 
 def build_sources(config: Config) -> list[SourceRunner]:
@@ -134,7 +155,16 @@ def build_sources(config: Config) -> list[SourceRunner]:
     retrying cannot fix that, so it is a ConfigError, not an adapter error."""
     runners = []
     claimed: dict[str, tuple[str, object]] = {}
+    role = config.device.role
     for entry in config.sources:
+        roles = kind_roles(entry.kind)
+        if roles and role not in roles:  # a meter on a car, an OBD reader on a station
+            raise ConfigError(
+                f"{entry.where}: sources.{entry.id}.kind: {entry.kind} is a source for the "
+                f"{' and '.join(sorted(roles))} role, and [device] role is {role}; "
+                f"kinds for a {role}: {', '.join(kinds_for_role(role))}",
+                file=entry.where, key=f"sources.{entry.id}.kind",
+                expected=f"a {role} source kind", found=entry.kind)
         cls = source_class(entry.kind)
         source = cls.from_options(entry.id, entry.options, entry.where)
         for resource, settings in source.claims().items():
@@ -160,7 +190,9 @@ class Runtime:
         settings = Settings.from_config(config, self.device_id)
         self.mqtt, self.spool_config = settings.mqtt, settings.spool
         self.status_config, self.metrics_config = settings.status, settings.metrics
-        self.status_file = status_path(config.device.state_dir, self.status_config.path)
+        self.registry = settings.registry   # the fleet registry, for the channel service
+        self.status_file = status_path(config.device.state_dir, self.status_config.path,
+                                       run_dir=None)
         self.notifier = notifier or Notifier()
         self.sources = sources if sources is not None else build_sources(config)
         for runner in self.sources:  # e.g. the odometer's last value survives a restart
@@ -197,6 +229,22 @@ class Runtime:
 
     # -- the supervisor --------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
+        # One agent per state directory (agent/statedir.py): a second one would fork the chain.
+        lock_state_dir(self.config.device.state_dir, "this agent")
+        # Every warning the log shows reaches the status too (issue 15.4); tasks started
+        # below inherit the context, so a process with two agents keeps their errors apart.
+        token = _running.set(self)
+        feed = StatusFeed(self.errors.add_entry,
+                          accept=lambda record: _running.get() in (None, self))
+        logging.getLogger().addHandler(feed)
+        try:
+            await self._run(stop)
+        finally:
+            logging.getLogger().removeHandler(feed)
+            _running.reset(token)
+            release_state_dir(self.config.device.state_dir)
+
+    async def _run(self, stop: asyncio.Event) -> None:
         opened = await self._open_spool(stop)
         if opened is None:  # stopped while waiting for disk space
             self.state = "stopped"
@@ -218,7 +266,6 @@ class Runtime:
             self.state = "stopped"
             await asyncio.to_thread(worker.close)
             with contextlib.suppress(EdgeAgentError):
-                from agent.status import write_status
                 write_status(self.status_file, self.status())
             self.notifier.close()
 
@@ -324,7 +371,8 @@ class Runtime:
         runner.state = "retrying"
         runner.last_error = self.errors.add(time.time_ns(), f"source[{source.id}]", exc)
         source.counters[f"error_{exc.reason}"] += 1
-        log.warning("source[%s]: %s (%s); retrying", source.id, exc, exc.reason)
+        log.warning("source[%s]: %s (%s); retrying", source.id, exc, exc.reason,
+                    extra=_recorded(f"source[{source.id}]", exc))
 
     async def _serve_metrics(self, server: MetricsServer) -> None:
         """Metrics are optional: a port already taken is an error in the status, not a
@@ -335,11 +383,12 @@ class Runtime:
             error = UplinkError(f"metrics endpoint {server.host}:{server.port} not served: "
                                 f"{exc.strerror}", reason="metrics-bind")
             self.errors.add(time.time_ns(), "metrics", error)
-            log.warning("%s", error)
+            log.warning("%s", error, extra=_recorded("metrics", error))
 
     async def _status_task(self) -> None:
         def on_error(exc: BaseException) -> None:
             self.errors.add(time.time_ns(), "status", exc)
+            log.warning("status: %s", exc, extra=_recorded("status", exc))
 
         await publish_status(self.status, self.status_file, self.status_config.interval_s,
                              self.notifier, watchdog_interval_s(), on_error)
@@ -362,7 +411,8 @@ class Runtime:
                 id=runner.source.id, kind=runner.kind, state=runner.state,
                 readings=runner.readings, rate_hz=round(runner.rate.rate(), 2),
                 counters=dict(runner.source.counters), last_error=runner.last_error,
-                meters=runner.source.identities()))
+                meters=runner.source.identities(),
+                requests=dict(runner.source.requests)))
         spool = None
         if self.pipeline is not None:
             p = self.pipeline
@@ -417,6 +467,7 @@ async def run_agent(config_path: str | os.PathLike[str],
                     install_signals: bool = True) -> None:
     """``edge-agent run``: load config and keys, run until SIGTERM/SIGINT."""
     config = load_config(config_path)
+    check_state_dir(config.device.state_dir, create=False)
     keys = load_keys(config)
     runtime = Runtime(config, keys)
     stop = asyncio.Event()
@@ -424,5 +475,11 @@ async def run_agent(config_path: str | os.PathLike[str],
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-    log.info("edge-agent %s: %s %s starting", __version__, runtime.role, runtime.device_id)
-    await runtime.run(stop)
+    log.info("edge-agent %s: %s %s starting (pid %d, state %s)", __version__, runtime.role,
+             runtime.device_id, os.getpid(), config.device.state_dir)
+    try:
+        await runtime.run(stop)
+    finally:
+        if runtime.state == "stopped":   # it ran (a refused start never got that far)
+            why = "on request" if stop.is_set() else "after an error"
+            log.info("edge-agent %s %s stopped %s", runtime.role, runtime.device_id, why)

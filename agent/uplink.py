@@ -110,8 +110,15 @@ class MqttConfig:
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise ConfigError(key="mqtt.url", expected="mqtt://host[:port] or mqtts://...",
                               found=url)
+        try:
+            port = parts.port  # urllib raises ValueError for "99999" or "x"
+            if port == 0:
+                raise ValueError("port 0")
+        except ValueError:
+            raise ConfigError(key="mqtt.url", expected="a port from 1 to 65535 after the host",
+                              found=url) from None
         tls = parts.scheme == "mqtts"
-        return cls(host=parts.hostname, port=parts.port or (8883 if tls else 1883),
+        return cls(host=parts.hostname, port=port or (8883 if tls else 1883),
                    client_id=client_id, tls=tls, **options)
 
     @classmethod
@@ -119,8 +126,9 @@ class MqttConfig:
         url = table.str("url")
         try:
             base = cls.from_url(url, table.str("client_id", device_id))
-        except ConfigError:
-            raise table.error("url", "mqtt://host[:port] or mqtts://host[:port]", url) from None
+        except ConfigError as exc:
+            raise table.error("url", exc.expected or "mqtt://host[:port] or mqtts://host[:port]",
+                              url) from None
 
         def opt_path(name: str) -> Path | None:
             value = table.opt_str(name)

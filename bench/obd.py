@@ -211,9 +211,9 @@ def uds_poll() -> dict[str, object]:
 
 
 def did_window(source: Source, paced: Paced, seconds: float) -> float:
-    before, start = source.counters["request-did"], time.perf_counter()
+    before, start = source.requests["did"], time.perf_counter()
     paced.window(seconds)
-    return (source.counters["request-did"] - before) / (time.perf_counter() - start)
+    return (source.requests["did"] - before) / (time.perf_counter() - start)
 
 
 def uds_rates(tmp: Path, seconds: float, rounds: int) -> dict[str, float]:

@@ -4,7 +4,8 @@ A source is built from its ``[[sources]]`` table in config by :meth:`Source.from
 then :meth:`Source.run` is awaited by the runtime's supervisor as task ``source[<id>]``.
 ``run`` never returns while the device is healthy: it handles its own reconnects and
 back-off, hands each :class:`Reading` or :class:`Event` to ``emit`` (awaiting it: that is
-the backpressure), counts every fault in ``self.counters`` and raises only when it cannot
+the backpressure), counts every fault in ``self.counters`` (and the requests it sends in
+``self.requests``, which are work, not faults) and raises only when it cannot
 go on at all (an AdapterUnavailable for a missing optional dependency, say).
 """
 
@@ -37,7 +38,8 @@ class Source(abc.ABC):
     def __init__(self, source_id: str, clock: Clock = system_clock) -> None:
         self.id = source_id
         self.clock = clock
-        self.counters: Counter[str] = Counter()
+        self.counters: Counter[str] = Counter()   # faults, by reason (alerts fire on these)
+        self.requests: Counter[str] = Counter()   # work done, by kind (OBD polls): not faults
 
     @classmethod
     @abc.abstractmethod

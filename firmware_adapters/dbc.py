@@ -50,7 +50,7 @@ import can
 import cantools
 import cantools.database
 
-from agent.errors import AdapterUnavailable, ConfigError, DecodeError
+from agent.errors import AdapterUnavailable, ConfigError, DecodeError, Prose
 from agent.options import Table
 from agent.readings import VEHICLE_SIGNALS, Event, Reading, TimeStatus
 from firmware_adapters.base import Clock, Emit, system_clock
@@ -179,8 +179,14 @@ class DbcSource(OdometerSource):
         try:
             db = cantools.database.load_file(str(path), database_format="dbc")
         except (OSError, cantools.database.UnsupportedDatabaseFormatError) as exc:
+            # Say which file and why it is needed: the shipped example names a path that
+            # exists only once the car's own DBC has been copied there.
+            why = ("no such file" if isinstance(exc, FileNotFoundError) else
+                   exc.strerror if isinstance(exc, OSError) and exc.strerror else "not a DBC file")
             raise ConfigError(file=where, key=f"{o.prefix}.dbc",
-                              expected="a readable DBC file", found=str(path)) from exc
+                              expected="the car's DBC file (its CAN signals, scaling and units; "
+                                       "copy it there or point dbc at it)",
+                              found=Prose(f'"{path}" ({why})')) from exc
         decoder = DbcDecoder.from_map(db, o.mapping("signals", {}), where, source_id)
         return cls(source_id, bus_kwargs(o), decoder)
 

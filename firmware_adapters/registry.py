@@ -55,6 +55,22 @@ def load_kind(group: str, kind: str, what: str) -> object:
             f"pip install 'ev-edge-agent{extra}'", reason="missing-dependency") from exc
 
 
+ROLES = ("vehicle", "station")
+
+
+def kind_roles(kind: str, group: str = SOURCES_GROUP) -> frozenset[str]:
+    """The device roles a kind is for, from its entry point's extras (``[vehicle]``,
+    ``[station]``: the extra that installs a role's drivers names the role); empty when the
+    kind is unknown or says nothing (any role)."""
+    entry = _kinds(group).get(kind)
+    return frozenset(entry.extras) & frozenset(ROLES) if entry is not None else frozenset()
+
+
+def kinds_for_role(role: str, group: str = SOURCES_GROUP) -> tuple[str, ...]:
+    return tuple(k for k in known_kinds(group) if not kind_roles(k, group) or
+                 role in kind_roles(k, group))
+
+
 def source_class(kind: str) -> type[Source]:
     cls = load_kind(SOURCES_GROUP, kind, "sources")
     if not (isinstance(cls, type) and issubclass(cls, Source)):

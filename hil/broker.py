@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -298,16 +299,26 @@ class EmbeddedBroker:
     port: int = 0
     pid: int | None = None
     _proc: subprocess.Popen[bytes] | None = None
+    directory: Path | None = None    # amqtt.log goes here (else the system's temp folder)
 
     @property
     def url(self) -> str:
         return f"mqtt://{LOOPBACK}:{self.port}"
 
+    @property
+    def log_path(self) -> Path:
+        return (self.directory or Path(tempfile.gettempdir())) / f"amqtt-{self.port}.log"
+
     def start(self, timeout_s: float = 15.0) -> EmbeddedBroker:
         if not self.port:
             self.port = free_port()
-        self._proc = subprocess.Popen([sys.executable, "-m", "hil.broker", "--amqtt",
-                                       str(self.port)], stdin=subprocess.DEVNULL)
+        # amqtt logs every client that goes away (a warning, sometimes with a traceback):
+        # that is the broker's business, not the demo's console. It goes to amqtt.log.
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self._proc = subprocess.Popen([sys.executable, "-m", "hil.broker", "--amqtt",
+                                           str(self.port)], stdin=subprocess.DEVNULL,
+                                          stdout=log, stderr=subprocess.STDOUT)
         self.pid = self._proc.pid
         try:
             wait_port(self.port, timeout_s, pid=self.pid)
@@ -336,18 +347,30 @@ def _end(proc: subprocess.Popen[bytes] | None, signum: int, timeout_s: float) ->
 
 
 def start_broker(directory: Path, options: BrokerOptions | None = None) -> Mosquitto | EmbeddedBroker:
-    """mosquitto when installed, else the embedded amqtt broker (plain, no TLS/ACL)."""
-    if shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists():
+    """mosquitto when installed, else the embedded amqtt broker (plain, no TLS/ACL).
+    ``EDGE_AGENT_HIL_BROKER=amqtt`` picks the embedded one even where mosquitto exists
+    (what a machine without mosquitto gets; the tests use it)."""
+    embedded = os.environ.get("EDGE_AGENT_HIL_BROKER") == "amqtt"
+    if not embedded and (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()):
         return Mosquitto(directory, options or BrokerOptions()).start()
     if options is not None and (options.pki is not None or options.acl is not None):
         raise FileNotFoundError("TLS/ACL need mosquitto (apt-get install mosquitto)")
-    return EmbeddedBroker().start()
+    return EmbeddedBroker(directory=directory).start()
 
 
 def _run_amqtt(port: int) -> None:  # pragma: no cover - child process
     import asyncio
+    import logging
+    import warnings
 
     from amqtt.broker import Broker
+
+    # This process's stdout/stderr are amqtt.log (EmbeddedBroker.start): keep the log, and
+    # keep Python's warnings (amqtt's deprecations) in it too, never on the demo's console.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
+                        "%(message)s")
+    logging.captureWarnings(True)
+    warnings.simplefilter("default")
 
     config = {
         "listeners": {"default": {"type": "tcp", "bind": f"{LOOPBACK}:{port}"}},

@@ -20,9 +20,20 @@ def register_demo(subparsers: argparse._SubParsersAction) -> None:  # type: igno
         "session on embedded defaults and verify every envelope (no hardware, no config).")
     p.add_argument("--out", type=Path, default=Path("demo-out"),
                    help="directory for the capture, registry and report (default: ./demo-out)")
-    p.add_argument("--energy-wh", type=int, default=None,
-                   help="energy to charge in Wh (default 3000)")
+    p.add_argument("--energy-wh", type=_energy_wh, default=None,
+                   help="energy to charge in Wh, 1 to 200000 (default 3000)")
     p.set_defaults(func=_run_demo)
+
+
+def _energy_wh(text: str) -> int:
+    """A session charges something: 0 or a negative energy is refused before anything runs."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of Wh, found {text}") from None
+    if not 1 <= value <= 200_000:
+        raise argparse.ArgumentTypeError(f"expected 1 to 200000 Wh, found {value}")
+    return value
 
 
 def _run_demo(args: argparse.Namespace) -> int:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from agent.status import decode_json, to_json_value
+from agent.jsoncodec import decode_json, to_json_value
 
 if TYPE_CHECKING:
     from agent.envelope import OpenedEnvelope
@@ -303,7 +303,10 @@ def svg_chart(points: Sequence[tuple[float, float]], *, title: str, unit: str,
 
 
 _CSS = """
-body{font:14px/1.4 system-ui,sans-serif;margin:2em auto;max-width:760px;color:#222}
+body{font:14px/1.4 system-ui,sans-serif;margin:2em auto;max-width:760px;color:#222;
+padding:0 10px}
+svg{max-width:100%;height:auto}table{display:block;overflow-x:auto}
+@media (max-width:480px){body{margin:1em auto;font-size:13px}td,th{padding:2px 3px}}
 h1{font-size:1.4em}h2{font-size:1.1em;margin-top:1.6em}
 table{border-collapse:collapse;width:100%}td,th{border-bottom:1px solid #ddd;padding:3px 6px;
 text-align:left;vertical-align:top}td.num{text-align:right;font-variant-numeric:tabular-nums}
@@ -388,6 +391,7 @@ def render_html(record: SessionRecord) -> str:
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(record.started_ns / 1e9))
     duration = (record.ended_ns - record.started_ns) / 1e9
     parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
              f"<title>{html.escape(record.title)}</title><style>{_CSS}</style></head><body>",
              f"<h1>{html.escape(record.title)}</h1>",
              f"<p>Started {started}, {duration:.0f} s"

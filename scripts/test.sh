@@ -5,7 +5,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 need=()
-for pair in mosquitto:mosquitto socat:socat systemd-analyze:systemd; do
+for pair in mosquitto:mosquitto socat:socat systemd-analyze:systemd zbarimg:zbar-tools zsh:zsh; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then

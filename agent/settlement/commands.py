@@ -101,6 +101,9 @@ def _client(args: argparse.Namespace,
     if need_key:
         if state_dir is None:
             raise ConfigError("no settlement key: give --state-dir or --config")
+        from agent.statedir import lock_state_dir  # the agent signs with this key too
+
+        lock_state_dir(state_dir, "this command", reentrant=True)
         key = KeyStore(state_dir).load().settlement
     else:
         key = SettlementKey.generate()  # reads only; never signs anything

@@ -85,7 +85,7 @@ class PollingSource(OdometerSource):
             if plan is None:
                 await asyncio.sleep(max(0, self.poller.next_time(now) - now) / 1e9)
                 continue
-            self.counters[f"request-{plan.kind}"] += 1
+            self.requests[plan.kind] += 1   # work, not a fault (status, metrics)
             ex = await self._exchange(plan)
             ts_ns, status = self.clock()
             errors, self.rx_errors = self.rx_errors, []

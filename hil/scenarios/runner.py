@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -82,18 +84,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     if out.exists():
         shutil.rmtree(out)
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    # With --json, stdout is the one result object; progress goes to stderr.
+    progress = sys.stderr if args.json else sys.stdout
     print(f"hil: {scenario.name}: {scenario.description} ({scenario.duration_s:g} s simulated "
-          f"at x{args.time_scale:g}); output in {out}/", flush=True)
+          f"at x{args.time_scale:g}); output in {out}/", flush=True, file=progress)
     started = time.monotonic()
     record = run_scenario(scenario, out, time_scale=args.time_scale,
-                          say=lambda text: print(f"  {text}", flush=True))
+                          say=lambda text: print(f"  {text}", flush=True, file=progress))
+    passed = bool(record.passed)
+    if args.json:
+        print(json.dumps({
+            "scenario": scenario.name, "passed": passed,
+            "expectations": [{"name": r.name, "passed": r.passed, "detail": r.detail}
+                             for r in record.expectations],
+            "timed_out": any(e.code == "run-timeout" for e in record.events),
+            "elapsed_s": round(time.monotonic() - started, 1),
+            "report": str(out / "session.html")}))
+        return 0 if passed else 1
     print()
     for result in record.expectations:
         print(f"{'PASS' if result.passed else 'FAIL'}  {result.name}: {result.detail}")
     for event in record.events:
         if event.code == "run-timeout":
             print(f"note: {event.message}: judged on what was recorded until then")
-    passed = bool(record.passed)
     print(f"\n{scenario.name}: {'PASS' if passed else 'FAIL'} "
           f"({sum(r.passed for r in record.expectations)}/{len(record.expectations)} "
           f"expectations) in {time.monotonic() - started:.1f} s; report {out / 'session.html'}")
@@ -101,8 +114,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    for path in builtin_scenarios():
-        scenario = load_scenario(path)
+    scenarios = [load_scenario(path) for path in builtin_scenarios()]
+    if args.json:
+        print(json.dumps([{"name": s.name, "duration_s": s.duration_s,
+                           "faults": [f.kind for f in s.faults], "description": s.description}
+                          for s in scenarios]))
+        return 0
+    for scenario in scenarios:
         faults = ", ".join(f.kind for f in scenario.faults) or "no fault"
         print(f"{scenario.name:<20} {scenario.duration_s:>5g} s  {faults:<20}  "
               f"{scenario.description}")
@@ -134,7 +152,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                      help="directory for the report (default: ./hil-out/<scenario>)")
     run.add_argument("--time-scale", type=_positive, default=DEFAULT_TIME_SCALE,
                      help=f"simulated seconds per wall second (default {DEFAULT_TIME_SCALE:g})")
+    run.add_argument("--json", action="store_true",
+                     help="print one JSON object with the verdicts (progress on stderr)")
     run.set_defaults(func=cmd_run)
     listing = sub.add_parser("list", help="the built-in scenarios",
                              description="The built-in scenarios.")
+    listing.add_argument("--json", action="store_true", help="one JSON array")
     listing.set_defaults(func=cmd_list)

@@ -13,8 +13,10 @@ import asyncio
 import logging
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import TextIO
 
 from hil.report import write_report
 from hil.session.rig import TOKEN_DECIMALS, Rig, RigSettings
@@ -46,6 +48,46 @@ def receipt_checks(rig: Rig, record) -> list[tuple[str, bool, str]]:
     return checks
 
 
+class Heartbeat:
+    """The demo's console: each step as the rig says it, and a "still ..." line after every
+    second without one, so a slow step (deploying the contract, settling) never looks like
+    a hang. A thread, because a slow step may block the rig's event loop."""
+
+    INTERVAL_S = 1.0
+
+    def __init__(self, out: TextIO = sys.stdout) -> None:
+        self.out = out
+        self._last = "starting"
+        self._since = time.monotonic()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="demo-heartbeat", daemon=True)
+
+    def say(self, text: str) -> None:
+        with self._lock:
+            print(f"  {text}", file=self.out, flush=True)
+            self._last, self._since = text, time.monotonic()
+
+    def _run(self) -> None:
+        quiet_since = time.monotonic()
+        while not self._stop.wait(0.25):
+            with self._lock:
+                now = time.monotonic()
+                if now - max(self._since, quiet_since) >= self.INTERVAL_S:
+                    step = self._last.split(":")[0]
+                    print(f"    ... still {step} ({now - self._since:.0f} s)", file=self.out,
+                          flush=True)
+                    quiet_since = now
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def run_demo(args: argparse.Namespace) -> int:
     out: Path = args.out
     if out.exists():
@@ -58,9 +100,12 @@ def run_demo(args: argparse.Namespace) -> int:
           f"{settings.power_w / 1000:.0f} kW (simulated time x{settings.time_scale:.0f}); "
           f"output in {out}/", flush=True)
     started = time.monotonic()
-    rig = Rig(out, settings, say=lambda text: print(f"  {text}", flush=True))
-    record = asyncio.run(rig.run())
-    data, html = write_report(record, out)
+    with Heartbeat() as heartbeat:
+        heartbeat.say("starting: keys, broker, in-process chain and simulators")
+        rig = Rig(out, settings, say=heartbeat.say)
+        record = asyncio.run(rig.run())
+        heartbeat.say("writing the report")
+        data, html = write_report(record, out)
     r, v = record.receipt, record.verification
     print("\nreceipt")
     rows = [

@@ -75,11 +75,17 @@ def test_demo_capture_verifies_and_a_tampered_one_fails(tmp_path):
 
 
 @pytest.mark.parametrize("setup,args,message", [
-    (None, ("keys", "show", "--state-dir", "{tmp}/none"), "run `edge-agent keys init` first"),
+    (None, ("keys", "show", "--state-dir", "{tmp}/none"), "run `edge-agent keys init"),
     ("world-readable", ("keys", "show", "--state-dir", "{tmp}/s"), "chmod 600"),
     ("bad-config", ("config", "check", "{tmp}/bad.toml"), "bad.toml: batch.max_age_ms: expected"),
-    (None, ("verify", "{tmp}/missing.cbor", "--registry", "{tmp}/missing.toml"), "no such config file"),
+    (None, ("verify", "{tmp}/missing.cbor", "--registry", "{tmp}/missing.toml"), "no such fleet registry file"),
     (None, ("registry", "add", "{tmp}/nothing.json", "--registry", "{tmp}/r.toml"), "cannot read the record"),
+    ("file", ("keys", "init", "--state-dir", "{tmp}/afile", "--no-qr"), "afile is a file, not a directory"),
+    ("port", ("config", "check", "{tmp}/port.toml"), "mqtt.url: expected a port from 1 to 65535"),
+    ("junk", ("registry", "add", "{tmp}/junk", "--registry", "{tmp}/r.toml"), "junk: not a provisioning or rotation record"),
+    ("junk", ("verify", "{tmp}/junk", "--registry", "{tmp}/junk"), "junk: not a fleet registry file"),
+    (None, ("registry", "revoke", "0011223344556677", "--registry", "{tmp}/empty.toml"), "not in the registry, nothing revoked"),
+    ("role", ("config", "check", "{tmp}/role.toml"), "modbus-tcp is a source for the station role"),
 ])
 def test_errors_are_one_line_without_traceback(tmp_path, setup, args, message):
     if setup == "world-readable":
@@ -87,8 +93,37 @@ def test_errors_are_one_line_without_traceback(tmp_path, setup, args, message):
         (tmp_path / "s" / "keys" / "identity.ed25519").chmod(0o644)
     if setup == "bad-config":
         (tmp_path / "bad.toml").write_text("[batch]\nmax_age_ms = 'soon'\n")
+    if setup == "file":
+        (tmp_path / "afile").write_text("")
+    if setup == "port":
+        (tmp_path / "port.toml").write_text("[mqtt]\nurl = 'mqtt://localhost:99999'\n")
+    if setup == "junk":   # bytes whose CBOR head claims an absurd length
+        (tmp_path / "junk").write_bytes(bytes.fromhex("5b0a2f2f2f2f2f2f2f") + os.urandom(64))
+    if setup == "role":
+        (tmp_path / "role.toml").write_text("[device]\nrole = 'vehicle'\n[mqtt]\nurl = "
+                                            "'mqtt://x'\n[[sources]]\nid = 'm'\nkind = "
+                                            "'modbus-tcp'\nhost = 'x'\n")
+    (tmp_path / "empty.toml").write_text("")
     proc = run(*(a.format(tmp=tmp_path) for a in args), check=False)
     assert proc.returncode != 0
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+    assert "need " not in proc.stderr and "None" not in proc.stderr
+
+
+def test_a_read_only_state_directory_is_one_clear_line(tmp_path):
+    """A real read-only file system (a tmpfs mounted ro in a user+mount namespace)."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o ro none {ro} && "
+                           f"exec {EDGE_AGENT} keys init --state-dir {ro}/state --no-qr"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert "read-only file system" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_demo_refuses_no_energy():
+    for value in ("0", "-5"):
+        proc = run("demo", "--energy-wh", value, check=False)
+        assert proc.returncode == 2 and "expected 1 to 200000 Wh" in proc.stderr

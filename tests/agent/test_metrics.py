@@ -30,7 +30,7 @@ def snapshot(readings: int = 100) -> AgentStatus:
         device_id='cs-"7"\n', role="station", pid=1, state="running", started_ns=1700 * S,
         updated_ns=1800 * S, interval_s=2.0, version="0.1.0",
         sources=(SourceStatus("meter0", "modbus-tcp", "running", readings, 2.5,
-                              {"timeout": 4, "crc": 1}),),
+                              {"timeout": 4, "crc": 1}, requests={"pids": 250}),),
         spool=SpoolStatus(3, 2048, 1 << 20, 77, None, 5),
         uplink=UplinkStatus("connected", "127.0.0.1:1883", None, 70, 2, 1),
         channels=(ChannelStatus("ab" * 32, "ev-1", "OPEN", 9, 1500, 450, 10),),
@@ -56,6 +56,10 @@ def test_exposition_parses_with_the_reference_parser() -> None:
     assert got[("edge_agent_source_readings_total", (("source", "meter0"),))] == 100
     assert got[("edge_agent_source_rate_hz", (("source", "meter0"),))] == 2.5
     assert got[("edge_agent_source_faults_total", (("reason", "timeout"), ("source", "meter0")))] == 4
+    # Requests are work, not faults: their own counter, never among the faults.
+    assert got[("edge_agent_source_requests_total", (("kind", "pids"), ("source", "meter0")))] == 250
+    assert not [k for k in got if k[0] == "edge_agent_source_faults_total"
+                and ("reason", "pids") in k[1]]
     assert got[("edge_agent_spool_envelopes", ())] == 3
     assert got[("edge_agent_spool_dropped_total", ())] == 5
     assert got[("edge_agent_next_seq", ())] == 77

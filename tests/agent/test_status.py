@@ -18,12 +18,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.errors import AdapterTimeout, ConfigError, DecodeError, EdgeAgentError
+from agent.jsoncodec import decode_json
 from agent.options import Table
 from agent.sdnotify import Notifier
 from agent.status import (
-    EXIT_NOT_RUNNING,
-    EXIT_RUNNING,
-    EXIT_UNKNOWN,
     AgentStatus,
     ChannelStatus,
     ErrorLog,
@@ -33,15 +31,19 @@ from agent.status import (
     SpoolStatus,
     StatusConfig,
     UplinkStatus,
-    decode_json,
     encode_status,
-    publish_status,
     read_status,
-    resolve_status_path,
-    status_line,
     status_path,
-    status_summary,
     write_status,
+)
+from agent.status_publisher import publish_status, status_line
+from agent.status_view import (
+    EXIT_NOT_RUNNING,
+    EXIT_RUNNING,
+    EXIT_UNKNOWN,
+    format_status,
+    resolve_status_path,
+    status_summary,
 )
 
 NOW = 1_763_700_000 * 10**9
@@ -114,8 +116,8 @@ def test_write_failure_is_our_error(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("mutate, where", [
     (lambda d: d.pop("pid"), "pid: missing"),
-    (lambda d: d.update(pid="12"), "pid: expected int"),
-    (lambda d: d.update(pid=True), "pid: expected int"),
+    (lambda d: d.update(pid="12"), "pid: expected an integer"),
+    (lambda d: d.update(pid=True), "pid: expected an integer"),
     (lambda d: d["sources"][0].update(rate_hz="fast"), "sources[0].rate_hz"),
     (lambda d: d["sources"][0]["counters"].update(timeout=None), "sources[0].counters.timeout"),
     (lambda d: d["spool"].update(depth=[]), "spool.depth"),
@@ -196,10 +198,24 @@ def test_summary_sees_a_dead_pid(tmp_path: Path) -> None:
 def test_error_log_is_bounded_and_keeps_our_reason() -> None:
     log = ErrorLog(maxlen=3)
     for i in range(5):
-        log.add(i, "uplink", EdgeAgentError(f"e{i}", reason="uplink"))
+        log.add(i, "uplink", EdgeAgentError(f"e{i}", reason=f"r{i}"))
     log.add(9, "spool", OSError("disk full"))
     assert [e.message for e in log.snapshot()] == ["e3", "e4", "disk full"]
-    assert log.snapshot()[-1] == ErrorRecord(9, "spool", "OSError", "disk full")
+    assert log.snapshot()[-1] == ErrorRecord(9, "spool", "OSError", "disk full", 1, 9)
+
+
+def test_error_log_counts_one_kind_with_first_and_last_time() -> None:
+    log = ErrorLog(maxlen=3)
+    log.add(1 * S, "telemetry", EdgeAgentError("disk full (1 envelope)", reason="disk-full"))
+    log.add(2 * S, "uplink", EdgeAgentError("timed out", reason="timeout"))
+    for t in range(3, 10):
+        log.add(t * S, "telemetry", EdgeAgentError(f"disk full ({t})", reason="disk-full"))
+    first, last = log.snapshot()
+    assert first.reason == "timeout" and first.count == 1
+    assert (last.reason, last.count, last.first_seen_ns, last.ts_ns, last.message) == \
+        ("disk-full", 8, 1 * S, 9 * S, "disk full (9)")
+    text = format_status(sample(), NOW)
+    assert "last errors:" in text
 
 
 def test_rate_meter() -> None:

@@ -38,7 +38,7 @@ from agent.spool import SpoolConfig
 from agent.status import StatusConfig
 from agent.uplink import MqttConfig
 from firmware_adapters.modbus.mapfile import load_map
-from firmware_adapters.registry import source_class
+from firmware_adapters.registry import kind_roles, source_class
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = {"vehicle.toml": "vehicle", "station.toml": "station", "hil.toml": "vehicle"}
@@ -167,7 +167,8 @@ def test_vehicle_example_names_the_dbc_file_on_the_car() -> None:
     if Path("/etc/edge-agent/car.dbc").exists():
         assert any(r.kind == "dbc" for r in _build_quietly(config))
         return
-    with pytest.raises(ConfigError, match=r"sources\.can-broadcast\.dbc: expected a readable"):
+    with pytest.raises(ConfigError, match=r"sources\.can-broadcast\.dbc: expected the car's DBC "
+                       r"file \(its CAN signals.*found \"/etc/edge-agent/car\.dbc\" \(no such file\)"):
         build_sources(config)
 
 
@@ -214,7 +215,10 @@ def test_the_examples_show_their_alternatives() -> None:
 def test_commented_alternative_builds_when_uncommented(name: str, index: int,
                                                        text: str) -> None:
     data = tomllib.loads(text)
-    table = Table({"sources": data["sources"]}, f"{name} (commented source {index})")
+    # The alternative's comment says which role it is for (hil.toml's meter: a station).
+    role = "station" if kind_roles(data["sources"][0]["kind"]) == {"station"} else "vehicle"
+    table = Table({"sources": data["sources"], "device": {"role": role}},
+                  f"{name} (commented source {index})")
     config = parse_config(table)
     runners = _build_quietly(config)
     assert [r.kind for r in runners] == [config.sources[0].kind]
@@ -242,7 +246,7 @@ def test_config_check_says_ok(name: str, tmp_path: Path) -> None:
                                 capture_output=True, text=True, timeout=60)
         if not Path("/etc/edge-agent/car.dbc").exists():
             assert result.returncode == 2
-            assert "sources.can-broadcast.dbc: expected a readable DBC file" in result.stderr
+            assert "sources.can-broadcast.dbc: expected the car's DBC file" in result.stderr
             assert len(result.stderr.strip().splitlines()) == 1
         # ... and with the DBC file present, the example checks out.
         copy = tmp_path / name

@@ -191,3 +191,14 @@ def test_recorded_readings_from_an_opened_envelope(tmp_path: Path) -> None:
         RecordedReading(T0, keys.device_id, "meter0", "1-0:1.8.0", 12_345.0),
         RecordedReading(T0 + 1, keys.device_id, "meter0", "1-0:16.7.0", 7_400.5),
     )
+
+
+def test_page_is_readable_on_a_phone() -> None:
+    """400 px wide: the page scales to the device (viewport), charts shrink to the width
+    instead of overflowing, wide tables scroll on their own."""
+    from hil.report import _CSS
+
+    page = render_html(record())
+    assert '<meta name="viewport" content="width=device-width, initial-scale=1">' in page
+    assert "svg{max-width:100%;height:auto}" in _CSS and "overflow-x:auto" in _CSS
+    assert "@media (max-width:480px)" in _CSS

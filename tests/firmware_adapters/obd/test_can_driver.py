@@ -148,5 +148,5 @@ def test_silent_ecu_sleep_probe_and_resume() -> None:
         bus.shutdown()
     codes = [e.code for e in events(seen, but=FREEZE)]  # type: ignore[arg-type]
     assert codes[:2] == ["vehicle-asleep", "vehicle-awake"]
-    assert src.counters["no-answer"] >= 3 and src.counters["request-probe"] >= 1
+    assert src.counters["no-answer"] >= 3 and src.requests["probe"] >= 1
     assert len(named(seen, "Vehicle.Speed")) >= 4  # type: ignore[arg-type]

@@ -70,7 +70,7 @@ def test_decoded_values_equal_what_the_emulator_defines(elm_port: str) -> None:
     assert vin.value == emulator_vin() == "WP0ZZZ99ZTS390000"
     (dtcs,) = named(items, "Vehicle.OBD.DTCList")
     assert dtcs.value == ",".join("P" + c for c in obd_message.DTC_STORED)
-    assert src.counters["request-pids"] >= 6
+    assert src.requests["pids"] >= 6 and "request-pids" not in src.counters
     assert all(r.source == "elm" for r in named(items, "Vehicle.Speed"))
 
 

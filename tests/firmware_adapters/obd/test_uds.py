@@ -151,7 +151,7 @@ def run_can(profile_name: str, **core: object) -> tuple[dict[str, float | int | 
 def test_every_profile_through_the_can_path(name: str) -> None:
     got, src = run_can(name)
     check_values(uds.load_profile(name), got)
-    assert src.counters["request-did"] >= len(uds.load_profile(name).dids)
+    assert src.requests["did"] >= len(uds.load_profile(name).dids)
 
 
 def test_response_pending_is_waited_for_on_every_service() -> None:
