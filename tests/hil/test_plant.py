@@ -244,5 +244,5 @@ def test_plant_config_errors_name_file_and_key(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert f"{bad}: wallbox.conectors: expected one of connectors, map" in result.stderr
-    assert "did you mean 'connectors'" in result.stderr
+    assert 'did you mean "connectors"' in result.stderr
     assert "Traceback" not in result.stderr

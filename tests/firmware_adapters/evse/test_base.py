@@ -41,7 +41,7 @@ def test_registry_loads_hil_evse_and_names_unknown_kinds() -> None:
     ({"connectors": []}, r"chargers\.wb0\.connectors: expected a non-empty array"),
     ({"connectors": [1, 1]}, r"chargers\.wb0\.connectors: expected .*distinct"),
     ({"connectors": [0]}, r"chargers\.wb0\.connectors"),
-    ({"conectors": [1]}, r"chargers\.wb0\.conectors: .*did you mean 'connectors'"),
+    ({"conectors": [1]}, r"chargers\.wb0\.conectors: .*did you mean \"connectors\""),
     ({"max_current_a": 2}, r"chargers\.wb0\.max_current_a: expected a number in \[6.0, 80.0\]"),
 ])
 def test_hil_evse_options_errors_name_file_and_key(options: dict[str, object],

@@ -105,7 +105,7 @@ def test_random_registers_raise_only_decode_error(name: str, data: st.DataObject
      r"uses function codes \[1, 5\] the device does not have"),
     (("write = 6", "write = 7"), r"current_limit\.write: expected one of 6, 16"),
     (('method = "coil"', 'method = "relay"'), r"enable\.method: expected one of coil"),
-    (("max_connectors = 1", "max_conectors = 1"), r"did you mean 'max_connectors'"),
+    (("max_connectors = 1", "max_conectors = 1"), r"did you mean \"max_connectors\""),
 ])
 def test_map_errors_name_the_file_and_key(tmp_path: Path, change: tuple[str, str],
                                           message: str) -> None:

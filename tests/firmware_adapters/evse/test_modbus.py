@@ -247,7 +247,7 @@ def test_watch_reports_changes_and_stops_on_cancel() -> None:
     ({"map": "alfen-ng9xx", "host": "h", "max_current_a": 40},
      r"chargers\.wb0\.max_current_a: expected a number in \[6\.0, 32\.0\]"),
     ({"map": "bender-cc612", "host": "h", "prot": 502},
-     r"chargers\.wb0\.prot: .*did you mean 'port'"),
+     r"chargers\.wb0\.prot: .*did you mean \"port\""),
 ])
 def test_modbus_evse_options_errors(options: dict[str, object], message: str) -> None:
     from agent.errors import ConfigError
