@@ -16,6 +16,11 @@ Rules:
   a duplicate only for a message whose PUBACK we never got (QoS 1 redelivery).
 - A publish the broker refuses (ACL: ``not-authorised``) leaves the row in the spool and
   is retried after a capped exponential back-off.
+- With ``[spool] keep_until = "fleet-commit"`` a PUBACK of an envelope only frees its
+  place in the window: the row stays (no longer "in flight", so the drop policy may take
+  it) until a fleet commit mark covers it (agent.fleet_commit); after a reconnect the
+  publisher starts again from the oldest row, so what the fleet has not committed is sent
+  again. Channel rows (no seq) still leave on PUBACK.
 - A failed commit (disk full) is counted and logged; the sealer is set back to the spool's
   chain head so the next envelope reuses no published seq and links to the last committed.
 
@@ -45,7 +50,7 @@ from agent.config import BatchConfig
 from agent.envelope import Batcher, Sealer
 from agent.errors import SpoolError, UplinkError
 from agent.readings import Event, Reading
-from agent.spool import Outgoing, Spool
+from agent.spool import Outgoing, Spool, SpoolRow
 from agent.topics import event_topic, telemetry_topic
 from agent.uplink import RETRY_PAUSE_S, Uplink
 
@@ -96,6 +101,7 @@ class Pipeline:
         self._acked: list[int] = []
         self._refused_backoff = Backoff(uplink.config.backoff_initial_s,
                                         uplink.config.backoff_max_s)
+        self.keep_until_commit = self.spool.config.fleet_commit
 
     # -- intake ---------------------------------------------------------------------
     async def emit(self, item: Reading | Event) -> None:
@@ -216,13 +222,15 @@ class Pipeline:
                 if failed:
                     raise failed[0]
                 fut = self.uplink.publish_nowait(row.topic, row.data)
-                fut.add_done_callback(functools.partial(self._on_ack, row.id, window, failed))
+                keep = self.keep_until_commit and row.seq is not None
+                fut.add_done_callback(functools.partial(self._on_ack, row.id, keep, window,
+                                                        failed))
                 cursor = row.id
             if len(self._acked) >= ACK_FLUSH_ROWS or time.monotonic() - last_flush > ACK_FLUSH_S:
                 await self._flush_acks()
                 last_flush = time.monotonic()
 
-    def _fetch(self, cursor: int, limit: int) -> list:
+    def _fetch(self, cursor: int, limit: int) -> list[SpoolRow]:
         """Runs on the spool thread: fetch and mark in flight in one step, so the drop
         policy (same thread) never drops a row the publisher is about to send."""
         rows = self.spool.fetch(cursor, limit)
@@ -230,12 +238,16 @@ class Pipeline:
             self.spool.mark_in_flight(row.id)
         return rows
 
-    def _on_ack(self, row_id: int, window: asyncio.Semaphore, failed: list[UplinkError],
-                fut: asyncio.Future[None]) -> None:
+    def _on_ack(self, row_id: int, keep: bool, window: asyncio.Semaphore,
+                failed: list[UplinkError], fut: asyncio.Future[None]) -> None:
         window.release()
         exc = fut.exception() if not fut.cancelled() else UplinkError("cancelled")
         if exc is None:
-            self._acked.append(row_id)
+            if keep:  # stays until a fleet commit mark covers it
+                self.spool.clear_in_flight((row_id,))
+                self.counters["acked_kept"] += 1
+            else:
+                self._acked.append(row_id)
             self.counters["acked"] += 1
             self._refused_backoff.reset()
         else:

@@ -309,8 +309,12 @@ def _settle(fut: asyncio.Future[None], topic: str, reason_code: Any) -> None:
 class Uplink:
     """One MQTT connection kept up for the agent's lifetime. See the module docstring."""
 
-    def __init__(self, config: MqttConfig, *, rng: random.Random | None = None) -> None:
+    def __init__(self, config: MqttConfig, *, rng: random.Random | None = None,
+                 status_payload: Callable[[str], bytes] | None = None) -> None:
         self.config = config
+        # "online" | "offline" | "lost" -> the retained status / will payload (the agent's
+        # carries its signed chain head: agent.chain_head)
+        self._status_payload = status_payload
         self.counters: Counter[str] = Counter()
         self.last_error: UplinkError | None = None
         self.protocol: aiomqtt.ProtocolVersion | None = None
@@ -441,6 +445,8 @@ class Uplink:
 
     # -- internals ----------------------------------------------------------------------
     def _status(self, state: str) -> bytes:
+        if self._status_payload is not None:
+            return self._status_payload(state)
         return json.dumps({"state": state, "client": self.config.client_id}).encode()
 
     def _tls_context(self) -> ssl.SSLContext:
