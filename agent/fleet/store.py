@@ -1,0 +1,218 @@
+"""Storing verified envelopes: one transaction per batch, idempotent, forks found.
+
+``store_batch(db, batch)`` runs in ONE transaction (the ingest acknowledges the batch's
+messages to the broker only after it returned):
+
+1. which (device, seq) of the batch are stored already, and with which hash: the same hash
+   is a QoS 1 duplicate (nothing to do), another hash is a fork (an alarm with both);
+2. the new envelopes (raw bytes kept), their readings and events;
+3. per device touched, in device order (no deadlock between workers), the device row is
+   locked and its head moved over what the database holds (agent.fleet.chain), broken
+   links become alarms;
+4. messages that did not verify go to ``rejected`` with their reason, raw.
+
+It returns, per device, the head after the transaction: what the commit mark says.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from agent.envelope import KIND_DROP, ChainHead, OpenedEnvelope
+from agent.fleet.chain import ChainRow, walk
+from agent.fleet.db import Database
+from agent.readings import Reading
+
+INT64 = (-(1 << 63), (1 << 63) - 1)
+_READING_CORE = {"name", "value", "unit", "ts_ns", "time_status", "source"}
+READING_COLUMNS = ("device", "seq", "idx", "name", "value_int", "value_real", "value_text",
+                   "value_bytes", "unit", "ts_ns", "time_status", "source", "extra")
+EVENT_COLUMNS = ("device", "seq", "idx", "code", "message", "ts_ns", "source", "details")
+WALK_ROWS = 512
+
+
+@dataclass(frozen=True, slots=True)
+class Verified:
+    opened: OpenedEnvelope
+    raw: bytes
+    received_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    topic: str
+    raw: bytes
+    reason: str
+    detail: str
+    received_ns: int
+    device: str | None = None  # set when the alarm belongs to a device (key mismatch)
+
+
+@dataclass
+class BatchResult:
+    counters: Counter[str] = field(default_factory=Counter)
+    heads: dict[str, tuple[int, bytes]] = field(default_factory=dict)  # device -> head
+    advanced: set[str] = field(default_factory=set)
+    behind_head: set[str] = field(default_factory=set)  # duplicates the head covers already
+
+
+def store_batch(db: Database, batch: Sequence[Verified], rejected: Sequence[Rejection] = (),
+                claims: Sequence[ChainHead] = ()) -> BatchResult:
+    """See the module docstring. Retried as a whole on a race with another worker."""
+    ordered = sorted(batch, key=lambda v: (v.opened.device, v.opened.seq))
+    return db.transaction(lambda d: _store(d, ordered, rejected, claims))
+
+
+def _store(db: Database, batch: Sequence[Verified], rejected: Sequence[Rejection],
+           claims: Sequence[ChainHead]) -> BatchResult:
+    result = BatchResult()
+    now = time.time_ns()
+    stored = _stored_hashes(db, [(v.opened.device, v.opened.seq) for v in batch])
+    new: list[Verified] = []
+    seen: dict[tuple[str, int], bytes] = {}
+    for item in batch:
+        key = (item.opened.device, item.opened.seq)
+        known = stored.get(key) or seen.get(key)
+        if known is None:
+            new.append(item)
+            seen[key] = item.opened.hash
+        elif known == item.opened.hash:
+            result.counters["duplicates"] += 1
+        else:
+            result.counters["forks"] += 1
+            _alarm(db, item.opened.device, item.opened.seq, "fork",
+                   f"seq {item.opened.seq} stored with hash {known.hex()[:16]}, this one "
+                   f"{item.opened.hash.hex()[:16]}", item.raw, now)
+    _insert(db, new, now)
+    result.counters["stored"] += len(new)
+    result.counters["readings"] += sum(len(v.opened.readings) for v in new)
+    new_per_device = Counter(v.opened.device for v in new)
+    for device in sorted({v.opened.device for v in batch}):
+        items = [v for v in batch if v.opened.device == device]
+        _advance(db, device, items, new_per_device[device], now, result)
+    for claim in claims:
+        db.execute("UPDATE devices SET claimed_seq = ?, claimed_hash = ?, claimed_ns = ? "
+                   "WHERE device = ? AND (claimed_seq IS NULL OR claimed_seq <= ?)",
+                   (claim.seq, claim.hash, claim.ts_ns, claim.device, claim.seq))
+    for item in rejected:
+        db.execute("INSERT INTO rejected (topic, reason, detail, raw, received_ns) "
+                   "VALUES (?, ?, ?, ?, ?)",
+                   (item.topic, item.reason, item.detail[:500], item.raw, item.received_ns))
+        if item.device is not None:
+            _alarm(db, item.device, None, item.reason, item.detail, item.raw, now)
+        result.counters[f"rejected_{item.reason}"] += 1
+    return result
+
+
+def _stored_hashes(db: Database, keys: Sequence[tuple[str, int]]) -> dict[tuple[str, int], bytes]:
+    found: dict[tuple[str, int], bytes] = {}
+    for start in range(0, len(keys), 400):
+        chunk = keys[start:start + 400]
+        values = ", ".join("(?, ?)" for _ in chunk)
+        args = [x for key in chunk for x in key]
+        for device, seq, digest in db.execute(
+                f"SELECT device, seq, hash FROM envelopes WHERE (device, seq) IN "
+                f"(VALUES {values})", args).fetchall():
+            found[(device, int(seq))] = bytes(digest)
+    return found
+
+
+def _insert(db: Database, new: Sequence[Verified], now: int) -> None:
+    envelopes, readings, events = [], [], []
+    for item in new:
+        o = item.opened
+        drop = o.drop
+        envelopes.append((o.device, o.seq, o.hash, o.prev, o.kid, o.kind,
+                          drop.first if drop else None, drop.last if drop else None,
+                          drop.last_hash if drop else None, item.raw, item.received_ns, now))
+        readings += [(o.device, o.seq, idx, *reading_columns(r)) for idx, r in
+                     enumerate(o.readings)]
+        events += [(o.device, o.seq, idx, e.code, e.message, e.ts_ns, e.source,
+                    json.dumps(dict(e.details), sort_keys=True)) for idx, e in
+                   enumerate(o.events)]
+    # ON CONFLICT: another worker may have stored the same envelope since our look-up;
+    # its readings then conflict too, and the whole transaction is retried (db.transaction).
+    db.executemany("INSERT INTO envelopes (device, seq, hash, prev, kid, kind, drop_first, "
+                   "drop_last, drop_hash, raw, received_ns, stored_ns) VALUES "
+                   "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", envelopes)
+    db.copy_rows("readings", READING_COLUMNS, readings)
+    db.copy_rows("events", EVENT_COLUMNS, events)
+
+
+def reading_columns(reading: Reading) -> tuple[object, ...]:
+    """name, value_int, value_real, value_text, value_bytes, unit, ts_ns, time_status,
+    source, extra. Fields beyond the core six (flags; a meter identity a newer Reading may
+    carry) go to ``extra`` as JSON, so new optional fields need no schema change."""
+    value = reading.value
+    v_int = value if isinstance(value, int) and INT64[0] <= value <= INT64[1] else None
+    v_real = float(value) if isinstance(value, float) else None
+    v_text = value if isinstance(value, str) else None
+    if isinstance(value, int) and v_int is None:
+        v_text = str(value)  # beyond 64 bits: exact as text
+    v_bytes = value if isinstance(value, bytes) else None
+    extra = {}
+    for f in dataclasses.fields(reading):
+        if f.name in _READING_CORE:
+            continue
+        item = getattr(reading, f.name)
+        if item not in (None, (), "", f.default):
+            extra[f.name] = list(item) if isinstance(item, tuple) else item
+    return (reading.name, v_int, v_real, v_text, v_bytes, reading.unit, reading.ts_ns,
+            reading.time_status.value, reading.source,
+            json.dumps(extra, sort_keys=True, default=str) if extra else None)
+
+
+def _advance(db: Database, device: str, items: Sequence[Verified], new: int, now: int,
+             result: BatchResult) -> None:
+    lowest = min(items, key=lambda v: v.opened.seq).opened
+    top = max(v.opened.seq for v in items)
+    # First contact with a device no registry add created: the chain is tracked from the
+    # first envelope seen (a capture may start mid-stream). Registered devices start at -1.
+    db.execute("INSERT INTO devices (device, base_seq, head_seq, head_hash, max_seq) "
+               "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+               (device, lowest.seq - 1, lowest.seq - 1, lowest.prev, top))
+    row = db.execute("SELECT head_seq, head_hash FROM devices WHERE device = ?"
+                     + db.for_update(), (device,)).fetchone()
+    head_seq, head_hash = int(row[0]), bytes(row[1])
+    start = head_seq
+    while True:
+        rows = [ChainRow(int(r[0]), bytes(r[1]), bytes(r[2]), r[3], r[4],
+                         bytes(r[5]) if r[5] is not None else None)
+                for r in db.execute(
+                    "SELECT seq, prev, hash, drop_first, drop_last, drop_hash FROM envelopes "
+                    "WHERE device = ? AND seq > ? ORDER BY seq LIMIT ?",
+                    (device, head_seq, WALK_ROWS)).fetchall()]
+        moved = walk(head_seq, head_hash, rows)
+        for seq in moved.broken:
+            _alarm(db, device, seq, "broken-link", f"prev of seq {seq} is not the hash of "
+                   f"seq {seq - 1}", None, now)
+            result.counters["broken_links"] += 1
+        progressed = moved.seq != head_seq
+        head_seq, head_hash = moved.seq, moved.hash
+        if not (progressed and moved.consumed_all and len(rows) == WALK_ROWS):
+            break
+    last = items[-1].opened
+    db.execute("UPDATE devices SET head_seq = ?, head_hash = ?, "
+               "max_seq = CASE WHEN max_seq < ? THEN ? ELSE max_seq END, "
+               "envelopes = envelopes + ?, last_seen_ns = ?, last_kid = ? WHERE device = ?",
+               (head_seq, head_hash, top, top, new, now, last.kid, device))
+    result.heads[device] = (head_seq, head_hash)
+    if head_seq > start:
+        result.advanced.add(device)
+    elif any(v.opened.seq <= head_seq for v in items):
+        result.behind_head.add(device)
+
+
+def _alarm(db: Database, device: str, seq: int | None, kind: str, detail: str,
+           raw: bytes | None, now: int) -> None:
+    db.execute("INSERT INTO alarms (device, seq, kind, detail, raw, ts_ns) "
+               "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+               (device, seq, kind, detail, raw, now))
+
+
+__all__ = ["KIND_DROP", "BatchResult", "Rejection", "Verified", "store_batch"]
