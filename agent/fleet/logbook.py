@@ -94,31 +94,26 @@ def _chain_entries(db: Database, device: str, kids: set[bytes]) -> list[object]:
     first, last = min(wanted), max(wanted)
     entries: list[object] = []
     run_start: int | None = None
-    previous = first - 1
+    previous, previous_hash = first - 1, None
     for seq, digest, raw, kid in db.query(
             "SELECT seq, hash, raw, kid FROM envelopes WHERE device = ? AND seq BETWEEN ? AND ? "
             "ORDER BY seq", (device, first, last)):
         seq = int(seq)
         if seq > previous + 1:  # the fleet database itself misses these: say so
             if run_start is not None:
-                entries.append([run_start, previous, _hash_at(db, device, previous)])
+                entries.append([run_start, previous, previous_hash])
             entries.append([previous + 1, seq - 1, None])
             run_start = None
         if seq in wanted:
             if run_start is not None:
-                entries.append([run_start, seq - 1, _hash_at(db, device, seq - 1)])
+                entries.append([run_start, seq - 1, previous_hash])
                 run_start = None
             entries.append(bytes(raw))
             kids.add(bytes(kid))
         elif run_start is None:
             run_start = seq
-        previous = seq
+        previous, previous_hash = seq, bytes(digest)
     return entries
-
-
-def _hash_at(db: Database, device: str, seq: int) -> bytes | None:
-    rows = db.query("SELECT hash FROM envelopes WHERE device = ? AND seq = ?", (device, seq))
-    return bytes(rows[0][0]) if rows else None
 
 
 def _device_of_record(record: object) -> str | None:

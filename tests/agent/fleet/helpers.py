@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent.envelope import Sealer, SealedEnvelope
+from agent.envelope import SealedEnvelope, Sealer
 from agent.fleet import registry as fleet_registry
 from agent.fleet.db import Database
 from agent.fleet.registry import RegistrySnapshot
