@@ -84,6 +84,7 @@ class SharedSubscriber:
         self.connected = threading.Event()
         self.connected_async = asyncio.Event()
         self._lock = threading.Lock()
+        self._stopping = False
         self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=config.client_id,
                                   protocol=paho.MQTTv5, manual_ack=True)
         if self.tls:
@@ -108,6 +109,7 @@ class SharedSubscriber:
         self.client.loop_start()
 
     def stop(self) -> None:
+        self._stopping = True
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -143,8 +145,9 @@ class SharedSubscriber:
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any,
                        properties: Any) -> None:
         self.connected.clear()
-        self._loop.call_soon_threadsafe(self.connected_async.clear)
-        log.warning("fleet ingest: connection lost (%s); reconnecting", reason_code)
+        if not self._stopping:
+            self._loop.call_soon_threadsafe(self.connected_async.clear)
+            log.warning("fleet ingest: connection lost (%s); reconnecting", reason_code)
 
     def _on_message(self, client: paho.Client, userdata: Any, message: Any) -> None:
         with self._lock:

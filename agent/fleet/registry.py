@@ -79,18 +79,26 @@ def load(db: Database) -> RegistrySnapshot:
 
 def add_record(db: Database, record: dict[str, object]) -> RegisteredKey:
     """Admit the key a provisioning/rotation record introduces (FleetRegistry's rules)."""
+    return add_records(db, [record])[0]
 
-    def work(d: Database) -> RegisteredKey:
+
+def add_records(db: Database, records: list[dict[str, object]]) -> list[RegisteredKey]:
+    """Several records in one transaction, in order (a rotation after its provisioning)."""
+
+    def work(d: Database) -> list[RegisteredKey]:
         registry = _load_in(d)
-        entry = registry.add_record(record)
-        _write_key(d, entry, dcbor.dumps(record))
-        if record.get("type") == "provision":
-            # A provisioned device's chain starts at seq 0 (prev = genesis), so even its
-            # very first envelopes count as missing if they never arrive.
-            d.execute("INSERT INTO devices (device, base_seq, head_seq, head_hash, max_seq) "
-                      "VALUES (?, -1, -1, ?, -1) ON CONFLICT DO NOTHING",
-                      (entry.device, GENESIS))
-        return entry
+        entries = []
+        for record in records:
+            entry = registry.add_record(record)
+            _write_key(d, entry, dcbor.dumps(record))
+            if record.get("type") == "provision":
+                # A provisioned device's chain starts at seq 0 (prev = genesis), so even
+                # its very first envelopes count as missing if they never arrive.
+                d.execute("INSERT INTO devices (device, base_seq, head_seq, head_hash, "
+                          "max_seq) VALUES (?, -1, -1, ?, -1) ON CONFLICT DO NOTHING",
+                          (entry.device, GENESIS))
+            entries.append(entry)
+        return entries
 
     return db.transaction(work)
 
