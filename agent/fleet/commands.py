@@ -19,7 +19,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from agent.errors import ConfigError
+
+if TYPE_CHECKING:
+    from agent.fleet.db import Database
 
 EXIT_OK, EXIT_FAIL = 0, 1
 DEFAULT_KEY = Path("fleet-commit.ed25519")
@@ -38,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
     def add(name: str, func: Callable[[argparse.Namespace], int], help_text: str,
             db: bool = True) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p: argparse.ArgumentParser = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(func=func)
         if db:
             p.add_argument("--db", default=default_db(),
@@ -73,7 +78,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
     def add_reg(name: str, func: Callable[[argparse.Namespace], int],
                 help_text: str) -> argparse.ArgumentParser:
-        p = reg_sub.add_parser(name, help=help_text, description=help_text)
+        p: argparse.ArgumentParser = reg_sub.add_parser(name, help=help_text,
+                                                        description=help_text)
         p.set_defaults(func=func)
         p.add_argument("--db", default=default_db())
         return p
@@ -104,7 +110,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--out", type=Path, required=True)
 
 
-def _open(args: argparse.Namespace):  # -> Database
+def _open(args: argparse.Namespace) -> Database:
     from agent.fleet.db import open_database
 
     return open_database(args.db)

@@ -284,17 +284,17 @@ def open_database(url: str) -> Database:
             raise ConfigError("PostgreSQL needs psycopg: pip install 'ev-edge-agent[fleet]'") \
                 from None
         try:
-            conn = psycopg.connect(url, autocommit=True)
-            with conn.transaction():
+            pg = psycopg.connect(url, autocommit=True)
+            with pg.transaction():
                 # one DDL script at a time: concurrent workers creating the schema at once
-                conn.execute("SELECT pg_advisory_xact_lock(19190019)")
+                pg.execute("SELECT pg_advisory_xact_lock(19190019)")
                 for statement in _SCHEMA.format(**_PG_TYPES).split(";"):
                     if statement.strip():
-                        conn.execute(statement)
+                        pg.execute(statement)
         except psycopg.Error as exc:
             raise DatabaseError(f"cannot open the fleet database {_redact(url)}: "
                                 f"{str(exc).strip()}") from None
-        return Database(url, conn, "postgresql")
+        return Database(url, pg, "postgresql")
     raise ConfigError(key="--db", expected="sqlite:///PATH or postgresql://...", found=url)
 
 

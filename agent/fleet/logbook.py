@@ -116,9 +116,10 @@ def _chain_entries(db: Database, device: str, kids: set[bytes]) -> list[object]:
     return entries
 
 
-def _device_of_record(record: object) -> str | None:
-    decoded = dcbor.loads(bytes(record))  # type: ignore[arg-type]
-    return decoded.get("device") if isinstance(decoded, dict) else None  # type: ignore[return-value]
+def _device_of_record(record: bytes) -> str | None:
+    decoded = dcbor.loads(bytes(record))
+    device = decoded.get("device") if isinstance(decoded, dict) else None
+    return device if isinstance(device, str) else None
 
 
 def _created_of(record: bytes) -> tuple[int, int]:
@@ -217,7 +218,10 @@ def _admit_keys(bundle: dict[object, object], trusted: FleetRegistry | None,
 
 def _revocations(bundle: dict[object, object]) -> dict[bytes, int]:
     revoked: dict[bytes, int] = {}
-    for item in bundle.get("revoked", []):  # type: ignore[union-attr]
+    items = bundle.get("revoked", [])
+    if not isinstance(items, list):
+        raise MalformedEnvelope("bundle revoked must be an array")
+    for item in items:
         if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], bytes)
                 and isinstance(item[1], int)):
             raise MalformedEnvelope("a revocation is [kid, revoked_ns]")

@@ -33,6 +33,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -85,7 +86,7 @@ class SharedSubscriber:
         self.connected_async = asyncio.Event()
         self._lock = threading.Lock()
         self._stopping = False
-        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=config.client_id,
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=config.client_id,
                                   protocol=paho.MQTTv5, manual_ack=True)
         if self.tls:
             context = ssl.create_default_context(
@@ -95,13 +96,13 @@ class SharedSubscriber:
             self.client.tls_set_context(context)
         if config.username:
             self.client.username_pw_set(config.username, config.password)
-        self.client.reconnect_delay_set(0.1, 5)
+        self.client.reconnect_delay_set(1, 5)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
 
     def start(self) -> None:
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho
         props.SessionExpiryInterval = self.config.session_expiry_s
         props.ReceiveMaximum = self.config.max_in_flight
         self.client.connect_async(self.host, self.port, self.config.keepalive_s,

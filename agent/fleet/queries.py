@@ -89,12 +89,13 @@ def devices(db: Database) -> list[DeviceRow]:
 
 def readings(db: Database, *, device: str | None = None, name: str | None = None,
              since_ns: int | None = None, until_ns: int | None = None) -> Iterator[dict[str, object]]:
-    clauses, args = [], []
-    for column, op, value in (("device", "=", device), ("name", "=", name),
+    clauses: list[str] = []
+    args: list[object] = []
+    for column, op, bound in (("device", "=", device), ("name", "=", name),
                               ("ts_ns", ">=", since_ns), ("ts_ns", "<", until_ns)):
-        if value is not None:
+        if bound is not None:
             clauses.append(f"{column} {op} ?")
-            args.append(value)
+            args.append(bound)
     where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
     for row in db.query(
             "SELECT device, seq, idx, name, value_int, value_real, value_text, value_bytes, "

@@ -99,13 +99,14 @@ def _store(db: Database, batch: Sequence[Verified], rejected: Sequence[Rejection
         db.execute("UPDATE devices SET claimed_seq = ?, claimed_hash = ?, claimed_ns = ? "
                    "WHERE device = ? AND (claimed_seq IS NULL OR claimed_seq <= ?)",
                    (claim.seq, claim.hash, claim.ts_ns, claim.device, claim.seq))
-    for item in rejected:
+    for refused in rejected:
         db.execute("INSERT INTO rejected (topic, reason, detail, raw, received_ns) "
-                   "VALUES (?, ?, ?, ?, ?)",
-                   (item.topic, item.reason, item.detail[:500], item.raw, item.received_ns))
-        if item.device is not None:
-            _alarm(db, item.device, None, item.reason, item.detail, item.raw, now)
-        result.counters[f"rejected_{item.reason}"] += 1
+                   "VALUES (?, ?, ?, ?, ?)", (refused.topic, refused.reason,
+                                              refused.detail[:500], refused.raw,
+                                              refused.received_ns))
+        if refused.device is not None:
+            _alarm(db, refused.device, None, refused.reason, refused.detail, refused.raw, now)
+        result.counters[f"rejected_{refused.reason}"] += 1
     return result
 
 
