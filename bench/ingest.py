@@ -27,7 +27,6 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
-import sqlite3
 import statistics
 import sys
 import tempfile

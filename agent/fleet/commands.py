@@ -18,7 +18,6 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from agent.errors import ConfigError
