@@ -103,6 +103,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--device")
     add("devices", cmd_devices, "every device: last seen, seq, chain state, key")
     add("alarms", cmd_alarms, "forks, broken links, key/device mismatches")
+    add("reverify", cmd_reverify, "check the refused messages again (after a registry add): "
+        "those that verify now are stored")
     p = add("logbook", cmd_logbook, "write the mileage logbook of a vehicle: a bundle "
             "`edge-agent verify --logbook FILE` checks offline")
     p.add_argument("vin")
@@ -265,6 +267,16 @@ def cmd_alarms(args: argparse.Namespace) -> int:
         print(f"{device}  seq {seq}  {kind}: {detail}")
     print(f"{len(rows)} alarm(s)")
     return EXIT_OK if not rows else EXIT_FAIL
+
+
+def cmd_reverify(args: argparse.Namespace) -> int:
+    from agent.fleet import registry
+    from agent.fleet.store import reverify_rejected
+
+    db = _open(args)
+    stored, refused = reverify_rejected(db, registry.load(db))
+    print(f"{stored} envelope(s) verify now and are stored; {refused} still refused")
+    return EXIT_OK
 
 
 def cmd_logbook(args: argparse.Namespace) -> int:

@@ -24,8 +24,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from agent.envelope import KIND_DROP, ChainHead, OpenedEnvelope
+from agent.errors import RemoteProtocolError, SignatureError
 from agent.fleet.chain import ChainRow, walk
 from agent.fleet.db import Database
+from agent.fleet.registry import RegistrySnapshot
 from agent.readings import Reading
 
 INT64 = (-(1 << 63), (1 << 63) - 1)
@@ -217,3 +219,25 @@ def _alarm(db: Database, device: str, seq: int | None, kind: str, detail: str,
 
 
 __all__ = ["KIND_DROP", "BatchResult", "Rejection", "Verified", "store_batch"]
+
+
+def reverify_rejected(db: Database, snapshot: RegistrySnapshot) -> tuple[int, int]:
+    """``fleet reverify``: look again at what the ingest refused (and acknowledged, so kept
+    raw): an envelope of a key registered since then is stored now and leaves `rejected`.
+    Returns (stored, still refused)."""
+    rows = db.query("SELECT id, raw, received_ns FROM rejected ORDER BY id")
+    good: list[Verified] = []
+    ids: list[int] = []
+    for row_id, raw, received_ns in rows:
+        try:
+            opened = snapshot.open(bytes(raw))
+        except (SignatureError, RemoteProtocolError):
+            continue
+        if snapshot.registry.device_of(opened.kid) == opened.device:
+            good.append(Verified(opened, bytes(raw), int(received_ns)))
+            ids.append(int(row_id))
+    if good:
+        store_batch(db, good)
+        db.transaction(lambda d: d.executemany("DELETE FROM rejected WHERE id = ?",
+                                               [(i,) for i in ids]))
+    return len(good), len(rows) - len(good)

@@ -122,3 +122,19 @@ def _ranges(values):
         else:
             out.append((v, v))
     return out
+
+
+def test_envelopes_of_a_key_registered_later_are_stored_by_reverify(db):
+    from agent.fleet import registry
+    from agent.fleet.store import Rejection, reverify_rejected
+
+    car, late = Device("car-1"), Device("late-1", seed=5)
+    register(db, car)
+    sent = late.envelopes(3)
+    store_batch(db, [], [Rejection("t", e.data, "unknown-key", "not registered", 1)
+                         for e in sent] + [Rejection("t", b"junk", "malformed-cbor", "", 1)])
+    assert reverify_rejected(db, registry.load(db)) == (0, 4)
+    snap = register(db, late)
+    assert reverify_rejected(db, snap) == (3, 1)
+    assert head(db, "late-1") == 2 and db.query("SELECT reason FROM rejected") == \
+        [("malformed-cbor",)]
