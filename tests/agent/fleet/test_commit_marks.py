@@ -73,6 +73,27 @@ def spool_seqs(tmp_path: Path, name: str) -> tuple[set[int], int]:
     return seqs, next_seq
 
 
+def wait_running(status_file: Path, proc: subprocess.Popen, timeout_s: float = 60,
+                 sealed: int = 0) -> None:
+    """The readiness signal: the agent's status file says running (its signal handlers are
+    installed by then, so SIGTERM is a clean stop), with at least ``sealed`` envelopes."""
+    from agent.errors import EdgeAgentError
+    from agent.status import read_status
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            status = read_status(status_file)
+            state = status.state
+            next_seq = status.spool.next_seq if status.spool else 0
+        except (OSError, EdgeAgentError):
+            state, next_seq = "no status file yet", 0
+        if state == "running" and next_seq >= sealed:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the agent did not report running")
+
+
 def stop(proc: subprocess.Popen) -> str:
     proc.terminate()
     out, _ = proc.communicate(timeout=30)
@@ -110,6 +131,8 @@ def test_broker_killed_repeatedly_loses_nothing_the_agents_let_go(tmp_path, brok
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
                  for c in configs]
         try:
+            for name, proc in zip(names, procs, strict=True):
+                await asyncio.to_thread(wait_running, tmp_path / name / "status.json", proc)
             for _ in range(kills):
                 target = ingest.counters["stored"] + 40
                 async with asyncio.timeout(30):
@@ -151,7 +174,7 @@ def test_offline_status_carries_the_signed_head(tmp_path, mosquitto):
     proc = subprocess.Popen([EDGE_AGENT, "run", "--config", str(config)], text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        time.sleep(1.5)
+        wait_running(tmp_path / "cs-h" / "status.json", proc, sealed=3)
     finally:
         out = stop(proc)
     assert proc.returncode == 0, out
