@@ -57,6 +57,8 @@ CREATE TABLE IF NOT EXISTS envelopes (
     PRIMARY KEY (device, seq)
 );
 CREATE INDEX IF NOT EXISTS envelopes_hash ON envelopes (hash);
+CREATE INDEX IF NOT EXISTS envelopes_drops ON envelopes (device, drop_last)
+    WHERE drop_first IS NOT NULL;
 CREATE TABLE IF NOT EXISTS readings (
     device      TEXT    NOT NULL,
     seq         BIGINT  NOT NULL,

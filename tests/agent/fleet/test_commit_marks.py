@@ -21,6 +21,7 @@ from agent.fleet.db import open_database
 from agent.fleet.ingest import Ingest, IngestConfig
 from agent.fleet.mqtt import BrokerConfig
 from agent.keys import IdentityKey, KeyStore
+from agent.telemetry import MAX_ENVELOPES_PER_COMMIT
 from agent.topics import status_topic
 from agent.uplink import MqttConfig, Uplink
 
@@ -184,4 +185,10 @@ def test_offline_status_carries_the_signed_head(tmp_path, mosquitto):
     keys = KeyStore(tmp_path / "cs-h").load()
     head = open_head(head_from_status(payload), lambda kid: keys.identity.public)
     _, next_seq = spool_seqs(tmp_path, "cs-h")
-    assert head.seq == status["head"]["seq"] == next_seq - 1 and head.device == "cs-h"
+    with sqlite3.connect(tmp_path / "cs-h" / "spool.sqlite") as spool:
+        stored = spool.execute("SELECT hash FROM outbox WHERE seq = ?", (head.seq,)).fetchone()
+    # the head names an envelope the agent committed, with its hash; it may trail the very
+    # end by the one commit still running on the spool thread as the uplink closed
+    assert head.seq == status["head"]["seq"] and head.device == "cs-h"
+    assert stored is not None and bytes(stored[0]) == head.hash
+    assert next_seq - 1 - MAX_ENVELOPES_PER_COMMIT <= head.seq <= next_seq - 1
