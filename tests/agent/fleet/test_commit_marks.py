@@ -97,7 +97,12 @@ def wait_running(status_file: Path, proc: subprocess.Popen, timeout_s: float = 6
 
 def stop(proc: subprocess.Popen) -> str:
     proc.terminate()
-    out, _ = proc.communicate(timeout=30)
+    try:
+        out, _ = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:  # never leave an agent behind
+        proc.kill()
+        out, _ = proc.communicate()
+        raise AssertionError(f"agent did not stop on SIGTERM:\n{out}") from None
     return out
 
 
