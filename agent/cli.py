@@ -245,6 +245,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from agent.fleet_keys import FleetRegistry
     from agent.verify import verify_capture
 
+    if args.logbook:
+        from agent.fleet.logbook import verify_bundle
+
+        try:
+            bundle = Path(args.logbook).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{args.logbook}: cannot read the logbook: {exc.strerror}") \
+                from None
+        # The bundle carries its keys; a registry file, when there is one, adds trust.
+        book = verify_bundle(bundle, FleetRegistry.load_or_empty(args.registry))
+        print(json.dumps({"ok": book.ok, "failures": book.failures}) if args.json
+              else book.format())
+        return EXIT_OK if book.ok else EXIT_FAIL
     registry = FleetRegistry.load(args.registry)
     if args.mqtt:
         import asyncio
@@ -380,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", nargs="?", help="capture file: envelopes as a CBOR sequence")
     p.add_argument("--mqtt", metavar="URL", help="subscribe to a broker and verify live "
                    "(mqtt://host:port or mqtts://...)")
+    p.add_argument("--logbook", metavar="FILE", help="check a mileage logbook bundle offline "
+                   "(edge-agent fleet logbook): signatures, chains, keys, odometer")
     p.add_argument("--duration", type=float, default=None,
                    help="with --mqtt: stop after this many seconds (default: no limit)")
     p.add_argument("--idle", type=float, default=10.0,

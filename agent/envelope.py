@@ -22,11 +22,22 @@ Every CBOR item is deterministic (RFC 8949 s4.2, agent.dcbor). ``kind`` and ``bo
 the chain head); ``prev`` is SHA-256 of the previous envelope's bytes (32 zero bytes for
 seq 0). So any gap, reorder, edit, deletion or replay is visible to a verifier.
 
-Opening checks, in order, each with its own error: size (OversizeInput), CBOR well-formed
-and deterministic (MalformedCBOR, NonDeterministicCBOR, DuplicateMapKey), tag 18 (WrongTag),
+Opening checks, in order, each with its own error and ``reason`` code: size (OversizeInput),
+CBOR well-formed and deterministic (MalformedCBOR, NonDeterministicCBOR, DuplicateMapKey),
+tag 18 (WrongTag), the COSE_Sign1 structure (``cose-structure``), an EMPTY unprotected header
+(``unprotected-header``), a protected header of exactly alg and kid (``protected-header``),
 alg EdDSA (WrongAlgorithm), the key (UnknownKey / RevokedKey from the lookup), the signature
-(BadSignature), then the payload schema (MalformedEnvelope). A kid in the unprotected
-header is accepted too, since other COSE libraries put it there.
+(BadSignature), then the payload schema (``payload-schema``, ``telemetry-body`` ...).
+
+Why the unprotected header must be empty: ``prev`` is the hash of the whole envelope, and
+unprotected bytes are not signed, so anyone on the path could change an envelope's hash
+(and break or fake a chain link) without touching its signature. Refusing them means a
+verdict depends on signed bytes only. The full spec, with CDDL and known-answer vectors, is
+docs/envelope.md.
+
+A chain head (:func:`seal_head`) is a COSE_Sign1 of its own kind, told apart by its content
+type (protected header 3): the device's last seq and that envelope's hash, so a verifier
+sees a truncated tail ("device says seq 4949, last seen 4944").
 """
 
 from __future__ import annotations
@@ -48,12 +59,15 @@ from agent.readings import Event, Reading
 
 COSE_SIGN1_TAG = 18
 ALG_EDDSA = -8
-HDR_ALG, HDR_KID = 1, 4
+HDR_ALG, HDR_CONTENT_TYPE, HDR_KID = 1, 3, 4
+HEAD_CONTENT_TYPE = "application/evedge-head+cbor"
+COMMIT_CONTENT_TYPE = "application/evedge-commit+cbor"
 KIND_TELEMETRY, KIND_EVENT, KIND_DROP = "telemetry", "event", "drop"
 KINDS = (KIND_TELEMETRY, KIND_EVENT, KIND_DROP)
 GENESIS = bytes(32)
 MAX_ENVELOPE_BYTES = 256 * 1024
 BOOT_ID_LEN = 16
+KID_LEN = 8
 
 P_DEVICE, P_BOOT, P_SEQ, P_PREV, P_KIND, P_BODY = 1, 2, 3, 4, 5, 6
 _PAYLOAD_KEYS = {P_DEVICE, P_BOOT, P_SEQ, P_PREV, P_KIND, P_BODY}
@@ -176,42 +190,63 @@ KeyLookup = Callable[[bytes], bytes]
 def open_envelope(data: bytes, lookup: KeyLookup,
                   max_bytes: int = MAX_ENVELOPE_BYTES) -> OpenedEnvelope:
     """Check and decode one envelope. Raises only agent.errors (see module doc)."""
+    kid, payload = _open_sign1(data, lookup, max_bytes, content_type=None)
+    return _decode_payload(payload, kid, hashlib.sha256(data).digest())
+
+
+def _open_sign1(data: bytes, lookup: KeyLookup, max_bytes: int,
+                content_type: str | None) -> tuple[bytes, bytes]:
+    """Check a COSE_Sign1 of ours up to its signature; return (kid, payload bytes).
+    ``content_type`` None: an envelope (protected header {1, 4}); else a chain head
+    (protected header {1, 3, 4} with that content type)."""
     if len(data) > max_bytes:
-        raise OversizeInput(f"envelope is {len(data)} bytes, limit {max_bytes}")
+        raise OversizeInput(f"input is {len(data)} bytes, limit {max_bytes}")
     outer = dcbor.loads(data, max_bytes=max_bytes)
     if not isinstance(outer, dcbor.Tag) or outer.tag != COSE_SIGN1_TAG:
         raise WrongTag("not a COSE_Sign1 (tag 18)")
     parts = outer.value
     if not isinstance(parts, list) or len(parts) != 4:
-        raise MalformedEnvelope("COSE_Sign1 is an array of 4")
+        raise MalformedEnvelope("COSE_Sign1 is an array of 4", reason="cose-structure")
     protected_bytes, unprotected, payload, signature = parts
     if not isinstance(protected_bytes, bytes) or not isinstance(unprotected, dict) \
             or not isinstance(payload, bytes) or not isinstance(signature, bytes):
-        raise MalformedEnvelope("COSE_Sign1 items have the wrong types")
+        raise MalformedEnvelope("COSE_Sign1 items have the wrong types",
+                                reason="cose-structure")
+    if unprotected:
+        raise MalformedEnvelope("the unprotected header must be empty (its bytes are not "
+                                "signed but change the envelope's hash)",
+                                reason="unprotected-header")
     protected = dcbor.loads(protected_bytes, max_bytes=256)
     if not isinstance(protected, dict):
-        raise MalformedEnvelope("protected header is not a map")
+        raise MalformedEnvelope("protected header is not a map", reason="protected-header")
     if protected.get(HDR_ALG) != ALG_EDDSA:
         raise WrongAlgorithm(f"alg {protected.get(HDR_ALG)!r} is not EdDSA (-8)")
-    kid = protected.get(HDR_KID, unprotected.get(HDR_KID))
-    if not isinstance(kid, bytes):
-        raise MalformedEnvelope("no kid in the headers")
+    expected = {HDR_ALG, HDR_KID} if content_type is None else \
+        {HDR_ALG, HDR_CONTENT_TYPE, HDR_KID}
+    if set(protected) != expected or protected.get(HDR_CONTENT_TYPE) != content_type:
+        raise MalformedEnvelope(f"protected header has the keys {sorted(protected, key=str)}, "
+                                f"expected {sorted(expected)}", reason="protected-header")
+    kid = protected[HDR_KID]
+    if not isinstance(kid, bytes) or len(kid) != KID_LEN:
+        raise MalformedEnvelope(f"kid must be {KID_LEN} bytes", reason="protected-header")
     public = lookup(kid)
     sig_structure = dcbor.dumps(["Signature1", protected_bytes, b"", payload])
     verify_ed25519(public, sig_structure, signature)
-    return _decode_payload(payload, kid, hashlib.sha256(data).digest())
+    return kid, payload
 
 
 def _decode_payload(payload: bytes, kid: bytes, digest: bytes) -> OpenedEnvelope:
     body_map = dcbor.loads(payload, max_bytes=MAX_ENVELOPE_BYTES)
     if not isinstance(body_map, dict) or set(body_map) != _PAYLOAD_KEYS:
-        raise MalformedEnvelope("payload must have exactly the keys 1..6")
+        raise MalformedEnvelope("payload must have exactly the keys 1..6",
+                                reason="payload-schema")
     device, boot, seq = body_map[P_DEVICE], body_map[P_BOOT], body_map[P_SEQ]
     prev, kind, body = body_map[P_PREV], body_map[P_KIND], body_map[P_BODY]
     if not isinstance(device, str) or not isinstance(boot, bytes) or len(boot) != BOOT_ID_LEN \
             or not isinstance(seq, int) or seq < 0 or not isinstance(prev, bytes) \
             or len(prev) != 32 or kind not in KINDS:
-        raise MalformedEnvelope("payload header fields have wrong types or sizes")
+        raise MalformedEnvelope("payload header fields have wrong types or sizes",
+                                reason="payload-schema")
     readings: tuple[Reading, ...] = ()
     events: tuple[Event, ...] = ()
     drop = None
@@ -227,7 +262,7 @@ def _decode_payload(payload: bytes, kid: bytes, digest: bytes) -> OpenedEnvelope
         else:
             drop = _decode_drop(body)
     except (ValueError, TypeError) as exc:
-        raise MalformedEnvelope(f"{kind} body: {exc}") from None
+        raise MalformedEnvelope(f"{kind} body: {exc}", reason=f"{kind}-body") from None
     return OpenedEnvelope(kid, device, boot, seq, prev, kind, readings, events, drop, digest)
 
 
@@ -242,6 +277,64 @@ def _decode_drop(body: object) -> DropNotice:
         raise ValueError("drop range or hash malformed")
     first, last, count, nbytes = ints
     return DropNotice(first, last, count, nbytes, body["last_hash"], body["reason"])
+
+
+# --------------------------------------------------------------------------- chain head
+
+H_DEVICE, H_SEQ, H_HASH, H_TS = 1, 3, 4, 7
+_HEAD_KEYS = {H_DEVICE, H_SEQ, H_HASH, H_TS}
+MAX_HEAD_BYTES = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ChainHead:
+    """What a device says about its own chain: ``seq`` is the last envelope it sealed and
+    committed, ``hash`` that envelope's hash, ``ts_ns`` when it said so."""
+
+    kid: bytes
+    device: str
+    seq: int
+    hash: bytes
+    ts_ns: int
+    data: bytes
+
+
+def seal_head(identity: Signer, device_id: str, seq: int, digest: bytes, ts_ns: int,
+              content_type: str = HEAD_CONTENT_TYPE) -> bytes:
+    """A signed chain head: COSE_Sign1 with protected {1: -8, 3: content type, 4: kid} and
+    payload {1: device, 3: seq, 4: hash, 7: ts_ns} (docs/envelope.md). The same structure
+    with COMMIT_CONTENT_TYPE, signed by a fleet ingest key, is a commit mark: "everything
+    of ``device`` up to ``seq`` (ending in ``hash``) is committed to the fleet database"."""
+    if seq < 0 or len(digest) != 32 or ts_ns < 0:
+        raise ValueError("a chain head names a sealed seq and its 32-byte hash")
+    protected = dcbor.dumps({HDR_ALG: ALG_EDDSA, HDR_CONTENT_TYPE: content_type,
+                             HDR_KID: identity.kid})
+    payload = dcbor.dumps({H_DEVICE: device_id, H_SEQ: seq, H_HASH: digest, H_TS: ts_ns})
+    signature = identity.sign(dcbor.dumps(["Signature1", protected, b"", payload]))
+    return dcbor.dumps(dcbor.Tag(COSE_SIGN1_TAG, [protected, {}, payload, signature]))
+
+
+def open_head(data: bytes, lookup: KeyLookup,
+              content_type: str = HEAD_CONTENT_TYPE) -> ChainHead:
+    """Check and decode a chain head (or a commit mark); raises only agent.errors."""
+    kid, payload = _open_sign1(data, lookup, MAX_HEAD_BYTES, content_type=content_type)
+    body = dcbor.loads(payload, max_bytes=MAX_HEAD_BYTES)
+    if not isinstance(body, dict) or set(body) != _HEAD_KEYS:
+        raise MalformedEnvelope("chain head payload must have the keys 1, 3, 4, 7",
+                                reason="head-schema")
+    device, seq, digest, ts_ns = body[H_DEVICE], body[H_SEQ], body[H_HASH], body[H_TS]
+    if not isinstance(device, str) or not isinstance(seq, int) or seq < 0 \
+            or not isinstance(digest, bytes) or len(digest) != 32 \
+            or not isinstance(ts_ns, int) or ts_ns < 0:
+        raise MalformedEnvelope("chain head fields have wrong types or sizes",
+                                reason="head-schema")
+    return ChainHead(kid, device, seq, digest, ts_ns, data)
+
+
+def is_head(data: bytes) -> bool:
+    """Cheap test whether ``data`` claims to be a chain head (its content type is in the
+    first bytes); the caller still opens it with :func:`open_head`."""
+    return HEAD_CONTENT_TYPE.encode() in data[:64]
 
 
 class Batcher:

@@ -2,7 +2,9 @@
 
 Subscribes (QoS 1) to ``evedge/v1/+/telemetry`` and ``evedge/v1/+/event`` and feeds every
 message to :class:`agent.verify.Verifier`: gaps, reused seqs, broken links, bad signatures,
-and duplicates (QoS 1 redelivery, reported and removed). Stops when a condition holds: a
+and duplicates (QoS 1 redelivery, reported and removed). It also reads every device's
+retained status (``evedge/v1/+/status``): the signed chain head in it (agent.chain_head)
+shows a truncated tail ("device says seq 4949, last seen 4944"). Stops when a condition holds: a
 number of envelopes, a quiet period, a deadline, or a caller's predicate.
 
 With a fixed ``client_id`` and ``persistent=True`` the broker keeps a session for the
@@ -20,12 +22,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.chain_head import head_from_status
 from agent.fleet_keys import FleetRegistry
 from agent.topics import ROOT
 from agent.uplink import MqttConfig, Uplink
 from agent.verify import Verifier, VerifyReport
 
 TOPICS = (f"{ROOT}/+/telemetry", f"{ROOT}/+/event")
+STATUS_TOPICS = f"{ROOT}/+/status"
 
 
 @dataclass
@@ -40,7 +44,12 @@ class LiveVerifier:
     def __post_init__(self) -> None:
         self.verifier = Verifier(self.registry)
 
-    def add(self, payload: bytes) -> None:
+    def add(self, payload: bytes, topic: str = "") -> None:
+        if topic.endswith("/status"):
+            head = head_from_status(payload)
+            if head is not None:
+                self.verifier.add_head(head)
+            return
         self.messages += 1
         opened = self.verifier.add(payload)
         if opened is not None:
@@ -78,7 +87,7 @@ async def collect(up: Uplink, live: LiveVerifier, *, until: Callable[[LiveVerifi
                 message = await anext(messages)
         except TimeoutError:
             return
-        live.add(message.payload)
+        live.add(message.payload, message.topic)
 
 
 async def verify_mqtt(url: str, registry: FleetRegistry, *, envelopes: int | None = None,
@@ -108,7 +117,7 @@ async def verify_mqtt(url: str, registry: FleetRegistry, *, envelopes: int | Non
         if subscribed is not None:  # subscribe on a live connection: returns on SUBACK
             async with asyncio.timeout(timeout_s):
                 await up.wait_connected()
-        for topic in TOPICS:
+        for topic in (*TOPICS, STATUS_TOPICS):
             await up.subscribe(topic)
         if subscribed is not None:
             subscribed.set()

@@ -7,6 +7,8 @@ Tasks (named, none fire-and-forget; STYLE "one supervisor")::
     telemetry.publish Spool -> Uplink, delete on PUBACK           (agent.telemetry)
     uplink            the MQTT connection, reconnects             (agent.uplink)
     status            status file, sd_notify WATCHDOG/STATUS      (agent.status_publisher)
+    chain-head        the signed chain head in the retained status (agent.chain_head)
+    fleet-commit      with keep_until = "fleet-commit": follow commit marks (agent.fleet_commit)
     metrics           optional Prometheus endpoint                (agent.metrics)
     channel[...]      payment-channel sessions added by the caller (add_task)
 
@@ -43,6 +45,7 @@ from typing import TYPE_CHECKING
 
 from agent import __version__
 from agent.backoff import Backoff
+from agent.chain_head import HeadStatus, publish_heads
 from agent.config import Config, load_config
 from agent.envelope import Sealer
 from agent.errors import (
@@ -201,6 +204,7 @@ class Runtime:
         self.started_ns = time.time_ns()
         self.state = "starting"
         self.uplink: Uplink | None = None
+        self.heads: HeadStatus | None = None
         self.pipeline: Pipeline | None = None
         self._extra: list[tuple[str, Callable[[Runtime], Awaitable[None]]]] = []
         self._channel_status: Callable[[], tuple] = tuple
@@ -254,8 +258,10 @@ class Runtime:
         worker = SpoolWorker(spool)
         sealer = Sealer(self.keys.identity, self.device_id, os.urandom(16),
                         spool.next_seq, spool.head)
+        self.heads = HeadStatus(self.keys.identity, self.device_id, self.mqtt.client_id,
+                                lambda: (spool.next_seq, spool.head))
         try:
-            async with Uplink(self.mqtt) as uplink:
+            async with Uplink(self.mqtt, status_payload=self.heads.payload) as uplink:
                 self.uplink = uplink
                 self.pipeline = Pipeline(sealer, worker, uplink, self.device_id,
                                          batch=self.config.batch)
@@ -317,6 +323,12 @@ class Runtime:
                 source_tasks = [tg.create_task(self._run_source(r), name=f"source[{r.source.id}]")
                                 for r in self.sources]
                 tg.create_task(self._status_task(), name="status")
+                if self.mqtt.status_topic and self.uplink and self.heads:
+                    tg.create_task(publish_heads(self.uplink, self.mqtt.status_topic, self.heads,
+                                                 self.spool_config.head_interval_s),
+                                   name="chain-head")
+                if self.spool_config.fleet_commit:
+                    tg.create_task(self._follow_commits(), name="fleet-commit")
                 metrics = self._metrics_server()
                 if metrics is not None:
                     tg.create_task(self._serve_metrics(metrics), name="metrics")
@@ -335,6 +347,20 @@ class Runtime:
                 raise _Stop
         except* _Stop:
             pass
+
+    async def _follow_commits(self) -> None:
+        from agent.fleet_commit import CommitFollower
+
+        assert self.uplink is not None and self.pipeline is not None
+        worker, spool = self.pipeline.worker, self.pipeline.spool
+        self.commits = CommitFollower(self.device_id, self.spool_config.commit_keys)
+
+        async def delete(seq: int, digest: bytes) -> int:
+            return await worker.call(spool.delete_committed, seq, digest)
+
+        # TODO(uplink rewrite): a per-topic message route; today the follower shares the
+        # uplink's one message queue (it skips what is not its topic).
+        await self.commits.run(self.uplink, self.uplink.messages(), delete)
 
     async def _run_source(self, runner: SourceRunner) -> None:
         source = runner.source

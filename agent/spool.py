@@ -91,22 +91,56 @@ CREATE TABLE IF NOT EXISTS chain (
 """
 
 
+KEEP_UNTIL = ("puback", "fleet-commit")
+
+
 @dataclass(frozen=True, slots=True)
 class SpoolConfig:
     """``[spool]``: ``path`` (default ``<state_dir>/spool.sqlite``), ``max_bytes`` (cap),
     ``low_water`` (fraction of the cap a drop pass frees down to: after a pass the spool
-    holds about ``low_water x max_bytes``, the newest telemetry)."""
+    holds about ``low_water x max_bytes``, the newest telemetry). ``keep_until``.
+
+    ``keep_until = "puback"`` (default): a row leaves after the broker's PUBACK.
+    ``keep_until = "fleet-commit"``: an envelope stays until a commit mark of the fleet
+    ingest (signed by one of ``commit_keys``, Ed25519 public keys in hex) covers its seq,
+    because a PUBACK only says the broker has it, and a broker killed before its autosave
+    loses what it acknowledged (agent.fleet_commit). PUBACK still drives the in-flight
+    window; the cap and the drop policy still apply. ``head_interval_s``: how often the
+    signed chain head is republished in the retained status (agent.chain_head)."""
 
     path: Path
     max_bytes: int = 64 * 1024 * 1024
     low_water: float = 0.5
+    keep_until: str = "puback"
+    commit_keys: tuple[bytes, ...] = ()
+    head_interval_s: float = 30.0
+
+    @property
+    def fleet_commit(self) -> bool:
+        return self.keep_until == "fleet-commit"
 
     @classmethod
     def from_table(cls, table: Table, state_dir: Path | None = None) -> SpoolConfig:
         default = str((state_dir or Path("/var/lib/edge-agent")) / "spool.sqlite")
+        keys = []
+        for index, text in enumerate(table.list("commit_keys", [])):
+            try:
+                key = bytes.fromhex(text) if isinstance(text, str) else b""
+            except ValueError:
+                key = b""
+            if len(key) != 32:
+                raise table.error(f"commit_keys[{index}]", "an Ed25519 public key in hex "
+                                  "(`edge-agent fleet key` prints it)", text)
+            keys.append(key)
         value = cls(path=table.path("path", default),
                     max_bytes=table.int("max_bytes", 64 * 1024 * 1024, min=64 * 1024),
-                    low_water=table.float("low_water", 0.5, min=0.1, max=0.9))
+                    low_water=table.float("low_water", 0.5, min=0.1, max=0.9),
+                    keep_until=table.choice("keep_until", "puback", KEEP_UNTIL),
+                    commit_keys=tuple(keys),
+                    head_interval_s=table.float("head_interval_s", 30.0, min=0.1))
+        if value.fleet_commit and not value.commit_keys:
+            raise table.error("commit_keys", "the fleet ingest's key(s) with keep_until = "
+                              "\"fleet-commit\"", [])
         table.reject_unknown()
         return value
 
@@ -415,6 +449,31 @@ class Spool:
         except sqlite3.Error as exc:
             raise SpoolError(f"spool delete failed: {exc}",
                              reason=_reason(exc, self.config.path)) from exc
+        self.total_bytes -= int(nbytes)
+        self.rows -= int(count)
+        return int(count)
+
+    def delete_committed(self, seq: int, digest: bytes) -> int:
+        """Delete every envelope of the device chain up to ``seq``: the fleet committed
+        them (a verified commit mark). Refused (0) when the envelope at ``seq`` is still
+        here with another hash: that mark is not about our chain. Returns how many went."""
+        if seq >= self.next_seq:  # a mark about seqs we never sealed: not our chain
+            self.counters["commit_mark_ahead"] += 1
+            return 0
+        try:
+            with self._transaction():
+                row = self._db.execute("SELECT hash FROM outbox WHERE seq = ?",
+                                       (seq,)).fetchone()
+                if row is not None and bytes(row[0]) != digest:
+                    self.counters["commit_mark_mismatch"] += 1
+                    return 0
+                nbytes, count = self._db.execute(
+                    "SELECT COALESCE(SUM(nbytes), 0), COUNT(*) FROM outbox "
+                    "WHERE seq IS NOT NULL AND seq <= ?", (seq,)).fetchone()
+                self._db.execute("DELETE FROM outbox WHERE seq IS NOT NULL AND seq <= ?",
+                                 (seq,))
+        except sqlite3.Error as exc:
+            raise SpoolError(f"spool delete failed: {exc}", reason=_reason(exc)) from exc
         self.total_bytes -= int(nbytes)
         self.rows -= int(count)
         return int(count)

@@ -16,6 +16,11 @@ Rules:
   a duplicate only for a message whose PUBACK we never got (QoS 1 redelivery).
 - A publish the broker refuses (ACL: ``not-authorised``) leaves the row in the spool and
   is retried after a capped exponential back-off.
+- With ``[spool] keep_until = "fleet-commit"`` a PUBACK of an envelope only frees its
+  place in the window: the row stays (no longer "in flight", so the drop policy may take
+  it) until a fleet commit mark covers it (agent.fleet_commit); after a reconnect the
+  publisher starts again from the oldest row, so what the fleet has not committed is sent
+  again. Channel rows (no seq) still leave on PUBACK.
 - A failed commit (disk full) is counted and logged. Its envelopes are never stored, so
   never published: their seqs are given up (the sealer is NOT set back, so no seq is ever
   handed out twice, even if the failed commit's outcome was not what SQLite reported), and
@@ -103,6 +108,7 @@ class Pipeline:
                                         uplink.config.backoff_max_s)
         self._lost_bytes = 0  # of envelopes sealed whose commit failed, not yet recorded
         self.disk_full = False  # the last commit failed for want of space
+        self.keep_until_commit = self.spool.config.fleet_commit
 
     # -- intake ---------------------------------------------------------------------
     async def emit(self, item: Reading | Event) -> None:
@@ -247,7 +253,9 @@ class Pipeline:
                 if failed:
                     raise failed[0]
                 fut = self.uplink.publish_nowait(row.topic, row.data)
-                fut.add_done_callback(functools.partial(self._on_ack, row.id, window, failed))
+                keep = self.keep_until_commit and row.seq is not None
+                fut.add_done_callback(functools.partial(self._on_ack, row.id, keep, window,
+                                                        failed))
                 cursor = row.id
             if len(self._acked) >= ACK_FLUSH_ROWS or time.monotonic() - last_flush > ACK_FLUSH_S:
                 await self._flush_acks()
@@ -261,12 +269,16 @@ class Pipeline:
             self.spool.mark_in_flight(row.id)
         return rows
 
-    def _on_ack(self, row_id: int, window: asyncio.Semaphore, failed: list[UplinkError],
-                fut: asyncio.Future[None]) -> None:
+    def _on_ack(self, row_id: int, keep: bool, window: asyncio.Semaphore,
+                failed: list[UplinkError], fut: asyncio.Future[None]) -> None:
         window.release()
         exc = fut.exception() if not fut.cancelled() else UplinkError("cancelled")
         if exc is None:
-            self._acked.append(row_id)
+            if keep:  # stays until a fleet commit mark covers it
+                self.spool.clear_in_flight((row_id,))
+                self.counters["acked_kept"] += 1
+            else:
+                self._acked.append(row_id)
             self.counters["acked"] += 1
             self._refused_backoff.reset()
         else:

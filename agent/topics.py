@@ -5,6 +5,7 @@
     evedge/v1/<device>/telemetry             sealed envelopes (QoS 1)
     evedge/v1/<device>/event                 sealed event envelopes (never dropped)
     evedge/v1/<device>/status                retained online/offline/lost (last will)
+    evedge/v1/<device>/commit                retained fleet commit mark (agent.fleet_commit)
     evedge/v1/channel/<channel id hex>/<role>  payment-channel messages FROM role (ev | cs)
 
 Every level that comes from config or from the wire is checked: an id that holds ``/``, ``+``
@@ -36,6 +37,10 @@ def event_topic(device_id: str) -> str:
 
 def status_topic(device_id: str) -> str:
     return f"{ROOT}/{level(device_id, 'device id')}/status"
+
+
+def commit_topic(device_id: str) -> str:
+    return f"{ROOT}/{level(device_id, 'device id')}/commit"
 
 
 def channel_topic(channel_id: str, role: str) -> str:

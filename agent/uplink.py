@@ -169,6 +169,9 @@ class Uplink:
     def __init__(self, config: MqttConfig, *, rng: random.Random | None = None,
                  status_payload: StatusPayload | None = None) -> None:
         self.config = config
+        # "online" | "offline" | "lost" -> the retained status / will payload (the agent's
+        # carries its signed chain head: agent.chain_head)
+        self._status_payload = status_payload
         self.counters: Counter[str] = Counter()
         self.last_error: UplinkError | None = None
         self.protocol: MQTTProtocolVersion | None = None  # of the live connection

@@ -14,9 +14,17 @@ for a :class:`VerifyReport` at any point. Per device it reports
 - ``meter_signed_ok`` / ``meter_signed_bad``: ``Meter.OCMF`` readings (records an
   Eichrecht meter signed itself) checked against the ``Meter.PublicKey`` that meter
   reported in the stream (agent.ocmf); a record that does not verify fails the stream;
-- and, not per device, ``bad_signature``, ``unknown_key``, ``revoked_key``, ``malformed``.
+- ``missing_tail``: the device's own signed chain head (retained status, last will, or a
+  head in the capture) names a seq above the last one seen: the end of the stream was cut
+  off ("device says seq 4949, last seen 4944"); ``head_mismatch``: a head whose hash is not
+  the hash of the envelope seen at its seq (a fork);
+- and, not per device, ``failures`` by the specific reason code of the error
+  (``bad-signature``, ``unknown-key``, ``revoked-key``, ``wrong-alg``, ``duplicate-map-key``,
+  ``wrong-tag``, ``unprotected-header``, ``malformed-cbor`` ...: agent.errors).
 
-Everything but duplicates fails the stream (``report.ok`` is False, exit status 1).
+Everything but duplicates fails the stream (``report.ok`` is False, exit status 1), and so
+does a verification that checked no envelope at all: "every envelope verifies" about an
+empty capture (a wrong file, a wrong topic) would be a false assurance.
 """
 
 from __future__ import annotations
@@ -31,16 +39,17 @@ from agent.envelope import (
     COSE_SIGN1_TAG,
     GENESIS,
     KIND_DROP,
+    ChainHead,
     OpenedEnvelope,
+    is_head,
     open_envelope,
+    open_head,
 )
 from agent.errors import (
-    BadSignature,
     DecodeError,
     EdgeAgentError,
-    MalformedEnvelope,
-    RevokedKey,
-    UnknownKey,
+    RemoteProtocolError,
+    SignatureError,
 )
 from agent.fleet_keys import FleetRegistry
 from agent.ocmf import MeterSignedTally
@@ -69,11 +78,15 @@ class DeviceReport:
     meter_signed_no_key: int = 0
     first_seq: int | None = None
     last_seq: int | None = None
+    head_seq: int | None = None  # the highest seq the device's own signed head names
+    missing_tail: int = 0
+    head_mismatch: int = 0
 
     @property
     def ok(self) -> bool:
         return not (self.reorders or self.gaps or self.broken_links or self.seq_reused
-                    or self.device_mismatch or self.meter_signed_bad)
+                    or self.device_mismatch or self.meter_signed_bad or self.missing_tail
+                    or self.head_mismatch)
 
 
 @dataclass
@@ -84,7 +97,8 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
-        return not sum(self.failures.values()) and all(d.ok for d in self.devices.values())
+        return self.envelopes > 0 and not sum(self.failures.values()) \
+            and all(d.ok for d in self.devices.values())
 
     @property
     def envelopes(self) -> int:
@@ -96,6 +110,7 @@ class VerifyReport:
             "devices": {name: {k: v for k, v in vars(d).items() if k != "device"}
                         for name, d in self.devices.items()},
             "failures": dict(self.failures),
+            "envelopes": self.envelopes,
         }
 
     def format(self) -> str:
@@ -110,6 +125,8 @@ class VerifyReport:
                                  ("seq reused by different envelopes", d.seq_reused),
                                  ("reordered", d.reorders),
                                  ("device id not matching its key", d.device_mismatch),
+                                 ("chain heads not matching the envelope at their seq",
+                                  d.head_mismatch),
                                  ("duplicates removed (QoS 1 redelivery or replay)", d.duplicates),
                                  ("dropped unsent, declared by a signed drop", d.dropped_declared),
                                  ("meter-signed OCMF records that verify", d.meter_signed_ok),
@@ -118,6 +135,10 @@ class VerifyReport:
                                   d.meter_signed_no_key)):
                 if value:
                     lines.append(f"    {label}: {value}")
+            if d.missing_tail:
+                lines.append(f"    missing tail: device says seq {d.head_seq}, last seen "
+                             f"{d.last_seq if d.last_seq is not None else 'none'} "
+                             f"({d.missing_tail} envelope(s) never arrived)")
             if d.gap_ranges:
                 shown = ", ".join(f"{a}..{b}" if a != b else str(a) for a, b in d.gap_ranges[:10])
                 lines.append(f"    missing seq: {shown}")
@@ -125,6 +146,10 @@ class VerifyReport:
             lines.append(f"FAIL {count} envelope(s): {reason}")
         for example in self.failure_examples:
             lines.append(f"    {example}")
+        if self.envelopes == 0:
+            lines.append("verification FAILED: no envelope was checked, 0 envelopes (empty "
+                         "capture, wrong file or wrong topic?)")
+            return "\n".join(lines)
         verdict = "every envelope verifies" if self.ok else "verification FAILED"
         lines.append(f"{verdict}: {self.envelopes} envelopes from {len(self.devices)} device(s)")
         return "\n".join(lines)
@@ -146,6 +171,7 @@ class _DeviceState:
         self.by_seq: dict[int, _Entry] = {}
         self.max_seq = -1
         self.meter_signed = MeterSignedTally()
+        self.heads: dict[int, bytes] = {}  # seq -> hash, from the device's signed heads
 
 
 class Verifier:
@@ -167,13 +193,14 @@ class Verifier:
             self.examples.append(f"{reason}: {detail}")
 
     def add(self, data: bytes) -> OpenedEnvelope | None:
+        """One envelope (or a chain head: a capture may carry them, see add_head)."""
+        if is_head(data):
+            self.add_head(data)
+            return None
         try:
             opened = open_envelope(data, self.registry.lookup)
-        except (BadSignature, UnknownKey, RevokedKey) as exc:
+        except (SignatureError, RemoteProtocolError) as exc:
             self.add_failure(exc.reason, str(exc))
-            return None
-        except (DecodeError, MalformedEnvelope) as exc:
-            self.add_failure("malformed", f"{exc.reason}: {exc}")
             return None
         state = self._devices.setdefault(opened.device, _DeviceState(opened.device))
         report = state.report
@@ -205,6 +232,22 @@ class Verifier:
         report.meter_signed_no_key = tally.no_key
         return opened
 
+    def add_head(self, data: bytes) -> ChainHead | None:
+        """A device's signed chain head (status, last will): it proves how far the chain
+        went, so envelopes missing after the last one seen show as a missing tail."""
+        try:
+            head = open_head(data, self.registry.lookup)
+        except (SignatureError, RemoteProtocolError) as exc:
+            self.add_failure(f"head-{exc.reason}", str(exc))
+            return None
+        if self.registry.device_of(head.kid) != head.device:
+            self.add_failure("head-device-mismatch", f"head of {head.device} signed by a key "
+                             f"of {self.registry.device_of(head.kid)}")
+            return None
+        state = self._devices.setdefault(head.device, _DeviceState(head.device))
+        state.heads[head.seq] = head.hash
+        return head
+
     def report(self) -> VerifyReport:
         return VerifyReport({name: self._chain_report(state)
                              for name, state in self._devices.items()},
@@ -216,6 +259,7 @@ class Verifier:
         whatever order envelopes arrived in)."""
         report = state.report
         report.gaps, report.broken_links, report.gap_ranges = 0, 0, []
+        _check_heads(state)
         if not state.by_seq:
             return report
         seqs = sorted(state.by_seq)
@@ -238,6 +282,15 @@ class Verifier:
                     report.broken_links += 1
             previous = seq
         return report
+
+
+def _check_heads(state: _DeviceState) -> None:
+    report = state.report
+    report.head_seq = max(state.heads, default=None)
+    report.head_mismatch = sum(1 for seq, digest in state.heads.items()
+                               if seq in state.by_seq and state.by_seq[seq].hash != digest)
+    last = max(state.by_seq, default=-1)
+    report.missing_tail = 0 if report.head_seq is None else max(report.head_seq - last, 0)
 
 
 def _walk_gap(report: DeviceReport, drops: list[tuple[int, int, bytes]], start: int,
@@ -281,7 +334,7 @@ def verify_capture(data: bytes, registry: FleetRegistry) -> VerifyReport:
     verifier = Verifier(registry)
     for item in iter_capture(data):
         if isinstance(item, EdgeAgentError):
-            verifier.add_failure("malformed", f"capture framing: {item}")
+            verifier.add_failure(item.reason, f"capture framing: {item}")
         else:
             verifier.add(item)
     return verifier.report()

@@ -8,6 +8,10 @@ need=()
 for pair in mosquitto:mosquitto socat:socat systemd-analyze:systemd zbarimg:zbar-tools zsh:zsh; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
+# PostgreSQL for the fleet tests (hil/postgres.py runs a throwaway cluster); Debian keeps
+# initdb off PATH, under /usr/lib/postgresql/<version>/bin.
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null 2>&1 \
+  || need+=(postgresql)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "installing Debian packages: ${need[*]} ..." >&2

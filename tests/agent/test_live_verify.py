@@ -45,7 +45,7 @@ def test_verify_mqtt_reports_duplicates_gaps_and_garbage(mosquitto):
     device = report.devices["dev-a"]
     assert (device.envelopes, device.duplicates, device.gaps) == (8, 1, 2)
     assert device.gap_ranges == [(3, 4)]
-    assert report.failures["malformed"] == 1
+    assert report.failures["malformed-cbor"] == 1
     assert not report.ok
 
 

@@ -394,7 +394,7 @@ async def _fleet_conf(broker: Mosquitto, pki) -> None:
             await up.publish("evedge/v1/dev2/telemetry", b"x", retry=False)
         assert info.value.reason == "not-authorised"
         await collect(sub, live, until=lambda s: s.messages >= 1, timeout_s=10)
-    assert live.messages == 1 and live.report().failures["malformed"] == 1
+    assert live.messages == 1 and live.report().failures["wrong-tag"] == 1
 
 
 def test_in_flight_window_is_bounded_while_the_broker_is_frozen(tmp_path, mosquitto):

@@ -1,12 +1,15 @@
 """The verifier: every removal, duplication, move, edit or foreign key in a stream shows."""
 
+import json
 import os
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.envelope import Sealer
+from agent import dcbor
+from agent.envelope import Sealer, open_envelope, seal_head
+from agent.errors import MalformedEnvelope
 from agent.fleet_keys import FleetRegistry
 from agent.keys import IdentityKey, SettlementKey, provisioning_record
 from agent.readings import Reading
@@ -144,7 +147,7 @@ def test_capture_resyncs_after_damage():
     capture = b"".join(e.data for e in envelopes[:3]) + b"\xff\x00garbage" + \
         b"".join(e.data for e in envelopes[3:])
     report = verify_capture(capture, REGISTRY)
-    assert report.failures["malformed"] >= 1
+    assert report.failures["malformed-cbor"] >= 1
     assert report.devices["dev-a"].envelopes == 6  # nothing after the damage is lost
 
 
@@ -180,3 +183,76 @@ def test_gap_beside_a_declared_drop_is_still_a_gap():
     kept = [e.data for e in sent if not 2 <= e.seq <= 6] + [drop.data]
     device = check(kept).devices["dev-a"]
     assert device.gap_ranges == [(2, 2), (6, 6)] and device.gaps == 2
+
+
+# --- tightening (issue 19): specific reasons, empty unprotected header, zero envelopes ------
+
+def _sign1(protected: dict, unprotected: dict, payload: bytes, key: IdentityKey = KEY) -> bytes:
+    prot = dcbor.dumps(protected)
+    sig = key.sign(dcbor.dumps(["Signature1", prot, b"", payload]))
+    return dcbor.dumps(dcbor.Tag(18, [prot, unprotected, payload, sig]))
+
+
+PAYLOAD = dcbor.dumps({1: "dev-a", 2: bytes(16), 3: 0, 4: bytes(32), 5: "telemetry", 6: []})
+
+
+@pytest.mark.parametrize(("data", "reason"), [
+    (_sign1({1: -7, 4: KEY.kid}, {}, PAYLOAD), "wrong-alg"),
+    (dcbor.dumps(dcbor.Tag(98, [b"", {}, PAYLOAD, b""])), "wrong-tag"),
+    (_sign1({1: -8, 4: KEY.kid}, {}, b"\xa2\x01\x00\x01\x01"), "duplicate-map-key"),
+    (_sign1({1: -8, 4: KEY.kid}, {99: "unsigned"}, PAYLOAD), "unprotected-header"),
+    (_sign1({1: -8}, {4: KEY.kid}, PAYLOAD), "unprotected-header"),
+    (_sign1({1: -8, 4: KEY.kid, 33: 1}, {}, PAYLOAD), "protected-header"),
+    (_sign1({1: -8, 4: KEY.kid}, {}, dcbor.dumps({1: "dev-a"})), "payload-schema"),
+    (b"\xd2\x84\x41", "malformed-cbor"),
+])
+def test_json_report_names_the_specific_reason(data, reason):
+    good = [e.data for e in stream(2)]
+    report = check(good + [data])
+    assert not report.ok
+    assert json.loads(report.to_json())["failures"] == {reason: 1}
+
+
+def test_unsigned_bytes_cannot_change_a_verdict():
+    """The unprotected header is outside the signature but inside the hash that ``prev``
+    links: an envelope that carries anything there is refused, so a relay cannot re-hash
+    an envelope (and fake or break a chain link) without the device's key."""
+    sealed = stream(1)[0]
+    parts = dcbor.loads(sealed.data)
+    assert isinstance(parts, dcbor.Tag)
+    protected, _, payload, signature = parts.value
+    padded = dcbor.dumps(dcbor.Tag(18, [protected, {"x": 1}, payload, signature]))
+    with pytest.raises(MalformedEnvelope) as info:
+        open_envelope(padded, REGISTRY.lookup)
+    assert info.value.reason == "unprotected-header"
+
+
+def test_zero_envelopes_checked_is_a_failure():
+    report = verify_capture(b"", REGISTRY)
+    assert not report.ok and "no envelope was checked" in report.format()
+    assert json.loads(report.to_json())["ok"] is False
+
+
+# --- chain heads (issue 15.3): a truncated tail shows -------------------------------------
+
+def test_truncated_tail_is_reported_from_the_signed_head():
+    sent = stream(10)
+    head = seal_head(KEY, "dev-a", 9, sent[9].hash, 1)
+    report = check([e.data for e in sent[:5]] + [head])
+    device = report.devices["dev-a"]
+    assert not report.ok and (device.head_seq, device.last_seq, device.missing_tail) == (9, 4, 5)
+    assert "device says seq 9, last seen 4" in report.format()
+    # the whole stream with the same head verifies
+    assert check([e.data for e in sent] + [head]).ok
+
+
+def test_head_naming_another_hash_is_a_mismatch_and_forged_heads_fail():
+    sent = stream(3)
+    wrong = seal_head(KEY, "dev-a", 2, bytes(32), 1)
+    report = check([e.data for e in sent] + [wrong])
+    assert report.devices["dev-a"].head_mismatch == 1 and not report.ok
+    forged = seal_head(OTHER, "dev-a", 50, bytes(32), 1)  # dev-b's key speaking for dev-a
+    report = check([e.data for e in sent] + [forged])
+    assert report.failures["head-device-mismatch"] == 1 and not report.ok
+    stranger = seal_head(IdentityKey(os.urandom(32)), "dev-a", 50, bytes(32), 1)
+    assert check([e.data for e in sent] + [stranger]).failures["head-unknown-key"] == 1

@@ -1,0 +1,89 @@
+"""fleet ingest against a real mosquitto: shared subscription across two workers, one
+database, acknowledge after commit, commit marks, garbage kept in `rejected`."""
+
+import asyncio
+import contextlib
+
+from agent.envelope import COMMIT_CONTENT_TYPE, open_head
+from agent.fleet import queries
+from agent.fleet.db import open_database
+from agent.fleet.ingest import Ingest, IngestConfig
+from agent.fleet.mqtt import BrokerConfig
+from agent.keys import IdentityKey
+from agent.topics import commit_topic, telemetry_topic
+from agent.uplink import MqttConfig, Uplink
+
+from .helpers import Device, register
+
+COMMIT_KEY = IdentityKey(bytes([9]) * 32)
+
+
+def config(url: str, db_url: str, name: str) -> IngestConfig:
+    return IngestConfig(BrokerConfig(url, client_id=name, max_in_flight=32), db_url,
+                        batch_max=50, batch_age_s=0.01)
+
+
+@contextlib.asynccontextmanager
+async def workers(url, db_url, n=2):
+    stop = asyncio.Event()
+    ingests = [Ingest(config(url, db_url, f"ingest-{i}"), COMMIT_KEY) for i in range(n)]
+    tasks = [asyncio.create_task(i.run(stop)) for i in ingests]
+    try:
+        for ingest in ingests:
+            await asyncio.wait_for(ingest.ready.wait(), 10)
+        await asyncio.sleep(0.2)  # SUBACK of the shared subscriptions
+        yield ingests
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+
+
+async def wait_for(predicate, timeout_s=20.0):
+    async with asyncio.timeout(timeout_s):
+        while not predicate():
+            await asyncio.sleep(0.05)
+
+
+def test_two_workers_share_the_stream_and_agree_on_the_chain(tmp_path, mosquitto):
+    db_url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    db = open_database(db_url)
+    cars = [Device(f"car-{i}", seed=i + 1) for i in range(3)]
+    register(db, *cars)
+    sent = {car.name: car.envelopes(60) for car in cars}
+
+    async def main():
+        async with workers(mosquitto.url, db_url) as ingests:
+            marks = []
+            async with Uplink(MqttConfig.from_url(mosquitto.url, "pub")) as up:
+                await up.wait_connected()
+                await up.subscribe(commit_topic("car-0"))
+                for i in range(60):
+                    for car in cars:
+                        up.publish_nowait(telemetry_topic(car.name), sent[car.name][i].data)
+                up.publish_nowait(telemetry_topic("car-0"), b"\xd2\x84garbage")
+                await up.publish(telemetry_topic("car-0"), sent["car-0"][5].data)  # duplicate
+
+                def stored():
+                    return db.query("SELECT COUNT(*) FROM envelopes")[0][0] == 180
+
+                await wait_for(stored)
+                async with asyncio.timeout(10):
+                    async for message in up.messages():
+                        mark = open_head(message.payload, lambda kid: COMMIT_KEY.public,
+                                         COMMIT_CONTENT_TYPE)
+                        marks.append(mark)
+                        if mark.seq == 59:
+                            break
+            await wait_for(lambda: sum(i.counters["rejected_malformed-cbor"]
+                                       for i in ingests) == 1)
+            return ingests, marks
+
+    ingests, marks = asyncio.run(main())
+    # both workers got part of the stream (shared subscription), and agree on one chain
+    assert all(i.counters["stored"] > 0 for i in ingests)
+    assert sum(i.counters["stored"] for i in ingests) == 180
+    assert [d.head_seq for d in queries.devices(db)] == [59, 59, 59]
+    assert queries.gaps(db) == []
+    assert marks[-1].hash == sent["car-0"][59].hash
+    assert db.query("SELECT reason FROM rejected") == [("malformed-cbor",)]
+    db.close()
