@@ -21,6 +21,7 @@ from agent.errors import AdapterUnavailable, ConfigError
 from firmware_adapters.base import Source
 
 SOURCES_GROUP = "edge_agent.sources"
+CHARGERS_GROUP = "edge_agent.chargers"
 OWN_PACKAGES = frozenset({"agent", "firmware_adapters", "hil"})
 
 
@@ -57,5 +58,15 @@ def source_class(kind: str) -> type[Source]:
     cls = load_kind(SOURCES_GROUP, kind, "sources")
     if not (isinstance(cls, type) and issubclass(cls, Source)):
         raise ConfigError(key="sources.kind", expected="a Source class registered for it",
+                          found=f"{kind} -> {cls!r}")
+    return cls
+
+
+def charger_class(kind: str) -> type:
+    """The charger adapter class of ``kind`` (entry point group ``edge_agent.chargers``:
+    firmware_adapters/evse, and the simulated wallbox hil/ ships)."""
+    cls = load_kind(CHARGERS_GROUP, kind, "chargers")
+    if not (isinstance(cls, type) and callable(getattr(cls, "from_options", None))):
+        raise ConfigError(key="chargers.kind", expected="a Charger class registered for it",
                           found=f"{kind} -> {cls!r}")
     return cls
