@@ -370,6 +370,8 @@ async def run_station(uplink: Transport, channel: StationChannel, store: Channel
             await driver.flush()
             await _linger(driver, linger_s)
         await _stop_tasks(tasks)
+        while pending:  # the last verdict of the credit window (closing: delivery paused)
+            await pending.pop(0)
     if closed is None:
         assert timeout is not None
         raise timeout
