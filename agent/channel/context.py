@@ -69,8 +69,11 @@ class Charger(Protocol):
 
     async def set_current_limit(self, connector: int, amps: float) -> None: ...
 
-    async def watch(self, on_status: Callable[[ChargerStatus], None],
-                    interval_s: float) -> None: ...
+    async def watch(self, on_status: Callable[[ChargerStatus], None], interval_s: float,
+                    on_event: Callable[[Event], None] | None = None) -> None:
+        """Poll until cancelled: each changed status to ``on_status``; ``charger-silent``
+        / ``charger-recovered`` / ``charger-line-down`` ... events to ``on_event``."""
+        ...
 
 
 def cp_state(status: ChargerStatus | None) -> str | None:
@@ -126,6 +129,7 @@ class Context:
 
     def __post_init__(self) -> None:
         self._said: dict[str, float] = {}
+        self.ready = asyncio.Event()   # the role subscribed to its topics: it serves
 
     async def event(self, code: str, message: str, **details: int | str) -> None:
         """A signed event envelope (session-started, session-refused, session-settled ...)."""

@@ -92,6 +92,7 @@ class ChannelService:
         self.node = node
         self.role: StationService | VehicleService | None = None
         self.context: Context | None = None
+        self.ready = asyncio.Event()   # subscribed and serving (and, vehicle, the socket)
 
     def _client(self) -> object:
         from agent.settlement.client import SettlementClient
@@ -137,6 +138,8 @@ class ChannelService:
                 assert channel.vehicle is not None
                 tg.create_task(control.serve(channel.vehicle.control_socket, self._control),
                                name="channel.control")
+            await ctx.ready.wait()
+            self.ready.set()
 
     async def _control(self, request: dict[str, object]) -> dict[str, object]:
         from agent.channel.vehicle_service import VehicleService

@@ -63,7 +63,7 @@ from agent.errors import (
     SettlementError,
     UnknownKey,
 )
-from agent.readings import Reading
+from agent.readings import Event, Reading
 from agent.topics import answer_topic, offer_topic, request_topic
 
 log = logging.getLogger("edge_agent.channel.station")
@@ -146,6 +146,7 @@ class StationService:
                 tg.create_task(self._publish_offers(), name="channel.offers")
                 for directory in session_dirs(self.ctx.state_dir):
                     self._resume(directory, tg)
+                self.ctx.ready.set()
                 while True:
                     message = await requests.get()
                     await self._on_request(message.payload, tg)
@@ -160,31 +161,40 @@ class StationService:
 
     # -- chargers ----------------------------------------------------------------------
     async def _watch(self, charger_id: str, charger: Charger) -> None:
+        """The charger's watch (it opens, polls, reconnects and says when it falls silent);
+        its events become signed events, and silence ends the connector's session."""
         mine = [c for c in self.connectors.values() if c.charger is charger]
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        forward = asyncio.ensure_future(self._forward(events, mine))
+        try:
+            while True:
+                try:
+                    await charger.watch(lambda status: self._on_status_of(mine, status),
+                                        WATCH_INTERVAL_S, events.put_nowait)
+                except AdapterError as exc:  # a kind that gives up: retried, and said
+                    self.ctx.on_error(f"charger[{charger_id}]", exc)
+                    events.put_nowait(Event("charger-silent", str(exc)[:500], time.time_ns(),
+                                            charger_id, (("reason", exc.reason),)))
+                await asyncio.sleep(CHARGER_RETRY_S)
+        finally:
+            forward.cancel()
+
+    async def _forward(self, events: asyncio.Queue[Event], mine: list[Connector]) -> None:
         while True:
-            try:
-                await charger.open()
-                for connector in mine:
-                    self._on_status(connector, await charger.read_status(connector.id))
-                    with contextlib.suppress(AdapterError):
-                        await charger.set_enabled(connector.id, connector.session is not None
-                                                  and connector.session.channel.delivering)
-                await charger.watch(lambda status: self._on_status_of(mine, status),
-                                    WATCH_INTERVAL_S)
-            except AdapterError as exc:
-                self.ctx.on_error(f"charger[{charger_id}]", exc)
-                for connector in mine:
-                    if not connector.silent:
-                        connector.silent = True
-                        self._offers_changed.set()
-                        await self.ctx.event("connector-faulted", f"connector {connector.id}: "
-                                             f"charger {charger_id} {exc.reason}",
-                                             connector=connector.id, reason=exc.reason)
+            event = await events.get()
+            await self.ctx.emit(event)
+            connector_id = dict(event.details).get("connector")
+            hit = [c for c in mine if connector_id in (None, c.id)]
+            if event.code == "charger-silent":
+                for connector in hit:
+                    connector.silent = True
                     if connector.session is not None:
                         connector.session.end("charger-fault")
-            with contextlib.suppress(AdapterError):
-                charger.close()
-            await asyncio.sleep(CHARGER_RETRY_S)
+                self._offers_changed.set()
+            elif event.code == "charger-recovered":
+                for connector in hit:
+                    connector.silent = False
+                self._offers_changed.set()
 
     def _on_status_of(self, connectors: list[Connector], status: ChargerStatus) -> None:
         for connector in connectors:
@@ -193,7 +203,7 @@ class StationService:
 
     def _on_status(self, connector: Connector, status: ChargerStatus) -> None:
         before = connector.offer_state
-        connector.status, connector.silent = status, False
+        connector.status, connector.silent = status, False  # it answered
         session = connector.session
         if session is not None and session.channel.phase in (Phase.OPENING, Phase.ACTIVE):
             if cp_state(status) == "A":
@@ -447,15 +457,14 @@ class StationService:
                 session.end("closed-on-chain")
             if not runner.done() and session.view.end_reason in ("closed-on-chain",
                                                                  "funding-timeout"):
-                runner.cancel()
+                runner.cancel()   # ours to cancel: the channel cannot finish by itself
+            await asyncio.wait({runner})  # raises only if we are cancelled ourselves
+            if runner.cancelled():
+                return None
             try:
-                return await runner
+                return runner.result()
             except ChannelError as exc:   # close-timeout, funding-not-verified
                 session.view.end_reason = session.view.end_reason or exc.reason
-                return None
-            except asyncio.CancelledError:
-                if not (watch.done() or funding.done()):
-                    raise
                 return None
         finally:
             for task in (watch, funding, runner):
@@ -475,14 +484,20 @@ class StationService:
     async def _check_funding(self, params: OpenParams, reference: bytes) -> None:
         from agent.settlement.funding import check_channel_funded
 
+        client = self.ctx.client
         for attempt in range(FUNDING_CHECKS):  # a second node may lag the vehicle's
             try:
-                await asyncio.to_thread(check_channel_funded, self.ctx.client, params)
-                return
+                await asyncio.to_thread(check_channel_funded, client, params)
+                break
             except SettlementError as exc:
                 if attempt == FUNDING_CHECKS - 1 or exc.reason == "funding-mismatch":
                     raise
                 await asyncio.sleep(self.ctx.settlement.poll_s)
+        if params.deposit_cs > 0:  # what V2G pay-outs come from: ours to put in, once
+            record = await asyncio.to_thread(client.record, params.channel_id)
+            if record.dep_cs < params.deposit_cs:
+                await asyncio.to_thread(client.deposit, params.channel_id,
+                                        params.deposit_cs - record.dep_cs)
 
     async def _settle(self, session: StationSession, final: Closed | None) -> None:
         channel, view = session.channel, session.view

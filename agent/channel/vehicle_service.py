@@ -132,6 +132,7 @@ class VehicleService:
                 tg.create_task(self._read(all_offers, self._on_offer), name="channel.offers")
                 for directory in session_dirs(self.ctx.state_dir):
                     self._resume(directory, tg)
+                self.ctx.ready.set()
                 await asyncio.Event().wait()
         finally:
             if self.session is not None:
@@ -443,16 +444,15 @@ class VehicleService:
             await asyncio.wait({runner, watch}, return_when=asyncio.FIRST_COMPLETED)
             if watch.done() and not runner.done():
                 session.end("closed-on-chain")
-                runner.cancel()
-            try:
-                closed = await runner
-            except* ChannelError as group:
-                reason = getattr(group.exceptions[0], "reason", "channel-error")
-            except* SettlementError:
-                reason = "funding-failed"
-            except* asyncio.CancelledError:
-                if not watch.done():
-                    raise
+                runner.cancel()   # ours to cancel: the peer closed the channel on chain
+            await asyncio.wait({runner})  # raises only if we are cancelled ourselves
+            if not runner.cancelled():
+                try:
+                    closed = runner.result()
+                except* ChannelError as group:
+                    reason = getattr(group.exceptions[0], "reason", "channel-error")
+                except* SettlementError:
+                    reason = "funding-failed"
         finally:
             watch.cancel()
             runner.cancel()

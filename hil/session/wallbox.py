@@ -14,12 +14,15 @@ car) follows it less the charger's losses; otherwise both stand still. ``plug`` 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.errors import AdapterTimeout
+from agent.readings import Event
 from hil.sim.meter import ChargingProfile, MeterSimulator
 
 
@@ -113,20 +116,31 @@ class StandInWallbox:
         self._check(connector)
         self.current_limit_a = amps
 
-    async def watch(self, on_status: Callable[[ChargerStatus], None],
-                    interval_s: float) -> None:
-        last = None
+    async def watch(self, on_status: Callable[[ChargerStatus], None], interval_s: float,
+                    on_event: Callable[[Event], None] | None = None) -> None:
+        """As the Charger base does: each changed status; one ``charger-silent`` event when
+        it stops answering, ``charger-recovered`` when it answers again."""
+        last, silent = None, False
+        report = on_event or (lambda event: None)
         while True:
-            self._check(self.connector)
-            status = self.status()
-            if status != last:
-                on_status(status)
-                last = status
+            if self.silent != silent:
+                silent = self.silent
+                code = "charger-silent" if silent else "charger-recovered"
+                report(Event(code, f"{self.id} connector {self.connector}", time.time_ns(),
+                             self.id, (("connector", self.connector),)))
+                last = None
+            if not silent:
+                status = self.status()
+                if status != last:
+                    on_status(status)
+                    last = status
             self._changed.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), interval_s)
-            except TimeoutError:
-                pass
+
+    def set_silent(self, silent: bool) -> None:
+        self.silent = silent
+        self._changed.set()
 
     # -- internals ---------------------------------------------------------------------
     def _check(self, connector: int) -> None:

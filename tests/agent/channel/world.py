@@ -21,6 +21,7 @@ from agent.fleet_keys import FleetRegistry
 from agent.keys import DeviceKeys, KeyStore
 from agent.runtime import Runtime, SourceRunner, build_sources
 from agent.settlement.chain import InProcessChain
+from hil.session.chain import serialised
 from hil.session.wallbox import StandInWallbox
 from hil.sim.meter import ChargingProfile
 
@@ -78,14 +79,24 @@ class World:
     station_channel: dict[str, Any] = field(default_factory=dict)
     vehicle_channel: dict[str, Any] = field(default_factory=dict)
     settlement: dict[str, Any] = field(default_factory=dict)
+    others: tuple[str, ...] = ()       # more vehicles in the registry (keys in .other_keys)
+    revoked: tuple[str, ...] = ()      # ... of which these are revoked
 
     def __post_init__(self) -> None:
         self.chain = InProcessChain.start()
+        self.node = serialised(self.chain)   # both agents call it from worker threads
         self.registry = FleetRegistry()
         self.cs_keys, record = KeyStore(self.tmp / "cs").init("cs-1")
         self.registry.add_record(record)
         self.ev_keys, record = KeyStore(self.tmp / "ev").init("ev-1")
         self.registry.add_record(record)
+        self.other_keys: dict[str, DeviceKeys] = {}
+        for name in self.others:
+            keys, record = KeyStore(self.tmp / name).init(name)
+            self.registry.add_record(record)
+            self.other_keys[name] = keys
+            if name in self.revoked:
+                self.registry.revoke(keys.identity.kid)
         self.registry.save(self.tmp / "fleet.toml")
         self.chain.fund(self.ev_keys.settlement.address, tokens=2 * DEPOSIT)
         self.chain.fund(self.cs_keys.settlement.address, tokens=self.deposit_cs)
@@ -152,21 +163,25 @@ class World:
     async def running(self) -> AsyncIterator[World]:
         if not self.station.chargers:
             self.wire_wallbox()
-        self.station.start(self.chain.w3)
-        self.vehicle.start(self.chain.w3)
+        self.station.start(self.node)
+        self.vehicle.start(self.node)
         try:
             yield self
         finally:
             for agent in (self.vehicle, self.station):
                 if agent.task is not None and not agent.task.done():
                     agent.task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await agent.task
+                    done, _ = await asyncio.wait({agent.task}, timeout=20)
+                    assert done, f"{agent.name} did not stop when cancelled"
+                    if not agent.task.cancelled():
+                        agent.task.exception()  # retrieved: a test failure shows it
 
     async def ready(self) -> None:
         for agent in (self.station, self.vehicle):
             assert agent.runtime is not None
             await asyncio.wait_for(agent.runtime.ready.wait(), 30)
+            assert agent.runtime.channel is not None
+            await asyncio.wait_for(agent.runtime.channel.ready.wait(), 30)
         await until(lambda: self.vehicle_socket().exists(), 30)
 
     def vehicle_socket(self) -> Path:
@@ -183,7 +198,7 @@ class World:
     def balance(self, keys: DeviceKeys) -> int:
         from agent.settlement.client import SettlementClient
 
-        return SettlementClient(self.chain.w3, self.chain.contract, keys.settlement).balance(
+        return SettlementClient(self.node, self.chain.contract, keys.settlement).balance(
             keys.settlement.address)
 
 
