@@ -205,12 +205,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     from agent.config import load_config
-    from agent.runtime import Settings, build_sources
+    from agent.runtime import Settings, build_chargers, build_sources
 
     config = load_config(args.file)
     Settings.from_config(config, config.device.id or "device-id-from-keys")
     sources = build_sources(config)  # validates each source's options; opens nothing
-    kinds = ", ".join(f"{r.source.id} ({r.kind})" for r in sources) or "no sources"
+    build_chargers(config)  # each charger's options too
+    kinds = ", ".join([f"{r.source.id} ({r.kind})" for r in sources]
+                      + [f"charger {c.id} ({c.kind})" for c in config.chargers]) or "no sources"
+
     print(f"{args.file}: ok ({config.device.role}; {kinds})")
     return EXIT_OK
 

@@ -149,6 +149,7 @@ class ChannelSettings:
         return cls(role, close_timeout_s, request_ttl_s, submit, coop_grace_s, station, vehicle)
 
 
+COMMON_CHANNEL_KEYS = frozenset({"close_timeout_s", "request_ttl_s"})
 STATION_KEYS = frozenset({"policy", "price_per_kwh", "export_price_per_kwh", "tou",
                           "deposit_ev", "deposit_cs", "dispute_window_s", "credit_window_wh",
                           "pay_step_wh", "stall_timeout_s", "funding_timeout_s",

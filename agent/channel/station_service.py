@@ -436,6 +436,8 @@ class StationService:
         with contextlib.suppress(AdapterError):
             await connector.charger.set_current_limit(connector.id,
                                                       connector.config.max_current_a)
+        # a resumed channel may already allow delivery (no new verdict will come for it)
+        await self._switch(connector, session, channel.delivering)
 
         def on_event(action: Action) -> None:
             if isinstance(action, CloseRequested):
