@@ -10,12 +10,13 @@ report. Faults (hil/scenarios/scenario.py FAULTS) and what the rig does for each
     agent-crash        the target agent's tasks are cancelled mid-flight (no flush, no
                        close) and a new agent is started from its state directory
     ignition-off       the ECU simulator's ignition is off: no OBD-II answer at all
-    stale-state-close  at start_s (charging is over, the session still open) the rig, holding
-                       the station's settlement key, closes the channel on chain with a
-                       co-signed state nonces_back old; the agents' own watch sees the close,
-                       ends the session and challenges with the latest state inside the
-                       dispute window; the rig advances the chain's clock past the window and
-                       the agents' settlement jobs settle
+    stale-state-close  at start_s the driver stops the session; each agent is configured to
+                       leave the cooperative close to the other ([settlement] submit), so
+                       both settlement jobs wait; the rig, holding the station's settlement
+                       key, closes the channel on chain with a co-signed state nonces_back
+                       old; the agents' jobs see it and challenge with the final state inside
+                       the dispute window; the rig advances the chain's clock past the window
+                       and the jobs settle
 
 Time: the scenario's timeline is in simulated seconds; the rig runs ``time_scale`` times
 faster (the meter's energy and the ECU's profile follow the same scale), so a fault at
@@ -112,6 +113,12 @@ class ScenarioRig(Rig):
 
     def record_title(self) -> str:
         return f"HIL scenario {self.scenario.name}: {self.scenario.description}"
+
+    def configure(self, role: str, data: dict[str, Any]) -> None:
+        if any(f.kind == "stale-state-close" for f in self.scenario.faults):
+            # each leaves the cooperative close to the other: the stale close comes first
+            data["settlement"].update(submit="vehicle" if role == "station" else "station",
+                                      coop_grace_s=600.0)
 
     # -- the scenario clock ------------------------------------------------------------
     def now_s(self) -> float:
@@ -247,6 +254,10 @@ class ScenarioRig(Rig):
         chain (or the window, in chain time, is over)."""
         assert self.chain is not None and self.node is not None
         station = self.agents["station"]
+        await self.charge_stop()
+        sessions = lambda: [s for a in self.agents.values() for s in a.sessions()]  # noqa: E731
+        while not (len(sessions()) >= 2 and all(s.settlement == "waiting" for s in sessions())):
+            await asyncio.sleep(0.05)
         stale = self._stale_state(int(fault.params["nonces_back"]))
         client = SettlementClient(self.node, self.chain.contract, station.keys.settlement)
         tx = await asyncio.to_thread(client.close, stale.state, stale.sig_ev, stale.sig_cs)
