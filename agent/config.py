@@ -113,7 +113,7 @@ def parse_config(top: Table) -> Config:
         seen.add(source_id)
         kind = table.str("kind")
         sources.append(SourceConfig(source_id, kind, table.rest(), table.where))
-    chargers = []
+    chargers: list[ChargerConfig] = []
     for table in top.tables("chargers"):
         charger_id = table.str("id")
         if charger_id in {c.id for c in chargers}:

@@ -104,7 +104,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
     def add(name: str, func: Callable[[argparse.Namespace], int],
             text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=text, description=text)
+        p: argparse.ArgumentParser = sub.add_parser(name, help=text, description=text)
         p.set_defaults(func=func)
         p.add_argument("--config", type=Path, help="the vehicle agent's config file")
         p.add_argument("--socket", type=Path, help="the agent's control socket (overrides "
