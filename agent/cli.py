@@ -281,12 +281,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     from agent.config import load_config
-    from agent.runtime import Settings, build_sources
+    from agent.runtime import Settings, build_chargers, build_sources
 
     try:
         config = load_config(args.file)
         Settings.from_config(config, config.device.id or "device-id-from-keys")
         sources = build_sources(config)  # validates each source's options; opens nothing
+        build_chargers(config)  # each charger's options too
     except ConfigError as exc:
         if not args.json:
             raise
@@ -295,9 +296,11 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if args.json:
         print(json.dumps({"file": str(args.file), "ok": True, "role": config.device.role,
-                          "sources": [{"id": r.source.id, "kind": r.kind} for r in sources]}))
+                          "sources": [{"id": r.source.id, "kind": r.kind} for r in sources],
+                          "chargers": [{"id": c.id, "kind": c.kind} for c in config.chargers]}))
         return EXIT_OK
-    kinds = ", ".join(f"{r.source.id} ({r.kind})" for r in sources) or "no sources"
+    kinds = ", ".join([f"{r.source.id} ({r.kind})" for r in sources]
+                      + [f"charger {c.id} ({c.kind})" for c in config.chargers]) or "no sources"
     print(f"{args.file}: ok ({config.device.role}; {kinds})")
     return EXIT_OK
 

@@ -88,6 +88,17 @@ class SourceConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ChargerConfig:
+    """One ``[[chargers]]`` entry (a wallbox controller). ``options`` (``connectors`` and
+    the kind's own keys) are validated by the charger class itself."""
+
+    id: str
+    kind: str
+    options: Mapping[str, object]
+    where: str
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole file. Sections other parts own (``mqtt``, ``spool``, ``channel``,
     ``settlement``) are kept as Tables and validated by those parts at start-up."""
@@ -97,6 +108,7 @@ class Config:
     batch: BatchConfig
     sources: tuple[SourceConfig, ...]
     sections: Mapping[str, Table] = field(default_factory=dict)
+    chargers: tuple[ChargerConfig, ...] = ()
 
     def section(self, name: str) -> Table:
         return self.sections.get(name) or Table({}, self.path, name)
@@ -115,12 +127,19 @@ def parse_config(top: Table) -> Config:
         seen.add(source_id)
         kind = table.str("kind")
         sources.append(SourceConfig(source_id, kind, table.rest(), table.where))
+    chargers: list[ChargerConfig] = []
+    for table in top.tables("chargers"):
+        charger_id = table.str("id")
+        if charger_id in {c.id for c in chargers}:
+            raise table.error("id", "a unique charger id", charger_id)
+        chargers.append(ChargerConfig(charger_id, table.str("kind"), table.rest(), table.where))
     config = Config(
         path=top.where,
         device=DeviceConfig.from_table(top.table("device")),
         batch=BatchConfig.from_table(top.table("batch")),
         sources=tuple(sources),
         sections={name: top.table(name) for name in OTHER_SECTIONS},
+        chargers=tuple(chargers),
     )
     top.reject_unknown()
     return config

@@ -154,12 +154,16 @@ def _families(status: AgentStatus) -> Iterator[_Family]:
     nonce = family("channel_nonce", "gauge", "Latest co-signed state nonce.")
     energy = family("channel_energy_wh", "gauge", "Cumulative metered energy in the channel.")
     paid = family("channel_paid", "gauge", "Cumulative amount paid, token's smallest unit.")
+    session = family("channel_session", "gauge",
+                     "1 per session, labelled with its phase and settlement job state.")
     for ch in status.channels:
+        session.add(1, channel=ch.channel_id, peer=ch.peer, phase=ch.state,
+                    settlement=ch.settlement or "none")
         nonce.add(ch.nonce, channel=ch.channel_id, peer=ch.peer)
         energy.add(ch.energy_wh, channel=ch.channel_id, peer=ch.peer)
         paid.add(ch.t_ev, channel=ch.channel_id, direction="vehicle_to_station")
         paid.add(ch.t_cs, channel=ch.channel_id, direction="station_to_vehicle")
-    yield from (nonce, energy, paid)
+    yield from (session, nonce, energy, paid)
 
     errors = family("recent_errors", "gauge", "Errors among the last ones kept, by place/reason.")
     for (where, reason), count in sorted(Counter((e.where, e.reason)

@@ -10,7 +10,8 @@ Tasks (named, none fire-and-forget; STYLE "one supervisor")::
     chain-head        the signed chain head in the retained status (agent.chain_head)
     fleet-commit      with keep_until = "fleet-commit": follow commit marks (agent.fleet_commit)
     metrics           optional Prometheus endpoint                (agent.metrics)
-    channel[...]      payment-channel sessions added by the caller (add_task)
+    channel           the channel service when [channel] is configured: offers, requests,
+                      one channel[<id>] per session, settlement jobs (agent/channel/service.py)
 
 Backpressure: a source's ``emit`` awaits the pipeline's bounded queue, so a source that
 outruns the disk slows down instead of growing memory.
@@ -39,7 +40,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -82,6 +83,10 @@ from firmware_adapters.registry import kind_roles, kinds_for_role, source_class
 
 if TYPE_CHECKING:
     from agent.fleet_keys import FleetRegistry
+    from web3 import Web3
+
+    from agent.channel.context import Charger
+    from agent.channel.service import ChannelService, ServiceSettings
     from agent.metrics import MetricsConfig, MetricsServer
 
 log = logging.getLogger("edge_agent.runtime")
@@ -132,6 +137,7 @@ class Settings:
     status: StatusConfig
     metrics: MetricsConfig | None
     registry: FleetRegistry | None = None   # [device] registry, loaded and checked
+    channel: ServiceSettings | None = None
 
     @classmethod
     def from_config(cls, config: Config, device_id: str) -> Settings:
@@ -145,11 +151,19 @@ class Settings:
             from agent.fleet_keys import FleetRegistry
 
             registry = FleetRegistry.load(config.device.registry)
+        channel = None
+        if config.section("channel").data:  # charging: validated here, imported only then
+            from agent.channel.service import ServiceSettings
+
+            channel = ServiceSettings.from_config(config)
+        elif config.chargers:
+            raise ConfigError(file=config.path, key="chargers", expected="a [channel] section "
+                              "that uses the chargers", found="no [channel]")
         return cls(mqtt=MqttConfig.from_table(config.section("mqtt"), device_id),
                    spool=SpoolConfig.from_table(config.section("spool"),
                                                 config.device.state_dir),
                    status=StatusConfig.from_table(config.section("status")),
-                   metrics=metrics, registry=registry)
+                   metrics=metrics, registry=registry, channel=channel)
 
 
 def build_sources(config: Config) -> list[SourceRunner]:
@@ -180,18 +194,41 @@ def build_sources(config: Config) -> list[SourceRunner]:
     return runners
 
 
+def build_chargers(config: Config) -> dict[str, Charger]:
+    """Instantiate every ``[[chargers]]`` entry (firmware_adapters/evse through the registry
+    of kinds); config errors surface before anything runs."""
+    if not config.chargers:
+        return {}
+    from firmware_adapters.registry import charger_class
+
+    chargers: dict[str, Charger] = {}
+    for entry in config.chargers:
+        cls = charger_class(entry.kind)
+        # the registry checks it is a charger class (firmware_adapters/evse/base.py Charger)
+        chargers[entry.id] = cls.from_options(entry.id, entry.options,  # type: ignore[attr-defined]
+                                              entry.where)
+    return chargers
+
+
 class Runtime:
-    """The agent for one device. ``await runtime.run(stop)`` until ``stop`` is set."""
+    """The agent for one device. ``await runtime.run(stop)`` until ``stop`` is set.
+
+    ``sources`` and ``chargers`` replace the ones config names (a HIL rig keeps its
+    simulated hardware across agent restarts); ``node`` is the settlement node to use when
+    ``[settlement] node`` is not configured (the demo's in-process chain)."""
 
     def __init__(self, config: Config, keys: DeviceKeys, *,
                  notifier: Notifier | None = None,
-                 sources: list[SourceRunner] | None = None) -> None:
+                 sources: list[SourceRunner] | None = None,
+                 chargers: Mapping[str, Charger] | None = None,
+                 node: Web3 | None = None) -> None:
         self.config = config
         self.keys = keys
         self.device_id = config.device.id or keys.device_id
         self.role = config.device.role
         settings = Settings.from_config(config, self.device_id)
         self.mqtt, self.spool_config = settings.mqtt, settings.spool
+        self.channel_settings = settings.channel
         self.status_config, self.metrics_config = settings.status, settings.metrics
         self.registry = settings.registry   # the fleet registry, for the channel service
         self.status_file = status_path(config.device.state_dir, self.status_config.path,
@@ -206,24 +243,29 @@ class Runtime:
         self.uplink: Uplink | None = None
         self.heads: HeadStatus | None = None
         self.pipeline: Pipeline | None = None
-        self._extra: list[tuple[str, Callable[[Runtime], Awaitable[None]]]] = []
-        self._channel_status: Callable[[], tuple] = tuple
         self.ready = asyncio.Event()
         self.spool_state = "ok"  # "disk-full" while the spool cannot be opened
+        self.channel: ChannelService | None = None
+        if self.channel_settings is not None:
+            from agent.channel.service import ChannelService
 
-    # -- extension points (payment channel, demo, HIL) ---------------------------------
-    def add_task(self, name: str, factory: Callable[[Runtime], Awaitable[None]]) -> None:
-        """Run ``factory(runtime)`` as a named task in the supervisor's TaskGroup once the
-        uplink and pipeline exist (e.g. ``channel[<id>]``)."""
-        self._extra.append((name, factory))
+            self.channel = ChannelService(
+                self.channel_settings, device_id=self.device_id, keys=keys, config=config,
+                chargers=chargers if chargers is not None else build_chargers(config),
+                tap=self.tap, emit=self._emit, on_error=self._error, node=node)
 
-    def set_channel_status(self, snapshot: Callable[[], tuple]) -> None:
-        self._channel_status = snapshot
+    async def _emit(self, event: Event) -> None:
+        assert self.pipeline is not None
+        await self.pipeline.emit(event)
+
+    def _error(self, where: str, exc: BaseException) -> None:
+        self.errors.add(time.time_ns(), where, exc)
 
     def tap(self, source_id: str, maxsize: int = 1000) -> asyncio.Queue[Reading]:
         """A queue that also receives every reading of one source (the station's channel
         session reads the meter this way). When the consumer lags, the oldest readings
-        are dropped from the tap only, never from the telemetry."""
+        are dropped from the tap only, never from the telemetry. (The channel service reads
+        a connector's meter and the vehicle's energy signals this way.)"""
         for runner in self.sources:
             if runner.source.id == source_id:
                 queue: asyncio.Queue[Reading] = asyncio.Queue(maxsize)
@@ -332,8 +374,10 @@ class Runtime:
                 metrics = self._metrics_server()
                 if metrics is not None:
                     tg.create_task(self._serve_metrics(metrics), name="metrics")
-                for name, factory in self._extra:
-                    tg.create_task(factory(self), name=name)
+                if self.channel is not None:
+                    assert self.uplink is not None
+                    tg.create_task(self.channel.run(self.uplink, self.mqtt.status_topic),
+                                   name="channel")
                 self.state = "running"
                 self.notifier.ready(f"{self.role} {self.device_id}: running")
                 self.ready.set()
@@ -466,7 +510,8 @@ class Runtime:
             started_ns=self.started_ns, updated_ns=now,
             interval_s=self.status_config.interval_s, version=__version__,
             sources=tuple(sources), spool=spool, uplink=uplink,
-            channels=tuple(self._channel_status()), errors=self.errors.snapshot())
+            channels=self.channel.status() if self.channel is not None else (),
+            errors=self.errors.snapshot())
 
 
 def _protocol_name(up: Uplink) -> str:

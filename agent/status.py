@@ -108,6 +108,9 @@ class ChannelStatus:
     energy_wh: int
     t_ev: int                           # paid vehicle -> station, token's smallest unit
     t_cs: int                           # paid station -> vehicle (V2G)
+    connector: int = 0
+    settlement: str = ""                # the settlement job: waiting | closing | settled ...
+    end_reason: str = ""                # why the session ended (max-energy, cable-pulled ...)
 
 
 @dataclass(frozen=True, slots=True)

@@ -144,7 +144,10 @@ def format_status(status: AgentStatus, now_ns: int) -> str:
     for ch in status.channels:
         lines.append(f"  {_short_hex(ch.channel_id)} peer {ch.peer} {ch.state} nonce {ch.nonce}: "
                      f"{ch.energy_wh} Wh, paid {ch.t_ev} (vehicle->station) / "
-                     f"{ch.t_cs} (station->vehicle)")
+                     f"{ch.t_cs} (station->vehicle)"
+                     + (f", connector {ch.connector}" if ch.connector else "")
+                     + (f", ended: {ch.end_reason}" if ch.end_reason else "")
+                     + (f", settlement {ch.settlement}" if ch.settlement else ""))
     lines.append("last errors:" if status.errors else "last errors: none")
     lines.extend(f"  {_error(error, now_ns)}" for error in status.errors[-5:])
     return "\n".join(lines)

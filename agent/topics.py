@@ -7,6 +7,10 @@
     evedge/v1/<device>/status                retained online/offline/lost (last will)
     evedge/v1/<device>/commit                retained fleet commit mark (agent.fleet_commit)
     evedge/v1/channel/<channel id hex>/<role>  payment-channel messages FROM role (ev | cs)
+    evedge/v1/<station>/offer/<connector>    retained, signed connector offer (docs/charging.md)
+    evedge/v1/<station>/request              vehicles' signed session requests to a station
+    evedge/v1/<vehicle>/answer               the station's signed accept / refusal
+    evedge/v1/<vehicle>/command              fleet operator's signed commands to a vehicle
 
 Every level that comes from config or from the wire is checked: an id that holds ``/``, ``+``
 or ``#`` would publish into (or subscribe to) another device's topics.
@@ -48,6 +52,24 @@ def channel_topic(channel_id: str, role: str) -> str:
     if role not in ROLES:
         raise ValueError(f"channel role {role!r} is not one of {', '.join(ROLES)}")
     return f"{CHANNEL_ROOT}/{level(channel_id, 'channel id')}/{role}"
+
+
+def offer_topic(station_id: str, connector: int | str) -> str:
+    """Retained: the station's signed offer for one connector (``+`` for all of them)."""
+    level_ = "+" if connector == "+" else level(str(int(connector)), "connector")
+    return f"{ROOT}/{level(station_id, 'station id')}/offer/{level_}"
+
+
+def request_topic(station_id: str) -> str:
+    return f"{ROOT}/{level(station_id, 'station id')}/request"
+
+
+def answer_topic(vehicle_id: str) -> str:
+    return f"{ROOT}/{level(vehicle_id, 'vehicle id')}/answer"
+
+
+def command_topic(vehicle_id: str) -> str:
+    return f"{ROOT}/{level(vehicle_id, 'vehicle id')}/command"
 
 
 def device_of(topic: str) -> str | None:

@@ -38,6 +38,7 @@ import cbor2
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.channel.messages import MsgType, Tariff, sign_tariff  # noqa: E402
+from agent.channel.mux import Route, serving  # noqa: E402
 from agent.channel.records import Party  # noqa: E402
 from agent.channel.session import run_station, run_vehicle  # noqa: E402
 from agent.channel.station import StationChannel  # noqa: E402
@@ -53,7 +54,7 @@ CONTRACT = bytes.fromhex("5fbdb2315678afecb367f032d93f642f64180aa3")
 class Timed:
     """Wraps an Uplink: time each PAY publish and the ACK of the same nonce."""
 
-    def __init__(self, uplink: Uplink) -> None:
+    def __init__(self, uplink: Route) -> None:
         self.uplink = uplink
         self.sent_at: dict[int, float] = {}
         self.rtts: list[float] = []
@@ -70,6 +71,9 @@ class Timed:
 
     async def wait_connected(self) -> int:
         return await self.uplink.wait_connected()
+
+    async def next_epoch(self, seen: int | None) -> int:
+        return await self.uplink.next_epoch(seen)
 
     async def messages(self):  # type: ignore[no-untyped-def]
         async for message in self.uplink.messages():
@@ -166,8 +170,10 @@ async def station_side(station: StationChannel, port: int, store: ChannelStore,
             wh += 10
             yield wh, 0
 
-    async with Uplink(MqttConfig(host="127.0.0.1", port=port, client_id="bench-cs")) as up:
-        return await run_station(up, station, store, meter(), charger=charger, linger_s=0.3)
+    async with Uplink(MqttConfig(host="127.0.0.1", port=port, client_id="bench-cs")) as up, \
+            serving(up) as mux:
+        return await run_station(mux.transport(), station, store, meter(), charger=charger,
+                                 linger_s=0.3)
 
 
 def station_child(config_path: str) -> None:
@@ -182,10 +188,10 @@ async def channel_run(port: int, workdir: Path, updates: int, sync: bool, window
                       processes: bool) -> tuple[float, list[float], int]:
     station, vehicle, keys = make_parties(updates, window)
     ev_up = Uplink(MqttConfig(host="127.0.0.1", port=port, client_id="bench-ev"))
-    timed = Timed(ev_up)
     child = None
     with ChannelStore(workdir / "ev.log", sync=sync) as ev_store:
-        async with ev_up:
+        async with ev_up, serving(ev_up) as mux:
+            timed = Timed(mux.transport())
             if processes:
                 config = workdir / "station.json"
                 config.write_text(json.dumps({"keys": keys, "updates": updates,

@@ -23,6 +23,7 @@ from firmware_adapters.base import Source
 from firmware_adapters.evse.base import Charger
 
 SOURCES_GROUP = "edge_agent.sources"
+CHARGERS_GROUP = "edge_agent.chargers"
 OWN_PACKAGES = frozenset({"agent", "firmware_adapters", "hil"})
 
 
@@ -77,9 +78,6 @@ def source_class(kind: str) -> type[Source]:
         raise ConfigError(key="sources.kind", expected="a Source class registered for it",
                           found=f"{kind} -> {cls!r}")
     return cls
-
-
-CHARGERS_GROUP = "edge_agent.chargers"
 
 
 def charger_class(kind: str) -> type[Charger]:

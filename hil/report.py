@@ -86,6 +86,8 @@ class Receipt:
     settlement_tx: str | None = None
     settlement_block: int | None = None
     chain: str = ""                 # "in-process (eth-tester)" or the node URL's host
+    export_wh: int = 0              # metered energy fed back to the grid (V2G)
+    export_price_per_kwh: int = 0   # what the station pays per kWh fed back (signed tariff)
 
     @property
     def amount_due(self) -> int:
@@ -341,6 +343,8 @@ def _receipt_html(receipt: Receipt) -> str:
         _row("Amount due (metered x tariff)", amount(receipt.amount_due), True),
         _row("Paid vehicle -> station", f"{amount(receipt.paid)} in {receipt.payments} payments",
              True),
+        _row("Energy fed back (V2G)", format_energy(receipt.export_wh), True),
+        _row("Export tariff", f"{amount(receipt.export_price_per_kwh)} per kWh", True),
         _row("Paid station -> vehicle (V2G)", amount(receipt.refunded), True),
         _row("Deposit", amount(receipt.deposit), True),
         _row("Latest co-signed nonce", str(receipt.latest_nonce), True),

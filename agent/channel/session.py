@@ -5,20 +5,26 @@ drivers").
 Topics (DESIGN s4): each side publishes on ``evedge/v1/channel/<channel id hex>/<role>``
 (role ``ev`` or ``cs``) and subscribes to the peer's.
 
-Entry points for the runtime and the demo::
+Entry points for the channel service (agent/channel/service.py) and the benchmarks::
 
-    closed = await run_station(uplink, channel, store, meter, charger=None)
-    closed = await run_vehicle(uplink, channel, store, estimate=None, fund=None, stop=None)
+    closed = await run_station(transport, channel, store, meter, charger=None)
+    closed = await run_vehicle(transport, channel, store, estimate=None, fund=None, stop=None)
 
-``uplink`` is an agent.uplink.Uplink (anything with ``publish_nowait``, ``subscribe``,
-``messages`` and ``wait_connected`` fits). ``meter`` is an async iterator of cumulative
+``transport`` is a :class:`Transport`: an agent.channel.mux.Route (one channel's inbox on
+the agent's shared uplink) fits. ``meter`` is an async iterator of cumulative
 ``(import_wh, export_wh)`` register values (a Modbus source or the meter simulator); when it
 ends the station closes the channel. ``charger(allowed)`` is told when the credit window
 pauses or resumes delivery. ``estimate`` is the vehicle's own async iterator of cumulative Wh
 received; ``fund(params)`` is the vehicle's funding step (an async callable returning a
 reference such as a transaction hash; default: nothing to do); ``stop`` is an asyncio.Event
 that asks for a cooperative close. Both return the final co-signed state with both
-secp256k1 signatures (protocol.Closed), ready for the settlement client.
+secp256k1 signatures (protocol.Closed), ready for the settlement client. ``on_event``
+(both) sees every event of the core after the session's own handling (the service follows
+payments, withheld payments and rejections through it).
+
+Waiting is on events, never on a poll: the driver signals each phase change
+(:meth:`ChannelDriver.until`) and each message that arrives, and the transport signals each
+new connection epoch (:meth:`Transport.next_epoch`), which is when REESTABLISH goes out.
 
 Order of effects: the records of a step are written (fsync) before any message of the same
 step is published, and steps leave in the order the core made them; this is what makes
@@ -35,7 +41,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
-from typing import Protocol
+from typing import Any, Protocol
 
 from agent.channel.disk import FsyncHelper
 from agent.channel.protocol import (
@@ -63,8 +69,11 @@ log = logging.getLogger(__name__)
 
 
 class Incoming(Protocol):
-    topic: str
-    payload: bytes
+    @property
+    def topic(self) -> str: ...
+
+    @property
+    def payload(self) -> bytes: ...
 
 
 class Transport(Protocol):
@@ -77,6 +86,10 @@ class Transport(Protocol):
     def messages(self) -> AsyncIterator[Incoming]: ...
 
     async def wait_connected(self) -> int: ...
+
+    async def next_epoch(self, seen: int | None) -> int:
+        """Wait for a live connection whose epoch differs from ``seen``; return it."""
+        ...
 
 
 def topic_for(channel_id: bytes, role: Role) -> str:
@@ -116,6 +129,9 @@ class ChannelDriver:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._last_publish: asyncio.Future[None] | None = None
+        self._phase = channel.phase
+        self._phase_changed = asyncio.Event()
+        self.arrived = asyncio.Event()   # set on every message received
 
     def now(self) -> float:
         return self._loop.time()
@@ -136,6 +152,16 @@ class ChannelDriver:
             if not self._syncing:
                 self._drain()
         self._arm_timer()
+        if self.channel.phase is not self._phase:
+            self._phase = self.channel.phase
+            self._phase_changed.set()
+
+    async def until(self, done: Callable[[Phase], bool]) -> Phase:
+        """Wait until the channel's phase satisfies ``done`` (woken by each change)."""
+        while not done(self.channel.phase):
+            self._phase_changed.clear()
+            await self._phase_changed.wait()
+        return self.channel.phase
 
     def _drain(self) -> None:
         """Carry out queued steps until one needs the disk; hand that one, and all behind
@@ -251,19 +277,17 @@ class ChannelDriver:
                 if message.topic != self.inbox:
                     continue
                 self.received += 1
+                self.arrived.set()
                 self.execute(self.channel.receive(bytes(message.payload), self.now()))
         finally:
             self.stop()
 
     async def _reconnect_loop(self) -> None:
-        """REESTABLISH on start and after every reconnect (epoch changes)."""
+        """REESTABLISH on start and after every reconnect (each new epoch)."""
         seen = None
         while True:
-            epoch = await self.transport.wait_connected()
-            if epoch != seen:
-                seen = epoch
-                self.execute(self.channel.reestablish(self.now()))
-            await asyncio.sleep(0.2)
+            seen = await self.transport.next_epoch(seen)
+            self.execute(self.channel.reestablish(self.now()))
 
 
 async def _stop_tasks(tasks: list[asyncio.Task[None]]) -> None:
@@ -279,8 +303,8 @@ async def run_station(uplink: Transport, channel: StationChannel, store: Channel
                       charger: Callable[[bool], Awaitable[None] | None] | None = None,
                       wall_clock: Callable[[], float] = time.time,
                       linger_s: float = 1.0, close_timeout_s: float | None = None,
-                      check_funding: Callable[[OpenParams, bytes], Awaitable[None]] | None = None
-                      ) -> Closed:
+                      check_funding: Callable[[OpenParams, bytes], Awaitable[None]] | None = None,
+                      on_event: Callable[[Action], None] | None = None) -> Closed:
     """Open (or resume) the channel, meter until ``meter`` ends or the vehicle asks to
     close, and return the final co-signed state.
 
@@ -290,17 +314,19 @@ async def run_station(uplink: Transport, channel: StationChannel, store: Channel
     pending: list[Awaitable[None]] = []
     funded: asyncio.Queue[bytes] = asyncio.Queue()
 
-    def on_event(action: Action) -> None:
+    def events(action: Action) -> None:
         if charger is not None and isinstance(action, DeliveryPaused | DeliveryResumed):
             result = charger(isinstance(action, DeliveryResumed))
             if result is not None:
                 pending.append(result)
         if isinstance(action, Funded):
             funded.put_nowait(action.reference)
+        if on_event is not None:
+            on_event(action)
 
     if (done := _already_closed(channel)) is not None:
         return done
-    driver = ChannelDriver(channel, uplink, store, on_event)
+    driver = ChannelDriver(channel, uplink, store, events)
     refused: asyncio.Future[ChannelError] = asyncio.get_running_loop().create_future()
     async with asyncio.TaskGroup() as tg:
         tasks = await driver.start(tg)
@@ -323,14 +349,15 @@ async def run_station(uplink: Transport, channel: StationChannel, store: Channel
                     await pending.pop(0)
                 if channel.phase in (Phase.CLOSING, Phase.CLOSED):
                     return
-            while channel.phase is Phase.OPENING:  # nothing metered before funding
-                await asyncio.sleep(0.05)
+            # nothing metered before funding
+            await driver.until(lambda phase: phase is not Phase.OPENING)
             if channel.phase is Phase.ACTIVE:
                 driver.execute(channel.close(driver.now()))
 
         meter_task = tg.create_task(metering(), name="channel.meter")
         waiter = tg.create_task(_closed_or_error(driver, channel, close_timeout_s))
-        await asyncio.wait({waiter, refused}, return_when=asyncio.FIRST_COMPLETED)
+        either: set[asyncio.Future[Any]] = {waiter, refused}
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         if refused.done():
             waiter.cancel()
             outcome: Closed | ChannelError = refused.result()
@@ -343,6 +370,8 @@ async def run_station(uplink: Transport, channel: StationChannel, store: Channel
             await driver.flush()
             await _linger(driver, linger_s)
         await _stop_tasks(tasks)
+        while pending:  # the last verdict of the credit window (closing: delivery paused)
+            await pending.pop(0)
     if closed is None:
         assert timeout is not None
         raise timeout
@@ -384,8 +413,13 @@ async def _wait_closed(driver: ChannelDriver, channel: Channel,
                        close_timeout_s: float | None) -> Closed:
     if close_timeout_s is None:
         return await driver.closed
-    while channel.phase is not Phase.CLOSING and not driver.closed.done():
-        await asyncio.wait({driver.closed}, timeout=0.05)
+    closing = asyncio.ensure_future(
+        driver.until(lambda phase: phase in (Phase.CLOSING, Phase.CLOSED)))
+    waiting: set[asyncio.Future[Any]] = {driver.closed, closing}
+    try:
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        closing.cancel()
     done, _ = await asyncio.wait({driver.closed}, timeout=close_timeout_s)
     if not done:
         raise ChannelError(f"no final state {close_timeout_s} s after closing; settle the "
@@ -403,30 +437,40 @@ def _already_closed(channel: Channel) -> Closed | None:
 
 
 async def _linger(driver: ChannelDriver, linger_s: float) -> None:
-    """Keep answering duplicates (a lost CLOSED) for a moment after closing."""
-    quiet_since = driver.received
+    """Keep answering duplicates (a lost CLOSED) for a moment after closing: until
+    ``linger_s`` is over, or nothing arrived for min(0.1 s, linger_s)."""
     end = driver.now() + linger_s
-    while driver.now() < end:
-        await asyncio.sleep(min(0.1, linger_s))
-        if driver.received == quiet_since:
-            break
-        quiet_since = driver.received
+    while (left := end - driver.now()) > 0:
+        driver.arrived.clear()
+        try:
+            await asyncio.wait_for(driver.arrived.wait(), min(0.1, linger_s, left))
+        except TimeoutError:
+            return  # quiet
 
 
 async def run_vehicle(uplink: Transport, channel: VehicleChannel, store: ChannelStore, *,
                       estimate: AsyncIterator[int] | None = None,
                       fund: Callable[[OpenParams], Awaitable[bytes | None]] | None = None,
-                      stop: asyncio.Event | None = None) -> Closed:
-    """Accept the station's OPEN, fund, pay per METER, and return the final state."""
+                      stop: asyncio.Event | None = None,
+                      close_timeout_s: float | None = None,
+                      on_event: Callable[[Action], None] | None = None) -> Closed:
+    """Accept the station's OPEN, fund, pay per METER, and return the final state.
+
+    With ``close_timeout_s``, a station that does not complete the close within that time
+    after it began (our CLOSE request, or its final METER) raises
+    ChannelError(reason="close-timeout"); ``channel.cosigned`` is then the latest co-signed
+    state, for a unilateral close on the ledger."""
     opened: asyncio.Queue[OpenParams] = asyncio.Queue()
 
-    def on_event(action: Action) -> None:
+    def events(action: Action) -> None:
         if isinstance(action, Opened):
             opened.put_nowait(action.params)
+        if on_event is not None:
+            on_event(action)
 
     if (done := _already_closed(channel)) is not None:
         return done
-    driver = ChannelDriver(channel, uplink, store, on_event)
+    driver = ChannelDriver(channel, uplink, store, events)
     async with asyncio.TaskGroup() as tg:
         tasks = await driver.start(tg)
         if channel.phase is Phase.OPENING and channel.params is not None:
@@ -446,8 +490,7 @@ async def run_vehicle(uplink: Transport, channel: VehicleChannel, store: Channel
         async def stopping() -> None:
             assert stop is not None
             await stop.wait()
-            while channel.phase in (Phase.IDLE, Phase.OPENING):
-                await asyncio.sleep(0.05)
+            await driver.until(lambda phase: phase not in (Phase.IDLE, Phase.OPENING))
             with contextlib.suppress(LocalProtocolError):
                 driver.execute(channel.close(driver.now()))
 
@@ -456,7 +499,10 @@ async def run_vehicle(uplink: Transport, channel: VehicleChannel, store: Channel
             helpers.append(tg.create_task(estimating(), name="channel.estimate"))
         if stop is not None:
             helpers.append(tg.create_task(stopping(), name="channel.stop"))
-        closed = await driver.closed
-        await driver.flush()
+        outcome = await _closed_or_error(driver, channel, close_timeout_s)
+        if isinstance(outcome, Closed):
+            await driver.flush()
         await _stop_tasks(helpers + tasks)
-    return closed
+    if isinstance(outcome, ChannelError):
+        raise outcome
+    return outcome

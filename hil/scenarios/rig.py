@@ -2,7 +2,7 @@
 a record of what really happened (fault windows as measured, the events checks look for).
 
 Scope: :class:`ScenarioRig` plugs into the hooks of :class:`hil.session.rig.Rig` (``timeline``,
-``session_over``, ``settle``); hil/scenarios/runner.py builds it, judges the record and writes the
+``session_over``); hil/scenarios/runner.py builds it, judges the record and writes the
 report. Faults (hil/scenarios/scenario.py FAULTS) and what the rig does for each::
 
     broker-outage      mosquitto stopped (SIGTERM), restarted on the same port afterwards
@@ -10,10 +10,13 @@ report. Faults (hil/scenarios/scenario.py FAULTS) and what the rig does for each
     agent-crash        the target agent's tasks are cancelled mid-flight (no flush, no
                        close) and a new agent is started from its state directory
     ignition-off       the ECU simulator's ignition is off: no OBD-II answer at all
-    stale-state-close  after the session the station closes on chain with a co-signed state
-                       nonces_back old; the vehicle's watchtower challenges with its latest
-                       state inside the dispute window; the chain's clock is advanced past
-                       the window and the channel settled
+    stale-state-close  at start_s the driver stops the session; each agent is configured to
+                       leave the cooperative close to the other ([settlement] submit), so
+                       both settlement jobs wait; the rig, holding the station's settlement
+                       key, closes the channel on chain with a co-signed state nonces_back
+                       old; the agents' jobs see it and challenge with the final state inside
+                       the dispute window; the rig advances the chain's clock past the window
+                       and the jobs settle
 
 Time: the scenario's timeline is in simulated seconds; the rig runs ``time_scale`` times
 faster (the meter's energy and the ECU's profile follow the same scale), so a fault at
@@ -36,17 +39,15 @@ import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
-from agent.channel.protocol import Closed, Phase
 from agent.channel.records import CosignedRecord
 from agent.errors import ConfigError, SettlementError
 from agent.settlement.client import SettlementClient
-from agent.settlement.model import SignedState
-from agent.settlement.watchtower import Watchtower, WatchtowerService
 from firmware_adapters.base import Source
 from hil.report import FaultWindow, SessionEvent, SessionRecord
 from hil.scenarios.scenario import Fault, Profile, Scenario
-from hil.session.rig import Rig, RigSettings, Settlement
+from hil.session.rig import Rig, RigSettings
 from hil.sim.ecu import DrivingProfile, Segment
 from hil.sim.meter import ChargingProfile
 from hil.sim.meter import Fault as MeterFault
@@ -72,7 +73,8 @@ def rig_settings(scenario: Scenario, time_scale: float, timeout_s: float | None 
         # the agent's own timeouts are wall time: keep them short against scaled faults
         meter_interval_s=0.05, meter_timeout_s=0.2, ecu_probe_interval_s=0.2,
         timeout_s=timeout_s or 120.0 + 2 * scenario.duration_s / time_scale,
-        partial_on_timeout=True)
+        partial_on_timeout=True, export_price_per_kwh=scenario.profile.export_price_per_kwh,
+        deposit_cs=5_000_000 if scenario.profile.export_price_per_kwh else 0)
 
 
 def stepped(profile: Profile, end_s: float) -> ChargingProfile:
@@ -103,10 +105,7 @@ class ScenarioRig(Rig):
         super().__init__(out, rig_settings(scenario, time_scale, timeout_s), say)
         self.scenario = scenario
         self.time_scale = time_scale
-        stale = [f for f in scenario.faults if f.kind == "stale-state-close"]
-        self.stale: Fault | None = stale[0] if stale else None
-        # the station stops metering at the end, or when it turns to its stale close
-        self.end_s = self.stale.start_s if self.stale else scenario.duration_s
+        self.end_s = scenario.duration_s   # the driver stops the session then
         self.t0: float | None = None          # monotonic time of the scenario's t = 0
         self.started_ns = 0
         self.windows: list[FaultWindow] = []
@@ -114,6 +113,12 @@ class ScenarioRig(Rig):
 
     def record_title(self) -> str:
         return f"HIL scenario {self.scenario.name}: {self.scenario.description}"
+
+    def configure(self, role: str, data: dict[str, Any]) -> None:
+        if any(f.kind == "stale-state-close" for f in self.scenario.faults):
+            # each leaves the cooperative close to the other: the stale close comes first
+            data["settlement"].update(submit="vehicle" if role == "station" else "station",
+                                      coop_grace_s=600.0)
 
     # -- the scenario clock ------------------------------------------------------------
     def now_s(self) -> float:
@@ -140,9 +145,8 @@ class ScenarioRig(Rig):
     async def timeline(self, tg: asyncio.TaskGroup, stop: asyncio.Event) -> None:
         tg.create_task(self._watch_epochs(), name="hil.epochs")
         await self._start_session()
-        faults = [f for f in self.scenario.faults if f.kind != "stale-state-close"]
         async with asyncio.TaskGroup() as faults_tg:
-            for fault in faults:
+            for fault in self.scenario.faults:
                 faults_tg.create_task(self._apply(fault, tg, stop), name=f"fault[{fault.kind}]")
         if not self.settings.charging:
             await self._until(self.scenario.duration_s)
@@ -151,7 +155,7 @@ class ScenarioRig(Rig):
         """t = 0: the channel is active (or the car's agent is up); the profile starts."""
         if self.settings.charging:
             station = self.agents["station"]
-            while station.channel is None or station.channel.phase is not Phase.ACTIVE:
+            while not any(s.state == "active" for s in station.sessions()):
                 await asyncio.sleep(0.02)
         else:
             vehicle = self.agents["vehicle"]
@@ -159,9 +163,8 @@ class ScenarioRig(Rig):
                 await asyncio.sleep(0.02)
         profile = self.scenario.profile
         if self.settings.charging:
-            meter = self.agents["station"].source("meter0")
-            meter.simulator.set_profile(  # type: ignore[attr-defined]
-                stepped(profile, self.end_s))
+            assert self.wallbox is not None   # it gates the meters: the profile is its
+            self.wallbox.set_profile(stepped(profile, self.end_s))
         elif profile.speed_kmh:
             ecu = self.agents["vehicle"].source("ecu0")
             ecu.core.profile = driving(profile.speed_kmh)  # type: ignore[attr-defined]
@@ -180,6 +183,8 @@ class ScenarioRig(Rig):
 
     async def _begin(self, fault: Fault) -> Undo:
         """Put ``fault`` in force; returns what ends it."""
+        if fault.kind == "stale-state-close":
+            return await self._stale_close(fault)
         if fault.kind == "broker-outage":
             assert self.broker is not None
             broker = self.broker
@@ -242,51 +247,51 @@ class ScenarioRig(Rig):
                         self._event(agent.role, "uplink-reconnected", f"epoch {uplink.epoch}")
             await asyncio.sleep(EPOCH_POLL_S)
 
-    # -- the end -----------------------------------------------------------------------
-    async def settle(self, closed: Closed, ev_client: SettlementClient,
-                     cs_client: SettlementClient) -> Settlement:
-        if self.stale is None:
-            return await super().settle(closed, ev_client, cs_client)
-        fault = self.stale
-        start_ns = time.time_ns()
-        stale = self._stale_state(closed, int(fault.params["nonces_back"]))
-        tx = await asyncio.to_thread(cs_client.close, stale.state, stale.sig_ev, stale.sig_cs)
-        self._event("station", "channel-closed-stale",
-                    f"unilateral close at nonce {stale.state.nonce} of "
-                    f"{closed.state.nonce}, block {tx.block_number}")
-        vehicle = self.agents["vehicle"]
-        held = vehicle.channel.cosigned if vehicle.channel is not None else None
-        assert self.chain is not None
-        tower = Watchtower(self.chain.chain_id, self.chain.contract)
-        offered = [SignedState(held.state, held.sig_ev, held.sig_cs)] if held else []
-        service = WatchtowerService(ev_client, tower, from_block=self.chain.deployment.block,
-                                    sources=[lambda: offered])
-        sent = await asyncio.to_thread(service.poll_once)
-        channel_id = closed.state.channel_id
-        onchain = await asyncio.to_thread(ev_client.record, channel_id)
-        if sent:
-            self._event("vehicle", "channel-challenged",
-                        f"watchtower: nonce {onchain.nonce} over {stale.state.nonce}, "
-                        f"tx 0x{sent[0].tx_hash.hex()}")
-        window_s = self.settings.dispute_window_s
-        await asyncio.to_thread(self.chain.advance_time, window_s + 1)
-        settled = await asyncio.to_thread(ev_client.settle, channel_id)
-        self._event("vehicle", "channel-settled",
-                    f"nonce {onchain.nonce} after the {window_s} s window, block "
-                    f"{settled.block_number}")
-        self.windows.append(FaultWindow(fault.kind, start_ns, time.time_ns(), fault.target))
-        return Settlement("challenged" if sent else "unilateral", onchain.nonce, settled)
-
-    def _stale_state(self, closed: Closed, nonces_back: int) -> CosignedRecord:
-        """The station's co-signed state ``nonces_back`` below the final one (or the newest
-        older one it kept)."""
+    # -- the stale close ---------------------------------------------------------------
+    async def _stale_close(self, fault: Fault) -> Undo:
+        """Close on chain with an old co-signed state, as a cheating station would; the
+        agents' watch and settlement jobs must challenge it. Ends once the challenge is on
+        chain (or the window, in chain time, is over)."""
+        assert self.chain is not None and self.node is not None
         station = self.agents["station"]
-        want = closed.state.nonce - nonces_back
-        held = [r for r in (station.store.records() if station.store else [])
-                if isinstance(r, CosignedRecord) and 0 < r.state.nonce <= want]
+        await self.charge_stop()
+        sessions = lambda: [s for a in self.agents.values() for s in a.sessions()]  # noqa: E731
+        while not (len(sessions()) >= 2 and all(s.settlement == "waiting" for s in sessions())):
+            await asyncio.sleep(0.05)
+        stale = self._stale_state(int(fault.params["nonces_back"]))
+        client = SettlementClient(self.node, self.chain.contract, station.keys.settlement)
+        tx = await asyncio.to_thread(client.close, stale.state, stale.sig_ev, stale.sig_cs)
+        self._event("station", "channel-closed-stale",
+                    f"unilateral close at nonce {stale.state.nonce}, block {tx.block_number}")
+        channel_id = stale.state.channel_id
+
+        async def challenged(_tg: asyncio.TaskGroup, _stop: asyncio.Event) -> None:
+            record = await asyncio.to_thread(client.record, channel_id)
+            if record.nonce > stale.state.nonce:
+                self._event("vehicle", "channel-challenged",
+                            f"nonce {record.nonce} over {stale.state.nonce} within the "
+                            f"{self.settings.dispute_window_s} s window")
+            assert self.chain is not None
+            await asyncio.to_thread(self.chain.advance_time, self.settings.dispute_window_s + 1)
+        return challenged
+
+    def _stale_state(self, nonces_back: int) -> CosignedRecord:
+        """The station's co-signed state ``nonces_back`` below its latest (or the newest
+        older one it kept), from the station's own channel store."""
+        station = self.agents["station"]
+        role: Any = station.runtime.channel.role if station.runtime and \
+            station.runtime.channel else None
+        sessions = list(role.sessions.values()) if role is not None else []
+        records = [r for s in sessions for r in s.store.records()
+                   if isinstance(r, CosignedRecord)]
+        if not records:
+            raise SettlementError("the station holds no co-signed state",
+                                  reason="no-stale-state")
+        want = max(r.state.nonce for r in records) - nonces_back
+        held = [r for r in records if 0 < r.state.nonce <= want]
         if not held:
-            raise SettlementError(f"the station holds no co-signed state at or below nonce "
-                                  f"{want}", reason="no-stale-state")
+            raise SettlementError(f"no co-signed state at or below nonce {want}",
+                                  reason="no-stale-state")
         return max(held, key=lambda r: r.state.nonce)
 
     def finish(self, record: SessionRecord) -> SessionRecord:

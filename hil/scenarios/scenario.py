@@ -19,6 +19,7 @@ Format (``hil/scenarios/*.toml``)::
     step_s = 1.0                     # simulator update period
     power_w = [[0, 0], [5, 11000], [110, 11000], [115, 0]]   # [t_s, W], piecewise linear;
                                      # negative = export (V2G)
+    export_price_per_kwh = 250000    # charging only: the station's V2G price (default 0)
     speed_kmh = [[0, 0], [20, 50]]   # driving only, optional
 
     [[faults]]
@@ -117,6 +118,7 @@ class Profile:
     step_s: float
     power_w: tuple[tuple[float, float], ...]
     speed_kmh: tuple[tuple[float, float], ...] = ()
+    export_price_per_kwh: int = 0
 
     def power_at(self, t_s: float) -> int:
         return round(_interpolate(self.power_w, t_s))
@@ -267,6 +269,19 @@ def _event_seen(record: SessionRecord, p: Params, _: Scenario) -> Verdict:
         f"{len(seen)} '{p['code']}' event(s){where}, want >= {p['min_count']}")
 
 
+def _v2g_paid(record: SessionRecord, p: Params, _: Scenario) -> Verdict:
+    r = record.receipt
+    if r is None:
+        return False, "no receipt in the record"
+    due = r.export_wh * r.export_price_per_kwh // 1000
+    diff = r.refunded - due
+    ok = r.export_wh >= int(p["min_export_wh"]) and r.refunded > 0 and \
+        abs(diff) <= int(p["tolerance"])
+    return ok, (f"fed back {r.export_wh} Wh at {r.export_price_per_kwh}/kWh is {due}; the "
+                f"station paid the vehicle {r.refunded} (difference {diff}, tolerance "
+                f"{p['tolerance']}, at least {p['min_export_wh']} Wh fed back)")
+
+
 def _energy_range(record: SessionRecord, p: Params, _: Scenario) -> Verdict:
     r = record.receipt
     if r is None:
@@ -301,6 +316,9 @@ CHECKS: dict[str, CheckSpec] = {
         "the runner recorded an event with this code (e.g. agent-restarted)",
         {"code": ("str", REQUIRED), "min_count": ("int>=0", 1), "where": ("str", "")},
         _event_seen),
+    "v2g-paid": CheckSpec(
+        "the station paid the vehicle for the energy fed back, at the signed export price",
+        {"tolerance": ("int>=0", 0), "min_export_wh": ("int>=0", 1)}, _v2g_paid),
     "energy-range": CheckSpec(
         "the metered energy lies in [min_wh, max_wh]",
         {"min_wh": ("int>=0", 0), "max_wh": ("int>=0", REQUIRED)}, _energy_range),
@@ -356,7 +374,7 @@ class Scenario:
         k = time_scale
         p = self.profile
         profile = Profile(p.kind, p.step_s / k, tuple((t / k, v) for t, v in p.power_w),
-                          tuple((t / k, v) for t, v in p.speed_kmh))
+                          tuple((t / k, v) for t, v in p.speed_kmh), p.export_price_per_kwh)
         faults = tuple(dataclasses.replace(f, start_s=f.start_s / k,
                                            duration_s=f.duration_s / k) for f in self.faults)
         expectations = tuple(dataclasses.replace(e, params={
@@ -458,8 +476,12 @@ def _parse_profile(table: Table, duration_s: float) -> Profile:
         else ()
     if speed and kind != "driving":
         raise table.error("speed_kmh", "no speed profile for kind = \"charging\"", "a profile")
+    export_price = table.int("export_price_per_kwh", 0, min=0, max=(1 << 63) - 1)
+    if export_price and kind != "charging":
+        raise table.error("export_price_per_kwh", "a price only for kind = \"charging\"",
+                          export_price)
     table.reject_unknown()
-    return Profile(kind, step_s, power, speed)
+    return Profile(kind, step_s, power, speed, export_price)
 
 
 def _parse_params(table: Table, spec: ParamSpec, faults: Sequence[Fault] = ()) -> dict[str, ParamValue]:

@@ -1,62 +1,56 @@
-"""The rig: a whole charging session on one machine, for ``edge-agent demo`` and HIL runs.
+"""The rig: a whole charging session on one machine, for ``edge-agent demo`` and HIL runs,
+through the product's own path: two config files, two agents started with them through
+:class:`agent.runtime.Runtime` (the channel service ``edge-agent run`` starts), and the
+session started and stopped the way a driver does it, through the vehicle agent's control
+socket (``edge-agent charge start|stop``). The rig wires no channel itself.
 
 What runs (all real protocols on loopback, nothing mocked)::
 
     broker      mosquitto on a free port (an embedded amqtt broker if mosquitto is absent)
     chain       in-process eth-tester + py-evm: test token + channel contract deployed
-    station     a Runtime (role station) polling a simulated SDM630 over Modbus TCP
-                (hil-meter), plus the station side of the payment channel fed by that meter
-    vehicle     a Runtime (role vehicle) polling a simulated ECU over a virtual CAN bus
-                (hil-ecu), plus the vehicle side of the channel, which funds the channel on
-                chain and cross-checks the metered energy against its own estimate
+                (the agents get it as their settlement node; one lock serialises it)
+    station     config station.toml: a simulated SDM630 on Modbus TCP (hil-meter) as the
+                connector's meter, the wallbox (hil/session/wallbox.py, until hil-evse
+                lands), [channel]: fleet registry policy, the signed tariff, one connector
+    vehicle     config vehicle.toml: a simulated ECU on a virtual CAN bus (hil-ecu), the
+                car's own on-board charger counter (a second meter simulator, in the car,
+                that the wallbox feeds less its losses), [channel.energy] on that counter
     verifier    a subscriber that verifies every envelope both devices publish
 
-The session ends when the meter has delivered ``energy_wh``; the station closes the channel,
-the final co-signed state is settled on chain (cooperative close), the agents stop, and the
-result is a :class:`hil.report.SessionRecord` with the receipt and the verification.
+The session ends when ``session_over`` says so (the demo: ``energy_wh`` delivered): the rig
+sends ``charge stop``; the agents close the channel and settle it on chain by themselves
+(the station submits the cooperative close); the rig reads the receipt from their status
+and the chain, stops them, and returns a :class:`hil.report.SessionRecord`.
 
-Hooks for the HIL runner (hil/scenarios/runner.py subclasses :class:`Rig`): ``session_over`` decides
-when the station stops metering, ``timeline`` runs beside the agents (fault injection),
-``settle`` puts the final state on chain; ``rig.broker``, ``rig.chain`` and ``rig.agents``
-(each an :class:`Agent` that can be killed and restarted from its state directory) are
-reachable while it runs. With ``charging = False`` only the vehicle agent runs (a drive).
-
-Time: the meter runs ``time_scale`` times faster than the wall clock (11 kW for 20 minutes of
-session in 10 seconds at 120x), so energy, power and payments stay consistent while the
-demo finishes quickly.
+Hooks for the HIL runner (hil/scenarios/rig.py subclasses :class:`Rig`): ``session_over``,
+``timeline`` (fault injection beside the agents), ``configure`` (config changes per
+scenario); ``rig.broker``, ``rig.chain``, ``rig.wallbox`` and ``rig.agents`` (each an
+:class:`Agent` that can be killed and restarted from its state directory) are reachable
+while it runs. With ``charging = False`` only the vehicle agent runs (a drive, no channel).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from agent.channel.messages import Tariff, sign_tariff
-from agent.channel.protocol import Closed
-from agent.channel.records import CosignedRecord, OpenParams, Party
-from agent.channel.session import open_channel, run_station, run_vehicle
-from agent.channel.station import StationChannel
-from agent.channel.store import ChannelStore
-from agent.channel.vehicle import VehicleChannel
-from agent.config import Config, parse_config
+import tomli_w
+
+from agent.channel import control
+from agent.config import Config, load_config
 from agent.envelope import OpenedEnvelope, open_envelope
 from agent.errors import ConfigError, EdgeAgentError
 from agent.fleet_keys import FleetRegistry
 from agent.keys import DeviceKeys, KeyStore
 from agent.live_verify import LiveVerifier, mqtt_config
-from agent.options import Table
 from agent.readings import Reading
 from agent.runtime import Runtime, SourceRunner, build_sources
 from agent.settlement.chain import InProcessChain
-from agent.settlement.client import SettlementClient
-from agent.settlement.funding import check_channel_funded
-from agent.settlement.model import TxResult
 from agent.status import ChannelStatus
 from agent.uplink import MqttConfig, Uplink
 from agent.verify import VerifyReport
@@ -70,10 +64,14 @@ from hil.report import (
     VerificationSummary,
     recorded_readings,
 )
+from hil.session.chain import serialised
+from hil.session.wallbox import StandInWallbox
 from hil.sim.ecu_source import HIL_PIDS
+from hil.sim.meter import ChargingProfile
 
 IMPORT_WH, EXPORT_WH, POWER_W = "1-0:1.8.0", "1-0:2.8.0", "1-0:16.7.0"
-METER_ID, ECU_ID = "meter0", "ecu0"     # the source ids HIL scenarios name
+METER_ID, ECU_ID, OBC_ID = "meter0", "ecu0", "obc0"   # the source ids HIL scenarios name
+CHARGER_ID = "wallbox"
 TOKEN_DECIMALS = 6
 
 
@@ -89,7 +87,7 @@ class RigSettings:
     pay_step_wh: int = 10
     credit_window_wh: int = 100
     dispute_window_s: int = 3600
-    estimate_ratio_ppm: int = 995_000      # the car's own estimate: 0.5 % below the meter
+    charger_efficiency_ppm: int = 995_000  # the car's own count: 0.5 % charger losses
     batch_max_readings: int = 50
     batch_max_age_ms: int = 500
     timeout_s: float = 300.0
@@ -101,15 +99,8 @@ class RigSettings:
     meter_timeout_s: float = 0.5           # Modbus reply timeout (wall seconds)
     ecu_probe_interval_s: float = 2.0      # a sleeping car is probed this often (wall s)
     ecu_poll_scale: float = 1.0            # the OBD-II PID periods are divided by this
-
-
-@dataclass(frozen=True, slots=True)
-class Settlement:
-    """How the channel ended on chain: what the receipt reports."""
-
-    close: str                             # cooperative | unilateral | challenged
-    settled_nonce: int
-    tx: TxResult
+    close_timeout_s: float = 5.0           # either side: the peer must finish a close in this
+    submit: str = "station"                # who sends the cooperative close
 
 
 @dataclass
@@ -122,35 +113,31 @@ class Progress:
     paid_wh: int = 0
     nonce: int = 0
     envelopes: int = 0
-
-
-Session = Callable[["Agent", Runtime], Awaitable[Closed]]
+    export_wh: int = 0
 
 
 @dataclass
 class Agent:
-    """One device's agent in the rig: a Runtime plus its side of the payment channel.
+    """One device's agent in the rig: its config file, keys and hardware, and the Runtime
+    started from them.
 
     ``kill()`` ends it the way a power cut would, as far as one process can: its tasks are
     cancelled mid-flight, with no flush of what the batcher holds and no channel close.
-    ``start()`` again builds a new Runtime from the same state directory (the spool restores
-    seq and chain head; the channel store restores the channel). The sources are kept: they
-    are the hardware (meter, ECU), which a crash of the agent does not reset.
+    ``start()`` again builds a new Runtime from the same config and state directory (the
+    spool restores seq and chain head, the channel service its sessions). The sources and
+    the charger are kept: they are the hardware, which a crash of the agent does not reset.
     """
 
     role: str                              # "vehicle" | "station"
     keys: DeviceKeys
-    config: Config
-    peer: str = ""
-    session: Session | None = None         # the channel side; None: telemetry only
-    make_channel: Callable[[ChannelStore], StationChannel | VehicleChannel] | None = None
+    config_path: Path
+    node: Any = None                       # the settlement node (the in-process chain)
+    chargers: dict[str, Any] = field(default_factory=dict)
     runtime: Runtime | None = None
-    channel: StationChannel | VehicleChannel | None = None
-    store: ChannelStore | None = None
-    closed: Closed | None = None
     starts: int = 0
 
     def __post_init__(self) -> None:
+        self.config: Config = load_config(self.config_path)
         self.sources: list[SourceRunner] = build_sources(self.config)
         self._task: asyncio.Task[None] | None = None
 
@@ -160,17 +147,8 @@ class Agent:
 
     def start(self, tg: asyncio.TaskGroup, stop: asyncio.Event) -> Runtime:
         sources = [SourceRunner(r.source, r.kind) for r in self.sources]  # fresh taps
-        runtime = Runtime(self.config, self.keys, sources=sources)
-        if self.session is not None and self.make_channel is not None:
-            self.store = ChannelStore(Path(self.config.device.state_dir) / "channel.log")
-            self.channel = self.make_channel(self.store)
-            session = self.session
-
-            async def channel_task(rt: Runtime) -> None:
-                self.closed = await session(self, rt)
-
-            runtime.add_task(f"channel[{self.channel.channel_id.hex()[:12]}]", channel_task)
-            runtime.set_channel_status(_channel_status(self.channel, self.peer))
+        runtime = Runtime(load_config(self.config_path), self.keys, sources=sources,
+                          chargers=self.chargers, node=self.node)
         self.runtime = runtime
         self.starts += 1
         self._task = tg.create_task(runtime.run(stop), name=f"{self.role}#{self.starts}")
@@ -182,14 +160,28 @@ class Agent:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self.store is not None:
-            self.store.close()
+
+    async def serving(self) -> None:
+        """Until this agent's channel service (or, without one, the agent) serves."""
+        assert self.runtime is not None
+        await self.runtime.ready.wait()
+        if self.runtime.channel is not None:
+            await self.runtime.channel.ready.wait()
+
+    def sessions(self) -> tuple[ChannelStatus, ...]:
+        return self.runtime.channel.status() if self.runtime and self.runtime.channel else ()
 
     def source(self, source_id: str) -> Source:
         for runner in self.sources:
             if runner.source.id == source_id:
                 return runner.source
         raise ConfigError(key="sources.id", expected="a configured source", found=source_id)
+
+
+def write_toml(path: Path, data: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"# written by the rig (hil/session/rig.py)\n" + tomli_w.dumps(data).encode())
+    return path
 
 
 @dataclass
@@ -205,28 +197,25 @@ class Rig:
         self.agents: dict[str, Agent] = {}
         self.broker: Mosquitto | EmbeddedBroker | None = None
         self.chain: InProcessChain | None = None
+        self.wallbox: StandInWallbox | None = None
+        self.node: Any = None
         self.balances: dict[str, int] = {}
-        self._base_import: int | None = None
-        self._estimate_base: int | None = None
         self.timed_out = False
+        self.final: ChannelStatus | None = None
+        self.opened: list[OpenedEnvelope] = []
+        self._base: tuple[int, int] | None = None   # meter (import, export) at the start
 
-    # -- hooks for the HIL runner (hil/scenarios/runner.py); the demo uses these defaults ----------
+    # -- hooks for the HIL runner (hil/scenarios/rig.py); the demo uses these defaults -----
     def session_over(self, delivered_wh: int) -> bool:
-        """The station stops metering (and closes the channel) once this holds."""
+        """The driver stops the session (``charge stop``) once this holds."""
         return delivered_wh >= self.settings.energy_wh
 
     async def timeline(self, tg: asyncio.TaskGroup, stop: asyncio.Event) -> None:
         """Runs beside the agents while the session lasts (the runner injects faults here).
         Without a channel the session ends when this returns."""
 
-    async def settle(self, closed: Closed, ev_client: SettlementClient,
-                     cs_client: SettlementClient) -> Settlement:
-        """Put the final co-signed state on chain: a cooperative close, settled at once."""
-        settled = await asyncio.to_thread(
-            cs_client.cooperative_close, closed.state, closed.sig_ev, closed.sig_cs)
-        self.say(f"settled on chain: cooperative close, tx 0x{settled.tx_hash.hex()}, gas "
-                 f"{settled.gas_used:,}, block {settled.block_number}")
-        return Settlement("cooperative", closed.state.nonce, settled)
+    def configure(self, role: str, data: dict[str, Any]) -> None:
+        """Change an agent's config before it is written (the runner's per-scenario keys)."""
 
     def record_title(self) -> str:
         return "ev-edge-agent demo: one charging session"
@@ -242,16 +231,65 @@ class Rig:
         registry.save(self.out / "fleet.toml")
         return devices[0], devices[1], registry
 
-    def _config(self, role: str, keys: DeviceKeys, broker_url: str, source: dict) -> Table:
+    def _common(self, role: str, keys: DeviceKeys, broker_url: str) -> dict[str, Any]:
         s = self.settings
-        data = {
+        return {
             "device": {"id": keys.device_id, "role": role, "state_dir": str(self.out / role)},
             "batch": {"max_readings": s.batch_max_readings, "max_age_ms": s.batch_max_age_ms},
-            "sources": [source],
             "mqtt": {"url": broker_url, "backoff_initial_s": 0.1, "backoff_max_s": 2.0},
             "status": {"path": str(self.out / role / "status.json"), "interval_s": 1.0},
         }
-        return Table(data, f"<{role} demo config>")
+
+    def _settlement(self) -> dict[str, Any]:
+        assert self.chain is not None
+        return {"contract": "0x" + self.chain.contract.hex(), "poll_s": 0.2,
+                "submit": self.settings.submit, "coop_grace_s": 10.0}
+
+    def _ecu(self) -> dict[str, Any]:
+        s = self.settings
+        source: dict[str, Any] = {"id": ECU_ID, "kind": "hil-ecu",
+                                  "time_scale": s.ecu_time_scale,
+                                  "probe_interval_s": s.ecu_probe_interval_s}
+        if s.ecu_poll_scale != 1.0:  # poll as often in simulated time as a real car would
+            source["pids"] = {pid: period / s.ecu_poll_scale for pid, period in HIL_PIDS.items()}
+        return source
+
+    def _vehicle_config(self, keys: DeviceKeys, broker_url: str) -> Path:
+        s = self.settings
+        data = self._common("vehicle", keys, broker_url)
+        data["sources"] = [self._ecu()]
+        if s.charging:
+            data["sources"].append({"id": OBC_ID, "kind": "hil-meter", "map": "sdm120",
+                                    "import_wh": 0, "export_wh": 0,
+                                    "interval_s": s.meter_interval_s,
+                                    "timeout_s": s.meter_timeout_s, "time_scale": s.time_scale})
+            data["channel"] = {
+                "max_price_per_kwh": s.price_per_kwh, "max_deposit_ev": s.deposit_ev,
+                "registry": str(self.out / "fleet.toml"),
+                "control_socket": str(self.out / "vehicle" / "control.sock"),
+                "close_timeout_s": s.close_timeout_s, "answer_timeout_s": 10.0,
+                "energy": {"source": OBC_ID, "method": "counter", "reading": IMPORT_WH}}
+            data["settlement"] = self._settlement()
+        self.configure("vehicle", data)
+        return write_toml(self.out / "vehicle.toml", data)
+
+    def _station_config(self, keys: DeviceKeys, broker_url: str) -> Path:
+        s = self.settings
+        data = self._common("station", keys, broker_url)
+        data["sources"] = [{"id": METER_ID, "kind": "hil-meter", "map": "sdm630",
+                            "interval_s": s.meter_interval_s, "timeout_s": s.meter_timeout_s,
+                            "time_scale": s.time_scale}]
+        data["chargers"] = [{"id": CHARGER_ID, "kind": StandInWallbox.kind}]
+        data["channel"] = {
+            "policy": "registry", "registry": str(self.out / "fleet.toml"),
+            "price_per_kwh": s.price_per_kwh, "export_price_per_kwh": s.export_price_per_kwh,
+            "deposit_ev": s.deposit_ev, "deposit_cs": s.deposit_cs,
+            "dispute_window_s": s.dispute_window_s, "credit_window_wh": s.credit_window_wh,
+            "pay_step_wh": s.pay_step_wh, "close_timeout_s": s.close_timeout_s,
+            "connectors": [{"id": 1, "charger": CHARGER_ID, "meter": METER_ID}]}
+        data["settlement"] = self._settlement()
+        self.configure("station", data)
+        return write_toml(self.out / "station.toml", data)
 
     # -- the session -------------------------------------------------------------------
     async def run(self) -> SessionRecord:
@@ -267,12 +305,13 @@ class Rig:
             if self.settings.charging:
                 chain = await asyncio.to_thread(InProcessChain.start)
                 self.chain = chain
+                node = self.node = serialised(chain)
                 self.say(f"chain: in-process eth-tester (chain id {chain.chain_id}), token "
                          f"0x{chain.token.hex()}, channel contract 0x{chain.contract.hex()}")
                 for keys, tokens in ((vehicle_keys, self.settings.deposit_ev * 2),
                                      (station_keys, self.settings.deposit_cs)):
                     await asyncio.to_thread(chain.fund, keys.settlement.address, tokens=tokens)
-                record = await self._session(broker.url, chain, vehicle_keys, station_keys,
+                record = await self._session(broker.url, node, vehicle_keys, station_keys,
                                              registry)
             else:
                 record = await self._drive(broker.url, vehicle_keys, registry)
@@ -283,18 +322,10 @@ class Rig:
                              samples=tuple(self.samples), readings=record[0],
                              receipt=record[1], verification=record[2])
 
-    def _vehicle_agent(self, ev: DeviceKeys, broker_url: str) -> Agent:
-        s = self.settings
-        source: dict[str, object] = {"id": ECU_ID, "kind": "hil-ecu",
-                                     "time_scale": s.ecu_time_scale,
-                                     "probe_interval_s": s.ecu_probe_interval_s}
-        if s.ecu_poll_scale != 1.0:  # poll as often in simulated time as a real car would
-            source["pids"] = {pid: period / s.ecu_poll_scale for pid, period in HIL_PIDS.items()}
-        return Agent("vehicle", ev, parse_config(self._config("vehicle", ev, broker_url, source)))
-
-    async def _drive(self, broker_url: str, ev: DeviceKeys, registry: FleetRegistry):
+    async def _drive(self, broker_url: str, ev: DeviceKeys, registry: FleetRegistry
+                     ) -> tuple[tuple[RecordedReading, ...], None, VerificationSummary]:
         """No charging: the vehicle agent alone, telemetry only, until ``timeline`` ends."""
-        vehicle = self._vehicle_agent(ev, broker_url)
+        vehicle = Agent("vehicle", ev, self._vehicle_config(ev, broker_url))
         self.agents = {"vehicle": vehicle}
         live = LiveVerifier(registry)
         stop = asyncio.Event()
@@ -312,68 +343,23 @@ class Rig:
         readings, summary = self._verified(live)
         return readings, None, summary
 
-    async def _session(self, broker_url: str, chain: InProcessChain, ev: DeviceKeys,
-                       cs: DeviceKeys, registry: FleetRegistry):
-        s = self.settings
-        salt = os.urandom(32)
-        tariff = Tariff(s.price_per_kwh, s.export_price_per_kwh)
-        ev_party = Party(ev.identity.public, ev.settlement.address)
-        cs_party = Party(cs.identity.public, cs.settlement.address)
-        common = dict(chain_id=chain.chain_id, contract=chain.contract, salt=salt)
-        ev_client = SettlementClient(chain.w3, chain.contract, ev.settlement)
-        cs_client = SettlementClient(chain.w3, chain.contract, cs.settlement)
-        self.clients = {"vehicle": ev_client, "station": cs_client}
-
-        def station_channel(store: ChannelStore) -> StationChannel:
-            return open_channel(  # type: ignore[return-value]
-                StationChannel, store, identity=cs.identity, settlement=cs.settlement,
-                vehicle=ev_party, tariff=tariff, tariff_sig=sign_tariff(tariff, cs.identity),
-                deposit_ev=s.deposit_ev, deposit_cs=s.deposit_cs,
-                dispute_window_s=s.dispute_window_s, credit_window_wh=s.credit_window_wh,
-                pay_step_wh=s.pay_step_wh, **common)
-
-        def vehicle_channel(store: ChannelStore) -> VehicleChannel:
-            return open_channel(  # type: ignore[return-value]
-                VehicleChannel, store, identity=ev.identity, settlement=ev.settlement,
-                station=cs_party, max_price_per_kwh=s.price_per_kwh,
-                max_deposit_ev=s.deposit_ev, **common)
-
-        async def fund(params: OpenParams) -> bytes:
-            opened = await asyncio.to_thread(
-                ev_client.open_channel, ev_party.address, cs_party.address, params.salt,
-                params.dispute_window_s, params.deposit_ev)
-            self.say(f"vehicle funded the channel on chain: deposit "
-                     f"{_money(params.deposit_ev)}, tx 0x{opened.tx.tx_hash.hex()[:16]}...")
-            return opened.tx.tx_hash
-
-        station = Agent("station", cs, parse_config(self._config("station", cs, broker_url, {
-            "id": METER_ID, "kind": "hil-meter", "map": "sdm630", "power_w": s.power_w,
-            "interval_s": s.meter_interval_s, "timeout_s": s.meter_timeout_s,
-            "time_scale": s.time_scale})), peer=ev.device_id, make_channel=station_channel)
-        meter_source = station.source(METER_ID)
-
-        async def check_funding(params: OpenParams, reference: bytes) -> None:
-            # the station reads the channel's record on the contract before it trusts FUNDED
-            await asyncio.to_thread(check_channel_funded, cs_client, params)
-            self.say("station checked the funding on chain: channel open, deposit in place")
-
-        async def station_session(agent: Agent, runtime: Runtime) -> Closed:
-            assert agent.channel is not None and agent.store is not None
-            return await run_station(runtime.uplink, agent.channel, agent.store,  # type: ignore[arg-type]
-                                     self._meter_until_over(runtime.tap(METER_ID)),
-                                     check_funding=check_funding)
-
-        async def vehicle_session(agent: Agent, runtime: Runtime) -> Closed:
-            assert agent.channel is not None and agent.store is not None
-            return await run_vehicle(runtime.uplink, agent.channel, agent.store,  # type: ignore[arg-type]
-                                     estimate=self._vehicle_estimate(meter_source), fund=fund)
-
-        station.session = station_session
-        vehicle = self._vehicle_agent(ev, broker_url)
-        vehicle.peer, vehicle.session, vehicle.make_channel = (cs.device_id, vehicle_session,
-                                                               vehicle_channel)
+    def _agents(self, broker_url: str, node: Any, ev: DeviceKeys, cs: DeviceKeys) -> None:
+        station = Agent("station", cs, self._station_config(cs, broker_url), node)
+        vehicle = Agent("vehicle", ev, self._vehicle_config(ev, broker_url), node)
+        meter, obc = station.source(METER_ID), vehicle.source(OBC_ID)
+        self.wallbox = StandInWallbox(
+            CHARGER_ID, meter.simulator, obc.simulator,  # type: ignore[attr-defined]
+            profile=ChargingProfile.constant(self.settings.power_w),
+            efficiency_ppm=self.settings.charger_efficiency_ppm)
+        station.chargers = {CHARGER_ID: self.wallbox}
         self.agents = {"vehicle": vehicle, "station": station}
 
+    async def _session(self, broker_url: str, node: Any, ev: DeviceKeys, cs: DeviceKeys,
+                       registry: FleetRegistry
+                       ) -> tuple[tuple[RecordedReading, ...], Receipt | None,
+                                  VerificationSummary]:
+        self._agents(broker_url, node, ev, cs)
+        station, vehicle = self.agents["station"], self.agents["vehicle"]
         live = LiveVerifier(registry)
         stop = asyncio.Event()
         try:
@@ -382,28 +368,59 @@ class Rig:
                     tg.create_task(self._collect(verifier, live), name="verifier")
                     station.start(tg, stop)
                     vehicle.start(tg, stop)
+                    await asyncio.wait_for(asyncio.gather(station.serving(), vehicle.serving()),
+                                           self.settings.timeout_s)
+                    tg.create_task(self._meter_samples(), name="samples")
                     watch = tg.create_task(self._show_progress(), name="progress")
+                    await self._charge_start(cs.device_id)
                     timeline = tg.create_task(self.timeline(tg, stop), name="timeline")
-                    if not await self._wait(lambda: station.closed is not None
-                                            and vehicle.closed is not None):
+                    if not await self._wait(self._settled):
                         watch.cancel()
                         timeline.cancel()
                         await self._finish(stop, live)
                     watch.cancel()
-                    closed = station.closed
-                    settlement = await self.settle(closed, ev_client, cs_client)
                     await timeline  # a fault still in force (a restart) finishes first
+                    self.final = self._final()
                     await self._finish(stop, live)  # both flush their spools and stop
         except* _Done:
             pass
-        if self.timed_out:  # what was verified, no receipt: the run failed
-            readings, summary = self._verified(live)
+        readings, summary = self._verified(live)
+        if self.timed_out or self.final is None:  # what was verified, no receipt: a FAIL
             return readings, None, summary
-        self.balances = {name: await asyncio.to_thread(ev_client.balance, addr)
+        assert self.chain is not None
+        from agent.settlement.client import SettlementClient
+
+        client = SettlementClient(node, self.chain.contract, ev.settlement)
+        self.balances = {name: await asyncio.to_thread(client.balance, addr)
                          for name, addr in (("vehicle", ev.settlement.address),
                                             ("station", cs.settlement.address))}
-        readings, summary = self._verified(live)
-        return readings, self._receipt(closed, settlement, chain, ev, cs), summary
+        return readings, await self._receipt(node, ev, cs), summary
+
+    async def _charge_start(self, station_id: str) -> None:
+        """The driver's ``edge-agent charge start``, through the vehicle's control socket."""
+        socket = self.out / "vehicle" / "control.sock"
+        answer = await asyncio.to_thread(control.request, socket, {
+            "op": "start", "station": station_id, "connector": 1}, 60.0)
+        if not answer.get("ok"):
+            raise EdgeAgentError(f"charge start refused: {answer.get('reason')}: "
+                                 f"{answer.get('detail')}", reason="rig-start")
+        self.say(f"charge start: session 0x{answer['channel']} at {station_id} connector 1")
+
+    async def charge_stop(self) -> None:
+        """The driver's ``edge-agent charge stop``."""
+        socket = self.out / "vehicle" / "control.sock"
+        answer = await asyncio.to_thread(control.request, socket, {"op": "stop"}, 30.0)
+        self.say(f"charge stop: {answer.get('reason') if answer.get('ok') else answer}")
+
+    def _settled(self) -> bool:
+        """Both agents report the session's settlement job done."""
+        sessions = [s for agent in self.agents.values() for s in agent.sessions()]
+        return len(sessions) >= 2 and all(s.settlement in ("settled", "nothing-to-settle")
+                                          for s in sessions)
+
+    def _final(self) -> ChannelStatus | None:
+        station = self.agents["station"].sessions()
+        return station[-1] if station else None
 
     @contextlib.asynccontextmanager
     async def _verifier(self, broker_url: str) -> AsyncIterator[Uplink]:
@@ -427,8 +444,9 @@ class Rig:
         return mqtt_config(broker_url, client_id="demo-verifier", persistent=True)
 
     async def _wait(self, done: Callable[[], bool]) -> bool:
-        """Until ``done()``. After ``timeout_s``: TimeoutError, or with
-        ``partial_on_timeout`` (the HIL runner) False, and the rig reports what it has."""
+        """Until ``done()`` (a status snapshot: polled). After ``timeout_s``: TimeoutError,
+        or with ``partial_on_timeout`` (the HIL runner) False, and the rig reports what it
+        has."""
         try:
             async with asyncio.timeout(self.settings.timeout_s):
                 while not done():
@@ -447,48 +465,50 @@ class Rig:
             await asyncio.sleep(0.1)
 
     # -- the pieces -----------------------------------------------------------------------
-    async def _meter_until_over(self, readings: asyncio.Queue[Reading]
-                                ) -> AsyncIterator[tuple[int, int]]:
-        """Cumulative (import, export) Wh from the station's meter source, until
-        ``session_over``; records a sample per poll for the report. The session's base
-        reading survives a restart of the station agent."""
-        pending: dict[str, int] = {}
+    async def _meter_samples(self) -> None:
+        """The report's time series, from the station's signed meter readings (a tap, as
+        any observer; restarted with the station agent), and the driver's stop."""
+        stopped = False
         while True:
-            reading = await readings.get()
-            if reading.name == POWER_W:
-                self.progress.power_w = int(reading.value)
-            if reading.name not in (IMPORT_WH, EXPORT_WH):
-                continue
-            pending[reading.name] = int(reading.value)
-            if len(pending) < 2:
-                continue
-            import_wh, export_wh = pending[IMPORT_WH], pending[EXPORT_WH]
-            pending.clear()
-            if self._base_import is None:
-                self._base_import = import_wh
-            delivered = import_wh - self._base_import
-            self.progress.energy_wh = delivered
-            cosigned = self.latest_cosigned()  # paid so far, at this reading (not per second)
-            paid, paid_wh = (cosigned.state.t_ev, cosigned.state.wh) if cosigned else (0, 0)
-            self.samples.append(Sample(reading.ts_ns, self.progress.power_w, delivered,
-                                       paid, paid_wh))
-            yield import_wh, export_wh
-            if self.session_over(delivered):
-                return
+            station = self.agents["station"]
+            runtime = station.runtime
+            assert runtime is not None
+            readings = runtime.tap(METER_ID)
+            pending: dict[str, int] = {}
+            while station.runtime is runtime and station.alive:
+                try:
+                    reading: Reading = await asyncio.wait_for(readings.get(), 1.0)
+                except TimeoutError:
+                    continue
+                if reading.name == POWER_W:
+                    self.progress.power_w = int(reading.value)  # type: ignore[arg-type]
+                if reading.name not in (IMPORT_WH, EXPORT_WH):
+                    continue
+                pending[reading.name] = int(reading.value)  # type: ignore[arg-type]
+                if len(pending) < 2:
+                    continue
+                import_wh, export_wh = pending.pop(IMPORT_WH), pending.pop(EXPORT_WH)
+                if self._base is None:
+                    self._base = (import_wh, export_wh)
+                delivered = import_wh - self._base[0]
+                self.progress.energy_wh = delivered
+                self.progress.export_wh = export_wh - self._base[1]
+                paid, paid_wh = self.progress.paid, self.progress.paid_wh
+                self.samples.append(Sample(reading.ts_ns, self.progress.power_w, delivered,
+                                           paid, paid_wh))
+                self._update_paid()
+                if not stopped and self.session_over(delivered):
+                    stopped = True
+                    asyncio.get_running_loop().create_task(self.charge_stop())
+            while station.runtime is runtime:   # killed: wait for the restart
+                await asyncio.sleep(0.05)
 
-    async def _vehicle_estimate(self, meter_source: Source) -> AsyncIterator[int]:
-        """The car's own view of energy received (its BMS), a little below the meter. The
-        BMS is hardware: its count since the session began survives a restart of the agent."""
-        simulator = None
-        while simulator is None:
-            simulator = getattr(meter_source, "simulator", None)
-            await asyncio.sleep(0.05)
-        if self._estimate_base is None:
-            self._estimate_base = simulator.energy_wh()[0]
-        while True:
-            await asyncio.sleep(0.2)
-            delivered = simulator.energy_wh()[0] - self._estimate_base
-            yield delivered * self.settings.estimate_ratio_ppm // 1_000_000
+    def _update_paid(self) -> None:
+        held = [s for agent in self.agents.values() for s in agent.sessions()]
+        if held:
+            best = max(held, key=lambda s: s.nonce)
+            p = self.progress
+            p.paid, p.paid_wh, p.nonce = best.t_ev, best.energy_wh, best.nonce
 
     async def _collect(self, verifier: Uplink, live: LiveVerifier) -> None:
         async for message in verifier.messages():
@@ -503,49 +523,44 @@ class Rig:
             last = live.messages
             await asyncio.sleep(seconds)
 
-    def latest_cosigned(self) -> CosignedRecord | None:
-        """The highest co-signed state either party holds."""
-        held = [a.channel.cosigned for a in self.agents.values()
-                if a.channel is not None and a.channel.cosigned is not None]
-        return max(held, key=lambda c: c.state.nonce) if held else None
-
     async def _show_progress(self) -> None:
         while True:
             await asyncio.sleep(1.0)
+            self._update_paid()
             p = self.progress
-            cosigned = self.latest_cosigned()
-            if cosigned is not None:
-                p.paid, p.paid_wh, p.nonce = (cosigned.state.t_ev, cosigned.state.wh,
-                                              cosigned.state.nonce)
-            if self.settings.energy_wh:
-                target = f" of {self.settings.energy_wh / 1000:.2f}"
-            else:
-                target = ""
+            target = f" of {self.settings.energy_wh / 1000:.2f}" if self.settings.energy_wh \
+                else ""
             self.say(f"charging: {p.energy_wh / 1000:6.2f} kWh{target}, {p.power_w / 1000:5.1f} "
                      f"kW, paid {_money(p.paid)} (nonce {p.nonce}), {p.envelopes} envelopes "
                      f"verified")
 
-    def _receipt(self, closed: Closed, settlement: Settlement, chain: InProcessChain,
-                 ev: DeviceKeys, cs: DeviceKeys) -> Receipt:
-        state = closed.state
-        latest = self.latest_cosigned()
-        tx = settlement.tx
+    async def _receipt(self, node: Any, ev: DeviceKeys, cs: DeviceKeys) -> Receipt:
+        final = self.final
+        assert final is not None
+        vehicle = self.agents["vehicle"].sessions()
+        latest = max([final.nonce] + [s.nonce for s in vehicle])
+        tx_hash = _job_tx(self.agents)
+        block = None
+        if tx_hash:
+            receipt = await asyncio.to_thread(node.eth.get_transaction_receipt, tx_hash)
+            block = int(receipt["blockNumber"])
         return Receipt(
-            channel_id=state.channel_id.hex(), vehicle=ev.device_id, station=cs.device_id,
-            energy_wh=self.progress.energy_wh, paid_wh=state.wh,
-            price_per_kwh=self.settings.price_per_kwh, payments=state.nonce,
-            paid=state.t_ev, refunded=state.t_cs, deposit=self.settings.deposit_ev,
-            token="EVT", decimals=TOKEN_DECIMALS,
-            latest_nonce=max(state.nonce, latest.state.nonce if latest else 0),
-            settled_nonce=settlement.settled_nonce, close=settlement.close, settled=True,
-            settlement_tx="0x" + tx.tx_hash.hex(), settlement_block=tx.block_number,
-            chain="in-process (eth-tester)")
+            channel_id=final.channel_id, vehicle=ev.device_id, station=cs.device_id,
+            energy_wh=self.progress.energy_wh, paid_wh=final.energy_wh,
+            price_per_kwh=self.settings.price_per_kwh, payments=final.nonce,
+            paid=final.t_ev, refunded=final.t_cs, deposit=self.settings.deposit_ev,
+            token="EVT", decimals=TOKEN_DECIMALS, latest_nonce=latest,
+            settled_nonce=_settled_nonce(self.agents), close=_close_kind(self.agents),
+            settled=all(s.settlement == "settled" for s in [final, *vehicle]),
+            settlement_tx=tx_hash or None, settlement_block=block,
+            chain="in-process (eth-tester)", export_wh=self.progress.export_wh,
+            export_price_per_kwh=self.settings.export_price_per_kwh)
 
     def _verified(self, live: LiveVerifier
                   ) -> tuple[tuple[RecordedReading, ...], VerificationSummary]:
         report: VerifyReport = live.report()
         readings: list[RecordedReading] = []
-        self.opened: list[OpenedEnvelope] = []
+        self.opened = []
         for data in dict.fromkeys(self.captured):
             with contextlib.suppress(EdgeAgentError):
                 opened = open_envelope(data, live.registry.lookup)
@@ -556,20 +571,41 @@ class Rig:
         return tuple(readings), VerificationSummary.from_verify_report(report)
 
 
+def _jobs(agents: dict[str, Agent]) -> list[Any]:
+    out = []
+    for agent in agents.values():
+        runtime = agent.runtime
+        if runtime is None or runtime.channel is None or runtime.channel.role is None:
+            continue
+        for view in runtime.channel.role.views():
+            if view.job is not None:
+                out.append(view.job)
+    return out
+
+
+def _job_tx(agents: dict[str, Agent]) -> str:
+    """The transaction that settled the channel: the last one a job sent."""
+    jobs = [j for j in _jobs(agents) if j.tx and j.state == "settled"
+            and j.close not in ("by-peer",)]
+    return "0x" + jobs[-1].tx.hex() if jobs else ""
+
+
+def _close_kind(agents: dict[str, Agent]) -> str:
+    kinds = {j.close for j in _jobs(agents)}
+    for kind in ("challenged", "unilateral", "cooperative"):
+        if kind in kinds:
+            return kind
+    return "open"
+
+
+def _settled_nonce(agents: dict[str, Agent]) -> int | None:
+    nonces = [j.nonce for j in _jobs(agents) if j.state == "settled"]
+    return max(nonces) if nonces else None
+
+
 class _Done(Exception):
     pass
 
 
 def _money(amount: int) -> str:
     return f"{amount / 10**TOKEN_DECIMALS:,.6f} EVT"
-
-
-def _channel_status(channel, peer: str) -> Callable[[], tuple[ChannelStatus, ...]]:
-    def snapshot() -> tuple[ChannelStatus, ...]:
-        c = channel.cosigned
-        state = c.state if c is not None else None
-        return (ChannelStatus(
-            channel_id=channel.channel_id.hex(), peer=peer, state=channel.phase.name.lower(),
-            nonce=state.nonce if state else 0, energy_wh=state.wh if state else 0,
-            t_ev=state.t_ev if state else 0, t_cs=state.t_cs if state else 0),)
-    return snapshot

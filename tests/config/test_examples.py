@@ -25,6 +25,13 @@ from pathlib import Path
 import psutil
 import pytest
 
+from agent.channel.settings import (
+    COMMON_CHANNEL_KEYS,
+    STATION_KEYS,
+    VEHICLE_KEYS,
+    ConnectorConfig,
+    EnergyConfig,
+)
 from agent.config import BatchConfig, Config, DeviceConfig, load_config, parse_config
 from agent.errors import ConfigError
 from agent.fleet_keys import FleetRegistry
@@ -77,11 +84,12 @@ def test_sections_validate_with_their_parts(config: Config) -> None:
     assert spool.path.parent == config.device.state_dir  # the default: next to the keys
     assert status.interval_s > 0
     assert metrics.host in ("127.0.0.1", "::1", "localhost")
-    if config.section("settlement").data:
+    if config.section("channel").data:  # [channel] reads its [settlement] keys too
+        from agent.channel.service import ServiceSettings
+
+        assert ServiceSettings.from_config(config) is not None
+    elif config.section("settlement").data:
         SettlementConfig.from_table(config.section("settlement"))
-    # Sections no part reads yet stay commented out in the examples: present, they would
-    # be accepted today and rejected as unknown keys tomorrow.
-    assert not config.section("channel").data
 
 
 @pytest.mark.parametrize("name", ["vehicle.toml", "station.toml"])
@@ -330,6 +338,15 @@ TABLE_PARTS = {
     "[metrics]": lambda: keys_read(MetricsConfig.from_table, {}),
     "[settlement]": lambda: keys_read(SettlementConfig.from_table, {}),
 }
+# The charging tables: heading in docs/configuration.md -> the keys the code accepts.
+CHANNEL_PARTS = {
+    "`[channel]` station": lambda: set(STATION_KEYS) | COMMON_CHANNEL_KEYS | {"registry"},
+    "`[channel]` vehicle": lambda: set(VEHICLE_KEYS) | COMMON_CHANNEL_KEYS | {"registry"},
+    "`[[channel.connectors]]`": lambda: {f.name for f in dataclasses.fields(ConnectorConfig)},
+    "`[channel.energy]`": lambda: {f.name for f in dataclasses.fields(EnergyConfig)},
+    "`[settlement]` session": lambda: {"submit", "coop_grace_s"},
+    "`[[chargers]]`": lambda: {"id", "kind"},
+}
 
 
 @pytest.mark.parametrize("heading", sorted(TABLE_PARTS))
@@ -339,6 +356,14 @@ def test_reference_names_every_key_of_each_table(heading: str) -> None:
     section = reference_section(f"`{heading}`")
     missing = sorted(k for k in keys if f"`{k}`" not in section)
     assert not missing, f"docs/configuration.md {heading} does not document {missing}"
+
+
+@pytest.mark.parametrize("heading", sorted(CHANNEL_PARTS))
+def test_reference_names_every_key_of_the_charging_tables(heading: str) -> None:
+    keys = CHANNEL_PARTS[heading]()
+    section = reference_section(heading)
+    missing = sorted(k for k in keys if f"`{k}`" not in section)
+    assert keys and not missing, f"docs/configuration.md {heading} does not document {missing}"
 
 
 @pytest.mark.parametrize("kind", ["obd-can", "elm327", "dbc", "modbus-rtu", "modbus-tcp",

@@ -49,6 +49,12 @@ def good_record(sc: Scenario) -> SessionRecord:
         for t in range(int(sc.duration_s)) for source in sorted(sources)
         if not any(f.start_s <= t < f.end_s for f in silent))
     energy = int(sc.profile.energy_wh(sc.duration_s))
+    export = 0
+    if any(p < 0 for _, p in sc.profile.power_w):   # V2G: import and export apart
+        steps = [sc.profile.power_at(t / 10) for t in range(int(sc.duration_s * 10))]
+        energy = int(sum(p for p in steps if p > 0) / 36_000)
+        export = int(sum(-p for p in steps if p < 0) / 36_000)
+    export_price = sc.profile.export_price_per_kwh
     samples = tuple(Sample(T0 + t * S, sc.profile.power_at(t), int(sc.profile.energy_wh(t)),
                            int(sc.profile.energy_wh(t)) * PRICE // 1000)
                     for t in range(int(sc.duration_s)))
@@ -58,7 +64,8 @@ def good_record(sc: Scenario) -> SessionRecord:
                       price_per_kwh=PRICE, payments=40, paid=energy * PRICE // 1000,
                       decimals=6, latest_nonce=40, settled_nonce=40,
                       close=str(closes[0]) if closes else "cooperative", settled=True,
-                      settlement_tx="0x" + "01" * 32)
+                      settlement_tx="0x" + "01" * 32, export_wh=export,
+                      export_price_per_kwh=export_price, refunded=export * export_price // 1000)
     events = tuple(SessionEvent(T0 + S, str(e.params["where"]) or "rig", str(e.params["code"]))
                    for e in sc.expectations if e.check == "event-seen"
                    for _ in range(int(e.params["min_count"])))
@@ -347,3 +354,15 @@ def test_reference_doc_is_generated_from_the_tables() -> None:
         assert f"| `{kind}` |" in doc
     for check in CHECKS:
         assert f"| `{check}` |" in doc
+
+
+def test_v2g_paid_fails_when_the_station_does_not_pay_the_car() -> None:
+    sc = load_scenario(SCENARIO_DIR / "v2g-export.toml")
+    good = good_record(sc)
+    assert results_by_check(sc, good)["v2g-paid"] == [True]
+    assert good.receipt is not None and good.receipt.refunded > 0
+    for receipt in (dataclasses.replace(good.receipt, refunded=0),
+                    dataclasses.replace(good.receipt, refunded=good.receipt.refunded - 1),
+                    dataclasses.replace(good.receipt, export_wh=0, refunded=0)):
+        bad = dataclasses.replace(good, receipt=receipt)
+        assert results_by_check(sc, bad)["v2g-paid"] == [False], receipt

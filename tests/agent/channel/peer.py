@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from agent.channel.messages import Tariff, sign_tariff
+from agent.channel.mux import Route, serving
 from agent.channel.records import Party
 from agent.channel.session import open_channel, run_station, run_vehicle
 from agent.channel.station import StationChannel
@@ -92,7 +93,7 @@ async def station(cfg: dict, up: Uplink) -> dict:
             "meter_delta_wh": served["1-0:1.8.0"] - first[0]}
 
 
-async def vehicle(cfg: dict, up: Uplink) -> dict:
+async def vehicle(cfg: dict, up: Route) -> dict:
     store = ChannelStore(cfg["store"])
     resumed_at = max((getattr(r, "state", None).nonce for r in store.records()  # type: ignore[union-attr]
                       if getattr(r, "state", None) is not None), default=None)
@@ -113,9 +114,9 @@ async def vehicle(cfg: dict, up: Uplink) -> dict:
 async def main(path: str) -> None:
     cfg = json.loads(Path(path).read_text())
     up = Uplink(MqttConfig(host="127.0.0.1", port=cfg["port"], client_id=f"e2e-{cfg['role']}"))
-    async with up:
+    async with up, serving(up) as mux:
         run = station if cfg["role"] == "cs" else vehicle
-        out = await run(cfg, up)
+        out = await run(cfg, mux.transport())
     closed, channel = out.pop("closed"), out.pop("channel")
     state = closed.state
     out.update(nonce=state.nonce, t_ev=state.t_ev, t_cs=state.t_cs, wh=state.wh,

@@ -10,10 +10,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from agent.channel.mux import Route, serving
 from agent.channel.protocol import Phase
 from agent.channel.session import run_station, run_vehicle
 from agent.channel.state import ChannelState, check_state_signature
@@ -26,8 +28,12 @@ from tests.agent.channel.harness import CHAIN_ID, CONTRACT, Setup
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def uplink(port: int, name: str) -> Uplink:
-    return Uplink(MqttConfig(host="127.0.0.1", port=port, client_id=name))
+@contextlib.asynccontextmanager
+async def uplink(port: int, name: str) -> AsyncIterator[Route]:
+    """One side's transport: its own uplink, and a mux routing the channel's inbox."""
+    async with Uplink(MqttConfig(host="127.0.0.1", port=port, client_id=name)) as up, \
+            serving(up) as mux:
+        yield mux.transport()
 
 
 async def _session(port: int, tmp: Path, *, vehicle_stops: bool) -> tuple:

@@ -1,0 +1,209 @@
+"""Settlement as a durable job, and the watch each side keeps on its own channels
+(DESIGN s5b, s6).
+
+When a session ends, its channel is settled on chain by a job that survives kill -9:
+
+- cooperative (the default): the final co-signed state goes to ``coopClose`` (settles at
+  once). The side named by ``[settlement] submit`` sends it; the other waits
+  ``coop_grace_s`` for the ledger to show it settled, then sends it itself;
+- unilateral (no final state: the peer is gone, or refused to sign it): ``close`` with our
+  latest co-signed state (or the initial one, nothing paid), a ``challenge`` if the chain
+  shows an older one, and ``settle`` once the dispute window is over.
+
+Every step starts from what the ledger says now (``view``), never from what the job
+remembers having sent, so a job restarted after a crash (or after a transaction it sent but
+never saw mined) goes on from the ledger's state and never sends a transaction the contract
+would refuse: a close after a close, a second settle. Before it sends anything it waits for
+its own transactions still pending at the node (the same nonce is never spent twice). A
+transaction the node refuses at estimate (``rejected``: the state changed meanwhile) is
+counted and the step is re-planned from a fresh view; a node that is down is retried with
+back-off. The job record (agent/channel/sessions.py JobRecord) is rewritten at each step.
+
+The client is agent/settlement/client.py's SettlementClient (blocking: every call runs in
+a worker thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
+
+from agent.backoff import Backoff
+from agent.channel.protocol import Closed
+from agent.channel.records import CosignedRecord
+from agent.channel.sessions import JobRecord, SessionDir
+from agent.errors import SettlementError
+
+if TYPE_CHECKING:  # web3 only where a node is configured
+    from agent.settlement.client import ChannelView, SettlementClient
+    from agent.settlement.model import TxResult
+
+log = logging.getLogger("edge_agent.channel.jobs")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class JobInputs:
+    channel_id: bytes
+    final: Closed | None              # the final co-signed state, if the close completed
+    latest: CosignedRecord | None     # our latest co-signed state (unilateral / challenge)
+    funded: bool                      # the channel was (said to be) funded on chain
+    submitter: bool                   # we send the cooperative close
+    end_reason: str
+
+
+class SettlementJob:
+    def __init__(self, client: SettlementClient, directory: SessionDir, inputs: JobInputs, *,
+                 coop_grace_s: float, poll_s: float,
+                 on_change: Callable[[JobRecord], None] = lambda job: None) -> None:
+        self.client, self.dir, self.inputs = client, directory, inputs
+        self.coop_grace_s, self.poll_s = coop_grace_s, poll_s
+        self.on_change = on_change
+        self.counters: Counter[str] = Counter()
+        job = directory.job()
+        self.job = job if job is not None else JobRecord(end_reason=inputs.end_reason)
+        self._backoff = Backoff(poll_s, max(poll_s, 30.0))
+
+    async def run(self) -> JobRecord:
+        """Until the channel is settled (or there is nothing to settle)."""
+        started = time.monotonic()
+        self._save(self.job)
+        while not self.job.done:
+            try:
+                await self._step(time.monotonic() - started)
+                self._backoff.reset()
+            except SettlementError as exc:
+                self.counters[f"settle-{exc.reason}"] += 1
+                log.warning("settlement of 0x%s: %s (%s); trying again",
+                            self.inputs.channel_id.hex()[:12], exc, exc.reason)
+                await asyncio.sleep(self._backoff.next())
+        return self.job
+
+    async def _call(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.to_thread(fn, *args)
+
+    def _save(self, job: JobRecord) -> None:
+        self.job = job.update(updated_ns=time.time_ns())
+        self.dir.save_job(self.job)
+        self.on_change(self.job)
+
+    async def _step(self, waited_s: float) -> None:
+        await self._wait_own_pending()
+        view: ChannelView = await self._call(self.client.view, self.inputs.channel_id)
+        status = view.status.value
+        if status == "settled":
+            self._save(self.job.update(state="settled", close=self.job.close or "by-peer"))
+            return
+        if status == "unknown":
+            if not self.inputs.funded or waited_s > self.coop_grace_s:
+                self._save(self.job.update(state="nothing-to-settle"))
+                return
+            await asyncio.sleep(self.poll_s)  # the funding may still be on its way
+            return
+        record = view.record
+        assert record is not None
+        if status == "open":
+            await self._open(waited_s)
+            return
+        await self._closing(record.nonce, record.deadline, record.t_ev, record.t_cs)
+
+    async def _open(self, waited_s: float) -> None:
+        final = self.inputs.final
+        if final is not None:
+            if not (self.inputs.submitter or waited_s >= self.coop_grace_s):
+                if self.job.state != "waiting":
+                    self._save(self.job.update(state="waiting"))
+                await asyncio.sleep(self.poll_s)
+                return
+            state = final.state
+            self._save(self.job.update(state="submitting", close="cooperative",
+                                       nonce=state.nonce, t_ev=state.t_ev, t_cs=state.t_cs))
+            tx = await self._call(self.client.cooperative_close, state, final.sig_ev,
+                                  final.sig_cs)
+            self._sent(tx, state="settled")
+            return
+        latest = self.inputs.latest
+        if latest is not None:
+            self._save(self.job.update(state="closing", close="unilateral",
+                                       nonce=latest.state.nonce, t_ev=latest.state.t_ev,
+                                       t_cs=latest.state.t_cs))
+            tx = await self._call(self.client.close, latest.state, latest.sig_ev,
+                                  latest.sig_cs)
+        else:  # nothing co-signed: the initial state (everything back to its owner)
+            self._save(self.job.update(state="closing", close="unilateral", nonce=0))
+            tx = await self._call(lambda: self.client.close(channel_id=self.inputs.channel_id))
+        self._sent(tx, state="closing")
+
+    async def _closing(self, nonce: int, deadline: int, t_ev: int, t_cs: int) -> None:
+        mine = self.inputs.final or self.inputs.latest
+        if mine is not None and mine.state.nonce > nonce:
+            state = mine.state
+            self._save(self.job.update(state="closing", close="challenged",
+                                       nonce=state.nonce, t_ev=state.t_ev, t_cs=state.t_cs))
+            tx = await self._call(self.client.challenge, state, mine.sig_ev, mine.sig_cs)
+            self._sent(tx, state="closing")
+            return
+        now = await self._chain_time()
+        if max(now, int(time.time())) <= deadline:
+            if self.job.state != "closing" or self.job.nonce != nonce:
+                self._save(self.job.update(state="closing", close=self.job.close or "unilateral",
+                                           nonce=nonce, t_ev=t_ev, t_cs=t_cs))
+            await asyncio.sleep(min(self.poll_s, max(0.05, deadline - now + 1)))
+            return
+        self._save(self.job.update(nonce=nonce, t_ev=t_ev, t_cs=t_cs,
+                                   close=self.job.close or "unilateral"))
+        tx = await self._call(self.client.settle, self.inputs.channel_id)
+        self._sent(tx, state="settled")
+
+    def _sent(self, tx: TxResult, *, state: str) -> None:
+        self.counters["tx-sent"] += 1
+        self._save(self.job.update(state=state, tx=tx.tx_hash))
+
+    async def _chain_time(self) -> int:
+        w3 = self.client.w3
+        block = await self._call(self.client.sender.call,
+                                 lambda: w3.eth.get_block("latest"), "eth_getBlock")
+        return int(block["timestamp"])
+
+    async def _wait_own_pending(self) -> None:
+        """A transaction of ours still pending at the node (sent just before a crash) is
+        waited for: sending another would spend its nonce twice."""
+        w3, sender = self.client.w3, self.client.sender
+        for _ in range(600):
+            pending, mined = await self._call(lambda: (
+                sender.call(lambda: w3.eth.get_transaction_count(sender.address, "pending"),
+                            "eth_getTransactionCount"),
+                sender.call(lambda: w3.eth.get_transaction_count(sender.address, "latest"),
+                            "eth_getTransactionCount")))
+            if pending <= mined:
+                return
+            self.counters["waited-own-pending"] += 1
+            await asyncio.sleep(self.poll_s)
+
+
+async def watch_open(client: SettlementClient, channel_id: bytes, poll_s: float,
+                     funded: Callable[[], bool]) -> str:
+    """Our own channel while its session runs: return the ledger status ("closing",
+    "settled") once the channel is no longer open there (the peer closed it on chain:
+    the session must end, and the job challenges a stale state). Node errors are retried."""
+    seen_open = False
+    while True:
+        await asyncio.sleep(poll_s)
+        if not funded():
+            continue
+        try:
+            view = await asyncio.to_thread(client.view, channel_id)
+        except SettlementError as exc:
+            log.info("watch of 0x%s: %s", channel_id.hex()[:12], exc.reason)
+            continue
+        status = view.status.value
+        if status == "open":
+            seen_open = True
+        elif status != "unknown" or seen_open:
+            return status
+
