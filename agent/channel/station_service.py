@@ -70,6 +70,7 @@ log = logging.getLogger("edge_agent.channel.station")
 IMPORT_WH, EXPORT_WH = "1-0:1.8.0", "1-0:2.8.0"
 WATCH_INTERVAL_S = 0.5
 CHARGER_RETRY_S = 2.0
+FIRST_POLL_S = 10.0   # ready waits this long at most for every charger's first answer
 FUNDING_CHECKS = 5
 
 
@@ -96,7 +97,7 @@ class Connector:
     status: ChargerStatus | None = None
     silent: bool = False
     session: StationSession | None = None
-    pending: dict[int, dict[str, int]] = field(default_factory=dict)  # ts_ns -> readings
+    pending: dict[str, int] = field(default_factory=dict)  # this poll's counters so far
 
     @property
     def id(self) -> int:
@@ -126,6 +127,9 @@ class StationService:
         self.history: list[SessionView] = []
         self._seen: dict[bytes, float] = {}          # request id -> wall time it expires
         self._offers_changed = asyncio.Event()
+        # set by a charger's first answer or failure: requests are taken only once every
+        # connector's state is known (a request before the first poll is not "unplugged")
+        self._polled = {charger_id: asyncio.Event() for charger_id in chargers}
         keys = ctx.keys
         self.tariff_sig = sign_tariff(config.tariff, keys.identity)
 
@@ -146,6 +150,10 @@ class StationService:
                 tg.create_task(self._publish_offers(), name="channel.offers")
                 for directory in session_dirs(self.ctx.state_dir):
                     self._resume(directory, tg)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(FIRST_POLL_S):
+                        for polled in self._polled.values():
+                            await polled.wait()
                 self.ctx.ready.set()
                 while True:
                     message = await requests.get()
@@ -166,11 +174,20 @@ class StationService:
         mine = [c for c in self.connectors.values() if c.charger is charger]
         events: asyncio.Queue[Event] = asyncio.Queue()
         forward = asyncio.ensure_future(self._forward(events, mine))
+        polled = self._polled[charger_id]
+
+        def on_status(status: ChargerStatus) -> None:
+            polled.set()
+            self._on_status_of(mine, status)
+
+        def on_event(event: Event) -> None:
+            polled.set()
+            events.put_nowait(event)
+
         try:
             while True:
                 try:
-                    await charger.watch(lambda status: self._on_status_of(mine, status),
-                                        WATCH_INTERVAL_S, events.put_nowait)
+                    await charger.watch(on_status, WATCH_INTERVAL_S, on_event)
                 except AdapterError as exc:  # a kind that gives up: retried, and said
                     self.ctx.on_error(f"charger[{charger_id}]", exc)
                     events.put_nowait(Event("charger-silent", str(exc)[:500], time.time_ns(),
@@ -228,17 +245,19 @@ class StationService:
         def listen(reading: Reading) -> None:
             if reading.name not in (IMPORT_WH, EXPORT_WH) or not isinstance(reading.value, int):
                 return
+            poll = connector.pending
             if reading.flags:  # implausible: not metered now (the counter is cumulative)
+                poll.clear()
                 return
-            poll = connector.pending.setdefault(reading.ts_ns, {})
+            # One poll gives both counters, one after the other (each reading has its own
+            # timestamp): a pair is complete when both came since the last pair.
             poll[reading.name] = reading.value
             if len(poll) < 2:
                 return
-            del connector.pending[reading.ts_ns]
-            connector.pending = {t: p for t, p in connector.pending.items() if t > reading.ts_ns}
+            pair = (poll.pop(IMPORT_WH), poll.pop(EXPORT_WH), reading.ts_ns)
             session = connector.session
             if session is not None:
-                session.feed.put_nowait((poll[IMPORT_WH], poll[EXPORT_WH], reading.ts_ns))
+                session.feed.put_nowait(pair)
         return listen
 
     async def _feed(self, session: StationSession) -> AsyncIterator[tuple[int, int]]:

@@ -6,7 +6,7 @@ Scope: :class:`ScenarioRig` plugs into the hooks of :class:`hil.session.rig.Rig`
 report. Faults (hil/scenarios/scenario.py FAULTS) and what the rig does for each::
 
     broker-outage      mosquitto stopped (SIGTERM), restarted on the same port afterwards
-    meter-timeout      the meter simulator stops answering Modbus (Fault.SILENT), then clears
+    meter-timeout      the plant's meter stops answering Modbus (Fault.SILENT), then clears
     agent-crash        the target agent's tasks are cancelled mid-flight (no flush, no
                        close) and a new agent is started from its state directory
     ignition-off       the ECU simulator's ignition is off: no OBD-II answer at all
@@ -19,7 +19,7 @@ report. Faults (hil/scenarios/scenario.py FAULTS) and what the rig does for each
                        and the jobs settle
 
 Time: the scenario's timeline is in simulated seconds; the rig runs ``time_scale`` times
-faster (the meter's energy and the ECU's profile follow the same scale), so a fault at
+faster (the plant's physics and the ECU's profile follow the same scale), so a fault at
 ``start_s`` happens ``start_s / time_scale`` wall seconds after the session starts (t = 0
 is when the channel is funded and active, or when the vehicle agent is up for a drive).
 The dispute window is chain time, which is not scaled: the chain's clock is advanced.
@@ -48,6 +48,7 @@ from firmware_adapters.base import Source
 from hil.report import FaultWindow, SessionEvent, SessionRecord
 from hil.scenarios.scenario import Fault, Profile, Scenario
 from hil.session.rig import Rig, RigSettings
+from hil.session.site import METER_ID
 from hil.sim.ecu import DrivingProfile, Segment
 from hil.sim.meter import ChargingProfile
 from hil.sim.meter import Fault as MeterFault
@@ -163,8 +164,8 @@ class ScenarioRig(Rig):
                 await asyncio.sleep(0.02)
         profile = self.scenario.profile
         if self.settings.charging:
-            assert self.wallbox is not None   # it gates the meters: the profile is its
-            self.wallbox.set_profile(stepped(profile, self.end_s))
+            assert self.plant is not None   # the car asks for the profile's power
+            self.plant.set_profile(1, stepped(profile, self.end_s))
         elif profile.speed_kmh:
             ecu = self.agents["vehicle"].source("ecu0")
             ecu.core.profile = driving(profile.speed_kmh)  # type: ignore[attr-defined]
@@ -206,11 +207,12 @@ class ScenarioRig(Rig):
             return restart
         source = self._source(fault.target)
         if fault.kind == "meter-timeout":
-            simulator, unit = source.simulator, source.unit  # type: ignore[attr-defined]
-            simulator.inject(unit, MeterFault.SILENT)
+            assert self.plant is not None and fault.target == METER_ID
+            simulator = self.plant.meter   # the plant's meter: unit 1 is connector 1
+            simulator.inject(1, MeterFault.SILENT)
 
             async def answer(_tg: asyncio.TaskGroup, _stop: asyncio.Event) -> None:
-                simulator.clear(unit)
+                simulator.clear(1)
             return answer
         if fault.kind == "ignition-off":
             while source.simulator is None:  # type: ignore[attr-defined]

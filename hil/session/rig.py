@@ -9,13 +9,22 @@ What runs (all real protocols on loopback, nothing mocked)::
     broker      mosquitto on a free port (an embedded amqtt broker if mosquitto is absent)
     chain       in-process eth-tester + py-evm: test token + channel contract deployed
                 (the agents get it as their settlement node; one lock serialises it)
-    station     config station.toml: a simulated SDM630 on Modbus TCP (hil-meter) as the
-                connector's meter, the wallbox (hil/session/wallbox.py, until hil-evse
-                lands), [channel]: fleet registry policy, the signed tariff, one connector
-    vehicle     config vehicle.toml: a simulated ECU on a virtual CAN bus (hil-ecu), the
-                car's own on-board charger counter (a second meter simulator, in the car,
-                that the wallbox feeds less its losses), [channel.energy] on that counter
+    plant       hil/sim/plant.py: one physical model of the site (hil/session/site.py):
+                an SDM630 kWh meter and a Phoenix EV-CC wallbox on Modbus TCP, the car's
+                battery and on-board charger (losses, sensor noise) on a CAN bus
+    station     config station.toml: the plant's meter (modbus-tcp), its wallbox
+                (modbus-evse), [channel]: fleet registry policy, the signed tariff, one
+                connector
+    vehicle     config vehicle.toml: a simulated ECU on a virtual CAN bus (hil-ecu) and the
+                car's own battery signals (dbc on the plant's bus); [channel.energy] counts
+                the BMS's charged-energy counter (never the station's data)
     verifier    a subscriber that verifies every envelope both devices publish
+
+Time: the plant runs ``time_scale`` times faster than real time (the demo charges 3 kWh in
+seconds). Its meter's energy then grows faster than power x wall time, so the one thing the
+rig sets on a product driver is the meter source's plausibility clock: the plant's (the
+meter's own time base), so that the check sees a consistent meter instead of flagging every
+step. At ``time_scale = 1`` nothing is set (the OS-process tests run so).
 
 The session ends when ``session_over`` says so (the demo: ``energy_wh`` delivered): the rig
 sends ``charge stop``; the agents close the channel and settle it on chain by themselves
@@ -24,7 +33,7 @@ and the chain, stops them, and returns a :class:`hil.report.SessionRecord`.
 
 Hooks for the HIL runner (hil/scenarios/rig.py subclasses :class:`Rig`): ``session_over``,
 ``timeline`` (fault injection beside the agents), ``configure`` (config changes per
-scenario); ``rig.broker``, ``rig.chain``, ``rig.wallbox`` and ``rig.agents`` (each an
+scenario); ``rig.broker``, ``rig.chain``, ``rig.plant`` and ``rig.agents`` (each an
 :class:`Agent` that can be killed and restarted from its state directory) are reachable
 while it runs. With ``charging = False`` only the vehicle agent runs (a drive, no channel).
 """
@@ -65,20 +74,21 @@ from hil.report import (
     recorded_readings,
 )
 from hil.session.chain import serialised
-from hil.session.wallbox import StandInWallbox
+from hil.session.site import CHARGER_ID, METER_ID, Site
 from hil.sim.ecu_source import HIL_PIDS
 from hil.sim.meter import ChargingProfile
+from hil.sim.plant import Plant
 
 IMPORT_WH, EXPORT_WH, POWER_W = "1-0:1.8.0", "1-0:2.8.0", "1-0:16.7.0"
-METER_ID, ECU_ID, OBC_ID = "meter0", "ecu0", "obc0"   # the source ids HIL scenarios name
-CHARGER_ID = "wallbox"
+ECU_ID = "ecu0"   # with METER_ID (meter0): the source ids HIL scenarios name
 TOKEN_DECIMALS = 6
 
 
 @dataclass(frozen=True, slots=True)
 class RigSettings:
     energy_wh: int = 3_000                 # session ends when the meter has delivered this
-    power_w: int = 11_000                  # charging power of the simulated station
+    power_w: int = 11_000                  # what the car asks for (0: nothing until a
+                                           # scenario's profile starts); its OBC takes 11 kW
     time_scale: float = 120.0              # simulated seconds per wall second
     price_per_kwh: int = 300_000           # 0.30 token per kWh (token has 6 decimals)
     export_price_per_kwh: int = 0
@@ -87,7 +97,7 @@ class RigSettings:
     pay_step_wh: int = 10
     credit_window_wh: int = 100
     dispute_window_s: int = 3600
-    charger_efficiency_ppm: int = 995_000  # the car's own count: 0.5 % charger losses
+    wallbox_map: str = "phoenix-ev-eth"    # any modbus-evse map the plant serves
     batch_max_readings: int = 50
     batch_max_age_ms: int = 500
     timeout_s: float = 300.0
@@ -124,15 +134,15 @@ class Agent:
     ``kill()`` ends it the way a power cut would, as far as one process can: its tasks are
     cancelled mid-flight, with no flush of what the batcher holds and no channel close.
     ``start()`` again builds a new Runtime from the same config and state directory (the
-    spool restores seq and chain head, the channel service its sessions). The sources and
-    the charger are kept: they are the hardware, which a crash of the agent does not reset.
+    spool restores seq and chain head, the channel service its sessions). The source
+    objects are kept (an odometer's or plausibility window's state, as the hardware keeps
+    its own); the charger is built from the config each start, as ``run`` does.
     """
 
     role: str                              # "vehicle" | "station"
     keys: DeviceKeys
     config_path: Path
     node: Any = None                       # the settlement node (the in-process chain)
-    chargers: dict[str, Any] = field(default_factory=dict)
     runtime: Runtime | None = None
     starts: int = 0
 
@@ -148,7 +158,7 @@ class Agent:
     def start(self, tg: asyncio.TaskGroup, stop: asyncio.Event) -> Runtime:
         sources = [SourceRunner(r.source, r.kind) for r in self.sources]  # fresh taps
         runtime = Runtime(load_config(self.config_path), self.keys, sources=sources,
-                          chargers=self.chargers, node=self.node)
+                          node=self.node)
         self.runtime = runtime
         self.starts += 1
         self._task = tg.create_task(runtime.run(stop), name=f"{self.role}#{self.starts}")
@@ -197,7 +207,11 @@ class Rig:
         self.agents: dict[str, Agent] = {}
         self.broker: Mosquitto | EmbeddedBroker | None = None
         self.chain: InProcessChain | None = None
-        self.wallbox: StandInWallbox | None = None
+        self.plant: Plant | None = None
+        self.site = Site(wallbox_map=self.settings.wallbox_map,
+                         time_scale=self.settings.time_scale,
+                         meter_interval_s=self.settings.meter_interval_s,
+                         meter_timeout_s=self.settings.meter_timeout_s)
         self.node: Any = None
         self.balances: dict[str, int] = {}
         self.timed_out = False
@@ -259,16 +273,13 @@ class Rig:
         data = self._common("vehicle", keys, broker_url)
         data["sources"] = [self._ecu()]
         if s.charging:
-            data["sources"].append({"id": OBC_ID, "kind": "hil-meter", "map": "sdm120",
-                                    "import_wh": 0, "export_wh": 0,
-                                    "interval_s": s.meter_interval_s,
-                                    "timeout_s": s.meter_timeout_s, "time_scale": s.time_scale})
+            data["sources"].append(self.site.car_source())
             data["channel"] = {
                 "max_price_per_kwh": s.price_per_kwh, "max_deposit_ev": s.deposit_ev,
                 "registry": str(self.out / "fleet.toml"),
                 "control_socket": str(self.out / "vehicle" / "control.sock"),
                 "close_timeout_s": s.close_timeout_s, "answer_timeout_s": 10.0,
-                "energy": {"source": OBC_ID, "method": "counter", "reading": IMPORT_WH}}
+                "energy": self.site.energy()}
             data["settlement"] = self._settlement()
         self.configure("vehicle", data)
         return write_toml(self.out / "vehicle.toml", data)
@@ -276,10 +287,9 @@ class Rig:
     def _station_config(self, keys: DeviceKeys, broker_url: str) -> Path:
         s = self.settings
         data = self._common("station", keys, broker_url)
-        data["sources"] = [{"id": METER_ID, "kind": "hil-meter", "map": "sdm630",
-                            "interval_s": s.meter_interval_s, "timeout_s": s.meter_timeout_s,
-                            "time_scale": s.time_scale}]
-        data["chargers"] = [{"id": CHARGER_ID, "kind": StandInWallbox.kind}]
+        assert self.plant is not None
+        data["sources"] = [self.site.meter_source(self.plant.ports["meter"])]
+        data["chargers"] = [self.site.charger(self.plant.ports["wallbox"])]
         data["channel"] = {
             "policy": "registry", "registry": str(self.out / "fleet.toml"),
             "price_per_kwh": s.price_per_kwh, "export_price_per_kwh": s.export_price_per_kwh,
@@ -311,8 +321,16 @@ class Rig:
                 for keys, tokens in ((vehicle_keys, self.settings.deposit_ev * 2),
                                      (station_keys, self.settings.deposit_cs)):
                     await asyncio.to_thread(chain.fund, keys.settlement.address, tokens=tokens)
-                record = await self._session(broker.url, node, vehicle_keys, station_keys,
-                                             registry)
+                self.plant = Plant(self.site.plant())
+                ports = await self.plant.start()
+                self.say(f"plant: meter on port {ports['meter']}, wallbox "
+                         f"({self.settings.wallbox_map}) on port {ports['wallbox']}, the car "
+                         f"on CAN {self.site.bus['channel']}")
+                try:
+                    record = await self._session(broker.url, node, vehicle_keys,
+                                                 station_keys, registry)
+                finally:
+                    await self.plant.stop()
             else:
                 record = await self._drive(broker.url, vehicle_keys, registry)
         finally:
@@ -344,14 +362,14 @@ class Rig:
         return readings, None, summary
 
     def _agents(self, broker_url: str, node: Any, ev: DeviceKeys, cs: DeviceKeys) -> None:
+        plant = self.plant
+        assert plant is not None
         station = Agent("station", cs, self._station_config(cs, broker_url), node)
         vehicle = Agent("vehicle", ev, self._vehicle_config(ev, broker_url), node)
-        meter, obc = station.source(METER_ID), vehicle.source(OBC_ID)
-        self.wallbox = StandInWallbox(
-            CHARGER_ID, meter.simulator, obc.simulator,  # type: ignore[attr-defined]
-            profile=ChargingProfile.constant(self.settings.power_w),
-            efficiency_ppm=self.settings.charger_efficiency_ppm)
-        station.chargers = {CHARGER_ID: self.wallbox}
+        if self.settings.time_scale != 1.0:   # the meter's own time base (module docstring)
+            meter = station.source(METER_ID)
+            meter.monotonic_ns = lambda: int(plant.clock() * 1e9)  # type: ignore[attr-defined]
+        plant.set_profile(1, ChargingProfile.constant(self.settings.power_w))
         self.agents = {"vehicle": vehicle, "station": station}
 
     async def _session(self, broker_url: str, node: Any, ev: DeviceKeys, cs: DeviceKeys,

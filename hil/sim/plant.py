@@ -37,8 +37,9 @@ or as its own process (two ``edge-agent run`` processes against one plant, as on
     python -m hil.sim.plant --config plant.toml
 
 which prints one JSON line ``{"ready": true, "meter": PORT, "wallbox": PORT}`` and then
-takes one command per stdin line (``plug N``, ``unplug N``, ``export N W``, ``fault N
-TEXT``, ``fault N none``, ``silent on|off``, ``state``), answering each with a JSON line.
+takes one command per stdin line (``plug N``, ``unplug N``, ``export N W``, ``demand N W``,
+``demand N none``, ``fault N TEXT``, ``fault N none``, ``silent on|off``, ``state``),
+answering each with a JSON line.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ from typing import Any
 from agent.errors import ConfigError
 from agent.options import Table
 from hil.sim.evse import Fault, WallboxModel, WallboxServer
-from hil.sim.meter import MeterSimulator
+from hil.sim.meter import ChargingProfile, MeterSimulator
 
 DBC_PATH = Path(str(resources.files("hil.sim").joinpath("plant.dbc")))
 BMS_HV, BMS_ENERGY, OBC_STATUS = 0x3F0, 0x3F1, 0x3F2
@@ -134,6 +135,7 @@ class CarModel:
     consumed_wh: Fraction = Fraction(0)
     ac_power_w: int = 0
     export_w: int = 0                      # V2G request: feed this much back
+    demand_w: int | None = None            # the car asks at most this (None: its OBC limit)
     rng: random.Random = field(default_factory=random.Random)
 
     def __post_init__(self) -> None:
@@ -146,7 +148,8 @@ class CarModel:
 
     @property
     def wants_energy(self) -> bool:
-        return self.export_w > 0 or self.soc_pct < self.spec.target_soc_pct
+        return self.export_w > 0 or (self.soc_pct < self.spec.target_soc_pct
+                                     and self.demand_w != 0)
 
     def loss_w(self, ac_power_w: int) -> float:
         if ac_power_w == 0:
@@ -164,7 +167,7 @@ class CarModel:
         limit = round(self.spec.phases * self.spec.voltage_v * current)
         if self.export_w > 0:
             return -min(self.export_w, limit) if self.soc_pct > 0 else 0
-        return limit
+        return limit if self.demand_w is None else min(limit, self.demand_w)
 
     def advance(self, seconds: Fraction) -> None:
         """Integrate ``seconds`` at the current power."""
@@ -218,6 +221,8 @@ class Plant:
                                             power_of=self.power_w, clock=self.clock)
         self.wallbox_server.on_change = self.update
         self._at = Fraction(self.clock())
+        self._profiles: dict[int, tuple[ChargingProfile, float]] = {}
+        self._slow_due = 0.0                    # plant time of the next 1 Hz frames
         self._buses: dict[int, Any] = {}
         self._task: asyncio.Task[None] | None = None
         self.ports: dict[str, int] = {}
@@ -233,6 +238,10 @@ class Plant:
         self._at = now
         for connector, car in self.cars.items():
             car.advance(elapsed)
+            if connector in self._profiles:
+                profile, t0 = self._profiles[connector]
+                demand = profile.power_at(float(now) - t0)
+                car.demand_w, car.export_w = max(0, demand), max(0, -demand)
             c = self.wallbox[connector]
             c.car_requests = car.wants_energy
             power = car.ac_power_for(c.offered_a, c.delivering)
@@ -260,6 +269,20 @@ class Plant:
             raise ValueError("export watts must be >= 0")
         self.update()
         self.cars[connector].export_w = watts
+        self.update()
+
+    def set_profile(self, connector: int, profile: ChargingProfile | None) -> None:
+        """What the car on ``connector`` asks for from now on, in plant time: positive W it
+        wants to draw (at most what the EVSE offers and its OBC takes), negative W it feeds
+        back (V2G), 0 it wants nothing (state B), as a car's BMS does over a session. None:
+        as much as it can take (and no export)."""
+        self.update()
+        car = self.cars[connector]
+        if profile is None:
+            self._profiles.pop(connector, None)
+            car.demand_w, car.export_w = None, 0
+        else:
+            self._profiles[connector] = (profile, self.clock())
         self.update()
 
     def set_fault(self, connector: int, fault: str | None) -> None:
@@ -294,11 +317,15 @@ class Plant:
         return dict(self.ports)
 
     async def _tick(self) -> None:
-        count = 0
         while True:
             self.update()
-            self._broadcast(every_second=count % max(1, round(1 / self.config.tick_s)) == 0)
-            count += 1
+            # BMS_Energy and OBC_Status are 1 Hz frames of the car's own time (plant.dbc): at
+            # time_scale > 1 they come more often in wall time, at most once a tick.
+            now = self.clock()
+            slow = now >= self._slow_due
+            if slow:
+                self._slow_due = now + 1.0
+            self._broadcast(every_second=slow)
             await asyncio.sleep(self.config.tick_s)
 
     def _broadcast(self, every_second: bool) -> None:
@@ -422,6 +449,10 @@ def command(plant: Plant, line: str) -> dict[str, object]:
                 plant.unplug(int(n))
             case ["export", n, watts]:
                 plant.set_export(int(n), int(watts))
+            case ["demand", n, "none"]:
+                plant.set_profile(int(n), None)
+            case ["demand", n, watts]:
+                plant.set_profile(int(n), ChargingProfile.constant(int(watts)))
             case ["fault", n, "none"]:
                 plant.set_fault(int(n), None)
             case ["fault", n, *text] if text:
