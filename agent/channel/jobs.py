@@ -97,7 +97,15 @@ class SettlementJob:
         view: ChannelView = await self._call(self.client.view, self.inputs.channel_id)
         status = view.status.value
         if status == "settled":
-            self._save(self.job.update(state="settled", close=self.job.close or "by-peer"))
+            settled: dict[str, object] = {"state": "settled",
+                                          "close": self.job.close or "by-peer"}
+            if not self.job.close:   # the peer settled it: say at which state (not nonce 0)
+                known = view.record if view.record is not None and view.record.nonce else None
+                final = self.inputs.final.state if self.inputs.final is not None else None
+                source = known or final
+                if source is not None:
+                    settled.update(nonce=source.nonce, t_ev=source.t_ev, t_cs=source.t_cs)
+            self._save(self.job.update(**settled))
             return
         if status == "unknown":
             if not self.inputs.funded or waited_s > self.coop_grace_s:

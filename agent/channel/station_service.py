@@ -452,6 +452,9 @@ class StationService:
         """Run the channel until it closes or the session is to end; the final state or
         None (then the latest co-signed state is settled unilaterally)."""
         channel = session.channel
+        # a resumed session starts with the service: the charger's watch opens the line
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._polled[connector.config.charger].wait(), FIRST_POLL_S)
         with contextlib.suppress(AdapterError):
             await connector.charger.set_current_limit(connector.id,
                                                       connector.config.max_current_a)

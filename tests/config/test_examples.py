@@ -190,6 +190,29 @@ def test_station_meters_are_what_the_example_says() -> None:
     assert [(m.unit, m.meter_map.model) for m in meters["gateway"]] == [(2, sdm630)]
 
 
+def test_station_example_charges_at_its_wallbox() -> None:
+    """The example's [[chargers]] / [channel] block is live: it builds (no I/O) and its
+    connector names the wallbox and a meter source of the file."""
+    from agent.channel.service import ServiceSettings
+    from agent.runtime import build_chargers
+
+    config = load_config(example("station.toml"))
+    (charger,) = build_chargers(config).values()
+    assert (charger.kind, charger.map.model, charger.host, charger.connectors) == (  # type: ignore[attr-defined]
+        "modbus-evse", load_map_evse("phoenix-ev-eth").model, "192.168.10.30", (1,))
+    settings = ServiceSettings.from_config(config)
+    assert settings is not None and settings.channel.station is not None
+    (connector,) = settings.channel.station.connectors
+    assert (connector.charger, connector.meter) == ("wallbox", "gateway")
+    assert settings.settlement.node is not None and settings.settlement.contract is not None
+
+
+def load_map_evse(name: str):  # type: ignore[no-untyped-def]
+    from firmware_adapters.evse.maps import load_map as load_charger_map
+
+    return load_charger_map(name)
+
+
 # --- the commented-out alternatives -----------------------------------------------------------
 
 def commented_sources(path: Path) -> list[str]:

@@ -1,6 +1,7 @@
 """The channel service end to end in one process: two agents started from config files
-through Runtime (as `edge-agent run` starts them), mosquitto, the in-process chain, meters
-on Modbus TCP, the stand-in wallbox; sessions started through the control socket."""
+through Runtime (as `edge-agent run` starts them), mosquitto, the in-process chain, one
+plant (its meter on Modbus TCP, its wallbox driven by modbus-evse, the car's battery on
+CAN); sessions started through the control socket."""
 
 from __future__ import annotations
 
@@ -57,7 +58,10 @@ def test_a_whole_session_started_stopped_and_settled(mosquitto, tmp_path: Path) 
     # on chain: the station got exactly what was paid, the vehicle the rest of its deposit
     assert world.balance(world.cs_keys) == cs_session.t_ev
     assert world.balance(world.ev_keys) == 2 * DEPOSIT - cs_session.t_ev
-    assert world.wallbox.switches[-1] is False and True in world.wallbox.switches
+    assert world.enable_writes()[-1] is False and True in world.enable_writes()
+    # the car's own count (its BMS, battery side, scaled to AC) is what it audited with
+    view = world.plant.energy(1)
+    assert 0.95 < view["car_charged_wh"] * 1.04 / (view["meter_import_wh"] - 1_000_000) < 1.05
     codes = [(e.device, ev.code) for e in events for ev in e.events]
     for device in ("cs-1", "ev-1"):
         for code in ("session-started", "session-ended", "session-settled"):
@@ -103,17 +107,18 @@ def test_every_refusal_is_signed_with_its_reason(mosquitto, tmp_path: Path) -> N
         world = World(tmp_path, mosquitto.url, others=("ev-2", "ev-3"), revoked=("ev-3",))
         stranger, _ = KeyStore(tmp_path / "stranger").init("ev-x")
         observer, got, task = await _answers(mosquitto.url, ["ev-1", "ev-2", "ev-3", "ev-x"])
-        up = world.station.runtime
         async with world.running():
             await world.ready()
             up = world.station.runtime
             assert up is not None and up.uplink is not None
             publish = up.uplink.publish
             ev2, ev3 = world.other_keys["ev-2"], world.other_keys["ev-3"]
-            world.wallbox.unplug()
+            world.plant.unplug(1)
+            await world.connector_state("A")
             await publish("evedge/v1/cs-1/request", _request(ev2))             # free connector
             await until(lambda: len(got) == 1, 10)
-            world.wallbox.plug()
+            world.plant.plug(1)
+            await world.connector_state("B")
             await publish("evedge/v1/cs-1/request", _request(ev2, connector=9))
             await publish("evedge/v1/cs-1/request", _request(ev3))             # revoked
             await publish("evedge/v1/cs-1/request", _request(stranger))        # not registered
@@ -228,7 +233,7 @@ def test_cable_pulled_ends_and_settles_the_session(mosquitto, tmp_path: Path) ->
             assert (await world.control(op="start", station="cs-1", connector=1))["ok"]
             await until(lambda: any(s.energy_wh >= 200 for s in world.sessions(world.station)),
                         60)
-            world.wallbox.unplug()
+            world.plant.unplug(1)
             await until(lambda: settled(world), 60)
         return world
 
@@ -237,17 +242,16 @@ def test_cable_pulled_ends_and_settles_the_session(mosquitto, tmp_path: Path) ->
     assert cs.end_reason == "cable-pulled" and ev.end_reason == "station-close"
     assert cs.t_ev == cs.energy_wh * PRICE // 1000 > 0
     assert world.balance(world.cs_keys) == cs.t_ev
-    assert world.wallbox.switches[-1] is False
+    assert world.enable_writes()[-1] is False
+    assert world.plant.energy(1)["state"] == "A"
 
 
 def test_v2g_the_station_pays_the_car_at_the_export_price(mosquitto, tmp_path: Path) -> None:
-    from hil.sim.meter import ChargingProfile
-
     export_price = 250_000
 
     async def main() -> World:
-        world = World(tmp_path, mosquitto.url, export_price=export_price, deposit_cs=5_000_000)
-        world.wire_wallbox(ChargingProfile.constant(-36_000))   # the car feeds the grid
+        world = World(tmp_path, mosquitto.url, export_price=export_price, deposit_cs=5_000_000,
+                      demand_w=-22_000)   # the car feeds the grid
         async with world.running():
             await world.ready()
             assert (await world.control(op="start", station="cs-1", connector=1))["ok"]

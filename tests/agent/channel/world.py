@@ -1,7 +1,10 @@
 """Two agents in one process for the channel-service tests: config files written as a
 user would write them, both started through agent.runtime.Runtime (the channel service
-`edge-agent run` starts), a real mosquitto, the in-process chain, simulated meters on
-Modbus TCP, and the stand-in wallbox (hil/session/wallbox.py) gating both meters."""
+`edge-agent run` starts), a real mosquitto, the in-process chain, and one plant
+(hil/sim/plant.py, hil/session/site.py): its kWh meter read with ``modbus-tcp``, its
+wallbox driven with ``modbus-evse``, the car's battery read with ``dbc`` on a virtual CAN
+bus. The plant runs ``time_scale`` times faster than real time: the meter source's
+plausibility clock is the plant's (the meter's own time base, as the rig does)."""
 
 from __future__ import annotations
 
@@ -22,8 +25,9 @@ from agent.keys import DeviceKeys, KeyStore
 from agent.runtime import Runtime, SourceRunner, build_sources
 from agent.settlement.chain import InProcessChain
 from hil.session.chain import serialised
-from hil.session.wallbox import StandInWallbox
+from hil.session.site import CHARGER_ID, METER_ID, Site
 from hil.sim.meter import ChargingProfile
+from hil.sim.plant import Plant
 
 PRICE = 300_000          # 0.3 token per kWh
 DEPOSIT = 20_000_000
@@ -41,7 +45,6 @@ class Agent:
     config_path: Path
     keys: DeviceKeys
     sources: list[SourceRunner]
-    chargers: dict[str, object] = field(default_factory=dict)
     runtime: Runtime | None = None
     task: asyncio.Task[None] | None = None
     stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -50,7 +53,7 @@ class Agent:
         config = load_config(self.config_path)
         runtime = Runtime(config, self.keys, sources=[SourceRunner(r.source, r.kind)
                                                       for r in self.sources],
-                          chargers=self.chargers, node=node)  # type: ignore[arg-type]
+                          node=node)  # type: ignore[arg-type]
         self.stop = asyncio.Event()
         self.runtime = runtime
         self.task = asyncio.create_task(runtime.run(self.stop), name=self.name)
@@ -72,7 +75,7 @@ class Agent:
 class World:
     tmp: Path
     broker_url: str
-    power_w: int = 36_000
+    demand_w: int = 22_000             # what the car asks for (negative: it feeds back)
     time_scale: float = 10.0
     export_price: int = 0
     deposit_cs: int = 0
@@ -100,8 +103,12 @@ class World:
         self.registry.save(self.tmp / "fleet.toml")
         self.chain.fund(self.ev_keys.settlement.address, tokens=2 * DEPOSIT)
         self.chain.fund(self.cs_keys.settlement.address, tokens=self.deposit_cs)
-        self.station = self._station()
-        self.vehicle = self._vehicle()
+        self.site = Site(time_scale=self.time_scale, obc_max_current_a=32.0,
+                         meter_interval_s=0.05)
+        self.plant = Plant(self.site.plant())
+        self.plant.set_profile(1, ChargingProfile.constant(self.demand_w))
+        self.station: Agent
+        self.vehicle: Agent
 
     def _common(self, name: str) -> dict[str, Any]:
         return {
@@ -114,55 +121,59 @@ class World:
 
     def _station(self) -> Agent:
         data = {"device": {"id": "cs-1", "role": "station", "state_dir": str(self.tmp / "cs")},
-                "sources": [{"id": "meter0", "kind": "hil-meter", "map": "sdm630",
-                             "interval_s": 0.05, "timeout_s": 0.5,
-                             "time_scale": self.time_scale}],
-                "chargers": [{"id": "wb", "kind": "hil-wallbox"}],
+                "sources": [self.site.meter_source(self.plant.ports["meter"])],
+                "chargers": [self.site.charger(self.plant.ports["wallbox"])],
                 "channel": {"policy": "registry", "registry": str(self.tmp / "fleet.toml"),
                             "price_per_kwh": PRICE, "export_price_per_kwh": self.export_price,
                             "deposit_ev": DEPOSIT, "deposit_cs": self.deposit_cs,
                             "dispute_window_s": 5, "credit_window_wh": 100,
                             "pay_step_wh": 10, "close_timeout_s": 3.0,
                             "funding_timeout_s": 20.0, "offer_interval_s": 5.0,
-                            "connectors": [{"id": 1, "charger": "wb", "meter": "meter0",
-                                            "max_current_a": 32.0}],
+                            "connectors": [{"id": 1, "charger": CHARGER_ID,
+                                            "meter": METER_ID, "max_current_a": 32.0}],
                             **self.station_channel},
                 **self._common("cs")}
         path = write_toml(self.tmp / "station.toml", data)
         config = load_config(path)
         agent = Agent("station", path, self.cs_keys, build_sources(config))
+        plant = self.plant
+        for runner in agent.sources:   # the meter's own time base (module docstring)
+            runner.source.monotonic_ns = (  # type: ignore[attr-defined]
+                lambda: int(plant.clock() * 1e9))
         return agent
 
     def _vehicle(self) -> Agent:
         data = {"device": {"id": "ev-1", "role": "vehicle", "state_dir": str(self.tmp / "ev")},
-                "sources": [{"id": "obc0", "kind": "hil-meter", "map": "sdm120",
-                             "interval_s": 0.05, "timeout_s": 0.5, "import_wh": 0,
-                             "time_scale": self.time_scale}],
+                "sources": [self.site.car_source()],
                 "channel": {"max_price_per_kwh": 400_000, "max_deposit_ev": DEPOSIT,
                             "registry": str(self.tmp / "fleet.toml"),
                             "close_timeout_s": 3.0, "answer_timeout_s": 5.0,
-                            "energy": {"source": "obc0", "method": "counter",
-                                       "reading": "1-0:1.8.0"},
+                            "energy": self.site.energy(),
                             **self.vehicle_channel},
                 **self._common("ev")}
         path = write_toml(self.tmp / "vehicle.toml", data)
         config = load_config(path)
         return Agent("vehicle", path, self.ev_keys, build_sources(config))
 
-    def wire_wallbox(self, profile: ChargingProfile | None = None) -> StandInWallbox:
-        """The wallbox gates the station's meter and the car's on-board counter."""
-        station_meter = self.station.sources[0].source.simulator  # type: ignore[attr-defined]
-        car_meter = self.vehicle.sources[0].source.simulator  # type: ignore[attr-defined]
-        wallbox = StandInWallbox("wb", station_meter, car_meter,
-                                 profile=profile or ChargingProfile.constant(self.power_w))
-        self.station.chargers = {"wb": wallbox}
-        self.wallbox = wallbox
-        return wallbox
+    def enable_writes(self) -> list[bool]:
+        """Every enable / disable the wallbox was sent (its coil, Phoenix EV-CC map)."""
+        return [bool(w.values[0]) for _, w in self.plant.wallbox_server.writes
+                if w.function == 5]
+
+    async def connector_state(self, letter: str) -> None:
+        """Until the station has seen the connector in IEC 61851 state ``letter``."""
+        def seen() -> bool:
+            rt = self.station.runtime
+            role = rt.channel.role if rt is not None and rt.channel is not None else None
+            status = role.connectors[1].status if role is not None else None  # type: ignore[union-attr]
+            return status is not None and status.state.value == letter
+        await until(seen, 10)
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[World]:
-        if not self.station.chargers:
-            self.wire_wallbox()
+        await self.plant.start()
+        self.station = self._station()
+        self.vehicle = self._vehicle()
         self.station.start(self.node)
         self.vehicle.start(self.node)
         try:
@@ -175,6 +186,7 @@ class World:
                     assert done, f"{agent.name} did not stop when cancelled"
                     if not agent.task.cancelled():
                         agent.task.exception()  # retrieved: a test failure shows it
+            await self.plant.stop()
 
     async def ready(self) -> None:
         for agent in (self.station, self.vehicle):
