@@ -91,9 +91,11 @@ class Proc:
     log: Path
     popen: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    started_ns: int = 0
 
     def start(self) -> Proc:
         self.starts += 1
+        self.started_ns = time.time_ns()
         out = self.log.open("ab")
         self.popen = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
                                       cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -256,10 +258,18 @@ class Site2:
         assert proc.popen is not None
         pid = proc.popen.pid
 
+        socket_path = self.tmp / "ev" / "control.sock"
+
+        def control_socket() -> bool:   # this process's, not one a killed agent left
+            try:
+                return socket_path.stat().st_mtime_ns >= proc.started_ns
+            except FileNotFoundError:
+                return False
+
         def serving() -> bool:
             status = self.status(name)
             return status.get("pid") == pid and status.get("state") == "running" and \
-                (name == "cs" or (self.tmp / "ev" / "control.sock").exists())
+                (name == "cs" or control_socket())
         self.until(serving, timeout_s, f"{proc.name} serving")
 
     def sessions(self, name: str) -> list[dict[str, Any]]:
@@ -282,6 +292,14 @@ class Site2:
     def energy_at_least(self, wh: int, name: str = "cs", timeout_s: float = 60.0) -> None:
         self.until(lambda: any(s["energy_wh"] >= wh for s in self.sessions(name)), timeout_s,
                    f"{wh} Wh paid at {name}")
+
+    def session(self, name: str) -> dict[str, Any]:
+        (session,) = self.sessions(name)
+        return session
+
+    def settlement(self, name: str, state: str, timeout_s: float = 60.0) -> None:
+        self.until(lambda: [s["settlement"] for s in self.sessions(name)] == [state],
+                   timeout_s, f"settlement {state} at {name}")
 
     def settled(self, *names: str, timeout_s: float = 60.0) -> None:
         def done() -> bool:
