@@ -18,7 +18,8 @@ Station (``[device] role = "station"``)::
     offer_interval_s = 60            # offers are republished (retained) this often
     [[channel.connectors]]
     id = 1                           # connector number, as offered
-    charger = "wallbox"              # a [[chargers]] id; its connector `id` is driven
+    charger = "wallbox"              # a [[chargers]] id that drives it ...
+    charger_connector = 1            # ... as its connector number this (default: id)
     meter = "meter0"                 # the [[sources]] id of this connector's kWh meter
     max_current_a = 16.0             # current limit set at the start of a session
 
@@ -72,6 +73,12 @@ class ConnectorConfig:
     charger: str
     meter: str
     max_current_a: float
+    charger_connector: int = 0   # its number on the charger (0: the same as ``id``)
+
+    @property
+    def on_charger(self) -> int:
+        """The connector number the charger adapter is driven with."""
+        return self.charger_connector or self.id
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,14 +204,20 @@ def _station(channel: Table, source_ids: frozenset[str],
                             "policy = \"open\"", None)
     connectors = []
     seen: set[int] = set()
+    driven: set[tuple[str, int]] = set()
     for table in channel.tables("connectors"):
         connector = ConnectorConfig(
             id=table.int("id", min=1, max=255), charger=table.str("charger"),
             meter=table.str("meter"),
-            max_current_a=table.float("max_current_a", 16.0, min=6.0, max=1000.0))
+            max_current_a=table.float("max_current_a", 16.0, min=6.0, max=1000.0),
+            charger_connector=table.opt_int("charger_connector", min=1, max=255) or 0)
         table.reject_unknown()
         if connector.id in seen:
             raise table.error("id", "a connector id not used above", connector.id)
+        if (connector.charger, connector.on_charger) in driven:
+            raise table.error("charger_connector", "a connector of its charger that no other "
+                              "[[channel.connectors]] drives", connector.on_charger)
+        driven.add((connector.charger, connector.on_charger))
         if connector.charger not in charger_ids:
             raise table.error("charger", "the id of a [[chargers]] table",
                               connector.charger)

@@ -104,6 +104,12 @@ class Connector:
         return self.config.id
 
     @property
+    def on_charger(self) -> int:
+        """Its number on its charger (``charger_connector``; the charger's events and
+        statuses use it)."""
+        return self.config.on_charger
+
+    @property
     def faulted(self) -> bool:
         state = cp_state(self.status)
         return self.silent or state in FAULT_STATES or (
@@ -163,7 +169,7 @@ class StationService:
                 session.store.close()
             for connector in self.connectors.values():
                 with contextlib.suppress(AdapterError):
-                    await connector.charger.set_enabled(connector.id, False)
+                    await connector.charger.set_enabled(connector.on_charger, False)
             for charger in self.chargers.values():
                 charger.close()
 
@@ -201,7 +207,7 @@ class StationService:
             event = await events.get()
             await self.ctx.emit(event)
             connector_id = dict(event.details).get("connector")
-            hit = [c for c in mine if connector_id in (None, c.id)]
+            hit = [c for c in mine if connector_id in (None, c.on_charger)]
             if event.code == "charger-silent":
                 for connector in hit:
                     connector.silent = True
@@ -215,7 +221,7 @@ class StationService:
 
     def _on_status_of(self, connectors: list[Connector], status: ChargerStatus) -> None:
         for connector in connectors:
-            if connector.id == status.connector:
+            if connector.on_charger == status.connector:
                 self._on_status(connector, status)
 
     def _on_status(self, connector: Connector, status: ChargerStatus) -> None:
@@ -235,7 +241,7 @@ class StationService:
         """The credit window's verdict, to the charger. A charger that does not take it is a
         fault: the session ends (delivery cannot be trusted to stop otherwise)."""
         try:
-            await connector.charger.set_enabled(connector.id, allowed)
+            await connector.charger.set_enabled(connector.on_charger, allowed)
         except AdapterError as exc:
             self.ctx.on_error(f"connector[{connector.id}]", exc)
             session.end("charger-fault")
@@ -456,7 +462,7 @@ class StationService:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._polled[connector.config.charger].wait(), FIRST_POLL_S)
         with contextlib.suppress(AdapterError):
-            await connector.charger.set_current_limit(connector.id,
+            await connector.charger.set_current_limit(connector.on_charger,
                                                       connector.config.max_current_a)
         # a resumed channel may already allow delivery (no new verdict will come for it)
         await self._switch(connector, session, channel.delivering)
@@ -496,7 +502,7 @@ class StationService:
             route.close()
             session.store.close()
             with contextlib.suppress(AdapterError):
-                await connector.charger.set_enabled(connector.id, False)
+                await connector.charger.set_enabled(connector.on_charger, False)
 
     async def _funding_deadline(self, session: StationSession) -> None:
         await asyncio.sleep(self.config.funding_timeout_s)
