@@ -266,3 +266,28 @@ def test_v2g_the_station_pays_the_car_at_the_export_price(mosquitto, tmp_path: P
     assert cs.t_cs > 0 and cs.t_ev == 0
     assert world.balance(world.ev_keys) == 2 * DEPOSIT + cs.t_cs
     assert world.balance(world.cs_keys) == 5_000_000 - cs.t_cs
+
+
+def test_a_connector_numbered_apart_from_its_charger(mosquitto, tmp_path: Path) -> None:
+    """Station connector 7 is connector 1 of its wallbox (charger_connector): offered,
+    requested and paid as 7, driven as 1."""
+    from hil.session.site import CHARGER_ID, METER_ID
+
+    async def main() -> World:
+        world = World(tmp_path, mosquitto.url, station_channel={"connectors": [
+            {"id": 7, "charger": CHARGER_ID, "meter": METER_ID, "charger_connector": 1,
+             "max_current_a": 32.0}]})
+        async with world.running():
+            await world.ready()
+            answer = await world.control(op="start", station="cs-1", connector=7)
+            assert answer["ok"], answer
+            await until(lambda: any(s.energy_wh >= 100 for s in world.sessions(world.station)),
+                        60)
+            assert (await world.control(op="stop"))["ok"]
+            await until(lambda: settled(world), 60)
+        return world
+
+    world = asyncio.run(main())
+    (cs,) = world.sessions(world.station)
+    assert cs.connector == 7 and cs.t_ev == cs.energy_wh * PRICE // 1000 > 0
+    assert world.enable_writes()[-1] is False and True in world.enable_writes()

@@ -71,6 +71,10 @@ meter = "m"
     ((f'contract = "{CONTRACT}"', 'submit = "both"'), "settlement.submit: expected one of"),
     ((f'contract = "{CONTRACT}"', "poll_s = 1.0"), "settlement.contract: expected the channel "
                                                    "contract"),
+    (('meter = "m"\n', 'meter = "m"\n[[channel.connectors]]\nid = 2\ncharger = "wb"\n'
+      'meter = "m"\ncharger_connector = 1\n'),
+     "channel.connectors[1].charger_connector: expected a connector of its charger that no "
+     "other"),
     (("price_per_kwh = 100", "price_per_kwh = 100\ncredit_windoww_wh = 5"),
      'did you mean "credit_window_wh"'),
 ])
