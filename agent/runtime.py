@@ -85,7 +85,7 @@ if TYPE_CHECKING:
     from agent.fleet_keys import FleetRegistry
     from web3 import Web3
 
-    from agent.channel.context import Charger
+    from agent.channel.context import Charger, TransactionMeter
     from agent.channel.service import ChannelService, ServiceSettings
     from agent.metrics import MetricsConfig, MetricsServer
 
@@ -210,6 +210,14 @@ def build_chargers(config: Config) -> dict[str, Charger]:
     return chargers
 
 
+def transaction_meters(sources: list[SourceRunner]) -> dict[str, TransactionMeter]:
+    """The sources whose meters run signed (Eichrecht) transactions (the Modbus sources:
+    ``begin_transaction`` / ``end_transaction``, docs/station.md); the station's channel
+    service opens and closes one per session on a meter that says it signs."""
+    return {r.source.id: r.source for r in sources  # type: ignore[misc]
+            if callable(getattr(r.source, "begin_transaction", None))}
+
+
 class Runtime:
     """The agent for one device. ``await runtime.run(stop)`` until ``stop`` is set.
 
@@ -252,7 +260,8 @@ class Runtime:
             self.channel = ChannelService(
                 self.channel_settings, device_id=self.device_id, keys=keys, config=config,
                 chargers=chargers if chargers is not None else build_chargers(config),
-                tap=self.tap, emit=self._emit, on_error=self._error, node=node)
+                tap=self.tap, emit=self._emit, on_error=self._error, node=node,
+                meters=transaction_meters(self.sources))
 
     async def _emit(self, event: Event) -> None:
         assert self.pipeline is not None

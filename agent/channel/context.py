@@ -14,7 +14,7 @@ import enum
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -74,6 +74,17 @@ class Charger(Protocol):
         """Poll until cancelled: each changed status to ``on_status``; ``charger-silent``
         / ``charger-recovered`` / ``charger-line-down`` ... events to ``on_event``."""
         ...
+
+
+class TransactionMeter(Protocol):
+    """A source with an Eichrecht meter (firmware_adapters/modbus/driver.py ModbusSource
+    with ``signed_meter = true``): the session opens and closes the meter's own signed
+    transaction; the record it signs is what the vehicle checks (docs/station.md)."""
+
+    async def begin_transaction(self, unit: int, metadata: Mapping[str, object] = ...
+                                ) -> None: ...
+
+    async def end_transaction(self, unit: int) -> str: ...
 
 
 def cp_state(status: ChargerStatus | None) -> str | None:

@@ -140,23 +140,37 @@ class Offer:
     deposit_ev: int
     state: str
     issued_s: int
+    # The connector's Eichrecht meter (optional, body key 14, encoded only when set): its
+    # public key as the meter reports it (hex of the DER SubjectPublicKeyInfo, the source's
+    # ``Meter.PublicKey`` reading). The final METER then carries the record the meter signed
+    # for the session, and the vehicle checks it with this key (agent/channel/meter_proof.py).
+    meter_key: str = ""
 
     def to_body(self) -> dict[int, object]:
-        return {0: self.station, 1: self.connector, 2: self.identity, 3: self.address,
-                4: self.tariff.to_cbor_item(), 5: self.tariff_sig, 6: self.chain_id,
-                7: self.contract, 8: self.dispute_window_s, 9: self.credit_window_wh,
-                10: self.pay_step_wh, 11: self.deposit_ev, 12: self.state, 13: self.issued_s}
+        body: dict[int, object] = {
+            0: self.station, 1: self.connector, 2: self.identity, 3: self.address,
+            4: self.tariff.to_cbor_item(), 5: self.tariff_sig, 6: self.chain_id,
+            7: self.contract, 8: self.dispute_window_s, 9: self.credit_window_wh,
+            10: self.pay_step_wh, 11: self.deposit_ev, 12: self.state, 13: self.issued_s}
+        if self.meter_key:
+            body[14] = self.meter_key
+        return body
 
     @classmethod
     def from_body(cls, body: dict[int, object]) -> Offer:
         state = field(body, 12, str)
         if state not in CONNECTOR_STATES:
             raise MalformedEnvelope("unknown connector state", reason="malformed-message")
+        meter_key = body.get(14, "")
+        if not isinstance(meter_key, str) or 14 in body and not meter_key \
+                or len(meter_key) > 512:
+            raise MalformedEnvelope("offer meter key must be a non-empty string when present",
+                                    reason="malformed-message")
         return cls(_text(body, 0, "station"), _req_int(body, 1), _bytes(body, 2, 32),
                    _bytes(body, 3, 20), Tariff.from_cbor_item(body.get(4)), _bytes(body, 5, 64),
                    _req_int(body, 6), _bytes(body, 7, 20), _req_int(body, 8),
                    _req_int(body, 9), _req_int(body, 10), _req_int(body, 11), str(state),
-                   _req_int(body, 13))
+                   _req_int(body, 13), meter_key)
 
     @property
     def highest_price(self) -> int:

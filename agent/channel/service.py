@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from agent.channel.context import Charger, Context, ReadingHub
+from agent.channel.context import Charger, Context, ReadingHub, TransactionMeter
 from agent.channel.mux import TopicMux
 from agent.channel.settings import ChannelSettings
 from agent.config import Config
@@ -83,10 +83,12 @@ class ChannelService:
                  tap: Callable[[str], asyncio.Queue[Reading]],
                  emit: Callable[[Event], Awaitable[None]],
                  on_error: Callable[[str, BaseException], None],
-                 node: Web3 | None = None) -> None:
+                 node: Web3 | None = None,
+                 meters: Mapping[str, TransactionMeter] | None = None) -> None:
         self.settings = settings
         self.device_id, self.keys, self.config = device_id, keys, config
         self.chargers = dict(chargers)
+        self.meters = dict(meters or {})   # sources with an Eichrecht meter
         self.hub = ReadingHub(tap)
         self.emit, self.on_error = emit, on_error
         self.node = node
@@ -122,7 +124,7 @@ class ChannelService:
         self.context = ctx
         role: StationService | VehicleService
         if channel.station is not None:
-            role = StationService(ctx, channel.station, self.chargers)
+            role = StationService(ctx, channel.station, self.chargers, self.meters)
         else:
             assert channel.vehicle is not None
             role = VehicleService(ctx, channel.vehicle)

@@ -304,13 +304,17 @@ async def run_station(uplink: Transport, channel: StationChannel, store: Channel
                       wall_clock: Callable[[], float] = time.time,
                       linger_s: float = 1.0, close_timeout_s: float | None = None,
                       check_funding: Callable[[OpenParams, bytes], Awaitable[None]] | None = None,
-                      on_event: Callable[[Action], None] | None = None) -> Closed:
+                      on_event: Callable[[Action], None] | None = None,
+                      final_proof: Callable[[], Awaitable[str]] | None = None) -> Closed:
     """Open (or resume) the channel, meter until ``meter`` ends or the vehicle asks to
     close, and return the final co-signed state.
 
     With ``close_timeout_s``, a vehicle that does not sign the final state within that time
     after the final METER raises ChannelError(reason="close-timeout"); ``channel.cosigned``
-    then holds the latest co-signed state for a unilateral close on the ledger."""
+    then holds the latest co-signed state for a unilateral close on the ledger.
+
+    ``final_proof`` (an Eichrecht meter) gives the record the meter signed for the session
+    when metering ends; the final METER carries it."""
     pending: list[Awaitable[None]] = []
     funded: asyncio.Queue[bytes] = asyncio.Queue()
 
@@ -352,7 +356,9 @@ async def run_station(uplink: Transport, channel: StationChannel, store: Channel
             # nothing metered before funding
             await driver.until(lambda phase: phase is not Phase.OPENING)
             if channel.phase is Phase.ACTIVE:
-                driver.execute(channel.close(driver.now()))
+                ocmf = await final_proof() if final_proof is not None else ""
+                if channel.phase is Phase.ACTIVE:
+                    driver.execute(channel.close(driver.now(), ocmf))
 
         meter_task = tg.create_task(metering(), name="channel.meter")
         waiter = tg.create_task(_closed_or_error(driver, channel, close_timeout_s))

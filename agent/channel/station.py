@@ -66,6 +66,9 @@ class StationChannel(Channel):
         self.funding_ref = b""
         self.reserved = 0        # METER counters up to this may have been signed (persisted)
         self.counter_floor = 0   # after a restart: the next counter is above this
+        # True: a vehicle's close request is reported (CloseRequested) and the driver calls
+        # close() itself, with the Eichrecht meter's record of the session (DESIGN s5b).
+        self.defer_close = False
 
     @property
     def paid_wh(self) -> int:
@@ -120,11 +123,12 @@ class StationChannel(Channel):
                 out += self._send_meter(now, final=False)
         return out + self._window_events()
 
-    def close(self, now: float) -> list[Action]:
-        """Stop delivery and send the final METER; the vehicle answers with the final state."""
+    def close(self, now: float, ocmf: str = "") -> list[Action]:
+        """Stop delivery and send the final METER (with ``ocmf``, the record the station's
+        Eichrecht meter signed for the session); the vehicle answers with the final state."""
         if self.phase is not Phase.ACTIVE:
             raise LocalProtocolError(f"close() in phase {self.phase.value}", reason="not-active")
-        out = self._send_meter(now, final=True)
+        out = self._send_meter(now, final=True, ocmf=ocmf)
         self.phase = Phase.CLOSING
         return out + self._window_events()
 
@@ -151,6 +155,8 @@ class StationChannel(Channel):
     def _on_close(self, body: dict[int, object], now: float) -> list[Action]:
         if body.get(0) is None:
             if self.phase is Phase.ACTIVE:
+                if self.defer_close:   # the driver closes, with the meter's signed record
+                    return [CloseRequested()]
                 return [CloseRequested(), *self.close(now)]
             if self.phase is Phase.CLOSED:
                 return self._duplicate_answer(MsgType.CLOSED)
@@ -199,7 +205,7 @@ class StationChannel(Channel):
 
     # ---- internals
 
-    def _send_meter(self, now: float, *, final: bool) -> list[Action]:
+    def _send_meter(self, now: float, *, final: bool, ocmf: str = "") -> list[Action]:
         """Sign the next METER. Its counter is never reused: counters are reserved
         METER_RESERVE at a time by a synced record, so the METER record itself need not be
         fsync'd before it leaves (one fsync per update less on the station). A METER lost
@@ -208,7 +214,7 @@ class StationChannel(Channel):
         The final METER is synced: the close depends on it."""
         counter = max(self.last_meter.counter if self.last_meter else 0, self.counter_floor) + 1
         info = MeterInfo(counter, self.import_wh, self.export_wh, self.ts_s, self.charge_milli,
-                         self.credit_milli, self.tariff_id, final)
+                         self.credit_milli, self.tariff_id, final, ocmf)
         self._remember(info)
         assert self.base is not None or not (self.import_wh or self.export_wh)
         base = self.base or (0, 0)

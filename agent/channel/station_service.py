@@ -43,6 +43,7 @@ from agent.channel.context import (
     ChargerStatus,
     Context,
     SessionView,
+    TransactionMeter,
     cp_state,
 )
 from agent.channel.jobs import JobInputs, SettlementJob, watch_open
@@ -68,6 +69,8 @@ from agent.topics import answer_topic, offer_topic, request_topic
 
 log = logging.getLogger("edge_agent.channel.station")
 IMPORT_WH, EXPORT_WH = "1-0:1.8.0", "1-0:2.8.0"
+METER_KEY = "Meter.PublicKey"   # an Eichrecht meter's key, read by its source (docs/station.md)
+METER_TX_TIMEOUT_S = 30.0
 WATCH_INTERVAL_S = 0.5
 CHARGER_RETRY_S = 2.0
 FIRST_POLL_S = 10.0   # ready waits this long at most for every charger's first answer
@@ -98,6 +101,8 @@ class Connector:
     silent: bool = False
     session: StationSession | None = None
     pending: dict[str, int] = field(default_factory=dict)  # this poll's counters so far
+    meter_key: str = ""              # its Eichrecht meter's public key (Meter.PublicKey)
+    meter_unit: int = 1              # that meter's Modbus unit on its source
 
     @property
     def id(self) -> int:
@@ -124,10 +129,11 @@ class Connector:
 
 
 class StationService:
-    def __init__(self, ctx: Context, config: StationConfig,
-                 chargers: dict[str, Charger]) -> None:
+    def __init__(self, ctx: Context, config: StationConfig, chargers: dict[str, Charger],
+                 meters: dict[str, TransactionMeter] | None = None) -> None:
         self.ctx, self.config = ctx, config
         self.chargers = chargers
+        self.meters = meters or {}   # source id -> its Eichrecht meter's transactions
         self.connectors = {c.id: Connector(c, chargers[c.charger]) for c in config.connectors}
         self.sessions: dict[bytes, StationSession] = {}
         self.history: list[SessionView] = []
@@ -249,6 +255,9 @@ class StationService:
     # -- meter readings ----------------------------------------------------------------
     def _meter_listener(self, connector: Connector):  # type: ignore[no-untyped-def]
         def listen(reading: Reading) -> None:
+            if reading.name == METER_KEY and isinstance(reading.value, str):
+                self._meter_key(connector, reading)
+                return
             if reading.name not in (IMPORT_WH, EXPORT_WH) or not isinstance(reading.value, int):
                 return
             poll = connector.pending
@@ -265,6 +274,46 @@ class StationService:
             if session is not None:
                 session.feed.put_nowait(pair)
         return listen
+
+    def _meter_key(self, connector: Connector, reading: Reading) -> None:
+        """An Eichrecht meter identified itself: its key goes into the connector's offer
+        (the meter is the reading's ``unit/serial``), if its source can run transactions."""
+        if connector.config.meter not in self.meters or reading.value == connector.meter_key:
+            return
+        unit = (reading.meter or "1").partition("/")[0]
+        connector.meter_unit = int(unit) if unit.isdigit() else 1
+        connector.meter_key = str(reading.value)
+        self._offers_changed.set()
+
+    async def _begin_transaction(self, connector: Connector, session: StationSession) -> None:
+        meter = self.meters.get(connector.config.meter)
+        if meter is None:
+            return
+        record = session.view.record
+        try:
+            await asyncio.wait_for(meter.begin_transaction(connector.meter_unit, {
+                "FV": "1.0", "GI": "ev-edge-agent", "ID": record.vehicle}), METER_TX_TIMEOUT_S)
+        except (AdapterError, TimeoutError) as exc:   # the final METER then has no record
+            self.ctx.counters["meter-transaction-failed"] += 1
+            await self.ctx.event("meter-transaction-failed", f"connector {connector.id}: the "
+                                 f"meter's signed transaction did not start: {exc}",
+                                 connector=connector.id)
+
+    async def _final_proof(self, connector: Connector) -> str:
+        """The record the Eichrecht meter signs when its transaction ends ("" if it does
+        not answer: the vehicle then does not sign the final state, and the latest
+        co-signed one is settled)."""
+        meter = self.meters.get(connector.config.meter)
+        if meter is None:
+            return ""
+        try:
+            return await asyncio.wait_for(meter.end_transaction(connector.meter_unit),
+                                          METER_TX_TIMEOUT_S)
+        except (AdapterError, TimeoutError) as exc:
+            self.ctx.counters["meter-transaction-failed"] += 1
+            await self.ctx.event("meter-transaction-failed", f"connector {connector.id}: no "
+                                 f"signed record from the meter: {exc}", connector=connector.id)
+            return ""
 
     async def _feed(self, session: StationSession) -> AsyncIterator[tuple[int, int]]:
         """The connector's cumulative (import, export) Wh, until the session is to end."""
@@ -292,7 +341,7 @@ class StationService:
             chain_id=self.ctx.client.chain_id, contract=self.ctx.client.address,
             dispute_window_s=c.dispute_window_s, credit_window_wh=c.credit_window_wh,
             pay_step_wh=c.pay_step_wh, deposit_ev=c.deposit_ev, state=connector.offer_state,
-            issued_s=int(time.time()))
+            issued_s=int(time.time()), meter_key=connector.meter_key)
 
     async def _publish_offers(self) -> None:
         uplink = self.ctx.mux.uplink
@@ -415,6 +464,7 @@ class StationService:
             deposit_cs=self.config.deposit_cs, dispute_window_s=offer.dispute_window_s,
             credit_window_wh=offer.credit_window_wh, pay_step_wh=offer.pay_step_wh)
         assert isinstance(channel, StationChannel)
+        channel.defer_close = bool(offer.meter_key)   # the final METER waits for the record
         session = StationSession(SessionView(record, channel, directory.job()), directory,
                                  channel, store)
         self.sessions[record.channel_id] = session
@@ -467,16 +517,21 @@ class StationService:
         # a resumed channel may already allow delivery (no new verdict will come for it)
         await self._switch(connector, session, channel.delivering)
 
+        signed = channel.defer_close and connector.config.meter in self.meters
+        if signed and channel.phase in (Phase.IDLE, Phase.OPENING):   # not on a resume
+            await self._begin_transaction(connector, session)
+
         def on_event(action: Action) -> None:
             if isinstance(action, CloseRequested):
-                session.view.end_reason = session.view.end_reason or "vehicle-stop"
+                session.end("vehicle-stop")   # the feed ends; the close follows
 
         route = self.ctx.mux.transport()
         runner = asyncio.ensure_future(run_station(
             route, channel, session.store, self._feed(session),
             charger=lambda allowed: self._switch(connector, session, allowed),
             check_funding=self._check_funding,
-            close_timeout_s=self.ctx.settings.close_timeout_s, on_event=on_event))
+            close_timeout_s=self.ctx.settings.close_timeout_s, on_event=on_event,
+            final_proof=(lambda: self._final_proof(connector)) if signed else None))
         watch = asyncio.ensure_future(watch_open(
             self.ctx.client, channel.channel_id, self.ctx.settlement.poll_s,
             lambda: channel.phase is not Phase.OPENING))

@@ -5,7 +5,7 @@ the verbs' contract: agent/channel/protocol.py.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from agent.channel import messages as m
 from agent.channel.messages import MsgType
@@ -57,6 +57,9 @@ class VehicleChannel(Channel):
             raise ValueError("window must be at least 1")
         self.window = window  # proposals in flight at most (1: stop-and-wait)
         self.estimate_wh: int | None = None
+        # Set when the station's offer names its Eichrecht meter's key: the final METER is
+        # signed only if its meter-signed record checks (raises ChannelError(reason)).
+        self.final_meter_check: Callable[[MeterInfo], object] | None = None
         self.meter_seen: MeterInfo | None = None
         self.signed: dict[int, SignedRecord] = {}   # our proposals above the co-signed nonce
         self.highest_signed = 0
@@ -245,6 +248,16 @@ class VehicleChannel(Channel):
                 return [PaymentWithheld("energy-mismatch", meter.counter),
                         self._send(MsgType.REJECT, {0: "energy-mismatch", 1: None,
                                                     2: self.nonce})]
+        if meter.final and self.final_meter_check is not None:
+            try:
+                self.final_meter_check(meter)
+            except ChannelError as exc:
+                if self.withheld == meter.counter:
+                    return []
+                self.withheld = meter.counter
+                self.counters[exc.reason] += 1
+                return [PaymentWithheld(exc.reason, meter.counter),
+                        self._send(MsgType.REJECT, {0: exc.reason, 1: None, 2: self.nonce})]
         return self._propose(meter, now)
 
     def _propose(self, meter: MeterInfo, now: float) -> list[Action]:

@@ -40,6 +40,7 @@ from agent.channel.context import Context, SessionView
 from agent.channel.energy import EnergyCount
 from agent.channel.jobs import JobInputs, SettlementJob, watch_open
 from agent.channel.messages import key_id
+from agent.channel.meter_proof import check_meter_proof
 from agent.channel.mux import Incoming
 from agent.channel.protocol import (
     Action,
@@ -49,7 +50,7 @@ from agent.channel.protocol import (
     PaymentWithheld,
     Phase,
 )
-from agent.channel.records import OpenParams, Party
+from agent.channel.records import MeterInfo, OpenParams, Party
 from agent.channel.session import open_channel, run_vehicle
 from agent.channel.sessions import SessionDir, SessionRecord, session_dirs, write_atomic
 from agent.channel.settings import VehicleConfig
@@ -374,6 +375,8 @@ class VehicleService:
             max_deposit_ev=self.config.max_deposit_ev, tolerance_wh=self.config.tolerance_wh,
             tolerance_ppm=self.config.tolerance_ppm)
         assert isinstance(channel, VehicleChannel)
+        if offer.meter_key:   # an Eichrecht meter: its own record must back the final METER
+            channel.final_meter_check = self._meter_proof(offer.meter_key)
         energy = None
         if self.config.energy is not None:
             start, accumulated = directory.energy()
@@ -382,6 +385,17 @@ class VehicleService:
                                  channel, store, energy)
         self.session = session
         return session
+
+    def _meter_proof(self, meter_key: str) -> Callable[[MeterInfo], object]:
+        """The check of the final METER against the meter's own signed record, within the
+        audit's tolerance: the station bills from the meter's Modbus energy register, which
+        is coarser than the 1 Wh of its signed record (the WM3M4's is 10 Wh)."""
+        c = self.config
+
+        def check(meter: MeterInfo) -> object:
+            tolerance = c.tolerance_wh + meter.import_wh * c.tolerance_ppm // 1_000_000
+            return check_meter_proof(meter, meter_key, tolerance_wh=tolerance)
+        return check
 
     def _resume(self, directory: SessionDir, tg: asyncio.TaskGroup) -> None:
         try:

@@ -291,3 +291,81 @@ def test_a_connector_numbered_apart_from_its_charger(mosquitto, tmp_path: Path) 
     (cs,) = world.sessions(world.station)
     assert cs.connector == 7 and cs.t_ev == cs.energy_wh * PRICE // 1000 > 0
     assert world.enable_writes()[-1] is False and True in world.enable_writes()
+
+
+# --- Eichrecht: the meter's own signed record backs the final METER ---------------------
+
+def _final_meter(world: World):  # type: ignore[no-untyped-def]
+    from agent.channel.records import MeterRecord
+    from agent.channel.sessions import session_dirs
+    from agent.channel.store import ChannelStore
+
+    (directory,) = session_dirs(world.tmp / "cs")
+    store = ChannelStore(directory.store_path)
+    try:
+        finals = [r.meter for r in store.records()
+                  if isinstance(r, MeterRecord) and r.meter.final]
+    finally:
+        store.close()
+    return finals[-1]
+
+
+def test_signed_meter_record_rides_the_final_meter_and_the_car_checks_it(
+        mosquitto, tmp_path: Path) -> None:
+    from agent.channel.meter_proof import check_meter_proof
+
+    async def main() -> World:
+        world = World(tmp_path, mosquitto.url, meter_map="wm3m4")
+        async with world.running():
+            await world.ready()
+            assert (await world.control(op="start", station="cs-1", connector=1))["ok"]
+            await until(lambda: any(s.energy_wh >= 100 for s in world.sessions(world.station)),
+                        60)
+            assert (await world.control(op="stop"))["ok"]
+            await until(lambda: settled(world), 60)
+        return world
+
+    world = asyncio.run(main())
+    (cs,), (ev,) = world.sessions(world.station), world.sessions(world.vehicle)
+    assert cs.end_reason == "vehicle-stop" and ev.end_reason == "driver-stop"
+    signer = world.plant.meter.signed[1]
+    assert signer.transactions == 1                       # begun and ended once, by the session
+    final = _final_meter(world)
+    assert final.ocmf == signer.records[-1]               # the meter's record, unchanged
+    # what the car checked (its audit tolerance: the billing register is coarser)
+    record = check_meter_proof(final, signer.public_key_der.hex(), tolerance_wh=50)
+    assert record.readings[0].kind == "B" and final.import_wh == cs.energy_wh >= 100
+    signed = record.readings[-1].energy_wh - record.readings[0].energy_wh  # type: ignore[operator]
+    assert abs(signed - final.import_wh) <= 10        # the register's 10 Wh resolution
+    assert world.balance(world.cs_keys) == cs.t_ev == cs.energy_wh * PRICE // 1000
+
+
+def test_a_meter_record_that_does_not_check_is_not_signed_by_the_car(mosquitto, tmp_path: Path
+                                                                     ) -> None:
+    """The meter's record is signed with another key than the one the offer named (a swapped
+    meter): the car does not sign the final state; the latest co-signed one is settled."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    async def main() -> tuple[World, dict[str, int]]:
+        world = World(tmp_path, mosquitto.url, meter_map="wm3m4")
+        async with world.running():
+            await world.ready()
+            assert (await world.control(op="start", station="cs-1", connector=1))["ok"]
+            await until(lambda: any(s.energy_wh >= 100 for s in world.sessions(world.station)),
+                        60)
+            world.plant.meter.signed[1].key = ec.generate_private_key(ec.SECP256R1())
+            assert (await world.control(op="stop"))["ok"]
+            await until(lambda: settled(world), 60)
+            role = world.vehicle.runtime.channel.role  # type: ignore[union-attr]
+            counters = dict(role.history[-1].channel.counters)  # type: ignore[union-attr]
+            station = world.station.runtime.channel.role  # type: ignore[union-attr]
+            counters["close-" + station.history[-1].job.close] = 1  # type: ignore[union-attr]
+        return world, counters
+
+    world, counters = asyncio.run(main())
+    assert counters.get("meter-proof-invalid") == 1, counters
+    assert "close-unilateral" in counters, counters       # no final state was co-signed
+    (cs,) = world.sessions(world.station)
+    assert cs.settlement == "settled" and cs.nonce > 0
+    assert _final_meter(world).ocmf                       # the record was there, and refused
+    assert world.balance(world.cs_keys) == cs.t_ev == cs.energy_wh * PRICE // 1000

@@ -77,6 +77,7 @@ class World:
     broker_url: str
     demand_w: int = 22_000             # what the car asks for (negative: it feeds back)
     time_scale: float = 10.0
+    meter_map: str = "sdm630"          # "wm3m4": an Eichrecht meter (signed_meter = true)
     export_price: int = 0
     deposit_cs: int = 0
     station_channel: dict[str, Any] = field(default_factory=dict)
@@ -104,7 +105,7 @@ class World:
         self.chain.fund(self.ev_keys.settlement.address, tokens=2 * DEPOSIT)
         self.chain.fund(self.cs_keys.settlement.address, tokens=self.deposit_cs)
         self.site = Site(time_scale=self.time_scale, obc_max_current_a=32.0,
-                         meter_interval_s=0.05)
+                         meter_interval_s=0.05, meter_map=self.meter_map)
         self.plant = Plant(self.site.plant())
         self.plant.set_profile(1, ChargingProfile.constant(self.demand_w))
         self.station: Agent
@@ -121,7 +122,9 @@ class World:
 
     def _station(self) -> Agent:
         data = {"device": {"id": "cs-1", "role": "station", "state_dir": str(self.tmp / "cs")},
-                "sources": [self.site.meter_source(self.plant.ports["meter"])],
+                "sources": [self.site.meter_source(
+                    self.plant.ports["meter"],
+                    **({"signed_meter": True} if self.meter_map == "wm3m4" else {}))],
                 "chargers": [self.site.charger(self.plant.ports["wallbox"])],
                 "channel": {"policy": "registry", "registry": str(self.tmp / "fleet.toml"),
                             "price_per_kwh": PRICE, "export_price_per_kwh": self.export_price,
