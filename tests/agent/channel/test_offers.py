@@ -49,6 +49,18 @@ def test_round_trip_and_signature(message: offers.Message) -> None:
         offers.open_as(bytes(tampered), type(message), signer.public)
 
 
+def test_an_offer_names_its_eichrecht_meter_key_only_when_it_has_one() -> None:
+    import dataclasses
+
+    signed = dataclasses.replace(offer(), meter_key="3059" + "ab" * 40)
+    assert offers.open_as(offers.encode(signed, STATION), offers.Offer) == signed
+    assert 14 not in offer().to_body() and signed.to_body()[14] == signed.meter_key
+    for bad in ("", 7, "x" * 513):   # present means a key: never empty, a string, bounded
+        body = {**offer().to_body(), 14: bad}
+        with pytest.raises(MalformedEnvelope):
+            offers.Offer.from_body(body)
+
+
 def test_self_signed_offer_and_request_carry_their_key() -> None:
     assert offers.open_as(offers.encode(offer(), STATION), offers.Offer) == offer()
     # signed by another key than the one in the body: refused
