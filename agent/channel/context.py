@@ -29,6 +29,7 @@ from agent.readings import Event, Reading
 from agent.status import ChannelStatus
 
 if TYPE_CHECKING:
+    from agent.channel.jobs import NewBlocks
     from agent.settlement.client import SettlementClient
     from agent.settlement.settings import SettlementConfig
 
@@ -137,6 +138,7 @@ class Context:
     on_error: Callable[[str, BaseException], None]
     registry: FleetRegistry | None = None
     counters: Counter[str] = field(default_factory=Counter)
+    blocks: NewBlocks | None = None   # the chain head, shared by the sessions' watches
 
     def __post_init__(self) -> None:
         self._said: dict[str, float] = {}

@@ -121,6 +121,9 @@ class ChannelService:
         ctx = Context(self.device_id, self.keys, channel, self.settings.settlement,
                       client, mux, self.config.device.state_dir,  # type: ignore[arg-type]
                       self.hub, self.emit, self.on_error, registry)
+        from agent.channel.jobs import NewBlocks
+
+        ctx.blocks = NewBlocks(client, self.settings.settlement.poll_s)  # type: ignore[arg-type]
         self.context = ctx
         role: StationService | VehicleService
         if channel.station is not None:
@@ -131,6 +134,7 @@ class ChannelService:
         self.role = role
         async with asyncio.TaskGroup() as tg:
             tg.create_task(mux.run(), name="channel.mux")
+            tg.create_task(ctx.blocks.run(), name="channel.blocks")
             tg.create_task(role.run(), name=f"channel.{channel.role}")
             await asyncio.sleep(0)  # the role registers its listeners first
             tg.create_task(self.hub.run(), name="channel.readings")

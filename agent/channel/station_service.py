@@ -73,7 +73,7 @@ METER_KEY = "Meter.PublicKey"   # an Eichrecht meter's key, read by its source (
 METER_TX_TIMEOUT_S = 30.0
 WATCH_INTERVAL_S = 0.5
 CHARGER_RETRY_S = 2.0
-FIRST_POLL_S = 10.0   # ready waits this long at most for every charger's first answer
+FIRST_POLL_S = 10.0   # ready waits this long at most for each charger's and meter's first word
 FUNDING_CHECKS = 5
 
 
@@ -142,6 +142,8 @@ class StationService:
         # set by a charger's first answer or failure: requests are taken only once every
         # connector's state is known (a request before the first poll is not "unplugged")
         self._polled = {charger_id: asyncio.Event() for charger_id in chargers}
+        # ... and every meter's first reading (an Eichrecht meter has said its key by then)
+        self._metered = {c.id: asyncio.Event() for c in config.connectors}
         keys = ctx.keys
         self.tariff_sig = sign_tariff(config.tariff, keys.identity)
 
@@ -159,13 +161,14 @@ class StationService:
                     tg.create_task(self._watch(charger_id, charger),
                                    name=f"channel.charger[{charger_id}]")
                 requests = await self.ctx.mux.subscribe(request_topic(self.ctx.device_id))
-                tg.create_task(self._publish_offers(), name="channel.offers")
                 for directory in session_dirs(self.ctx.state_dir):
                     self._resume(directory, tg)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(FIRST_POLL_S):
-                        for polled in self._polled.values():
-                            await polled.wait()
+                        for first in (*self._polled.values(), *self._metered.values()):
+                            await first.wait()
+                # the first offers say what the connectors and their meters said
+                tg.create_task(self._publish_offers(), name="channel.offers")
                 self.ctx.ready.set()
                 while True:
                     message = await requests.get()
@@ -260,6 +263,7 @@ class StationService:
                 return
             if reading.name not in (IMPORT_WH, EXPORT_WH) or not isinstance(reading.value, int):
                 return
+            self._metered[connector.id].set()
             poll = connector.pending
             if reading.flags:  # implausible: not metered now (the counter is cumulative)
                 poll.clear()
@@ -532,8 +536,9 @@ class StationService:
             check_funding=self._check_funding,
             close_timeout_s=self.ctx.settings.close_timeout_s, on_event=on_event,
             final_proof=(lambda: self._final_proof(connector)) if signed else None))
+        assert self.ctx.blocks is not None   # the service made it (service.py)
         watch = asyncio.ensure_future(watch_open(
-            self.ctx.client, channel.channel_id, self.ctx.settlement.poll_s,
+            self.ctx.client, channel.channel_id, self.ctx.blocks,
             lambda: channel.phase is not Phase.OPENING))
         funding = asyncio.ensure_future(self._funding_deadline(session))
         try:

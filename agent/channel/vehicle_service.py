@@ -449,8 +449,9 @@ class VehicleService:
             route, channel, session.store,
             estimate=estimate, fund=self._fund, stop=session.stop,
             close_timeout_s=self.ctx.settings.close_timeout_s, on_event=on_event))
+        assert self.ctx.blocks is not None   # the service made it (service.py)
         watch = asyncio.ensure_future(watch_open(
-            self.ctx.client, channel.channel_id, self.ctx.settlement.poll_s,
+            self.ctx.client, channel.channel_id, self.ctx.blocks,
             lambda: channel.phase not in (Phase.IDLE, Phase.OPENING)))
         reason = ""
         closed: Closed | None = None

@@ -350,10 +350,11 @@ def test_a_meter_record_that_does_not_check_is_not_signed_by_the_car(mosquitto, 
         world = World(tmp_path, mosquitto.url, meter_map="wm3m4")
         async with world.running():
             await world.ready()
+            # the meter still reports its registered key, and signs with another
+            world.plant.meter.signed[1].key = ec.generate_private_key(ec.SECP256R1())
             assert (await world.control(op="start", station="cs-1", connector=1))["ok"]
             await until(lambda: any(s.energy_wh >= 100 for s in world.sessions(world.station)),
                         60)
-            world.plant.meter.signed[1].key = ec.generate_private_key(ec.SECP256R1())
             assert (await world.control(op="stop"))["ok"]
             await until(lambda: settled(world), 60)
             role = world.vehicle.runtime.channel.role  # type: ignore[union-attr]
@@ -363,7 +364,7 @@ def test_a_meter_record_that_does_not_check_is_not_signed_by_the_car(mosquitto, 
         return world, counters
 
     world, counters = asyncio.run(main())
-    assert counters.get("meter-proof-invalid") == 1, counters
+    assert counters.get("meter-proof-invalid") == 1, (counters, world.sessions(world.station))
     assert "close-unilateral" in counters, counters       # no final state was co-signed
     (cs,) = world.sessions(world.station)
     assert cs.settlement == "settled" and cs.nonce > 0
