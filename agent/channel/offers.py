@@ -27,7 +27,7 @@ Bodies (integer keys; ``None`` is CBOR null)::
     OFFER    0 station, 1 connector, 2 identity (32 B), 3 address (20 B), 4 tariff,
              5 tariff signature, 6 chain id, 7 contract (20 B), 8 dispute_window_s,
              9 credit_window_wh, 10 pay_step_wh, 11 deposit_ev, 12 connector state,
-             13 issued_s
+             13 issued_s, 14 meter_key (optional: the Eichrecht meter's public key)
     REQUEST  0 request id (16 B), 1 station, 2 connector, 3 vehicle, 4 identity (32 B),
              5 address (20 B), 6 salt half (16 B), 7 max_wh or null, 8 max price per kWh
              or null, 9 issued_s
