@@ -3,7 +3,6 @@ fail with file, key, expected and found."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
