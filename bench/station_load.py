@@ -217,7 +217,7 @@ def write_toml(path: Path, data: dict[str, Any]) -> Path:
 def station_config(work: Path, k: int, ports: list[list[int]], broker: str,
                    settlement: dict[str, Any]) -> Path:
     data: dict[str, Any] = {
-        "device": {"id": "cs-load", "role": "station", "state_dir": str(work / "cs")},
+        "device": {"id": f"cs-load-{k}", "role": "station", "state_dir": str(work / "cs")},
         "mqtt": {"url": broker}, "status": {"path": str(work / "cs" / "status.json"),
                                              "interval_s": 1.0},
         "sources": [{"id": f"m{n}", "kind": "modbus-tcp", "host": "127.0.0.1",
@@ -241,10 +241,10 @@ def car_configs(work: Path, k: int, broker: str, settlement: dict[str, Any],
     paths = []
     for n in range(k):
         state = work / f"ev{n}"
-        keys, _ = KeyStore(state).init(f"ev-load-{n}")
+        keys, _ = KeyStore(state).init(f"ev-load-{k}-{n}")
         fund(keys.settlement.address)
         paths.append(str(write_toml(state / "vehicle.toml", {
-            "device": {"id": f"ev-load-{n}", "role": "vehicle", "state_dir": str(state)},
+            "device": {"id": f"ev-load-{k}-{n}", "role": "vehicle", "state_dir": str(state)},
             "mqtt": {"url": broker}, "status": {"path": str(state / "status.json"),
                                                  "interval_s": 30.0},
             "channel": {"max_price_per_kwh": PRICE, "max_deposit_ev": DEPOSIT,
@@ -268,6 +268,7 @@ def run_k(k: int, seconds: float, broker: str, node: str, chain: dict[str, Any])
     w3 = connect(node)
     procs: list[subprocess.Popen[bytes]] = []
     done = threading.Event()
+    failed = True
     try:
         plants = subprocess.Popen([sys.executable, __file__, "--plants", str(k)],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT)
@@ -285,7 +286,9 @@ def run_k(k: int, seconds: float, broker: str, node: str, chain: dict[str, Any])
 
         settlement = {"node": node, "contract": "0x" + chain["channel"].hex(),
                       "from_block": chain["block"], "poll_s": 1.0}
-        cs_keys, _ = KeyStore(work / "cs").init("cs-load")
+        # a station id of its own per run: the broker still holds the retained offers of
+        # the previous run's station (another key), which no car must take
+        cs_keys, _ = KeyStore(work / "cs").init(f"cs-load-{k}")
         fund(cs_keys.settlement.address)
         config = station_config(work, k, ports, broker, settlement)
         cars = car_configs(work, k, broker, settlement, fund_car)
@@ -302,7 +305,8 @@ def run_k(k: int, seconds: float, broker: str, node: str, chain: dict[str, Any])
                                    daemon=True)
         watcher.start()
         subscribed.wait(30)
-        car_proc = subprocess.Popen([sys.executable, __file__, "--cars", json.dumps(cars)],
+        car_proc = subprocess.Popen([sys.executable, __file__, "--cars", json.dumps(cars),
+                                     "--station", f"cs-load-{k}"],
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=(work / "cars.log").open("wb"), cwd=ROOT)
         procs.append(car_proc)
@@ -323,6 +327,7 @@ def run_k(k: int, seconds: float, broker: str, node: str, chain: dict[str, Any])
                for name, p in watched.items()}
         lat = sorted(observer.latencies)
         unpaid = [observer.max_unpaid.get(c, 0) for c in observer.first_ack]
+        failed = False
         return {
             "sessions": k, "window_s": round(elapsed, 1), "updates": len(observer.acks),
             "updates_per_s": round(len(observer.acks) / elapsed, 1),
@@ -349,7 +354,10 @@ def run_k(k: int, seconds: float, broker: str, node: str, chain: dict[str, Any])
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
-        shutil.rmtree(work, ignore_errors=True)
+        if failed:
+            say(f"K = {k} failed: logs and state kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _status(path: Path) -> dict[str, Any]:
@@ -390,7 +398,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="steady window per K")
     parser.add_argument("--plants", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--cars", help=argparse.SUPPRESS)
-    parser.add_argument("--station", default="cs-load", help=argparse.SUPPRESS)
+    parser.add_argument("--station", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.plants is not None:
         plants_child(args.plants)

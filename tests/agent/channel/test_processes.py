@@ -137,6 +137,25 @@ def test_vehicle_killed_mid_session_resumes_and_settles_once(make_site, chain: C
     assert cs["channel_id"] == channel and cs["nonce"] > before["nonce"]
 
 
+def test_station_killed_as_the_cooperative_close_goes_out_settles_once(make_site, chain: Chain
+                                                                      ) -> None:
+    """kill -9 of the station as soon as it knows the session ended (its settlement job
+    is being written or its cooperative close is on its way): restarted, the job goes on
+    from what the ledger says, and the channel is settled once."""
+    site = make_site()
+    site.start()
+    started(site)
+    site.energy_at_least(10)
+    assert site.charge("stop").returncode == 0
+    site.until(lambda: any(s["end_reason"] for s in site.sessions("cs")), 30,
+               "the station's session ended")
+    site.station.kill9()
+    site.station.start()
+    site.wait_serving(site.station)
+    site.settled("cs", "ev")
+    check_paid(site, chain)
+
+
 def test_station_killed_while_settling_resumes_the_unilateral_close(make_site, chain: Chain
                                                                     ) -> None:
     """The car is gone for good (kill -9): the station stops delivery at the credit window,
