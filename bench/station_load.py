@@ -29,7 +29,9 @@ Measured, in a steady window of ``--seconds`` after every session's first ACK:
   the credit window (the station would have paused their delivery).
 
 Reference, in the same run, single core: ``crypto_floor_updates_per_s`` = 1 / (secp256k1
-sign + recover + Ed25519 sign + verify), the signature work one update needs at least once.
+sign + recover + Ed25519 sign + verify), the signature work one update needs at least once;
+``ref_fsync_p50_ms`` / ``ref_fsync_p99_ms``: one 200-byte append + fdatasync on the same
+disk (the station syncs each co-signed state before its ACK leaves).
 
     .venv/bin/python bench/station_load.py [--sessions 1,10,50] [--seconds 20]
 
@@ -392,6 +394,24 @@ def crypto_floor(rounds: int = 2000) -> dict[str, float]:
             "crypto_floor_us_per_update": round(per_update * 1e6, 1)}
 
 
+def fsync_floor(directory: Path, rounds: int = 200) -> dict[str, float]:
+    """What one durable write costs on this disk (a 200-byte append + fdatasync, as the
+    channel store does per co-signed state): the floor under PAY -> ACK."""
+    path = directory / "fsync-probe"
+    times = []
+    with path.open("ab") as f:
+        for _ in range(rounds):
+            start = time.perf_counter()
+            f.write(os.urandom(200))
+            f.flush()
+            os.fdatasync(f.fileno())
+            times.append(time.perf_counter() - start)
+    path.unlink()
+    times.sort()
+    return {"ref_fsync_p50_ms": round(1000 * times[len(times) // 2], 2),
+            "ref_fsync_p99_ms": round(1000 * times[int(0.99 * len(times))], 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sessions", default="1,10,50", help="K values, comma separated")
@@ -431,7 +451,7 @@ def main() -> None:
             say(f"K = {k}: starting")
             rows.append(run_k(k, args.seconds, broker.url, node, chain))
             say(f"K = {k}: {json.dumps(rows[-1])}")
-        reference = crypto_floor()
+        reference = {**crypto_floor(), **fsync_floor(work)}
     finally:
         anvil.terminate()
         anvil.wait(10)

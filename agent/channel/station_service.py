@@ -157,8 +157,10 @@ class StationService:
             self.ctx.hub.listen(connector.config.meter, self._meter_listener(connector))
         try:
             async with asyncio.TaskGroup() as tg:
-                for charger_id, charger in self.chargers.items():
-                    tg.create_task(self._watch(charger_id, charger),
+                for index, (charger_id, charger) in enumerate(self.chargers.items()):
+                    # spread over one poll interval: many wallboxes are not polled at once
+                    offset = WATCH_INTERVAL_S * index / len(self.chargers)
+                    tg.create_task(self._watch(charger_id, charger, offset),
                                    name=f"channel.charger[{charger_id}]")
                 requests = await self.ctx.mux.subscribe(request_topic(self.ctx.device_id))
                 for directory in session_dirs(self.ctx.state_dir):
@@ -183,9 +185,10 @@ class StationService:
                 charger.close()
 
     # -- chargers ----------------------------------------------------------------------
-    async def _watch(self, charger_id: str, charger: Charger) -> None:
+    async def _watch(self, charger_id: str, charger: Charger, offset_s: float = 0.0) -> None:
         """The charger's watch (it opens, polls, reconnects and says when it falls silent);
         its events become signed events, and silence ends the connector's session."""
+        await asyncio.sleep(offset_s)
         mine = [c for c in self.connectors.values() if c.charger is charger]
         events: asyncio.Queue[Event] = asyncio.Queue()
         forward = asyncio.ensure_future(self._forward(events, mine))
