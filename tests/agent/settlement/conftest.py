@@ -36,9 +36,9 @@ class Raw:
 
 
 def _abi(value: object) -> object:
-    if isinstance(value, ChannelRecord):
+    if isinstance(value, ChannelRecord):  # what callers pass back: the channel's Terms
         return (Web3.to_checksum_address(value.ev), Web3.to_checksum_address(value.cs),
-                *value.as_tuple()[2:])
+                value.window)
     if isinstance(value, ChannelState):
         return (value.nonce, value.t_ev, value.t_cs, value.wh, value.final)
     if isinstance(value, bytes) and len(value) == 20:
