@@ -336,7 +336,9 @@ class Rig:
             return open_channel(  # type: ignore[return-value]
                 VehicleChannel, store, identity=ev.identity, settlement=ev.settlement,
                 station=cs_party, max_price_per_kwh=s.price_per_kwh,
-                max_deposit_ev=s.deposit_ev, **common)
+                max_deposit_ev=s.deposit_ev, **common,
+                # the rig's own window (stale-state-close runs it in seconds)
+                min_dispute_window_s=min(s.dispute_window_s, 3600))
 
         async def fund(params: OpenParams) -> bytes:
             opened = await asyncio.to_thread(
