@@ -26,8 +26,10 @@ Rules (each enforced here, each violation a distinct reason code, see REASONS):
 3. Nonces: a party signs a nonce at most once (the vehicle persists each signed proposal, the
    station each co-signed state, before the signature leaves). Nonces only grow; a proposal
    the station rejected is abandoned and the next one takes the next nonce.
-4. ``t_ev``, ``t_cs``, ``wh`` never decrease; derived balances stay within the deposits;
-   the nonce stays at or below state.MAX_NONCE (what the contract can store).
+4. ``t_ev``, ``t_cs``, ``wh`` never decrease; derived balances stay within the deposits.
+   Nonces stay at or below state.MAX_NONCE (what the contract stores) by the wire format:
+   a CBOR unsigned integer ends at 2**64 - 1 (RFC 8949 s3.1), so a larger one is a
+   ``malformed-state``.
 5. Credit window: the station allows delivery only while metered import minus the ``wh`` of
    the latest co-signed state is below ``credit_window_wh`` (events DeliveryPaused/Resumed).
 6. The vehicle pays only for a METER whose import is within tolerance of its own estimate
@@ -61,7 +63,6 @@ from agent.channel.records import (
     Record,
 )
 from agent.channel.state import (
-    MAX_NONCE,
     ChannelState,
     check_balances,
     check_state_signature,
@@ -257,7 +258,6 @@ REASONS: dict[str, str] = {
     "amount-mismatch": "state amounts differ from the METER it pays",
     "amount-decreased": "t_ev, t_cs or wh lower than in the latest co-signed state",
     "balance-out-of-range": "derived balances leave the deposits",
-    "nonce-out-of-range": "state nonce above 2**64 - 1 (the contract could not settle it)",
     "unknown-nonce": "ACK/CLOSED for a nonce we did not propose",
     "tariff-changed": "tariff differs from the one signed at OPEN",
     "open-mismatch": "OPEN parameters differ from ours",
@@ -452,12 +452,8 @@ class Channel:
                                nonce=state.nonce)
 
     def _check_progress(self, state: ChannelState) -> None:
-        """Rule 4: monotone amounts, balances within the deposits, a nonce the contract
-        can store."""
+        """Rule 4: monotone amounts, balances within the deposits."""
         assert self.params is not None
-        if state.nonce > MAX_NONCE:
-            raise ChannelError("nonce above what the contract stores",
-                               reason="nonce-out-of-range", nonce=state.nonce)
         if self.cosigned is not None:
             old = self.cosigned.state
             if state.t_ev < old.t_ev or state.t_cs < old.t_cs or state.wh < old.wh:
