@@ -237,7 +237,7 @@ class SettlementClient:
                                                      record.dep_cs)
         except (SignatureError, ChannelError, ValueError) as exc:
             raise SettlementError(f"{fn}: state refused: {exc}", reason="bad-state") from exc
-        args = [state.channel_id, _terms_arg(record),
+        args: list[object] = [state.channel_id, _terms_arg(record),
                 (state.nonce, state.t_ev, state.t_cs, state.wh, state.final), sig_ev, sig_cs]
         return self._send(fn, args)
 

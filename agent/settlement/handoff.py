@@ -98,6 +98,6 @@ class Handoff:
                                     reason="malformed-handoff")
         signed = SignedState.from_cbor_item(item[1])
         try:
-            return cls(signed, item[2], item[3], item[4], item[5], item[6])  # type: ignore[arg-type]
+            return cls(signed, item[2], item[3], item[4], item[5], item[6])
         except ValueError as exc:
             raise MalformedEnvelope(str(exc), reason="malformed-handoff") from None

@@ -134,7 +134,7 @@ class SignedState:
                                     reason="malformed-signed-state")
         state = ChannelState.from_cbor_item(item[1])
         try:
-            return cls(state, item[2], item[3])  # type: ignore[arg-type]
+            return cls(state, item[2], item[3])
         except ValueError as exc:
             raise MalformedEnvelope(str(exc), reason="malformed-signed-state") from None
 
