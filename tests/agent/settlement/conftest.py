@@ -114,11 +114,6 @@ ANVIL_HINT = ("anvil not found. Install it once with: npm install --prefix .venv
               "or deselect with -m 'not anvil')")
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "anvil: runs against an anvil node started by the test "
-                                       "(fails, does not skip, when anvil is missing)")
-
-
 def find_anvil() -> str | None:
     import shutil
     from pathlib import Path
