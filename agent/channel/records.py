@@ -17,6 +17,9 @@ Records (deterministic CBOR arrays, first element the record kind):
                                                     meter registers at the channel's start
     [7, nonce_hi]                                   NonceReserveRecord: state nonces up to
                                                     nonce_hi may have been signed (vehicle)
+    [8, wall_s]                                     ClockRecord: the vehicle's own clock
+                                                    (unix s) when it accepted OPEN: the
+                                                    earliest time its first METER may price
 """
 
 from __future__ import annotations
@@ -201,8 +204,13 @@ class NonceReserveRecord:
     nonce_hi: int
 
 
+@dataclass(frozen=True, slots=True)
+class ClockRecord:
+    wall_s: int
+
+
 Record = (OpenRecord | FundedRecord | MeterRecord | SignedRecord | CosignedRecord
-          | MeterReserveRecord | NonceReserveRecord)
+          | MeterReserveRecord | NonceReserveRecord | ClockRecord)
 
 
 def encode_record(record: Record) -> bytes:
@@ -218,8 +226,10 @@ def encode_record(record: Record) -> bytes:
         item = [5, record.state.to_cbor_item(), record.sig_ev, record.sig_cs]
     elif isinstance(record, MeterReserveRecord):
         item = [6, record.counter_hi, record.base_import, record.base_export]
-    else:
+    elif isinstance(record, NonceReserveRecord):
         item = [7, record.nonce_hi]
+    else:
+        item = [8, record.wall_s]
     return dcbor.dumps(item)
 
 
@@ -245,6 +255,9 @@ def decode_record(data: bytes) -> Record:
         if kind == 7 and len(rest) == 1 and isinstance(rest[0], int) \
                 and not isinstance(rest[0], bool):
             return NonceReserveRecord(rest[0])
+        if kind == 8 and len(rest) == 1 and isinstance(rest[0], int) \
+                and not isinstance(rest[0], bool):
+            return ClockRecord(rest[0])
     except (IndexError, TypeError, AttributeError) as exc:
         raise MalformedEnvelope(f"bad channel record: {exc}", reason="malformed-record") from None
     raise MalformedEnvelope(f"unknown record kind {kind}", reason="malformed-record")

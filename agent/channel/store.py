@@ -26,6 +26,7 @@ from pathlib import Path
 
 from agent.channel.records import (
     KEEP_METERS,
+    ClockRecord,
     CosignedRecord,
     FundedRecord,
     MeterRecord,
@@ -160,7 +161,7 @@ def compact(records: list[Record]) -> list[Record]:
     if signed and not keep_signed:
         keep_signed = [max(signed, key=lambda r: r.state.nonce)]
     meters = [r for r in records if isinstance(r, MeterRecord)][-KEEP_METERS:]
-    head = [r for r in records if isinstance(r, OpenRecord | FundedRecord)]
+    head = [r for r in records if isinstance(r, OpenRecord | FundedRecord | ClockRecord)]
     reserves = [r for r in records if isinstance(r, MeterReserveRecord)]
     reserve = [max(reserves, key=lambda r: r.counter_hi)] if reserves else []
     nonces = [r for r in records if isinstance(r, NonceReserveRecord)]
