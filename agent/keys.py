@@ -373,7 +373,7 @@ def check_record(record: dict[str, object], old_public: bytes | None = None) -> 
         raise MalformedEnvelope("ed25519 public key must be 32 bytes", reason="malformed-record")
     verify_ed25519(public, context + b"\0" + body, record["sig"])  # type: ignore[arg-type]
     try:
-        secp_address = eth_address(PublicKey(record["secp256k1"]))  # type: ignore[arg-type]
+        secp_address = eth_address(PublicKey(record["secp256k1"]))
     except ValueError:
         raise MalformedEnvelope("secp256k1 public key is not on the curve",
                                 reason="malformed-record") from None

@@ -205,7 +205,7 @@ def build_chargers(config: Config) -> dict[str, Charger]:
     for entry in config.chargers:
         cls = charger_class(entry.kind)
         # the registry checks it is a charger class (firmware_adapters/evse/base.py Charger)
-        chargers[entry.id] = cls.from_options(entry.id, entry.options,  # type: ignore[attr-defined]
+        chargers[entry.id] = cls.from_options(entry.id, entry.options,
                                               entry.where)
     return chargers
 

@@ -49,6 +49,7 @@ from typing import Any, Self
 import can
 import cantools
 import cantools.database
+from cantools.database.errors import UnsupportedDatabaseFormatError
 
 from agent.errors import AdapterUnavailable, ConfigError, DecodeError, Prose
 from agent.options import Table
@@ -178,7 +179,7 @@ class DbcSource(OdometerSource):
         path = Path(o.nonempty_str("dbc"))
         try:
             db = cantools.database.load_file(str(path), database_format="dbc")
-        except (OSError, cantools.database.UnsupportedDatabaseFormatError) as exc:
+        except (OSError, UnsupportedDatabaseFormatError) as exc:
             # Say which file and why it is needed: the shipped example names a path that
             # exists only once the car's own DBC has been copied there.
             why = ("no such file" if isinstance(exc, FileNotFoundError) else
@@ -187,6 +188,9 @@ class DbcSource(OdometerSource):
                               expected="the car's DBC file (its CAN signals, scaling and units; "
                                        "copy it there or point dbc at it)",
                               found=Prose(f'"{path}" ({why})')) from exc
+        if not isinstance(db, cantools.database.can.Database):  # asked for "dbc": cannot be
+            raise ConfigError(file=where, key=f"{o.prefix}.dbc", expected="a CAN DBC file",
+                              found=Prose(f'"{path}" (a diagnostics database)'))
         decoder = DbcDecoder.from_map(db, o.mapping("signals", {}), where, source_id)
         return cls(source_id, bus_kwargs(o), decoder)
 
@@ -283,8 +287,8 @@ class DbcSource(OdometerSource):
 
     def _integrity(self, reading: Reading, now: int) -> Event | None:
         if reading.name == "Vehicle.Speed":
-            self.odometer.speed(float(reading.value))  # type: ignore[arg-type]
+            self.odometer.speed(float(reading.value))
         elif reading.name == "Vehicle.TraveledDistance":
-            return self.odometer.odometer(float(reading.value), now,  # type: ignore[arg-type]
+            return self.odometer.odometer(float(reading.value), now,
                                           reading.ts_ns)
         return None

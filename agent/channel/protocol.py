@@ -344,11 +344,12 @@ class Channel:
             return self._reject(exc, msg_type, reply=False)
         handler = TRANSITIONS.get((self.role, self.phase, wire.msg_type))
         if handler is None:
-            exc = ChannelError(f"{wire.msg_type.name} in phase {self.phase.value}",
-                               reason="unexpected-message")
-            return self._reject(exc, wire.msg_type, reply=False)
+            error = ChannelError(f"{wire.msg_type.name} in phase {self.phase.value}",
+                                 reason="unexpected-message")
+            return self._reject(error, wire.msg_type, reply=False)
         try:
-            return getattr(self, handler)(wire.body, now)
+            actions: list[Action] = getattr(self, handler)(wire.body, now)
+            return actions
         except EdgeAgentError as exc:  # authenticated peer broke a rule: tell it why
             return self._reject(exc, wire.msg_type, reply=exc.reason not in _SILENT)
 
@@ -385,8 +386,8 @@ class Channel:
         rejected = m.field(body, 1, int, optional=True)
         last = m.field(body, 2, int)
         self.counters[f"peer:{reason}"] += 1
-        out: list[Action] = [PeerRejected(reason, rejected, last)]  # type: ignore[arg-type]
-        return out + self._peer_rejected(rejected)  # type: ignore[arg-type]
+        out: list[Action] = [PeerRejected(reason, rejected, last)]
+        return out + self._peer_rejected(rejected)
 
     def _peer_rejected(self, nonce: int | None) -> list[Action]:
         return []
@@ -407,9 +408,9 @@ class Channel:
             if state.nonce > self.nonce:
                 self._check_state_domain(state)
                 ev, cs = self._parties()
-                check_state_signature(state, sig_ev, ev.address)  # type: ignore[arg-type]
-                check_state_signature(state, sig_cs, cs.address)  # type: ignore[arg-type]
-                out += self._adopt(CosignedRecord(state, sig_ev, sig_cs))  # type: ignore[arg-type]
+                check_state_signature(state, sig_ev, ev.address)
+                check_state_signature(state, sig_cs, cs.address)
+                out += self._adopt(CosignedRecord(state, sig_ev, sig_cs))
         if peer_nonce < self.nonce:
             out.append(self._send(MsgType.REESTABLISH, self._reestablish_body()))
         out += self._retransmit(now)

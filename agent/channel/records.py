@@ -92,15 +92,15 @@ class OpenParams:
         b = body
         try:
             return cls(
-                chain_id=field(b, 0, int), contract=field(b, 1, bytes, size=20),  # type: ignore[arg-type]
-                salt=field(b, 2, bytes, size=32),  # type: ignore[arg-type]
-                ev=Party(field(b, 3, bytes, size=32), field(b, 5, bytes, size=20)),  # type: ignore[arg-type]
-                cs=Party(field(b, 4, bytes, size=32), field(b, 6, bytes, size=20)),  # type: ignore[arg-type]
-                deposit_ev=field(b, 7, int), deposit_cs=field(b, 8, int),  # type: ignore[arg-type]
-                dispute_window_s=field(b, 9, int),  # type: ignore[arg-type]
+                chain_id=field(b, 0, int), contract=field(b, 1, bytes, size=20),
+                salt=field(b, 2, bytes, size=32),
+                ev=Party(field(b, 3, bytes, size=32), field(b, 5, bytes, size=20)),
+                cs=Party(field(b, 4, bytes, size=32), field(b, 6, bytes, size=20)),
+                deposit_ev=field(b, 7, int), deposit_cs=field(b, 8, int),
+                dispute_window_s=field(b, 9, int),
                 tariff=Tariff.from_cbor_item(b.get(10)),
-                tariff_sig=field(b, 11, bytes, size=64),  # type: ignore[arg-type]
-                credit_window_wh=field(b, 12, int), pay_step_wh=field(b, 13, int))  # type: ignore[arg-type]
+                tariff_sig=field(b, 11, bytes, size=64),
+                credit_window_wh=field(b, 12, int), pay_step_wh=field(b, 13, int))
         except ValueError as exc:
             raise MalformedEnvelope(f"bad OPEN: {exc}", reason="malformed-message") from None
 
@@ -156,9 +156,9 @@ class MeterInfo:
         if not isinstance(ocmf, str) or 8 in b and not ocmf or len(ocmf) > 8192:
             raise MalformedEnvelope("METER ocmf must be a non-empty string when present",
                                     reason="malformed-message")
-        return cls(field(b, 0, int), field(b, 1, int), field(b, 2, int),  # type: ignore[arg-type]
-                   field(b, 3, int), field(b, 4, int), field(b, 5, int),  # type: ignore[arg-type]
-                   field(b, 6, bytes, size=16), final, ocmf)  # type: ignore[arg-type]
+        return cls(field(b, 0, int), field(b, 1, int), field(b, 2, int),
+                   field(b, 3, int), field(b, 4, int), field(b, 5, int),
+                   field(b, 6, bytes, size=16), final, ocmf)
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,18 +240,18 @@ def decode_record(data: bytes) -> Record:
     kind, rest = item[0], item[1:]
     try:
         if kind == 1:
-            return OpenRecord(OpenParams.from_body(rest[0]))  # type: ignore[arg-type]
+            return OpenRecord(OpenParams.from_body(rest[0]))
         if kind == 2:
-            return FundedRecord(rest[0])  # type: ignore[arg-type]
+            return FundedRecord(rest[0])
         if kind == 3:
-            return MeterRecord(MeterInfo.from_body(rest[0]), rest[1], rest[2])  # type: ignore[arg-type]
+            return MeterRecord(MeterInfo.from_body(rest[0]), rest[1], rest[2])
         if kind == 4:
-            return SignedRecord(ChannelState.from_cbor_item(rest[0]), rest[1],  # type: ignore[arg-type]
-                                MeterInfo.from_body(rest[2]))  # type: ignore[arg-type]
+            return SignedRecord(ChannelState.from_cbor_item(rest[0]), rest[1],
+                                MeterInfo.from_body(rest[2]))
         if kind == 5:
-            return CosignedRecord(ChannelState.from_cbor_item(rest[0]), rest[1], rest[2])  # type: ignore[arg-type]
+            return CosignedRecord(ChannelState.from_cbor_item(rest[0]), rest[1], rest[2])
         if kind == 6 and all(isinstance(x, int) for x in rest[:3]):
-            return MeterReserveRecord(rest[0], rest[1], rest[2])  # type: ignore[arg-type]
+            return MeterReserveRecord(rest[0], rest[1], rest[2])
         if kind == 7 and len(rest) == 1 and isinstance(rest[0], int) \
                 and not isinstance(rest[0], bool):
             return NonceReserveRecord(rest[0])

@@ -138,7 +138,7 @@ class ChannelState:
             raise MalformedEnvelope(f"unknown state version {item[0]!r}", reason="state-version")
         try:
             return cls(chain_id=item[1], contract=item[2], channel_id=item[3], nonce=item[4],
-                       t_ev=item[5], t_cs=item[6], wh=item[7], final=item[8])  # type: ignore[arg-type]
+                       t_ev=item[5], t_cs=item[6], wh=item[7], final=item[8])
         except ValueError as exc:
             raise MalformedEnvelope(str(exc), reason="malformed-state") from None
 

@@ -146,7 +146,7 @@ class StationChannel(Channel):
     # ---- handlers
 
     def _on_funded(self, body: dict[int, object], now: float) -> list[Action]:
-        self.funding_ref = m.field(body, 0, bytes)  # type: ignore[assignment]
+        self.funding_ref = m.field(body, 0, bytes)
         self.phase = Phase.ACTIVE
         self._deadline = None
         out: list[Action] = [Persist(FundedRecord(self.funding_ref)), Funded(self.funding_ref)]
@@ -183,8 +183,8 @@ class StationChannel(Channel):
                   ) -> tuple[ChannelState | None, bytes, bytes]:
         """Validate a PAY / final CLOSE. (None, ...) for an exact duplicate of the latest."""
         state = ChannelState.from_cbor_item(body.get(0))
-        sig_ev: bytes = m.field(body, 1, bytes)  # type: ignore[assignment]
-        counter: int = m.field(body, 2, int)  # type: ignore[assignment]
+        sig_ev: bytes = m.field(body, 1, bytes)
+        counter: int = m.field(body, 2, int)
         self._check_state_domain(state)
         if state.nonce <= self.nonce:
             if self.cosigned is not None and state == self.cosigned.state:

@@ -287,8 +287,8 @@ class VehicleChannel(Channel):
 
     def _on_countersigned(self, body: dict[int, object], now: float, *,
                           final: bool) -> list[Action]:
-        nonce: int = m.field(body, 0, int)  # type: ignore[assignment]
-        sig_cs: bytes = m.field(body, 1, bytes)  # type: ignore[assignment]
+        nonce: int = m.field(body, 0, int)
+        sig_cs: bytes = m.field(body, 1, bytes)
         if nonce <= self.nonce:
             self.duplicates += 1
             return []

@@ -159,8 +159,9 @@ class SettlementClient:
 
     def balance(self, account: bytes) -> int:
         address = Web3.to_checksum_address(account)
-        return self.sender.call(lambda: self.token.functions.balanceOf(address).call(),
-                                "balanceOf")
+        balance: int = self.sender.call(
+            lambda: self.token.functions.balanceOf(address).call(), "balanceOf")
+        return balance
 
     # --- writes -------------------------------------------------------------------------
     def open_channel(self, ev: bytes, cs: bytes, salt: bytes, window_s: int,

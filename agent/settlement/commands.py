@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # web3 is imported only by the commands that talk to a node
 EXIT_OK, EXIT_FAIL = 0, 1
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     channel = subparsers.add_parser(
         "channel", help="settle payment channels on the chain: status, close, settle, watch",
         description="Payment channels on the settlement contract, through the JSON-RPC node "
