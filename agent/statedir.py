@@ -103,15 +103,6 @@ def release_all() -> None:
         release_state_dir(key)
 
 
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return _read_pid(fd) or -1
-    finally:
-        os.close(fd)
-    return None
-
-
 def _read_pid(fd: int) -> int | None:
     try:
         text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
