@@ -16,10 +16,13 @@ Rules:
 - Back-pressure: the broker sends at most ``max_in_flight`` unacknowledged messages, and a
   batch is stored before the next is taken: a slow database slows the broker's sending.
   A database error keeps the batch (nothing acknowledged) and retries it after a back-off.
-- Commit marks (agent.fleet_commit): after each transaction, for each device whose head
-  moved, ``evedge/v1/<device>/commit`` (retained) says "contiguous up to seq N, hash H",
-  signed by the ingest's commit key; duplicates that the head covers already get the mark
-  again (at most once a second per device): the agent resent them because it lacks it.
+- Commit marks (agent.fleet_commit): for each device whose head moved,
+  ``evedge/v1/<device>/commit`` (retained) says "contiguous up to seq N, hash H", signed
+  by the ingest's commit key; duplicates that the head covers already get the mark again
+  (the agent resent them because it lacks it). At most one mark per device per
+  ``mark_interval_s``: the newest head waits for the interval to pass (a timer publishes
+  it). Each mark is an Ed25519 signature, as costly as verifying an envelope; a mark per
+  batch per device was 40% of a worker's time with 1,000 devices (py-spy, bench/ingest.py).
 - A worker reloads the registry from the database every ``registry_refresh_s`` and at once
   (at most once a second) when it meets an unknown key.
 """
@@ -54,7 +57,6 @@ log = logging.getLogger("edge_agent.fleet.ingest")
 T = TypeVar("T")
 
 FILTERS = (f"{ROOT}/+/telemetry", f"{ROOT}/+/event", f"{ROOT}/+/status")
-REMARK_INTERVAL_NS = 1_000_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +67,7 @@ class IngestConfig:
     batch_age_s: float = 0.02
     registry_refresh_s: float = 2.0
     progress_s: float = 10.0
+    mark_interval_s: float = 1.0
 
 
 @dataclass
@@ -72,6 +75,16 @@ class IngestStats:
     counters: Counter[str] = field(default_factory=Counter)
     latencies_ns: list[int] = field(default_factory=list)  # arrival -> commit, per envelope
     keep_latencies: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Checked:
+    """A batch as it left verification, waiting for the database."""
+
+    batch: list[Arrival]
+    verified: list[Verified]
+    rejected: list[Rejection]
+    claims: list[ChainHead]
 
 
 def load_or_create_commit_key(path: Path) -> IdentityKey:
@@ -95,7 +108,8 @@ class Ingest:
         self._db: Database | None = None
         self._snapshot: RegistrySnapshot | None = None
         self._queue: asyncio.Queue[Arrival] = asyncio.Queue()
-        self._remarked: dict[str, int] = {}
+        self._marked_ns: dict[str, int] = {}                 # device -> last mark sent
+        self._pending_marks: dict[str, tuple[int, bytes]] = {}  # device -> newest head
         self._forced_reload_ns = 0
         self.subscriber: SharedSubscriber | None = None
         self.ready = asyncio.Event()
@@ -115,7 +129,8 @@ class Ingest:
         try:
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(self._work(), name="fleet.ingest"),
-                         tg.create_task(self._progress(), name="fleet.progress")]
+                         tg.create_task(self._progress(), name="fleet.progress"),
+                         tg.create_task(self._mark_timer(), name="fleet.marks")]
                 await self.subscriber.connected_async.wait()
                 self.ready.set()
                 await stop.wait()
@@ -127,8 +142,17 @@ class Ingest:
             self._executor.shutdown(wait=True)
 
     # -- the worker loop -----------------------------------------------------------------
+    # Two stages: while the database thread stores one batch (SQLite and psycopg release
+    # the GIL, and the commit waits for the disk), the loop verifies the next one. At most
+    # one verified batch waits for the database, so what is held unacknowledged stays
+    # bounded by Receive Maximum.
     async def _work(self) -> None:
-        backoff = Backoff(0.1, 5.0)
+        ready: asyncio.Queue[_Checked] = asyncio.Queue(maxsize=1)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._verify_stage(ready), name="fleet.verify")
+            tg.create_task(self._store_stage(ready), name="fleet.store")
+
+    async def _verify_stage(self, ready: asyncio.Queue[_Checked]) -> None:
         while True:
             batch = await self._next_batch()
             await self._maybe_reload()
@@ -139,10 +163,16 @@ class Ingest:
                 self._forced_reload_ns = time.time_ns()
                 await self._maybe_reload(force=True)
                 verified, rejected, claims = self._verify(batch)
+            await ready.put(_Checked(batch, verified, rejected, claims))
+
+    async def _store_stage(self, ready: asyncio.Queue[_Checked]) -> None:
+        backoff = Backoff(0.1, 5.0)
+        while True:
+            checked = await ready.get()
             while True:
                 try:
-                    result = await self._db_call(store_batch, self._db, verified, rejected,
-                                                 claims)
+                    result = await self._db_call(store_batch, self._db, checked.verified,
+                                                 checked.rejected, checked.claims)
                     break
                 except DatabaseError as exc:  # keep the batch, acknowledge nothing
                     self.counters["db_errors"] += 1
@@ -151,10 +181,10 @@ class Ingest:
             backoff.reset()
             committed = self._clock()
             assert self.subscriber is not None
-            self.counters["acked"] += self.subscriber.ack(batch)
+            self.counters["acked"] += self.subscriber.ack(checked.batch)
             self.counters.update(result.counters)
             if self.stats.keep_latencies:
-                self.stats.latencies_ns += [committed - v.received_ns for v in verified]
+                self.stats.latencies_ns += [committed - v.received_ns for v in checked.verified]
             self._publish_marks(result)
 
     async def _next_batch(self) -> list[Arrival]:
@@ -227,18 +257,31 @@ class Ingest:
     def _publish_marks(self, result: BatchResult) -> None:
         if self.commit_key is None or self.subscriber is None:
             return
+        for device, head in result.heads.items():
+            if head[0] >= 0 and (device in result.advanced or device in result.behind_head):
+                self._pending_marks[device] = head
+        self._flush_marks()
+
+    def _flush_marks(self) -> None:
+        """Sign and publish the pending heads of the devices whose last mark is at least
+        ``mark_interval_s`` old; the rest wait for :meth:`_mark_timer`."""
+        if self.commit_key is None or self.subscriber is None:
+            return
         now = self._clock()
-        for device, (seq, digest) in result.heads.items():
-            if seq < 0:
-                continue
-            if device not in result.advanced:
-                if device not in result.behind_head or \
-                        now - self._remarked.get(device, 0) < REMARK_INTERVAL_NS:
-                    continue
-            self._remarked[device] = now
+        interval_ns = int(self.config.mark_interval_s * 1e9)
+        for device in [d for d in self._pending_marks
+                       if now - self._marked_ns.get(d, 0) >= interval_ns]:
+            seq, digest = self._pending_marks.pop(device)
+            self._marked_ns[device] = now
             mark = seal_head(self.commit_key, device, seq, digest, now, COMMIT_CONTENT_TYPE)
             self.subscriber.publish(commit_topic(device), mark, retain=True)
             self.counters["commit_marks"] += 1
+
+    async def _mark_timer(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.mark_interval_s / 4)
+            if self._pending_marks:
+                self._flush_marks()
 
     async def _progress(self) -> None:
         last, last_t = 0, time.monotonic()

@@ -86,6 +86,8 @@ class SharedSubscriber:
         self.connected_async = asyncio.Event()
         self._lock = threading.Lock()
         self._stopping = False
+        self._arrived: list[Arrival] = []   # paho thread -> loop, under _lock
+        self._wake_pending = False
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=config.client_id,
                                   protocol=paho.MQTTv5, manual_ack=True)
         if self.tls:
@@ -151,8 +153,17 @@ class SharedSubscriber:
             log.warning("fleet ingest: connection lost (%s); reconnecting", reason_code)
 
     def _on_message(self, client: paho.Client, userdata: Any, message: Any) -> None:
+        received = time.time_ns()
         with self._lock:
-            epoch = self.epoch
-        arrival = Arrival(epoch, message.mid, message.qos, message.topic,
-                          bytes(message.payload), time.time_ns())
-        self._loop.call_soon_threadsafe(self._sink, arrival)
+            self._arrived.append(Arrival(self.epoch, message.mid, message.qos, message.topic,
+                                         bytes(message.payload), received))
+            wake, self._wake_pending = not self._wake_pending, True
+        if wake:  # one loop wake-up per burst, not per message (each is a self-pipe write)
+            self._loop.call_soon_threadsafe(self._hand_over)
+
+    def _hand_over(self) -> None:
+        """On the event loop: pass what arrived since the last wake-up to the sink."""
+        with self._lock:
+            arrived, self._arrived, self._wake_pending = self._arrived, [], False
+        for arrival in arrived:
+            self._sink(arrival)
