@@ -99,7 +99,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--since", help="ISO 8601 time or ns since the epoch")
     p.add_argument("--until", help="ISO 8601 time or ns since the epoch (exclusive)")
     p.add_argument("--format", choices=("csv", "jsonl"), default="csv")
-    p = add("gaps", cmd_gaps, "seq ranges missing and not declared dropped")
+    p = add("gaps", cmd_gaps, "seq ranges missing and not declared dropped, and missing "
+            "tails (what the devices' signed heads name beyond the last stored)")
     p.add_argument("--device")
     add("devices", cmd_devices, "every device: last seen, seq, chain state, key")
     add("alarms", cmd_alarms, "forks, broken links, key/device mismatches")
@@ -238,12 +239,18 @@ def cmd_readings(args: argparse.Namespace) -> int:
 def cmd_gaps(args: argparse.Namespace) -> int:
     from agent.fleet import queries
 
-    found = queries.gaps(_open(args), args.device)
+    db = _open(args)
+    found = queries.gaps(db, args.device)
+    tails = queries.tails(db, args.device)
     for device, first, last in found:
         span = f"{first}..{last}" if first != last else str(first)
         print(f"{device}  missing seq {span} ({last - first + 1})")
-    print(f"{len(found)} gap(s)")
-    return EXIT_OK if not found else EXIT_FAIL
+    for device, first, last in tails:
+        span = f"{first}..{last}" if first != last else str(first)
+        print(f"{device}  missing tail seq {span} ({last - first + 1}): the device's signed "
+              f"head says seq {last}")
+    print(f"{len(found)} gap(s), {len(tails)} missing tail(s)")
+    return EXIT_OK if not found and not tails else EXIT_FAIL
 
 
 def cmd_devices(args: argparse.Namespace) -> int:

@@ -2,7 +2,8 @@
 
 ::
 
-    broker --$share/<group>/evedge/v1/+/telemetry|event|status--> SharedSubscriber (paho thread)
+    broker --$share/<group>/evedge/v1/+/telemetry|event, evedge/v1/+/status (plain)-->
+        SharedSubscriber (paho thread)
         --> queue (bounded by Receive Maximum) --> batch (count / age)
         --> verify (registry snapshot, revocation times) --> store_batch (ONE transaction,
             DB thread) --> PUBACK each message --> commit marks per device (retained, signed)
@@ -56,7 +57,10 @@ from agent.topics import ROOT, commit_topic, device_of
 log = logging.getLogger("edge_agent.fleet.ingest")
 T = TypeVar("T")
 
-FILTERS = (f"{ROOT}/+/telemetry", f"{ROOT}/+/event", f"{ROOT}/+/status")
+FILTERS = (f"{ROOT}/+/telemetry", f"{ROOT}/+/event")
+# Not shared: the retained status (the devices' signed heads) never reaches a shared
+# subscription (agent.fleet.mqtt), and missing-tail reports need it from the start.
+PLAIN_FILTERS = (f"{ROOT}/+/status",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,14 +128,14 @@ class Ingest:
         self._snapshot = await self._db_call(fleet_registry.load, db)
         loop = asyncio.get_running_loop()
         self.subscriber = SharedSubscriber(self.config.broker, FILTERS, loop,
-                                           self._queue.put_nowait)
+                                           self._queue.put_nowait, PLAIN_FILTERS)
         self.subscriber.start()
         try:
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(self._work(), name="fleet.ingest"),
                          tg.create_task(self._progress(), name="fleet.progress"),
                          tg.create_task(self._mark_timer(), name="fleet.marks")]
-                await self.subscriber.connected_async.wait()
+                await self.subscriber.subscribed_async.wait()
                 self.ready.set()
                 await stop.wait()
                 for task in tasks:
@@ -219,6 +223,7 @@ class Ingest:
                 claim = self._claim(snapshot, arrival)
                 if claim is not None:
                     claims.append(claim)
+                    self.counters["heads"] += 1
                 continue
             try:
                 opened = snapshot.open(arrival.payload)
