@@ -13,15 +13,21 @@ contiguous in the fleet database, and that envelope's hash, signed by the ingest
 A mark that does not verify, names another device, or whose hash is not the spool's own
 envelope at that seq is counted and ignored: the worst a forged mark could do is make the
 agent keep rows longer, never lose one.
+
+The follower reads its topic through the agent's one topic router (agent.channel.mux):
+the uplink has a single queue of incoming messages, and the payment-channel service reads
+it through the same router, so neither takes the other's messages.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
+from agent.channel.mux import Incoming
 from agent.envelope import COMMIT_CONTENT_TYPE, ChainHead, open_head
 from agent.errors import RemoteProtocolError, SignatureError, SpoolError, UnknownKey
 from agent.keys import key_id
@@ -30,15 +36,10 @@ from agent.topics import commit_topic
 log = logging.getLogger("edge_agent.fleet_commit")
 
 
-class Message(Protocol):
-    @property
-    def topic(self) -> str: ...
-    @property
-    def payload(self) -> bytes: ...
+class Router(Protocol):
+    """What the follower needs of agent.channel.mux.TopicMux."""
 
-
-class Subscriber(Protocol):
-    async def subscribe(self, topic: str) -> None: ...
+    async def subscribe(self, pattern: str) -> asyncio.Queue[Incoming]: ...
 
 
 DeleteCommitted = Callable[[int, bytes], Awaitable[int]]
@@ -78,14 +79,12 @@ class CommitFollower:
             return None
         return mark
 
-    async def run(self, uplink: Subscriber, messages: AsyncIterator[Message],
-                  delete: DeleteCommitted) -> None:
-        """Task ``fleet-commit``: subscribe (retained: the last mark comes at once) and
-        follow the marks."""
-        await uplink.subscribe(self.topic)
-        async for message in messages:
-            if message.topic != self.topic:
-                continue
+    async def run(self, router: Router, delete: DeleteCommitted) -> None:
+        """Task ``fleet-commit``: subscribe through the router (retained: the last mark
+        comes at once) and follow the marks."""
+        queue = await router.subscribe(self.topic)
+        while True:
+            message = await queue.get()
             mark = self.check(bytes(message.payload))
             if mark is None:
                 continue
