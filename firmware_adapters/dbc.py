@@ -51,10 +51,11 @@ import cantools
 import cantools.database
 from cantools.database.errors import UnsupportedDatabaseFormatError
 
-from agent.errors import AdapterUnavailable, ConfigError, DecodeError, Prose
+from agent.errors import ConfigError, DecodeError, Prose
 from agent.options import Table
 from agent.readings import VEHICLE_SIGNALS, Event, Reading, TimeStatus
 from firmware_adapters.base import Clock, Emit, system_clock
+from firmware_adapters.canbus import REOPEN_PAUSE_S, open_bus
 from firmware_adapters.obd.can_driver import bus_kwargs
 from firmware_adapters.obd.odometer import OdometerMonitor
 from firmware_adapters.obd.odometer_file import OdometerSource
@@ -195,25 +196,13 @@ class DbcSource(OdometerSource):
         return cls(source_id, bus_kwargs(o), decoder)
 
     async def _run(self, emit: Emit) -> None:
-        delay = 0.2
         while True:
-            try:
-                bus = await asyncio.to_thread(can.Bus, **self.bus_config)
-            except (can.CanError, OSError, ValueError, ImportError) as exc:
-                self.counters["unavailable-bus-open"] += 1
-                if isinstance(exc, ImportError):
-                    raise AdapterUnavailable(str(exc), source=self.id,
-                                             reason="missing-dependency") from exc
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
-                continue
-            delay = 0.2
-            self.counters["bus-opened"] += 1  # tests and status: the source listens now
+            bus = await open_bus(self.bus_config, self.id, self.counters)
             try:
                 await self._listen(bus, emit)
             finally:
                 bus.shutdown()  # not awaited: a cancelled task must still close it
-            await asyncio.sleep(delay)
+            await asyncio.sleep(REOPEN_PAUSE_S)  # the bus failed under us: a breath, then reopen
 
     async def _listen(self, bus: can.BusABC, emit: Emit) -> None:
         loop = asyncio.get_running_loop()

@@ -1,7 +1,7 @@
 """The watchtower's crash-safe store: the verified states it guards (issue 14).
 
-Same framing and rules as the channel store (agent/channel/store.py): an append-only file
-of ``len (4 B, big endian) || crc32 (4 B) || entry`` frames, each ``append`` fsync'd before
+Same framing and rules as the channel store (agent/frames.py): an append-only file
+of ``len || crc32 || entry`` frames, each ``append`` fsync'd before
 it returns, so a state the tower acknowledged survives kill -9 or a power cut. On open a
 torn last frame is cut off (it was never acknowledged); a bad frame in the middle raises
 SpoolError (corruption: we never guess). A file past ``compact_bytes`` is rewritten with
@@ -19,16 +19,15 @@ hand-off.
 from __future__ import annotations
 
 import os
-import struct
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent import dcbor
+from agent.durable import OS, write_atomic
 from agent.errors import EdgeAgentError, MalformedEnvelope, SpoolError
+from agent.frames import frame, read_frames
 from agent.settlement.model import SignedState
 
-_HEAD = struct.Struct(">II")
 MAX_ENTRY_BYTES = 2048
 
 
@@ -55,7 +54,10 @@ class TowerStore:
                 self._live.pop(entry, None)
         if self.path.exists() and self.path.stat().st_size > compact_bytes:
             self._rewrite([g for gs in self._live.values() for g in gs])
+        created = not self.path.exists()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        if created:  # the new name must survive a power cut before any append counts
+            OS.fsync_dir(self.path.parent)
 
     def guarded(self) -> list[Guarded]:
         """Every live entry, in the order written (what the tower reloads)."""
@@ -79,59 +81,24 @@ class TowerStore:
 
     def _write(self, data: bytes) -> None:
         try:
-            os.write(self._fd, _HEAD.pack(len(data), zlib.crc32(data)) + data)
+            os.write(self._fd, frame(data))
             os.fdatasync(self._fd)
         except OSError as exc:
             raise SpoolError(f"watchtower store write failed: {exc.strerror}",
                              reason="store-write") from exc
 
     def _load(self) -> list[Guarded | bytes]:
-        if not self.path.exists():
-            return []
-        data = self.path.read_bytes()
         out: list[Guarded | bytes] = []
-        pos = 0
-        while pos + _HEAD.size <= len(data):
-            length, crc = _HEAD.unpack_from(data, pos)
-            end = pos + _HEAD.size + length
-            if length > MAX_ENTRY_BYTES:
-                raise SpoolError(f"watchtower store frame at {pos} claims {length} bytes",
-                                 reason="store-corrupt")
-            if end > len(data):
-                break  # torn body
-            body = data[pos + _HEAD.size:end]
-            if zlib.crc32(body) != crc:
-                if end == len(data):
-                    break  # torn last frame
-                raise SpoolError(f"watchtower store frame at {pos} fails its CRC",
-                                 reason="store-corrupt")
+        for pos, body in read_frames(self.path, "watchtower store", MAX_ENTRY_BYTES):
             try:
                 out.append(_decode(body))
             except EdgeAgentError as exc:
                 raise SpoolError(f"watchtower store frame at {pos}: {exc}",
                                  reason="store-corrupt") from exc
-            pos = end
-        if pos < len(data):
-            with open(self.path, "r+b") as f:
-                f.truncate(pos)
-                os.fsync(f.fileno())
         return out
 
     def _rewrite(self, entries: list[Guarded]) -> None:
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        with open(tmp, "wb") as f:
-            for entry in entries:
-                data = _encode(entry)
-                f.write(_HEAD.pack(len(data), zlib.crc32(data)) + data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomic(self.path, b"".join(frame(_encode(e)) for e in entries), mode=0o600)
 
 
 def _encode(entry: Guarded) -> bytes:
