@@ -39,7 +39,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from agent.backoff import Backoff
 from agent.chain_head import head_from_status
@@ -51,8 +51,14 @@ from agent.fleet.db import Database, DatabaseError, open_database
 from agent.fleet.mqtt import Arrival, BrokerConfig, SharedSubscriber
 from agent.fleet.registry import RegistrySnapshot
 from agent.fleet.store import BatchResult, Rejection, Verified, store_batch
-from agent.keys import IdentityKey, read_secret
+from agent.keys import IdentityKey, SettlementKey, read_secret
 from agent.topics import ROOT, commit_topic, device_of
+
+if TYPE_CHECKING:
+    from web3 import Web3
+
+    from agent.fleet.anchor_chain import AnchorClient, AnchorTx
+    from agent.settlement.txsign import DigestSigner
 
 log = logging.getLogger("edge_agent.fleet.ingest")
 T = TypeVar("T")
@@ -64,6 +70,17 @@ PLAIN_FILTERS = (f"{ROOT}/+/status",)
 
 
 @dataclass(frozen=True, slots=True)
+class AnchorSettings:
+    """Anchoring (issue 19): every ``interval_s`` the Merkle root of the envelopes this
+    worker stored in the period goes to the anchor contract (agent.fleet.anchor_chain)."""
+
+    node: Web3 | str            # JSON-RPC URL, or a Web3 (the in-process chain in tests)
+    contract: bytes
+    key: DigestSigner           # pays the gas; its address is the roots' submitter
+    interval_s: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
 class IngestConfig:
     broker: BrokerConfig
     db_url: str
@@ -72,6 +89,7 @@ class IngestConfig:
     registry_refresh_s: float = 2.0
     progress_s: float = 10.0
     mark_interval_s: float = 1.0
+    anchor: AnchorSettings | None = None
 
 
 @dataclass
@@ -100,6 +118,15 @@ def load_or_create_commit_key(path: Path) -> IdentityKey:
     return IdentityKey(read_secret(path))
 
 
+def load_or_create_anchor_key(path: Path) -> SettlementKey:
+    """The secp256k1 key that sends the anchoring transactions (fund its address with
+    gas): a 32-byte secret file, mode 0600, made on first use."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, SettlementKey.generate().secret(), mode=0o600)
+    return SettlementKey(read_secret(path))
+
+
 class Ingest:
     """One ingest worker. ``await ingest.run(stop)`` until ``stop`` is set."""
 
@@ -117,6 +144,9 @@ class Ingest:
         self._forced_reload_ns = 0
         self.subscriber: SharedSubscriber | None = None
         self.ready = asyncio.Event()
+        self._period: list[bytes] = []           # hashes stored since the last anchoring
+        self._period_ns: tuple[int, int] | None = None
+        self._anchor_client: AnchorClient | None = None
 
     async def _db_call(self, fn: Callable[..., T], *args: object) -> T:
         loop = asyncio.get_running_loop()
@@ -135,6 +165,8 @@ class Ingest:
                 tasks = [tg.create_task(self._work(), name="fleet.ingest"),
                          tg.create_task(self._progress(), name="fleet.progress"),
                          tg.create_task(self._mark_timer(), name="fleet.marks")]
+                if self.config.anchor is not None:
+                    tasks.append(tg.create_task(self._anchor_timer(), name="fleet.anchor"))
                 await self.subscriber.subscribed_async.wait()
                 self.ready.set()
                 await stop.wait()
@@ -142,6 +174,11 @@ class Ingest:
                     task.cancel()
         finally:
             await asyncio.to_thread(self.subscriber.stop)
+            if self._period and self._period_ns is not None:  # the next start submits it
+                from agent.fleet import anchor
+
+                await self._db_call(anchor.record_period, db, self._period,
+                                    *self._period_ns)
             await self._db_call(db.close)
             self._executor.shutdown(wait=True)
 
@@ -190,6 +227,53 @@ class Ingest:
             if self.stats.keep_latencies:
                 self.stats.latencies_ns += [committed - v.received_ns for v in checked.verified]
             self._publish_marks(result)
+            if self.config.anchor is not None and result.new_hashes:
+                self._period += result.new_hashes
+                first = self._period_ns[0] if self._period_ns else committed
+                self._period_ns = (first, committed)
+
+    # -- anchoring ---------------------------------------------------------------------
+    async def _anchor_timer(self) -> None:
+        assert self.config.anchor is not None
+        while True:
+            await asyncio.sleep(self.config.anchor.interval_s)
+            await self.anchor_now()
+
+    async def anchor_now(self) -> None:
+        """Close the period (its root and leaves go to ``anchors``), then submit every root
+        not on chain yet, oldest first. A node that is down or refuses leaves the roots
+        pending: the next period submits them (nothing the database holds is lost)."""
+        from agent.fleet import anchor
+
+        if self._period and self._period_ns is not None:
+            leaves, (first, last) = self._period, self._period_ns
+            self._period, self._period_ns = [], None
+            await self._db_call(anchor.record_period, self._db, leaves, first, last)
+            self.counters["anchor_periods"] += 1
+        pending = await self._db_call(anchor.pending_periods, self._db)
+        for root, leaves_n, first, last in pending:
+            try:
+                done = await asyncio.to_thread(self._submit, root, leaves_n, first, last)
+            except EdgeAgentError as exc:  # SettlementError, or a node that does not add up
+                self.counters[f"anchor_failed_{exc.reason}"] += 1
+                log.warning("fleet ingest: anchoring root %s failed: %s; retrying next period",
+                            root.hex()[:16], exc)
+                return
+            await self._db_call(anchor.record_anchoring, self._db, root, done.tx_hash,
+                                done.block, done.chain_id, done.contract, done.inclusion)
+            self.counters["anchored"] += 1
+            log.info("fleet ingest: root %s of %d envelopes anchored in block %d (tx %s)",
+                     root.hex()[:16], leaves_n, done.block, done.tx_hash.hex())
+
+    def _submit(self, root: bytes, leaves: int, first: int, last: int) -> AnchorTx:
+        """On a worker thread (web3 blocks)."""
+        from agent.fleet.anchor_chain import AnchorClient
+
+        settings = self.config.anchor
+        assert settings is not None
+        if self._anchor_client is None:
+            self._anchor_client = AnchorClient(settings.node, settings.contract, settings.key)
+        return self._anchor_client.submit(root, leaves, first, last)
 
     async def _next_batch(self) -> list[Arrival]:
         batch = [await self._queue.get()]

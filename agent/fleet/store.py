@@ -65,6 +65,7 @@ class BatchResult:
     heads: dict[str, tuple[int, bytes]] = field(default_factory=dict)  # device -> head
     advanced: set[str] = field(default_factory=set)
     behind_head: set[str] = field(default_factory=set)  # duplicates the head covers already
+    new_hashes: list[bytes] = field(default_factory=list)  # stored by this batch (anchoring)
 
 
 def store_batch(db: Database, batch: Sequence[Verified], rejected: Sequence[Rejection] = (),
@@ -95,6 +96,7 @@ def _store(db: Database, batch: Sequence[Verified], rejected: Sequence[Rejection
                    f"seq {item.opened.seq} stored with hash {known.hex()[:16]}, this one "
                    f"{item.opened.hash.hex()[:16]}", item.raw, now)
     _insert(db, new, now)
+    result.new_hashes = [item.opened.hash for item in new]
     result.counters["stored"] += len(new)
     result.counters["readings"] += sum(len(v.opened.readings) for v in new)
     if batch:
