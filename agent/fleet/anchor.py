@@ -174,8 +174,12 @@ def _check_on_chain(item: dict[object, object], digest: bytes, root: bytes,
                     report: _Report) -> None:
     """The root's transaction is in a block (agent.fleet.inclusion): what that proves
     offline, and the one look-up it leaves to the reader, is said in that module."""
-    from agent.fleet.inclusion import check_inclusion
-
+    try:
+        from agent.fleet.inclusion import check_inclusion
+    except ModuleNotFoundError:  # rlp / py-trie come with the chain extra
+        report.fail("checking anchoring transactions needs the chain extra: "
+                    "pip install 'ev-edge-agent[chain]'")
+        return
     contract, block, chain_id = item.get("contract"), item.get("block"), item.get("chain_id")
     if not (isinstance(contract, bytes) and len(contract) == 20 and isinstance(block, int)
             and isinstance(chain_id, int)):
