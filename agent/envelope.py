@@ -357,6 +357,23 @@ def seal_head(identity: Signer, device_id: str, seq: int, digest: bytes, ts_ns: 
     return dcbor.dumps(dcbor.Tag(COSE_SIGN1_TAG, [protected, {}, payload, signature]))
 
 
+def seal_signed(identity: Signer, content_type: str, payload: dict[int, object]) -> bytes:
+    """A COSE_Sign1 of another kind of ours: protected {1: -8, 3: content type, 4: kid}
+    (the chain head's structure), any payload map (a batched commit mark's root)."""
+    protected = dcbor.dumps({HDR_ALG: ALG_EDDSA, HDR_CONTENT_TYPE: content_type,
+                             HDR_KID: identity.kid})
+    body = dcbor.dumps(payload)
+    signature = identity.sign(dcbor.dumps(["Signature1", protected, b"", body]))
+    return dcbor.dumps(dcbor.Tag(COSE_SIGN1_TAG, [protected, {}, body, signature]))
+
+
+def open_signed(data: bytes, lookup: KeyLookup, content_type: str,
+                max_bytes: int = MAX_HEAD_BYTES) -> tuple[bytes, object]:
+    """Check a :func:`seal_signed` structure; (kid, decoded payload). Raises agent.errors."""
+    kid, payload = _open_sign1(data, lookup, max_bytes, content_type=content_type)
+    return kid, dcbor.loads(payload, max_bytes=max_bytes)
+
+
 def open_head(data: bytes, lookup: KeyLookup,
               content_type: str = HEAD_CONTENT_TYPE) -> ChainHead:
     """Check and decode a chain head (or a commit mark); raises only agent.errors."""

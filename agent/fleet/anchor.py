@@ -1,17 +1,12 @@
 """Anchoring: Merkle roots of verified envelope hashes, and their proofs in the logbook.
 
-The Merkle tree is RFC 9162 s2.1's (Certificate Transparency v2): SHA-256, a leaf is
-``H(0x00 || envelope hash)``, a node ``H(0x01 || left || right)``, an odd last node is
-promoted unchanged, so a proof cannot pass a node off as a leaf or the reverse. The ingest
+The Merkle tree is RFC 9162 s2.1's (agent.merkle) over envelope hashes. The ingest
 records each period's root with its leaves in the ``anchors`` table (and, when a node and
 contract are configured, the transaction that put the root on chain, agent.fleet.anchor_chain,
 with its inclusion proof, agent.fleet.inclusion); the logbook carries, for each included
 envelope that an anchor covers, the root, the audit path, the transaction and its proof,
 and the offline verifier recomputes the root from the envelope itself and checks that a
 block holds the root's Anchored event.
-
-What is hand-written and why: the tree is twenty lines of hashing, and no maintained
-library implements RFC 9162 paths without pulling a CT log client with it.
 """
 
 from __future__ import annotations
@@ -24,54 +19,10 @@ from typing import Protocol
 from agent import dcbor
 from agent.errors import MalformedEnvelope
 from agent.fleet.db import Database
+from agent.merkle import merkle_proof, merkle_root, root_from_proof
 
-
-def _leaf(digest: bytes) -> bytes:
-    return hashlib.sha256(b"\x00" + digest).digest()
-
-
-def _node(left: bytes, right: bytes) -> bytes:
-    return hashlib.sha256(b"\x01" + left + right).digest()
-
-
-def merkle_root(leaves: Sequence[bytes]) -> bytes:
-    if not leaves:
-        raise ValueError("no leaves")
-    level = [_leaf(d) for d in leaves]
-    while len(level) > 1:
-        level = [_node(level[i], level[i + 1]) if i + 1 < len(level) else level[i]
-                 for i in range(0, len(level), 2)]
-    return level[0]
-
-
-def merkle_proof(leaves: Sequence[bytes], index: int) -> list[bytes]:
-    """The audit path of leaf ``index``: sibling hashes from the leaf up."""
-    level = [_leaf(d) for d in leaves]
-    path = []
-    while len(level) > 1:
-        sibling = index ^ 1
-        if sibling < len(level):
-            path.append(level[sibling])
-        level = [_node(level[i], level[i + 1]) if i + 1 < len(level) else level[i]
-                 for i in range(0, len(level), 2)]
-        index //= 2
-    return path
-
-
-def root_from_proof(digest: bytes, index: int, size: int, path: Sequence[bytes]) -> bytes:
-    """Recompute the root from one leaf and its path (the inverse of merkle_proof)."""
-    node, remaining = _leaf(digest), list(path)
-    width = size
-    while width > 1:
-        if index % 2 == 1:
-            node = _node(remaining.pop(0), node)
-        elif index + 1 < width:
-            node = _node(node, remaining.pop(0))
-        index //= 2
-        width = (width + 1) // 2
-    if remaining:
-        raise ValueError("proof longer than the tree")
-    return node
+__all__ = ["bundle_anchors", "check_anchors", "merkle_proof", "merkle_root", "pending_periods",
+           "record_anchoring", "record_period", "root_from_proof"]
 
 
 def record_period(db: Database, leaves: Sequence[bytes], first_ns: int, last_ns: int,

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from agent.chain_head import HeadStatus
-from agent.envelope import COMMIT_CONTENT_TYPE, open_head
+from agent.fleet_commit import CommitFollower
 from agent.fleet import queries
 from agent.fleet.db import open_database
 from agent.fleet.ingest import Ingest, IngestConfig
@@ -72,8 +72,9 @@ def test_two_workers_share_the_stream_and_agree_on_the_chain(tmp_path, mosquitto
                 await wait_for(stored)
                 async with asyncio.timeout(10):
                     async for message in up.messages():
-                        mark = open_head(message.payload, lambda kid: COMMIT_KEY.public,
-                                         COMMIT_CONTENT_TYPE)
+                        mark = CommitFollower("car-0", [COMMIT_KEY.public]).check(
+                            message.payload)
+                        assert mark is not None
                         marks.append(mark)
                         if mark.seq == 59:
                             break
