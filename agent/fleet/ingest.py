@@ -368,8 +368,12 @@ class Ingest:
             seq, digest = self._pending_marks.pop(device)
             self._marked_ns[device] = now
             heads.append((device, seq, digest))
+        # QoS 0: a mark is cumulative and retained; one lost on the way is replaced by the
+        # next (or re-sent when the agent resends what it lacks a mark for), and paho's
+        # QoS 1 bookkeeping walks every message in flight per PUBACK: a flush of 1,000
+        # marks cost more in paho than the one signature (py-spy).
         for device, mark in seal_commit_batch(self.commit_key, heads, now):  # one signature
-            self.subscriber.publish(commit_topic(device), mark, retain=True)
+            self.subscriber.publish(commit_topic(device), mark, retain=True, qos=0)
         self.counters["commit_marks"] += len(heads)
         self.counters["commit_signatures"] += 1
 

@@ -135,8 +135,8 @@ class SharedSubscriber:
                 sent += 1
         return sent
 
-    def publish(self, topic: str, payload: bytes, retain: bool = True) -> None:
-        self.client.publish(topic, payload, qos=1, retain=retain)
+    def publish(self, topic: str, payload: bytes, retain: bool = True, qos: int = 1) -> None:
+        self.client.publish(topic, payload, qos=qos, retain=retain)
 
     # -- paho callbacks (its network thread) -----------------------------------------
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any,
