@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 from agent.chain_head import HeadStatus
-from agent.fleet_commit import CommitFollower
 from agent.fleet import queries
 from agent.fleet.db import open_database
 from agent.fleet.ingest import Ingest, IngestConfig
 from agent.fleet.mqtt import BrokerConfig
+from agent.fleet_commit import CommitFollower
 from agent.keys import IdentityKey
 from agent.topics import commit_topic, status_topic, telemetry_topic
 from agent.uplink import MqttConfig, Uplink
