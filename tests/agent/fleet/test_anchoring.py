@@ -237,3 +237,27 @@ def test_mangled_inclusion_proofs_raise_only_our_error(chain, data):
         assert exc.reason == "anchor-inclusion"
     else:
         assert mangled == proof or mangled["receipt"] == proof["receipt"]
+
+
+@pytest.mark.anvil
+def test_cli_deploys_the_anchor_contract(anvil_url, tmp_path, capsys):  # noqa: F811
+    from web3 import Web3
+
+    from agent.cli import main
+    from agent.fleet.ingest import load_or_create_anchor_key
+
+    path = tmp_path / "anchor.key"
+    key = load_or_create_anchor_key(path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    w3 = Web3(Web3.HTTPProvider(anvil_url))
+    w3.provider.make_request("anvil_setBalance", [Web3.to_checksum_address(key.address),
+                                                  hex(10**20)])
+    assert main(["fleet", "anchor-deploy", "--node", anvil_url, "--anchor-key", str(path)]) == 0
+    out = capsys.readouterr().out
+    address = bytes.fromhex(out.split("anchor contract 0x")[1][:40])
+    assert w3.eth.get_code(Web3.to_checksum_address(address)) != b""
+    assert AnchorClient(anvil_url, address, key).anchored_at(ROOT) == 0
+    # a half-given anchoring configuration is a one-line error, not a traceback
+    assert main(["fleet", "ingest", "--mqtt", "mqtt://127.0.0.1:1", "--db",
+                 f"sqlite:///{tmp_path / 'f.db'}", "--anchor-node", anvil_url]) != 0
+    assert "--anchor-node/--anchor-contract" in capsys.readouterr().err
