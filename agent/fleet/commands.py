@@ -156,13 +156,13 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    anchor = _anchor_settings(args)  # a bad option is an error before any key file is made
     key = load_or_create_commit_key(args.commit_key)
     client_id = args.client_id or f"fleet-ingest-{os.uname().nodename}-{os.getpid()}"
     broker = BrokerConfig(args.mqtt, client_id, group=args.group,
                           max_in_flight=args.max_in_flight, ca_file=args.ca,
                           cert_file=args.cert, key_file=args.key)
-    ingest = Ingest(IngestConfig(broker, args.db, batch_max=args.batch,
-                                 anchor=_anchor_settings(args)), key)
+    ingest = Ingest(IngestConfig(broker, args.db, batch_max=args.batch, anchor=anchor), key)
     print(f"fleet ingest: commit marks signed by {key.public.hex()} (kid {key.kid.hex()})",
           file=sys.stderr)
 

@@ -258,6 +258,9 @@ def test_cli_deploys_the_anchor_contract(anvil_url, tmp_path, capsys):  # noqa: 
     assert w3.eth.get_code(Web3.to_checksum_address(address)) != b""
     assert AnchorClient(anvil_url, address, key).anchored_at(ROOT) == 0
     # a half-given anchoring configuration is a one-line error, not a traceback
+    commit_key = tmp_path / "commit.key"
     assert main(["fleet", "ingest", "--mqtt", "mqtt://127.0.0.1:1", "--db",
-                 f"sqlite:///{tmp_path / 'f.db'}", "--anchor-node", anvil_url]) != 0
+                 f"sqlite:///{tmp_path / 'f.db'}", "--anchor-node", anvil_url,
+                 "--commit-key", str(commit_key)]) != 0
     assert "--anchor-node/--anchor-contract" in capsys.readouterr().err
+    assert not commit_key.exists()  # refused before any key file was made
