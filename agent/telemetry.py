@@ -299,9 +299,6 @@ class Pipeline:
         self._progress.set()
 
     # -- helpers ----------------------------------------------------------------------
-    def queue_empty(self) -> bool:
-        return self._queue.empty()
-
     async def run(self) -> None:
         """Both tasks under one TaskGroup (for callers without their own supervisor)."""
         async with asyncio.TaskGroup() as tg:
