@@ -124,6 +124,10 @@ class VehicleConfig:
     tolerance_wh: int
     tolerance_ppm: int
     answer_timeout_s: float
+    # the channel core's vehicle policy (agent/channel/vehicle.py; issue 14's defaults)
+    min_dispute_window_s: int = 3600
+    clock_tolerance_s: int = 120
+    export_credit_window_wh: int = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +168,8 @@ STATION_KEYS = frozenset({"policy", "price_per_kwh", "export_price_per_kwh", "to
 VEHICLE_KEYS = frozenset({"max_price_per_kwh", "max_deposit_ev", "operator_keys",
                           "control_socket", "home_station", "home_connector", "plugged_source",
                           "plugged_reading", "energy", "audit_grace_s", "tolerance_wh",
-                          "tolerance_ppm", "answer_timeout_s"})
+                          "tolerance_ppm", "answer_timeout_s", "min_dispute_window_s",
+                          "clock_tolerance_s", "export_credit_window_wh"})
 
 
 def _reject_other_role(channel: Table, role: str) -> None:
@@ -301,5 +306,10 @@ def _vehicle(channel: Table, state_dir: Path, source_ids: frozenset[str]) -> Veh
         audit_grace_s=channel.float("audit_grace_s", 10.0, min=0.0, max=86_400.0),
         tolerance_wh=channel.int("tolerance_wh", 50, min=0, max=1_000_000),
         tolerance_ppm=channel.int("tolerance_ppm", 20_000, min=0, max=1_000_000),
-        answer_timeout_s=channel.float("answer_timeout_s", 10.0, min=0.1, max=3600.0))
+        answer_timeout_s=channel.float("answer_timeout_s", 10.0, min=0.1, max=3600.0),
+        min_dispute_window_s=channel.int("min_dispute_window_s", 3600, min=1,
+                                         max=30 * 86_400),
+        clock_tolerance_s=channel.int("clock_tolerance_s", 120, min=0, max=86_400),
+        export_credit_window_wh=channel.int("export_credit_window_wh", 500, min=0,
+                                            max=1_000_000))
 

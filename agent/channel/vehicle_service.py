@@ -67,6 +67,7 @@ COMMANDS_FILE = "commands.cbor"
 FUND_ATTEMPTS = 3
 AUTO_ATTEMPTS = 3
 ENERGY_SAVE_S = 1.0
+FUNDING_WAIT_S = 60.0   # for the station's deposit on the ledger (V2G)
 
 
 class Refused(EdgeAgentError):
@@ -373,7 +374,10 @@ class VehicleService:
             contract=offer.contract, salt=record.salt,
             max_price_per_kwh=record.max_price_per_kwh or self.config.max_price_per_kwh,
             max_deposit_ev=self.config.max_deposit_ev, tolerance_wh=self.config.tolerance_wh,
-            tolerance_ppm=self.config.tolerance_ppm)
+            tolerance_ppm=self.config.tolerance_ppm,
+            min_dispute_window_s=self.config.min_dispute_window_s,
+            clock_tolerance_s=self.config.clock_tolerance_s,
+            export_credit_window_wh=self.config.export_credit_window_wh)
         assert isinstance(channel, VehicleChannel)
         if offer.meter_key:   # an Eichrecht meter: its own record must back the final METER
             channel.final_meter_check = self._meter_proof(offer.meter_key)
@@ -448,6 +452,7 @@ class VehicleService:
         runner = asyncio.ensure_future(run_vehicle(
             route, channel, session.store,
             estimate=estimate, fund=self._fund, stop=session.stop,
+            check_funding=self._check_funding,
             close_timeout_s=self.ctx.settings.close_timeout_s, on_event=on_event))
         assert self.ctx.blocks is not None   # the service made it (service.py)
         watch = asyncio.ensure_future(watch_open(
@@ -486,6 +491,28 @@ class VehicleService:
                 yield value
             session.estimate_changed.clear()
             await session.estimate_changed.wait()
+
+    async def _check_funding(self, params: OpenParams) -> None:
+        """The ledger shows the channel as OPEN said, with the station's deposit in (V2G
+        pay-outs come from it: the vehicle exports only then). The station deposits after it
+        has checked ours, so this waits for it up to FUNDING_WAIT_S; SettlementError if it
+        does not come or the channel differs from OPEN."""
+        from agent.settlement.funding import check_channel_funded
+
+        client = self.ctx.client
+        deadline = time.monotonic() + FUNDING_WAIT_S
+        while True:
+            try:
+                await asyncio.to_thread(check_channel_funded, client, params)
+                record = await asyncio.to_thread(client.record, params.channel_id)
+                if record.dep_cs >= params.deposit_cs:
+                    return
+                raise SettlementError("the station's deposit is not on the ledger",
+                                      reason="no-station-deposit")
+            except SettlementError as exc:
+                if exc.reason == "funding-mismatch" or time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(self.ctx.settlement.poll_s)
 
     async def _fund(self, params: OpenParams) -> bytes:
         """Deposit on chain: once. A restart finds the channel open and goes on."""

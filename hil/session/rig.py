@@ -279,6 +279,7 @@ class Rig:
                 "registry": str(self.out / "fleet.toml"),
                 "control_socket": str(self.out / "vehicle" / "control.sock"),
                 "close_timeout_s": s.close_timeout_s, "answer_timeout_s": 10.0,
+                "min_dispute_window_s": min(3600, s.dispute_window_s),
                 "energy": self.site.energy()}
             data["settlement"] = self._settlement()
         self.configure("vehicle", data)

@@ -151,6 +151,7 @@ class World:
                 "channel": {"max_price_per_kwh": 400_000, "max_deposit_ev": DEPOSIT,
                             "registry": str(self.tmp / "fleet.toml"),
                             "close_timeout_s": 3.0, "answer_timeout_s": 5.0,
+                            "min_dispute_window_s": 5,   # the station's short test window
                             "energy": self.site.energy(),
                             **self.vehicle_channel},
                 **self._common("ev")}
