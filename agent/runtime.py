@@ -487,7 +487,7 @@ class Runtime:
         if self.pipeline is not None:
             p = self.pipeline
             s = p.spool
-            spool = SpoolStatus(depth=s.rows, bytes=s.total_bytes,
+            spool = SpoolStatus(depth=p.depth, bytes=s.total_bytes,
                                 capacity_bytes=self.spool_config.max_bytes,
                                 next_seq=p.sealer.next_seq,
                                 dropped=s.counters.get("dropped", 0),

@@ -70,7 +70,8 @@ def naive_vehicle(port: str, url: str, count_file: Path) -> None:
 def naive_station(port: int, url: str, count_file: Path) -> None:
     from pymodbus.client import ModbusTcpClient
 
-    from firmware_adapters.modbus.registers import load_map, plan_blocks
+    from firmware_adapters.modbus.mapfile import load_map
+    from firmware_adapters.modbus.registers import plan_blocks
 
     client = _paho(url, "naive-station")
     meter = ModbusTcpClient("127.0.0.1", port=port, timeout=2)

@@ -248,10 +248,10 @@ def test_drop_policy_keeps_the_newest_down_to_low_water_and_declares_each_outage
         target = int(cap * low_water)
         outages_with_drops, row_max, in_outage, dropped_in_outage = 0, 0, False, False
         for connected, commits, size in phases + [(True, 1, 1)]:
-            if connected and in_outage:  # an outage is the run of phases without a link
-                outages_with_drops += dropped_in_outage
-                dropped_in_outage = False
-            in_outage = not connected
+            # An outage is the run of phases without a link, up to and including the first
+            # commit with the link: that one still holds the outage's backlog, may drop
+            # from it (the range joins the outage's) and declares it.
+            in_outage |= not connected
             for _ in range(commits):
                 batch = readings(sealer, 2, size=size)
                 row_max = max([row_max] + [len(b.envelope.data) + ROW_OVERHEAD_BYTES
@@ -260,7 +260,7 @@ def test_drop_policy_keeps_the_newest_down_to_low_water_and_declares_each_outage
                 declared_before = spool.counters["drop_envelopes"]
                 spool.commit(batch, sealer, declare=connected)
                 if spool.counters["drop_passes"] > passes:
-                    dropped_in_outage |= not connected
+                    dropped_in_outage |= in_outage
                     declared = spool.counters["drop_envelopes"] > declared_before
                     slack = 1024 if declared else 0  # a declaration sealed in the commit
                     # Down to the low-water mark, not below it by more than one row.
@@ -269,6 +269,9 @@ def test_drop_policy_keeps_the_newest_down_to_low_water_and_declares_each_outage
                     newest_dropped = max(d.last for d in pending) if pending else -1
                     kept = [r.seq for r in spool.fetch(0, 100_000) if r.kind == KIND_TELEMETRY]
                     assert all(seq > newest_dropped for seq in kept)  # the newest are kept
+                if connected and in_outage:
+                    outages_with_drops += dropped_in_outage
+                    in_outage = dropped_in_outage = False
                 if connected:
                     rows = spool.fetch(0, 100_000)
                     for row in rows:
