@@ -70,11 +70,10 @@ T = TypeVar("T")
 MAX_ENVELOPES_PER_COMMIT = 64
 # Acknowledged rows are deleted by the sealer's next commit, in its transaction (no
 # transaction, fsync and thread hop of their own); by the publisher itself once this many
-# wait, or once they waited ACK_LINGER_S (no commit came: the sources are quiet), or
-# ACK_DRAIN_S while draining at shutdown.
+# wait, or once they waited ACK_LINGER_S (no commit came: the sources are quiet), or at
+# once while draining at shutdown.
 ACK_FLUSH_ROWS = 256
 ACK_LINGER_S = 2.0
-ACK_DRAIN_S = 0.05
 
 
 class SpoolWorker:
@@ -112,10 +111,11 @@ class Pipeline:
         self._queue: asyncio.Queue[Reading | Event | _Flush] = asyncio.Queue(queue_size)
         self._clock = clock
         self._new_rows = asyncio.Event()  # a commit stored rows: the publisher fetches
-        self._wake = asyncio.Event()  # the idle publisher: new rows, a failure, a first ack
+        self._wake = asyncio.Event()  # the idle publisher: new rows, a failure, acks due
         self._progress = asyncio.Event()
         self._acked: list[int] = []  # acknowledged, not deleted yet (see ACK_FLUSH_ROWS)
         self._acked_since = 0.0  # monotonic time of the oldest of them
+        self._linger: asyncio.TimerHandle | None = None  # wakes the publisher for them
         self._draining = False
         # The idle publisher's place, (stream, cursor): a commit fetches the next rows for
         # it in the same hop to the spool thread (_prefetched), see _stream.
@@ -207,7 +207,7 @@ class Pipeline:
                             self._lost_bytes, "disk-full", self.telemetry_topic)
 
     async def _commit(self, out: list[Outgoing]) -> None:
-        acked, self._acked = self._acked, []
+        acked = self._take_acked()
         commit = functools.partial(self._commit_and_fetch, out, self.uplink.connected,
                                    self._lost(out), acked, self._idle_at)
         try:
@@ -322,20 +322,22 @@ class Pipeline:
                     await self._flush_acks()
                     continue
                 self._wake.clear()
-                linger = self._linger_s() - (time.monotonic() - self._acked_since) \
-                    if self._acked else None
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(linger):  # not wait_for: gh-86296
-                        await self._wake.wait()
+                await self._wake.wait()
         finally:
             self._idle_at = None
 
-    def _linger_s(self) -> float:
-        return ACK_DRAIN_S if self._draining else ACK_LINGER_S
-
     def _acks_due(self) -> bool:
-        return len(self._acked) >= ACK_FLUSH_ROWS or (
-            bool(self._acked) and time.monotonic() - self._acked_since >= self._linger_s())
+        return bool(self._acked) and (
+            self._draining or len(self._acked) >= ACK_FLUSH_ROWS
+            or time.monotonic() - self._acked_since >= ACK_LINGER_S)
+
+    def _take_acked(self) -> list[int]:
+        """The acknowledged rows, to be deleted by the caller; the linger timer is off."""
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        acked, self._acked = self._acked, []
+        return acked
 
     def _fetch(self, cursor: int, limit: int) -> list[SpoolRow]:
         """Runs on the spool thread: fetch and mark in flight in one step, so the drop
@@ -354,10 +356,13 @@ class Pipeline:
                 self.spool.clear_in_flight((row_id,))
                 self.counters["acked_kept"] += 1
             else:
-                if not self._acked:  # the idle publisher arms its linger timer
+                if not self._acked:  # no commit may come: wake the publisher at the latest then
                     self._acked_since = time.monotonic()
-                    self._wake.set()
+                    self._linger = asyncio.get_running_loop().call_later(ACK_LINGER_S,
+                                                                         self._wake.set)
                 self._acked.append(row_id)
+                if self._draining:
+                    self._wake.set()
             self.counters["acked"] += 1
             self._refused_backoff.reset()
         else:
@@ -367,7 +372,7 @@ class Pipeline:
     async def _flush_acks(self) -> None:
         if not self._acked:
             return
-        ids, self._acked = self._acked, []
+        ids = self._take_acked()
         try:
             await self.worker.call(self.spool.delete_acked, ids)
         except SpoolError as exc:
