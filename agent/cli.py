@@ -44,15 +44,15 @@ def default_registry() -> Path:
 def _print_record(record: dict[str, object], qr: bool) -> None:
     from agent.keys import fingerprint, key_id, record_to_cbor, record_to_json
 
-    public = record["ed25519"]
-    assert isinstance(public, bytes)
+    public, secp = record["ed25519"], record["secp256k1"]
+    assert isinstance(public, bytes) and isinstance(secp, bytes)  # check_record made sure
     print(f"device:       {record['device']}")
     print(f"fingerprint:  {fingerprint(public)}")
     print(f"key id (kid): {key_id(public).hex()}")
     print(f"ed25519:      {public.hex()}")
-    print(f"secp256k1:    {record['secp256k1'].hex()}")  # type: ignore[union-attr]
+    print(f"secp256k1:    {secp.hex()}")
     from agent.channel.state import eth_address
-    print(f"address:      0x{eth_address(record['secp256k1']).hex()}")  # type: ignore[arg-type]
+    print(f"address:      0x{eth_address(secp).hex()}")
     print(f"\n{record['type']} record (JSON; give it to `edge-agent registry add`):")
     print(record_to_json(record))
     if qr:
@@ -336,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def add(parent: argparse._SubParsersAction, name: str, func: Callable[..., int],
+    def add(parent: argparse._SubParsersAction[argparse.ArgumentParser], name: str, func: Callable[..., int],
             help_text: str) -> argparse.ArgumentParser:
         p = parent.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(func=func)
@@ -444,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS_GROUP = "edge_agent.commands"
 
 
-def _register_plugins(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _register_plugins(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Command groups registered as entry points (``edge_agent.commands``): the channel
     commands, and the demo and HIL commands that live with the simulators in hil/ (the
     core never imports hil, DESIGN s2). A group whose module needs a package that is not
@@ -465,8 +465,9 @@ def _register_plugins(sub: argparse._SubParsersAction) -> None:  # type: ignore[
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    command: Callable[[argparse.Namespace], int] = args.func  # set by every subcommand
     try:
-        return args.func(args)
+        return command(args)
     except KeyboardInterrupt:
         print("edge-agent: interrupted", file=sys.stderr)
         return 130

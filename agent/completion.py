@@ -78,7 +78,7 @@ def zsh_script(parser: argparse.ArgumentParser) -> str:
             "autoload -U +X bashcompinit && bashcompinit\n" + bash_script(parser))
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``edge-agent completion`` (an ``edge_agent.commands`` entry point)."""
     help_text = "print a shell completion script: bash or zsh"
     p = subparsers.add_parser("completion", help=help_text, description=help_text + ". "

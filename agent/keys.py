@@ -135,7 +135,8 @@ class SettlementKey:
 
 # --- key files -------------------------------------------------------------------------
 
-def _read_secret(path: Path) -> bytes:
+def read_secret(path: Path) -> bytes:
+    """A 32-byte secret seed file, refused when group or others can read it."""
     try:
         info = path.stat()
     except FileNotFoundError:
@@ -185,8 +186,8 @@ class KeyStore:
 
     def load(self) -> DeviceKeys:
         self._finish_rotation()
-        identity = IdentityKey(_read_secret(self.dir / IDENTITY_FILE))
-        settlement = SettlementKey(_read_secret(self.dir / SETTLEMENT_FILE))
+        identity = IdentityKey(read_secret(self.dir / IDENTITY_FILE))
+        settlement = SettlementKey(read_secret(self.dir / SETTLEMENT_FILE))
         try:
             device = json.loads((self.dir / DEVICE_FILE).read_text())
             device_id = device["device"]
@@ -303,7 +304,7 @@ def _public_or_none(directory: Path, name: str,
     if not path.exists():
         path = directory / name
     try:
-        return key(_read_secret(path)).public
+        return key(read_secret(path)).public
     except KeyStoreError:
         return None
 
@@ -372,7 +373,7 @@ def check_record(record: dict[str, object], old_public: bytes | None = None) -> 
         raise MalformedEnvelope("ed25519 public key must be 32 bytes", reason="malformed-record")
     verify_ed25519(public, context + b"\0" + body, record["sig"])  # type: ignore[arg-type]
     try:
-        secp_address = eth_address(PublicKey(record["secp256k1"]))  # type: ignore[arg-type]
+        secp_address = eth_address(PublicKey(record["secp256k1"]))
     except ValueError:
         raise MalformedEnvelope("secp256k1 public key is not on the curve",
                                 reason="malformed-record") from None

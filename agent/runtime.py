@@ -82,11 +82,11 @@ from firmware_adapters.base import Source
 from firmware_adapters.registry import kind_roles, kinds_for_role, source_class
 
 if TYPE_CHECKING:
-    from agent.fleet_keys import FleetRegistry
     from web3 import Web3
 
     from agent.channel.context import Charger
     from agent.channel.service import ChannelService, ServiceSettings
+    from agent.fleet_keys import FleetRegistry
     from agent.metrics import MetricsConfig, MetricsServer
 
 log = logging.getLogger("edge_agent.runtime")
@@ -205,7 +205,7 @@ def build_chargers(config: Config) -> dict[str, Charger]:
     for entry in config.chargers:
         cls = charger_class(entry.kind)
         # the registry checks it is a charger class (firmware_adapters/evse/base.py Charger)
-        chargers[entry.id] = cls.from_options(entry.id, entry.options,  # type: ignore[attr-defined]
+        chargers[entry.id] = cls.from_options(entry.id, entry.options,
                                               entry.where)
     return chargers
 

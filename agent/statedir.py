@@ -103,21 +103,6 @@ def release_all() -> None:
         release_state_dir(key)
 
 
-def lock_holder(path: Path) -> int | None:
-    """The pid written by the process holding ``path``'s lock, or None if nobody holds it."""
-    try:
-        fd = os.open(path / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return _read_pid(fd) or -1
-    finally:
-        os.close(fd)
-    return None
-
-
 def _read_pid(fd: int) -> int | None:
     try:
         text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()

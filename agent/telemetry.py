@@ -389,9 +389,6 @@ class Pipeline:
         self._progress.set()
 
     # -- helpers ----------------------------------------------------------------------
-    def queue_empty(self) -> bool:
-        return self._queue.empty()
-
     @property
     def depth(self) -> int:
         """Rows in the spool not acknowledged yet (acknowledged ones await their delete)."""

@@ -192,6 +192,7 @@ class Uplink:
         # Set on exit, besides cancelling the task: a cancel can be swallowed (Python
         # 3.11's wait_for, CPython gh-86296, in code we await); the loops check this too.
         self._closed = asyncio.Event()
+        self._leaving = False  # __aexit__ has begun: no reconnect
 
     # -- lifecycle ----------------------------------------------------------------------
     async def __aenter__(self) -> Uplink:
@@ -201,15 +202,23 @@ class Uplink:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self._closed.set()
+        # Say goodbye on the live connection first ("offline", then DISCONNECT, so the
+        # broker drops our will), and only then end the session: setting _closed first
+        # let the session close the socket under the goodbye, and the broker published
+        # "lost". _leaving keeps the session from reconnecting meanwhile.
+        self._leaving = True
         conn = self._conn
         if conn is not None and self._connected.is_set():
-            with contextlib.suppress(UplinkError, TimeoutError):
-                async with asyncio.timeout(EXIT_GRACE_S):
-                    if self.config.status_topic:
+            if self.config.status_topic:
+                with contextlib.suppress(UplinkError, TimeoutError):
+                    async with asyncio.timeout(EXIT_GRACE_S):
                         await conn.publish_nowait(self.config.status_topic,
                                                   self.status_payload("offline"), True)
-                    await conn.disconnect(EXIT_GRACE_S)
+            # DISCONNECT even when the PUBACK of "offline" was slow: without it the broker
+            # publishes our will ("lost") over the "offline" it may already have.
+            with contextlib.suppress(UplinkError, TimeoutError):
+                await conn.disconnect(EXIT_GRACE_S)
+        self._closed.set()
         if self._task is not None:
             self._task.cancel()
         assert self._tg is not None
@@ -217,11 +226,13 @@ class Uplink:
 
     async def run(self) -> None:
         """Connect, serve, reconnect after a back-off; until the uplink is closed."""
-        while not self._closed.is_set():
+        while not self._closed.is_set() and not self._leaving:
             protocol = V311 if self.config.protocol == "3.1.1" else V5
             try:
                 await self._session(protocol)
             except UplinkError as exc:
+                if self._leaving:
+                    return  # our own DISCONNECT at exit
                 self._failed(exc)
                 if exc.reason == "protocol-version" and self.config.protocol == "auto" \
                         and protocol == V5 and not self._closed.is_set():
@@ -233,7 +244,7 @@ class Uplink:
                         await self._session(V311, downgraded=True)
                     except UplinkError as again:
                         self._failed(again)
-            if self._closed.is_set():
+            if self._closed.is_set() or self._leaving:
                 return
             delay = self._backoff.next()
             self.counters["reconnect_waits"] += 1

@@ -223,7 +223,7 @@ async def watch(url: str, registry: FleetRegistry, *, device: str | None = None,
 
 # --- the command ----------------------------------------------------------------------------
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``edge-agent watch`` (an ``edge_agent.commands`` entry point)."""
     import os
 

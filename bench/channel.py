@@ -147,7 +147,8 @@ def make_parties(updates: int, window: int, keys: dict[str, str] | None = None
                              chain_id=31337, contract=CONTRACT, salt=salt, tariff=tariff,
                              tariff_sig=sign_tariff(tariff, cs_id), deposit_ev=10**12,
                              deposit_cs=10**9, dispute_window_s=3600,
-                             credit_window_wh=10 * (window + 1), pay_step_wh=10)
+                             credit_window_wh=10 * (window + 1), pay_step_wh=10,
+                             require_funding_check=False)   # no ledger in this bench
     vehicle = VehicleChannel(ev_id, ev_key, Party(cs_id.public, cs_key.address),
                              chain_id=31337, contract=CONTRACT, salt=salt,
                              max_price_per_kwh=1000, max_deposit_ev=10**12, window=window)

@@ -49,11 +49,13 @@ from typing import Any, Self
 import can
 import cantools
 import cantools.database
+from cantools.database.errors import UnsupportedDatabaseFormatError
 
-from agent.errors import AdapterUnavailable, ConfigError, DecodeError, Prose
+from agent.errors import ConfigError, DecodeError, Prose
 from agent.options import Table
 from agent.readings import VEHICLE_SIGNALS, Event, Reading, TimeStatus
 from firmware_adapters.base import Clock, Emit, system_clock
+from firmware_adapters.canbus import REOPEN_PAUSE_S, open_bus
 from firmware_adapters.obd.can_driver import bus_kwargs
 from firmware_adapters.obd.odometer import OdometerMonitor
 from firmware_adapters.obd.odometer_file import OdometerSource
@@ -178,7 +180,7 @@ class DbcSource(OdometerSource):
         path = Path(o.nonempty_str("dbc"))
         try:
             db = cantools.database.load_file(str(path), database_format="dbc")
-        except (OSError, cantools.database.UnsupportedDatabaseFormatError) as exc:
+        except (OSError, UnsupportedDatabaseFormatError) as exc:
             # Say which file and why it is needed: the shipped example names a path that
             # exists only once the car's own DBC has been copied there.
             why = ("no such file" if isinstance(exc, FileNotFoundError) else
@@ -187,29 +189,20 @@ class DbcSource(OdometerSource):
                               expected="the car's DBC file (its CAN signals, scaling and units; "
                                        "copy it there or point dbc at it)",
                               found=Prose(f'"{path}" ({why})')) from exc
+        if not isinstance(db, cantools.database.can.Database):  # asked for "dbc": cannot be
+            raise ConfigError(file=where, key=f"{o.prefix}.dbc", expected="a CAN DBC file",
+                              found=Prose(f'"{path}" (a diagnostics database)'))
         decoder = DbcDecoder.from_map(db, o.mapping("signals", {}), where, source_id)
         return cls(source_id, bus_kwargs(o), decoder)
 
     async def _run(self, emit: Emit) -> None:
-        delay = 0.2
         while True:
-            try:
-                bus = await asyncio.to_thread(can.Bus, **self.bus_config)
-            except (can.CanError, OSError, ValueError, ImportError) as exc:
-                self.counters["unavailable-bus-open"] += 1
-                if isinstance(exc, ImportError):
-                    raise AdapterUnavailable(str(exc), source=self.id,
-                                             reason="missing-dependency") from exc
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
-                continue
-            delay = 0.2
-            self.counters["bus-opened"] += 1  # tests and status: the source listens now
+            bus = await open_bus(self.bus_config, self.id, self.counters)
             try:
                 await self._listen(bus, emit)
             finally:
                 bus.shutdown()  # not awaited: a cancelled task must still close it
-            await asyncio.sleep(delay)
+            await asyncio.sleep(REOPEN_PAUSE_S)  # the bus failed under us: a breath, then reopen
 
     async def _listen(self, bus: can.BusABC, emit: Emit) -> None:
         loop = asyncio.get_running_loop()
@@ -283,8 +276,8 @@ class DbcSource(OdometerSource):
 
     def _integrity(self, reading: Reading, now: int) -> Event | None:
         if reading.name == "Vehicle.Speed":
-            self.odometer.speed(float(reading.value))  # type: ignore[arg-type]
+            self.odometer.speed(float(reading.value))
         elif reading.name == "Vehicle.TraveledDistance":
-            return self.odometer.odometer(float(reading.value), now,  # type: ignore[arg-type]
+            return self.odometer.odometer(float(reading.value), now,
                                           reading.ts_ns)
         return None

@@ -53,10 +53,11 @@ import cantools
 import cantools.database
 import cantools.database.errors
 
-from agent.errors import AdapterUnavailable, ConfigError, DecodeError
+from agent.errors import ConfigError, DecodeError
 from agent.options import Table
 from agent.readings import Event, Reading, TimeStatus
 from firmware_adapters.base import Clock, Emit, system_clock
+from firmware_adapters.canbus import REOPEN_PAUSE_S, open_bus
 from firmware_adapters.dbc import DbcDecoder, _find_signal
 from firmware_adapters.obd.can_driver import bus_kwargs
 from firmware_adapters.obd.odometer import OdometerMonitor
@@ -338,29 +339,17 @@ class J1939Source(OdometerSource):
         return []
 
     async def _run(self, emit: Emit) -> None:
-        delay = 0.2
         while True:
-            try:
-                bus = await asyncio.to_thread(can.Bus, **self.bus_config)
-            except (can.CanError, OSError, ValueError, ImportError) as exc:
-                self.counters["unavailable-bus-open"] += 1
-                if isinstance(exc, ImportError):
-                    raise AdapterUnavailable(str(exc), source=self.id,
-                                             reason="missing-dependency") from exc
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
-                continue
-            delay = 0.2
+            bus = await open_bus(self.bus_config, self.id, self.counters)
             reader = can.AsyncBufferedReader()
             notifier = can.Notifier(bus, [reader], loop=asyncio.get_running_loop())
             try:
                 self._send(bus, self.core.start())
-                self.counters["bus-opened"] += 1
                 await self._listen(bus, reader, emit)
             finally:
                 notifier.stop(timeout=1.0)
                 bus.shutdown()
-            await asyncio.sleep(delay)
+            await asyncio.sleep(REOPEN_PAUSE_S)  # the bus failed under us: a breath, then reopen
 
     async def _listen(self, bus: can.BusABC, reader: can.AsyncBufferedReader,
                       emit: Emit) -> None:

@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 
-def register_demo(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register_demo(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``edge-agent demo``."""
     p = subparsers.add_parser(
         "demo", help="run a whole simulated session on embedded defaults and verify every "
@@ -42,7 +42,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
-def register_hil(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register_hil(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``edge-agent hil run|list`` (the runner imports only the scenario format)."""
     from hil.scenarios.runner import register
 

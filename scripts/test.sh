@@ -34,6 +34,9 @@ if [ ! -x "$anvil" ]; then
     @foundry-rs/anvil-linux-amd64@1.7.1 >/dev/null
 fi
 cd "$root"
+# Types are checked too (mypy --strict on agent/ and firmware_adapters/, pyproject.toml).
+echo "mypy --strict agent firmware_adapters ..." >&2
+"$root/.venv/bin/python" -m mypy
 set +e
 "$root/.venv/bin/python" -m pytest "$@"
 rc=$?

@@ -95,7 +95,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     charge = subparsers.add_parser(
         "charge", help="start, stop or show a charging session of the running vehicle agent",
         description="Start, stop or show a charging session of the running vehicle agent "

@@ -43,6 +43,7 @@ from __future__ import annotations
 import enum
 import hashlib
 from dataclasses import dataclass
+from typing import Literal, Protocol, TypeVar, overload
 
 import cbor2
 import nacl.exceptions
@@ -134,8 +135,8 @@ class Tariff:
         try:
             if not isinstance(item, dict) or set(item) != {0, 1, 2}:
                 raise ValueError("tariff map needs keys 0, 1, 2")
-            tou = tuple((int(m), int(p)) for m, p in item[2])  # type: ignore[union-attr]
-            return cls(item[0], item[1], tou)  # type: ignore[arg-type]
+            tou = tuple((int(m), int(p)) for m, p in item[2])
+            return cls(item[0], item[1], tou)
         except (ValueError, TypeError) as exc:
             raise MalformedEnvelope(f"bad tariff: {exc}", reason="malformed-tariff") from None
 
@@ -146,9 +147,16 @@ class Tariff:
         return dcbor.dumps([TARIFF_DOMAIN, station_kid, self.to_cbor_item()])
 
 
-def sign_tariff(tariff: Tariff, identity: object) -> bytes:
-    """The station's Ed25519 signature over its tariff (``identity``: an IdentityKey)."""
-    return identity.sign(tariff.signing_bytes(identity.kid))  # type: ignore[attr-defined]
+class TariffSigner(Protocol):  # agent.keys.IdentityKey
+    @property
+    def kid(self) -> bytes: ...
+
+    def sign(self, message: bytes) -> bytes: ...
+
+
+def sign_tariff(tariff: Tariff, identity: TariffSigner) -> bytes:
+    """The station's Ed25519 signature over its tariff."""
+    return identity.sign(tariff.signing_bytes(identity.kid))
 
 
 def check_tariff(tariff: Tariff, signature: bytes, station_public: bytes) -> None:
@@ -299,7 +307,7 @@ def decode(data: bytes) -> Wire:
                                 reason="malformed-message")
     msg_type, channel_id, kid, body, sig = item
     try:
-        kind = MsgType(msg_type)  # type: ignore[arg-type]
+        kind = MsgType(msg_type)
     except (ValueError, TypeError):
         raise MalformedEnvelope(f"unknown message type {msg_type!r}",
                                 reason="unknown-message-type") from None
@@ -343,20 +351,36 @@ def authenticate(wire: Wire, domain: Domain, peer_public: bytes) -> None:
 # ----------------------------------------------------------------------------- body access
 
 
-def field(body: dict[int, object], key: int, kind: type | tuple[type, ...], *,
-          size: int | None = None, optional: bool = False) -> object:
-    """One typed body field; MalformedEnvelope(reason="malformed-message") otherwise."""
+T = TypeVar("T")
+
+
+@overload
+def field(body: dict[int, object], key: int, kind: type[T], *, size: int | None = None,
+          optional: Literal[False] = False) -> T: ...
+
+
+@overload
+def field(body: dict[int, object], key: int, kind: type[T], *, size: int | None = None,
+          optional: Literal[True]) -> T | None: ...
+
+
+@overload
+def field(body: dict[int, object], key: int, kind: type[T], *, size: int | None = None,
+          optional: bool) -> T | None: ...
+
+
+def field(body: dict[int, object], key: int, kind: type[T], *, size: int | None = None,
+          optional: bool = False) -> T | None:
+    """One typed body field (an int is never a bool, never negative; ``size`` for bytes);
+    MalformedEnvelope(reason="malformed-message") otherwise."""
     if key not in body:
         raise MalformedEnvelope(f"body field {key} missing", reason="malformed-message")
     value = body[key]
     if value is None and optional:
         return None
-    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-    if ok and isinstance(value, int) and not isinstance(value, bool) and value < 0:
-        ok = False
-    if ok and size is not None and len(value) != size:  # type: ignore[arg-type]
-        ok = False
-    if not ok:
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)) \
+            or (isinstance(value, int) and value < 0) \
+            or (size is not None and isinstance(value, bytes | str) and len(value) != size):
         raise MalformedEnvelope(f"body field {key} has the wrong type or size",
                                 reason="malformed-message")
     return value

@@ -27,11 +27,17 @@ Rules (each enforced here, each violation a distinct reason code, see REASONS):
    station each co-signed state, before the signature leaves). Nonces only grow; a proposal
    the station rejected is abandoned and the next one takes the next nonce.
 4. ``t_ev``, ``t_cs``, ``wh`` never decrease; derived balances stay within the deposits.
+   Nonces stay at or below state.MAX_NONCE (what the contract stores) by the wire format:
+   a CBOR unsigned integer ends at 2**64 - 1 (RFC 8949 s3.1), so a larger one is a
+   ``malformed-state``.
 5. Credit window: the station allows delivery only while metered import minus the ``wh`` of
    the latest co-signed state is below ``credit_window_wh`` (events DeliveryPaused/Resumed).
 6. The vehicle pays only for a METER whose import is within tolerance of its own estimate
-   (when it has one) and whose charge is within the signed tariff; otherwise it withholds
-   payment and tells the station (REJECT energy-mismatch / meter-charge-mismatch).
+   (when it has one) and whose charge is within the signed tariff priced by the vehicle's
+   OWN clock: the METER's time must be within ``clock_tolerance_s`` of it, and the charge
+   at most the energy times the highest price in force since the previous METER (the
+   first: since the vehicle accepted OPEN); otherwise it withholds payment and tells the
+   station (REJECT energy-mismatch / meter-charge-mismatch / meter-clock-mismatch).
 7. QoS 1 is at-least-once: duplicates are answered idempotently (re-ACK), stale messages are
    counted and dropped, lost messages are retransmitted on the timer.
 
@@ -144,6 +150,19 @@ class DeliveryResumed:
 
 
 @dataclass(frozen=True, slots=True)
+class ExportPaused:
+    """The vehicle must stop feeding energy back (V2G): unpaid export reached its export
+    credit window, or the station's deposit is not confirmed on the ledger."""
+
+    unpaid_wh: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExportResumed:
+    unpaid_wh: int
+
+
+@dataclass(frozen=True, slots=True)
 class PaymentWithheld:
     reason: str
     counter: int
@@ -180,7 +199,8 @@ class PeerRejected:
 
 
 Action = (Persist | Send | Opened | Funded | MeterAccepted | Paid | DeliveryPaused
-          | DeliveryResumed | PaymentWithheld | CloseRequested | Closed | Rejected | PeerRejected)
+          | DeliveryResumed | ExportPaused | ExportResumed | PaymentWithheld | CloseRequested
+          | Closed | Rejected | PeerRejected)
 
 
 # ---------------------------------------------------------------------- transition table
@@ -248,6 +268,10 @@ REASONS: dict[str, str] = {
     "meter-decreased": "cumulative energy or charge went down",
     "meter-time-backwards": "METER timestamp older than the previous one",
     "meter-charge-mismatch": "METER charge not within energy x signed tariff",
+    "meter-clock-mismatch": "METER time further from the vehicle's own clock than its tolerance",
+    "meter-clock-unknown": "a time-of-use METER, and the vehicle has no clock to price it by",
+    "dispute-window-too-short": "OPEN's dispute window below the vehicle's minimum",
+    "station-deposit-too-small": "V2G OPEN whose station deposit cannot pay one export window",
     "energy-mismatch": "metered energy beyond the vehicle's estimate plus tolerance",
     "conflicting-state": "peer holds another co-signed state with our nonce",
 }
@@ -279,6 +303,7 @@ class Channel:
         self._deadline: float | None = None
         self._rto = RTO_INITIAL_S
         self.funding_ref = b""
+        self.wall_s: float | None = None   # our wall clock at the message being handled
         self._domain = Domain(chain_id, contract, self.channel_id)
 
     # ---- identity of the channel
@@ -303,8 +328,11 @@ class Channel:
 
     # ---- verbs
 
-    def receive(self, data: bytes, now: float) -> list[Action]:
-        """One message from the peer. Never raises for bad input: see module doc."""
+    def receive(self, data: bytes, now: float, wall_s: float | None = None) -> list[Action]:
+        """One message from the peer. Never raises for bad input: see module doc.
+        ``wall_s`` is our own wall clock (unix seconds) at arrival: the vehicle prices each
+        METER with it (rule 6); None when the caller has no clock."""
+        self.wall_s = wall_s
         msg_type: MsgType | None = None
         try:
             wire = m.decode(data)
@@ -316,11 +344,12 @@ class Channel:
             return self._reject(exc, msg_type, reply=False)
         handler = TRANSITIONS.get((self.role, self.phase, wire.msg_type))
         if handler is None:
-            exc = ChannelError(f"{wire.msg_type.name} in phase {self.phase.value}",
-                               reason="unexpected-message")
-            return self._reject(exc, wire.msg_type, reply=False)
+            error = ChannelError(f"{wire.msg_type.name} in phase {self.phase.value}",
+                                 reason="unexpected-message")
+            return self._reject(error, wire.msg_type, reply=False)
         try:
-            return getattr(self, handler)(wire.body, now)
+            actions: list[Action] = getattr(self, handler)(wire.body, now)
+            return actions
         except EdgeAgentError as exc:  # authenticated peer broke a rule: tell it why
             return self._reject(exc, wire.msg_type, reply=exc.reason not in _SILENT)
 
@@ -357,8 +386,8 @@ class Channel:
         rejected = m.field(body, 1, int, optional=True)
         last = m.field(body, 2, int)
         self.counters[f"peer:{reason}"] += 1
-        out: list[Action] = [PeerRejected(reason, rejected, last)]  # type: ignore[arg-type]
-        return out + self._peer_rejected(rejected)  # type: ignore[arg-type]
+        out: list[Action] = [PeerRejected(reason, rejected, last)]
+        return out + self._peer_rejected(rejected)
 
     def _peer_rejected(self, nonce: int | None) -> list[Action]:
         return []
@@ -379,9 +408,9 @@ class Channel:
             if state.nonce > self.nonce:
                 self._check_state_domain(state)
                 ev, cs = self._parties()
-                check_state_signature(state, sig_ev, ev.address)  # type: ignore[arg-type]
-                check_state_signature(state, sig_cs, cs.address)  # type: ignore[arg-type]
-                out += self._adopt(CosignedRecord(state, sig_ev, sig_cs))  # type: ignore[arg-type]
+                check_state_signature(state, sig_ev, ev.address)
+                check_state_signature(state, sig_cs, cs.address)
+                out += self._adopt(CosignedRecord(state, sig_ev, sig_cs))
         if peer_nonce < self.nonce:
             out.append(self._send(MsgType.REESTABLISH, self._reestablish_body()))
         out += self._retransmit(now)

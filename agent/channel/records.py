@@ -17,6 +17,9 @@ Records (deterministic CBOR arrays, first element the record kind):
                                                     meter registers at the channel's start
     [7, nonce_hi]                                   NonceReserveRecord: state nonces up to
                                                     nonce_hi may have been signed (vehicle)
+    [8, wall_s]                                     ClockRecord: the vehicle's own clock
+                                                    (unix s) when it accepted OPEN: the
+                                                    earliest time its first METER may price
 """
 
 from __future__ import annotations
@@ -89,15 +92,15 @@ class OpenParams:
         b = body
         try:
             return cls(
-                chain_id=field(b, 0, int), contract=field(b, 1, bytes, size=20),  # type: ignore[arg-type]
-                salt=field(b, 2, bytes, size=32),  # type: ignore[arg-type]
-                ev=Party(field(b, 3, bytes, size=32), field(b, 5, bytes, size=20)),  # type: ignore[arg-type]
-                cs=Party(field(b, 4, bytes, size=32), field(b, 6, bytes, size=20)),  # type: ignore[arg-type]
-                deposit_ev=field(b, 7, int), deposit_cs=field(b, 8, int),  # type: ignore[arg-type]
-                dispute_window_s=field(b, 9, int),  # type: ignore[arg-type]
+                chain_id=field(b, 0, int), contract=field(b, 1, bytes, size=20),
+                salt=field(b, 2, bytes, size=32),
+                ev=Party(field(b, 3, bytes, size=32), field(b, 5, bytes, size=20)),
+                cs=Party(field(b, 4, bytes, size=32), field(b, 6, bytes, size=20)),
+                deposit_ev=field(b, 7, int), deposit_cs=field(b, 8, int),
+                dispute_window_s=field(b, 9, int),
                 tariff=Tariff.from_cbor_item(b.get(10)),
-                tariff_sig=field(b, 11, bytes, size=64),  # type: ignore[arg-type]
-                credit_window_wh=field(b, 12, int), pay_step_wh=field(b, 13, int))  # type: ignore[arg-type]
+                tariff_sig=field(b, 11, bytes, size=64),
+                credit_window_wh=field(b, 12, int), pay_step_wh=field(b, 13, int))
         except ValueError as exc:
             raise MalformedEnvelope(f"bad OPEN: {exc}", reason="malformed-message") from None
 
@@ -153,9 +156,9 @@ class MeterInfo:
         if not isinstance(ocmf, str) or 8 in b and not ocmf or len(ocmf) > 8192:
             raise MalformedEnvelope("METER ocmf must be a non-empty string when present",
                                     reason="malformed-message")
-        return cls(field(b, 0, int), field(b, 1, int), field(b, 2, int),  # type: ignore[arg-type]
-                   field(b, 3, int), field(b, 4, int), field(b, 5, int),  # type: ignore[arg-type]
-                   field(b, 6, bytes, size=16), final, ocmf)  # type: ignore[arg-type]
+        return cls(field(b, 0, int), field(b, 1, int), field(b, 2, int),
+                   field(b, 3, int), field(b, 4, int), field(b, 5, int),
+                   field(b, 6, bytes, size=16), final, ocmf)
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,8 +204,13 @@ class NonceReserveRecord:
     nonce_hi: int
 
 
+@dataclass(frozen=True, slots=True)
+class ClockRecord:
+    wall_s: int
+
+
 Record = (OpenRecord | FundedRecord | MeterRecord | SignedRecord | CosignedRecord
-          | MeterReserveRecord | NonceReserveRecord)
+          | MeterReserveRecord | NonceReserveRecord | ClockRecord)
 
 
 def encode_record(record: Record) -> bytes:
@@ -218,8 +226,10 @@ def encode_record(record: Record) -> bytes:
         item = [5, record.state.to_cbor_item(), record.sig_ev, record.sig_cs]
     elif isinstance(record, MeterReserveRecord):
         item = [6, record.counter_hi, record.base_import, record.base_export]
-    else:
+    elif isinstance(record, NonceReserveRecord):
         item = [7, record.nonce_hi]
+    else:
+        item = [8, record.wall_s]
     return dcbor.dumps(item)
 
 
@@ -230,21 +240,24 @@ def decode_record(data: bytes) -> Record:
     kind, rest = item[0], item[1:]
     try:
         if kind == 1:
-            return OpenRecord(OpenParams.from_body(rest[0]))  # type: ignore[arg-type]
+            return OpenRecord(OpenParams.from_body(rest[0]))
         if kind == 2:
-            return FundedRecord(rest[0])  # type: ignore[arg-type]
+            return FundedRecord(rest[0])
         if kind == 3:
-            return MeterRecord(MeterInfo.from_body(rest[0]), rest[1], rest[2])  # type: ignore[arg-type]
+            return MeterRecord(MeterInfo.from_body(rest[0]), rest[1], rest[2])
         if kind == 4:
-            return SignedRecord(ChannelState.from_cbor_item(rest[0]), rest[1],  # type: ignore[arg-type]
-                                MeterInfo.from_body(rest[2]))  # type: ignore[arg-type]
+            return SignedRecord(ChannelState.from_cbor_item(rest[0]), rest[1],
+                                MeterInfo.from_body(rest[2]))
         if kind == 5:
-            return CosignedRecord(ChannelState.from_cbor_item(rest[0]), rest[1], rest[2])  # type: ignore[arg-type]
+            return CosignedRecord(ChannelState.from_cbor_item(rest[0]), rest[1], rest[2])
         if kind == 6 and all(isinstance(x, int) for x in rest[:3]):
-            return MeterReserveRecord(rest[0], rest[1], rest[2])  # type: ignore[arg-type]
+            return MeterReserveRecord(rest[0], rest[1], rest[2])
         if kind == 7 and len(rest) == 1 and isinstance(rest[0], int) \
                 and not isinstance(rest[0], bool):
             return NonceReserveRecord(rest[0])
+        if kind == 8 and len(rest) == 1 and isinstance(rest[0], int) \
+                and not isinstance(rest[0], bool):
+            return ClockRecord(rest[0])
     except (IndexError, TypeError, AttributeError) as exc:
         raise MalformedEnvelope(f"bad channel record: {exc}", reason="malformed-record") from None
     raise MalformedEnvelope(f"unknown record kind {kind}", reason="malformed-record")

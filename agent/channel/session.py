@@ -50,6 +50,8 @@ from agent.channel.protocol import (
     Closed,
     DeliveryPaused,
     DeliveryResumed,
+    ExportPaused,
+    ExportResumed,
     Funded,
     Opened,
     Persist,
@@ -109,8 +111,10 @@ class ChannelDriver:
     """Runs one channel: receive loop, timer, reconnect watch. Events go to ``on_event``."""
 
     def __init__(self, channel: Channel, transport: Transport, store: ChannelStore,
-                 on_event: Callable[[Action], None] | None = None) -> None:
+                 on_event: Callable[[Action], None] | None = None,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         self.channel, self.transport, self.store = channel, transport, store
+        self.wall_clock = wall_clock  # our own clock: the vehicle prices METERs by it
         peer = Role.STATION if channel.role is Role.VEHICLE else Role.VEHICLE
         self.inbox = topic_for(channel.channel_id, peer)
         self.outbox = topic_for(channel.channel_id, channel.role)
@@ -145,7 +149,7 @@ class ChannelDriver:
         share the next fsync. Writing a record earlier than the core asked is always safe;
         publishing earlier never happens."""
         for action in actions:  # stopping the charger cannot wait for the disk
-            if isinstance(action, DeliveryPaused):
+            if isinstance(action, DeliveryPaused | ExportPaused):
                 self._event(action)
         if actions and not self._stopped:
             self._steps.append(actions)
@@ -205,7 +209,7 @@ class ChannelDriver:
         for action in step:
             if isinstance(action, Send):
                 self._publish(action.data)
-            elif not isinstance(action, Persist | DeliveryPaused):
+            elif not isinstance(action, Persist | DeliveryPaused | ExportPaused):
                 self._event(action)
 
     def _publish(self, data: bytes) -> None:
@@ -278,7 +282,8 @@ class ChannelDriver:
                     continue
                 self.received += 1
                 self.arrived.set()
-                self.execute(self.channel.receive(bytes(message.payload), self.now()))
+                self.execute(self.channel.receive(bytes(message.payload), self.now(),
+                                                  self.wall_clock()))
         finally:
             self.stop()
 
@@ -326,8 +331,12 @@ async def run_station(uplink: Transport, channel: StationChannel, store: Channel
 
     if (done := _already_closed(channel)) is not None:
         return done
-    driver = ChannelDriver(channel, uplink, store, events)
+    driver = ChannelDriver(channel, uplink, store, events, wall_clock)
     refused: asyncio.Future[ChannelError] = asyncio.get_running_loop().create_future()
+    if check_funding is None and not channel.funding_verified:
+        log.warning("channel %s: no funding check configured; delivery stops after the "
+                    "credit window until the ledger confirms the vehicle's deposit",
+                    channel.channel_id.hex()[:12])
     async with asyncio.TaskGroup() as tg:
         tasks = await driver.start(tg)
         if channel.phase is Phase.IDLE:
@@ -337,7 +346,7 @@ async def run_station(uplink: Transport, channel: StationChannel, store: Channel
             if channel.phase is Phase.ACTIVE:  # restarted: check again, it costs one call
                 funded.put_nowait(channel.funding_ref)
             tasks.append(tg.create_task(
-                _verify_funding(channel, funded, check_funding, charger, refused),
+                _verify_funding(driver, channel, funded, check_funding, charger, refused),
                 name="channel.funding"))
 
         async def metering() -> None:
@@ -386,7 +395,8 @@ async def _closed_or_error(driver: ChannelDriver, channel: Channel,
         return exc
 
 
-async def _verify_funding(channel: StationChannel, funded: asyncio.Queue[bytes],
+async def _verify_funding(driver: ChannelDriver, channel: StationChannel,
+                          funded: asyncio.Queue[bytes],
                           check: Callable[[OpenParams, bytes], Awaitable[None]],
                           charger: Callable[[bool], Awaitable[None] | None] | None,
                           refused: asyncio.Future[ChannelError]) -> None:
@@ -394,11 +404,12 @@ async def _verify_funding(channel: StationChannel, funded: asyncio.Queue[bytes],
     not open there with the agreed parties and deposits). A vehicle that says FUNDED without
     funding would otherwise charge against states that can never be settled: on failure the
     charger is stopped and ``run_station`` raises ChannelError("funding-not-verified").
-    Exposure until the answer comes is at most the credit window."""
+    Until the answer comes the core delivers at most one credit window in total."""
     reference = await funded.get()
     assert channel.params is not None
     try:
         await check(channel.params, reference)
+        driver.execute(channel.funding_checked(driver.now()))
     except EdgeAgentError as exc:
         channel.counters["funding-not-verified"] += 1
         if charger is not None:
@@ -449,43 +460,74 @@ async def _linger(driver: ChannelDriver, linger_s: float) -> None:
 
 
 async def run_vehicle(uplink: Transport, channel: VehicleChannel, store: ChannelStore, *,
-                      estimate: AsyncIterator[int] | None = None,
+                      estimate: AsyncIterator[int | tuple[int, int]] | None = None,
                       fund: Callable[[OpenParams], Awaitable[bytes | None]] | None = None,
                       stop: asyncio.Event | None = None,
                       close_timeout_s: float | None = None,
-                      on_event: Callable[[Action], None] | None = None) -> Closed:
+                      on_event: Callable[[Action], None] | None = None,
+                      check_funding: Callable[[OpenParams], Awaitable[None]] | None = None,
+                      export: Callable[[bool], Awaitable[None] | None] | None = None,
+                      wall_clock: Callable[[], float] = time.time) -> Closed:
     """Accept the station's OPEN, fund, pay per METER, and return the final state.
+
+    ``estimate`` yields the vehicle's own cumulative Wh received, or ``(received,
+    exported)`` with V2G. ``check_funding(params)`` reads the ledger after funding (raises
+    if the station's deposit or the channel's terms differ from OPEN); until it passes the
+    vehicle does not export. ``export(allowed)`` is told when export may run or must stop
+    (ExportResumed / ExportPaused: the export credit window, the funding check).
 
     With ``close_timeout_s``, a station that does not complete the close within that time
     after it began (our CLOSE request, or its final METER) raises
     ChannelError(reason="close-timeout"); ``channel.cosigned`` is then the latest co-signed
     state, for a unilateral close on the ledger."""
     opened: asyncio.Queue[OpenParams] = asyncio.Queue()
+    pending: list[Awaitable[None]] = []
 
     def events(action: Action) -> None:
         if isinstance(action, Opened):
             opened.put_nowait(action.params)
+        if export is not None and isinstance(action, ExportPaused | ExportResumed):
+            result = export(isinstance(action, ExportResumed))
+            if result is not None:
+                pending.append(result)
         if on_event is not None:
             on_event(action)
 
     if (done := _already_closed(channel)) is not None:
         return done
-    driver = ChannelDriver(channel, uplink, store, events)
+    driver = ChannelDriver(channel, uplink, store, events, wall_clock)
     async with asyncio.TaskGroup() as tg:
         tasks = await driver.start(tg)
         if channel.phase is Phase.OPENING and channel.params is not None:
             opened.put_nowait(channel.params)  # restarted before funding finished
 
         async def funding() -> None:
-            params = await opened.get()
-            reference = (await fund(params)) if fund is not None else None
-            with contextlib.suppress(LocalProtocolError):
-                driver.execute(channel.funded(reference or b"", driver.now()))
+            if channel.phase is Phase.ACTIVE:  # restarted after funding: check again
+                params = channel.params
+            else:
+                params = await opened.get()
+                reference = (await fund(params)) if fund is not None else None
+                with contextlib.suppress(LocalProtocolError):
+                    driver.execute(channel.funded(reference or b"", driver.now()))
+            assert params is not None
+            if check_funding is None:
+                return
+            try:
+                await check_funding(params)
+            except EdgeAgentError as exc:
+                channel.counters["funding-not-verified"] += 1
+                log.warning("channel %s: the ledger does not show the station's deposit "
+                            "(%s); no export", channel.channel_id.hex()[:12], exc.reason)
+                return
+            driver.execute(channel.funding_checked(driver.now()))
 
         async def estimating() -> None:
             assert estimate is not None
-            async for delivered_wh in estimate:
-                driver.execute(channel.estimate(delivered_wh, driver.now()))
+            async for value in estimate:
+                received, exported = value if isinstance(value, tuple) else (value, None)
+                driver.execute(channel.estimate(received, driver.now(), exported))
+                while pending:
+                    await pending.pop(0)
 
         async def stopping() -> None:
             assert stop is not None
@@ -503,6 +545,8 @@ async def run_vehicle(uplink: Transport, channel: VehicleChannel, store: Channel
         if isinstance(outcome, Closed):
             await driver.flush()
         await _stop_tasks(helpers + tasks)
+        for result in pending:
+            await result
     if isinstance(outcome, ChannelError):
         raise outcome
     return outcome

@@ -45,6 +45,11 @@ from agent.errors import BadSignature, ChannelError, MalformedEnvelope
 
 STATE_VERSION = 1
 UINT256_MAX = (1 << 256) - 1
+# The highest nonce a state that starts or wins a dispute may carry: the contract packs it
+# in 64 bits (agent/settlement/channel.vy, ``closing``). +1 per update never gets there, and
+# the wire cannot carry more: a CBOR unsigned integer ends at 2**64 - 1 (RFC 8949 s3.1), so
+# a peer's larger nonce is a malformed state and every co-signed state settles.
+MAX_NONCE = (1 << 64) - 1
 # secp256k1 group order n, and n/2 for the low-s rule (EIP-2).
 SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 SECP256K1_HALF_N = SECP256K1_N // 2
@@ -133,7 +138,7 @@ class ChannelState:
             raise MalformedEnvelope(f"unknown state version {item[0]!r}", reason="state-version")
         try:
             return cls(chain_id=item[1], contract=item[2], channel_id=item[3], nonce=item[4],
-                       t_ev=item[5], t_cs=item[6], wh=item[7], final=item[8])  # type: ignore[arg-type]
+                       t_ev=item[5], t_cs=item[6], wh=item[7], final=item[8])
         except ValueError as exc:
             raise MalformedEnvelope(str(exc), reason="malformed-state") from None
 

@@ -1,5 +1,10 @@
 """The station's side of the payment channel (sans-I/O): opens the channel, meters, and
 countersigns the vehicle's proposals. Rules and the verbs' contract: agent/channel/protocol.py.
+
+Funding check (issue 14, on by default: ``require_funding_check``): a vehicle may say FUNDED
+without a deposit, and every state it then signs is worthless on the ledger. Until the
+driver reports ``funding_checked()`` (agent/settlement/funding.py read the channel's record),
+the station delivers at most ``credit_window_wh`` in total, not per payment.
 """
 
 from __future__ import annotations
@@ -50,8 +55,10 @@ class StationChannel(Channel):
     def __init__(self, identity: IdentitySigner, settlement: SettlementSigner, vehicle: Party, *,
                  chain_id: int, contract: bytes, salt: bytes, tariff: Tariff, tariff_sig: bytes,
                  deposit_ev: int, deposit_cs: int, dispute_window_s: int,
-                 credit_window_wh: int, pay_step_wh: int) -> None:
+                 credit_window_wh: int, pay_step_wh: int,
+                 require_funding_check: bool = True) -> None:
         super().__init__(identity, settlement, vehicle, chain_id, contract, salt)
+        self.funding_verified = not require_funding_check
         ev, cs = self._parties()
         self.params = OpenParams(chain_id, contract, salt, ev, cs, deposit_ev, deposit_cs,
                                  dispute_window_s, tariff, tariff_sig, credit_window_wh,
@@ -81,7 +88,10 @@ class StationChannel(Channel):
         if self.phase is not Phase.ACTIVE:
             return 0
         assert self.params is not None
-        return max(0, self.params.credit_window_wh - self.unpaid_wh)
+        window = self.params.credit_window_wh
+        if not self.funding_verified:  # nothing paid counts before the ledger says funded
+            return max(0, window - self.import_wh)
+        return max(0, window - self.unpaid_wh)
 
     # ---- verbs
 
@@ -128,10 +138,15 @@ class StationChannel(Channel):
         self.phase = Phase.CLOSING
         return out + self._window_events()
 
+    def funding_checked(self, now: float) -> list[Action]:
+        """The ledger shows the channel open with the vehicle's deposit: deliver on credit."""
+        self.funding_verified = True
+        return self._window_events()
+
     # ---- handlers
 
     def _on_funded(self, body: dict[int, object], now: float) -> list[Action]:
-        self.funding_ref = m.field(body, 0, bytes)  # type: ignore[assignment]
+        self.funding_ref = m.field(body, 0, bytes)
         self.phase = Phase.ACTIVE
         self._deadline = None
         out: list[Action] = [Persist(FundedRecord(self.funding_ref)), Funded(self.funding_ref)]
@@ -168,8 +183,8 @@ class StationChannel(Channel):
                   ) -> tuple[ChannelState | None, bytes, bytes]:
         """Validate a PAY / final CLOSE. (None, ...) for an exact duplicate of the latest."""
         state = ChannelState.from_cbor_item(body.get(0))
-        sig_ev: bytes = m.field(body, 1, bytes)  # type: ignore[assignment]
-        counter: int = m.field(body, 2, int)  # type: ignore[assignment]
+        sig_ev: bytes = m.field(body, 1, bytes)
+        counter: int = m.field(body, 2, int)
         self._check_state_domain(state)
         if state.nonce <= self.nonce:
             if self.cosigned is not None and state == self.cosigned.state:

@@ -4,11 +4,11 @@ Why a file and not SQLite: the channel writes one small record per update and ne
 queries; an append plus ``fdatasync`` is the cheapest durable write there is (~0.1 ms here,
 one per update on the hot path, DESIGN s5 "persist before you sign / act").
 
-Frame: ``len (4 bytes, big endian) || crc32 (4 bytes) || record`` where ``record`` is the
-deterministic CBOR of agent.channel.records. A power cut can leave a torn last frame; on
-open every frame is checked and the file is truncated after the last good one (a torn frame
-was never acknowledged by ``append``, so nothing acted on it). A bad frame in the middle
-(corruption, not a torn write) raises SpoolError: we never guess.
+Frames (agent/frames.py): ``len || crc32 || record`` where ``record`` is the deterministic
+CBOR of agent.channel.records. A power cut can leave a torn last frame; on open every frame
+is checked and the file is truncated after the last good one (a torn frame was never
+acknowledged by ``append``, so nothing acted on it). A bad frame in the middle (corruption,
+not a torn write) raises SpoolError: we never guess.
 
 ``append(records)`` writes all records of one step with one fsync and returns only when
 they are durable. On open, a file that grew past ``compact_bytes`` is rewritten with only
@@ -19,13 +19,12 @@ file's directory is fsync'd before the first append, so its name survives a powe
 from __future__ import annotations
 
 import os
-import struct
-import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
 from agent.channel.records import (
     KEEP_METERS,
+    ClockRecord,
     CosignedRecord,
     FundedRecord,
     MeterRecord,
@@ -39,8 +38,8 @@ from agent.channel.records import (
 )
 from agent.durable import OS, write_atomic
 from agent.errors import EdgeAgentError, SpoolError
+from agent.frames import frame, read_frames
 
-_HEAD = struct.Struct(">II")
 MAX_RECORD_BYTES = 8192
 
 
@@ -72,7 +71,7 @@ class ChannelStore:
         batch = list(records)
         for record in batch:
             data = encode_record(record)
-            frames.append(_HEAD.pack(len(data), zlib.crc32(data)) + data)
+            frames.append(frame(data))
         if not frames:
             return
         try:
@@ -104,45 +103,20 @@ class ChannelStore:
     # ---- internals
 
     def _load(self) -> list[Record]:
-        if not self.path.exists():
-            return []
-        data = self.path.read_bytes()
         records: list[Record] = []
-        pos = 0
-        while pos < len(data):
-            if pos + _HEAD.size > len(data):
-                break  # torn head
-            length, crc = _HEAD.unpack_from(data, pos)
-            end = pos + _HEAD.size + length
-            if length > MAX_RECORD_BYTES:
-                raise SpoolError(f"channel store frame at {pos} claims {length} bytes",
-                                 reason="store-corrupt")
-            if end > len(data):
-                break  # torn body
-            body = data[pos + _HEAD.size:end]
-            if zlib.crc32(body) != crc:
-                if end == len(data):
-                    break  # torn last frame
-                raise SpoolError(f"channel store frame at {pos} fails its CRC",
-                                 reason="store-corrupt")
+        for pos, body in read_frames(self.path, "channel store", MAX_RECORD_BYTES):
             try:
                 records.append(decode_record(body))
             except EdgeAgentError as exc:
                 raise SpoolError(f"channel store frame at {pos}: {exc}",
                                  reason="store-corrupt") from exc
-            pos = end
-        if pos < len(data):
-            with open(self.path, "r+b") as f:
-                f.truncate(pos)
-                f.flush()
-                os.fsync(f.fileno())
         return records
 
     def _rewrite(self, records: list[Record]) -> None:
         frames = []
         for record in records:
             data = encode_record(record)
-            frames.append(_HEAD.pack(len(data), zlib.crc32(data)) + data)
+            frames.append(frame(data))
         write_atomic(self.path, b"".join(frames), mode=0o600)
 
 
@@ -160,7 +134,7 @@ def compact(records: list[Record]) -> list[Record]:
     if signed and not keep_signed:
         keep_signed = [max(signed, key=lambda r: r.state.nonce)]
     meters = [r for r in records if isinstance(r, MeterRecord)][-KEEP_METERS:]
-    head = [r for r in records if isinstance(r, OpenRecord | FundedRecord)]
+    head = [r for r in records if isinstance(r, OpenRecord | FundedRecord | ClockRecord)]
     reserves = [r for r in records if isinstance(r, MeterReserveRecord)]
     reserve = [max(reserves, key=lambda r: r.counter_hi)] if reserves else []
     nonces = [r for r in records if isinstance(r, NonceReserveRecord)]

@@ -1,6 +1,23 @@
 """The vehicle's side of the payment channel (sans-I/O): checks OPEN and METERs against
-the signed tariff and its own estimate, and proposes (signs first) every state. Rules and
-the verbs' contract: agent/channel/protocol.py.
+the signed tariff, its own clock and its own estimate, and proposes (signs first) every
+state. Rules and the verbs' contract: agent/channel/protocol.py.
+
+Vehicle policy (issue 14; constructor arguments with safe defaults, filled from config):
+
+- ``min_dispute_window_s``: an OPEN with a shorter dispute window is refused (a 1-second
+  window leaves no time to challenge a stale close).
+- ``clock_tolerance_s``: a METER whose time is further than this from the vehicle's own
+  clock is refused; the charge is bounded by the tariff over [previous METER time, this
+  METER time] (the first: from the vehicle's clock at OPEN minus the tolerance), so a
+  station cannot stamp a night-time METER with a peak-hour time.
+- ``export_credit_window_wh``: with a V2G tariff, export is allowed (ExportResumed) only
+  while the vehicle's own exported energy minus the export paid by the latest co-signed
+  state stays below it, and only once the ledger shows the station's deposit
+  (``require_funding_check``, on by default: ``funding_checked()``); ExportPaused
+  otherwise. An OPEN whose station deposit cannot pay one such window is refused.
+- ``tolerance_wh`` + ``tolerance_ppm``: how far the station's metered import may run ahead
+  of the vehicle's own estimate (worst case for a 30 kWh session at the defaults:
+  50 + 1 % x 30,000 = 350 Wh; docs/channel.md).
 """
 
 from __future__ import annotations
@@ -12,6 +29,8 @@ from agent.channel.messages import MsgType
 from agent.channel.protocol import (
     Action,
     Channel,
+    ExportPaused,
+    ExportResumed,
     IdentitySigner,
     MeterAccepted,
     Opened,
@@ -24,6 +43,7 @@ from agent.channel.protocol import (
     _check_signer,
 )
 from agent.channel.records import (
+    ClockRecord,
     CosignedRecord,
     FundedRecord,
     MeterInfo,
@@ -39,6 +59,9 @@ from agent.errors import ChannelError, LocalProtocolError
 
 # State nonces reserved per synced record (a restart skips the unused rest).
 NONCE_RESERVE = 64
+DEFAULT_MIN_DISPUTE_WINDOW_S = 3600
+DEFAULT_CLOCK_TOLERANCE_S = 120
+DEFAULT_EXPORT_CREDIT_WINDOW_WH = 500
 
 
 class VehicleChannel(Channel):
@@ -48,13 +71,27 @@ class VehicleChannel(Channel):
 
     def __init__(self, identity: IdentitySigner, settlement: SettlementSigner, station: Party, *,
                  chain_id: int, contract: bytes, salt: bytes, max_price_per_kwh: int,
-                 max_deposit_ev: int, tolerance_wh: int = 50, tolerance_ppm: int = 20_000,
-                 window: int = 1) -> None:
+                 max_deposit_ev: int, tolerance_wh: int = 50, tolerance_ppm: int = 10_000,
+                 window: int = 1,
+                 min_dispute_window_s: int = DEFAULT_MIN_DISPUTE_WINDOW_S,
+                 clock_tolerance_s: int = DEFAULT_CLOCK_TOLERANCE_S,
+                 export_credit_window_wh: int = DEFAULT_EXPORT_CREDIT_WINDOW_WH,
+                 require_funding_check: bool = True) -> None:
         super().__init__(identity, settlement, station, chain_id, contract, salt)
         self.max_price_per_kwh, self.max_deposit_ev = max_price_per_kwh, max_deposit_ev
         self.tolerance_wh, self.tolerance_ppm = tolerance_wh, tolerance_ppm
         if window < 1:
             raise ValueError("window must be at least 1")
+        if min(min_dispute_window_s, clock_tolerance_s, export_credit_window_wh) < 0:
+            raise ValueError("policy windows and tolerances must be >= 0")
+        self.min_dispute_window_s = min_dispute_window_s
+        self.clock_tolerance_s = clock_tolerance_s
+        self.export_credit_window_wh = export_credit_window_wh
+        self.funding_verified = not require_funding_check
+        self.opened_wall_s: int | None = None   # our clock when we accepted OPEN
+        self.exported_wh: int | None = None     # our own count of energy fed back
+        self.paid_export_wh = 0                 # export paid by the latest co-signed state
+        self.exporting = False
         self.window = window  # proposals in flight at most (1: stop-and-wait)
         self.estimate_wh: int | None = None
         self.meter_seen: MeterInfo | None = None
@@ -76,12 +113,47 @@ class VehicleChannel(Channel):
                                      reason="not-opening")
         self.phase = Phase.ACTIVE
         self.funding_ref = reference
-        return [Persist(FundedRecord(reference)), self._send(MsgType.FUNDED, {0: reference})]
+        return [Persist(FundedRecord(reference)), self._send(MsgType.FUNDED, {0: reference}),
+                *self._export_events()]
 
-    def estimate(self, delivered_wh: int, now: float) -> list[Action]:
-        """The vehicle's own cumulative estimate of energy received (Wh since the start)."""
+    def estimate(self, delivered_wh: int, now: float,
+                 exported_wh: int | None = None) -> list[Action]:
+        """The vehicle's own cumulative estimates of energy received and, with V2G, fed
+        back (Wh since the start)."""
         self.estimate_wh = delivered_wh
-        return self._maybe_pay(now)
+        if exported_wh is not None:
+            self.exported_wh = exported_wh
+        return self._maybe_pay(now) + self._export_events()
+
+    def funding_checked(self, now: float) -> list[Action]:
+        """The ledger shows the channel as OPEN said, with the station's deposit in place
+        (agent/settlement/funding.py): export may start."""
+        self.funding_verified = True
+        return self._export_events()
+
+    @property
+    def unpaid_export_wh(self) -> int:
+        """Energy fed back that no co-signed state pays yet (our own count, else the
+        station's METERs)."""
+        exported = self.exported_wh
+        if exported is None:
+            exported = self.meter_seen.export_wh if self.meter_seen else 0
+        return max(0, exported - self.paid_export_wh)
+
+    @property
+    def export_allowed(self) -> bool:
+        p = self.params
+        return (p is not None and p.tariff.export_price_per_kwh > 0
+                and self.phase is Phase.ACTIVE and self.funding_verified
+                and self.unpaid_export_wh < self.export_credit_window_wh)
+
+    def _export_events(self) -> list[Action]:
+        allowed = self.export_allowed
+        if allowed == self.exporting:
+            return []
+        self.exporting = allowed
+        unpaid = self.unpaid_export_wh
+        return [ExportResumed(unpaid) if allowed else ExportPaused(unpaid)]
 
     def close(self, now: float) -> list[Action]:
         """Ask the station to stop and send its final METER."""
@@ -90,7 +162,7 @@ class VehicleChannel(Channel):
         self.phase = Phase.CLOSING
         self.close_wanted = True
         self._arm(now)
-        return [self._send(MsgType.CLOSE, {0: None, 1: None, 2: None})]
+        return [self._send(MsgType.CLOSE, {0: None, 1: None, 2: None}), *self._export_events()]
 
     def _live(self) -> list[int]:
         return [n for n in self.signed if n > self.nonce and n not in self.abandoned]
@@ -127,9 +199,21 @@ class VehicleChannel(Channel):
             raise ChannelError("tariff above our limit", reason="tariff-too-expensive")
         if params.deposit_ev > self.max_deposit_ev:
             raise ChannelError("deposit above our limit", reason="deposit-too-large")
+        if params.dispute_window_s < self.min_dispute_window_s:
+            raise ChannelError(f"dispute window {params.dispute_window_s} s below our "
+                               f"minimum {self.min_dispute_window_s} s",
+                               reason="dispute-window-too-short")
+        export_price = params.tariff.export_price_per_kwh
+        if export_price and params.deposit_cs * 1000 < self.export_credit_window_wh * export_price:
+            raise ChannelError("the station's deposit cannot pay one export credit window",
+                               reason="station-deposit-too-small")
         self.params = params
         self.phase = Phase.OPENING
-        return [Persist(OpenRecord(params)), Opened(params)]
+        out: list[Action] = [Persist(OpenRecord(params))]
+        if self.wall_s is not None:
+            self.opened_wall_s = int(self.wall_s)
+            out.append(Persist(ClockRecord(self.opened_wall_s)))
+        return out + [Opened(params)]
 
     def _on_meter(self, body: dict[int, object], now: float) -> list[Action]:
         info = MeterInfo.from_body(body)
@@ -148,7 +232,7 @@ class VehicleChannel(Channel):
                 return self._maybe_pay(now)
         self._check_meter(seen, info)
         self.meter_seen = info
-        return [MeterAccepted(info), *self._maybe_pay(now)]
+        return [MeterAccepted(info), *self._maybe_pay(now), *self._export_events()]
 
     def _check_meter(self, seen: MeterInfo | None, info: MeterInfo) -> None:
         assert self.params is not None
@@ -160,12 +244,13 @@ class VehicleChannel(Channel):
                 or info.charge_milli < base_charge or info.credit_milli < base_credit):
             raise ChannelError("cumulative values went down", reason="meter-decreased")
         tariff = self.params.tariff
-        if seen is not None and info.ts_s < seen.ts_s:
+        since = self._priced_since(seen, info)
+        if info.ts_s < since:
             raise ChannelError("METER time went backwards", reason="meter-time-backwards")
         # Only an upper bound: it is what protects the vehicle. No lower bound, so a station
         # that re-meters after losing an unsynced METER in a crash (station._send_meter) and
         # prices that energy at a later, lower time-of-use rate is not refused.
-        _, high = tariff.price_range(seen.ts_s, info.ts_s) if seen else tariff.price_range(0, 86_400)
+        _, high = tariff.price_range(since, info.ts_s)
         d_imp = info.import_wh - base_imp
         d_charge = info.charge_milli - base_charge
         d_credit = info.credit_milli - base_credit
@@ -173,6 +258,26 @@ class VehicleChannel(Channel):
                 d_credit != (info.export_wh - base_exp) * tariff.export_price_per_kwh):
             raise ChannelError("METER charge does not follow the signed tariff",
                                reason="meter-charge-mismatch")
+
+    def _priced_since(self, seen: MeterInfo | None, info: MeterInfo) -> int:
+        """The earliest time the energy of ``info`` can have been delivered, after checking
+        the METER's time against our own clock (rule 6). The previous METER's time was
+        checked the same way when it came; before the first, our clock at OPEN."""
+        assert self.params is not None
+        wall, tol = self.wall_s, self.clock_tolerance_s
+        if wall is not None:
+            if abs(info.ts_s - wall) > tol:
+                raise ChannelError(f"METER time {info.ts_s} is {info.ts_s - wall:+.0f} s from "
+                                   f"our clock (tolerance {tol} s)",
+                                   reason="meter-clock-mismatch")
+        elif self.params.tariff.tou:
+            raise ChannelError("no clock to check a time-of-use METER by",
+                               reason="meter-clock-unknown")
+        if seen is not None:
+            return seen.ts_s
+        if self.opened_wall_s is not None:
+            return self.opened_wall_s - tol
+        return info.ts_s - 86_400  # no clock at OPEN: any time of the day (flat tariffs)
 
     def _on_ack(self, body: dict[int, object], now: float) -> list[Action]:
         return self._on_countersigned(body, now, final=False)
@@ -182,8 +287,8 @@ class VehicleChannel(Channel):
 
     def _on_countersigned(self, body: dict[int, object], now: float, *,
                           final: bool) -> list[Action]:
-        nonce: int = m.field(body, 0, int)  # type: ignore[assignment]
-        sig_cs: bytes = m.field(body, 1, bytes)  # type: ignore[assignment]
+        nonce: int = m.field(body, 0, int)
+        sig_cs: bytes = m.field(body, 1, bytes)
         if nonce <= self.nonce:
             self.duplicates += 1
             return []
@@ -194,8 +299,9 @@ class VehicleChannel(Channel):
         digest = self._digests.pop(nonce, None) or proposal.state.digest()
         _check_signer(digest, sig_cs, self.peer.address)
         out = self._adopt(CosignedRecord(proposal.state, proposal.sig, sig_cs))
+        self.paid_export_wh = max(self.paid_export_wh, proposal.meter.export_wh)
         self._deadline = (now + self._rto) if self._live() else None
-        return out + self._maybe_pay(now)
+        return out + self._maybe_pay(now) + self._export_events()
 
     def _adopt(self, record: CosignedRecord) -> list[Action]:
         out = super()._adopt(record)
@@ -318,11 +424,16 @@ class VehicleChannel(Channel):
                     ch.phase = Phase.CLOSING
             elif isinstance(record, NonceReserveRecord):
                 ch.nonce_reserved = max(ch.nonce_reserved, record.nonce_hi)
+            elif isinstance(record, ClockRecord):
+                ch.opened_wall_s = record.wall_s
             elif isinstance(record, CosignedRecord):
                 if record.state.nonce > ch.nonce:
                     ch.cosigned = record
                     if record.state.final:
                         ch.phase = Phase.CLOSED
+        paid = ch.signed.get(ch.nonce)
+        if paid is not None:  # our own proposal, co-signed: it says what export it paid
+            ch.paid_export_wh = paid.meter.export_wh
         ch.signed = {n: r for n, r in ch.signed.items() if n > ch.nonce}
         # Nonces up to the reservation may have been signed before the crash: skip them all.
         ch.highest_signed = max(ch.highest_signed, ch.nonce_reserved)

@@ -33,7 +33,7 @@ def default_db() -> str:
     return os.environ.get("EDGE_AGENT_FLEET_DB", "sqlite:///fleet.db")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     fleet = subparsers.add_parser(
         "fleet", help="the fleet side: verified ingest, registry, queries, mileage logbook",
         description="The fleet side: ingest devices' envelopes into a database (SQLite or "

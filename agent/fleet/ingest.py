@@ -39,6 +39,7 @@ from typing import TypeVar
 
 from agent.backoff import Backoff
 from agent.chain_head import head_from_status
+from agent.durable import write_atomic
 from agent.envelope import COMMIT_CONTENT_TYPE, ChainHead, open_head, seal_head
 from agent.errors import EdgeAgentError, RemoteProtocolError, SignatureError
 from agent.fleet import registry as fleet_registry
@@ -46,7 +47,7 @@ from agent.fleet.db import Database, DatabaseError, open_database
 from agent.fleet.mqtt import Arrival, BrokerConfig, SharedSubscriber
 from agent.fleet.registry import RegistrySnapshot
 from agent.fleet.store import BatchResult, Rejection, Verified, store_batch
-from agent.keys import IdentityKey, _read_secret, _write_secret
+from agent.keys import IdentityKey, read_secret
 from agent.topics import ROOT, commit_topic, device_of
 
 log = logging.getLogger("edge_agent.fleet.ingest")
@@ -78,8 +79,8 @@ def load_or_create_commit_key(path: Path) -> IdentityKey:
     use (its public key goes into the agents' ``[spool] commit_keys``)."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_secret(path, IdentityKey.generate().seed())
-    return IdentityKey(_read_secret(path))
+        write_atomic(path, IdentityKey.generate().seed(), mode=0o600)
+    return IdentityKey(read_secret(path))
 
 
 class Ingest:

@@ -5,8 +5,10 @@ on generated traces and require the same accept/reject decision, the same channe
 the same token balances after every step. ``now`` is the block timestamp, passed in.
 
 The ledger is modelled too (an ERC-20 that refuses transfers beyond a balance, plus a
-``blocked`` set of recipients whose incoming transfers fail) so that payouts, credits for
-failed transfers and "nothing settles twice" are checked, not assumed.
+``blocked`` set of recipients whose incoming transfers fail: revert, return false or burn
+the gas stipend) so that payouts, credits for failed transfers and "nothing settles twice"
+are checked, not assumed. ``ChannelRecord.terms_hash / packed_deposits / packed_closing``
+give the contract's three storage slots, so a test compares them word for word.
 
 Rejections raise SettlementError with ``reason="rejected"`` and the contract's revert string
 as ``why``.
@@ -18,13 +20,13 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from agent.channel.state import (
-    UINT256_MAX,
+    MAX_NONCE,
     ChannelState,
     derive_channel_id,
     recover_signer,
 )
 from agent.errors import BadSignature, SettlementError
-from agent.settlement.model import ChannelRecord, Status
+from agent.settlement.model import MAX_TOTAL_DEPOSIT, ChannelRecord, Status
 
 ZERO = bytes(20)
 
@@ -105,6 +107,7 @@ class Adjudicator:
         _require(ev != ZERO and cs != ZERO and ev != cs, "parties")
         _require(sender in (ev, cs), "not a party")
         _require(self.min_window <= window <= self.max_window, "window")
+        _require(amount <= MAX_TOTAL_DEPOSIT, "deposit")
         channel_id = derive_channel_id(self.chain_id, self.contract, ev, cs, salt)
         _require(channel_id not in self.channels, "channel id used")
         self._pull(sender, amount)
@@ -118,7 +121,7 @@ class Adjudicator:
         _require(sender in (record.ev, record.cs), "not a party")
         field_name = "dep_ev" if sender == record.ev else "dep_cs"
         new_total = getattr(record, field_name) + amount
-        _require(new_total <= UINT256_MAX, "overflow")
+        _require(record.total + amount <= MAX_TOTAL_DEPOSIT, "deposit")
         self._pull(sender, amount)
         self.channels[channel_id] = dataclasses.replace(record, **{field_name: new_total})
 
@@ -140,6 +143,7 @@ class Adjudicator:
             _require(state.t_ev == 0 and state.t_cs == 0, "initial state")
         else:
             self._check_state(channel_id, record, state, sig_ev, sig_cs)
+        _require(state.nonce <= MAX_NONCE, "nonce")
         self.channels[channel_id] = dataclasses.replace(
             record, deadline=now + record.window, nonce=state.nonce, t_ev=state.t_ev,
             t_cs=state.t_cs)
@@ -150,6 +154,7 @@ class Adjudicator:
         _require(record.deadline != 0 and now <= record.deadline, "not in window")
         _require(state.nonce > record.nonce, "stale")
         self._check_state(channel_id, record, state, sig_ev, sig_cs)
+        _require(state.nonce <= MAX_NONCE, "nonce")
         self.channels[channel_id] = dataclasses.replace(
             record, nonce=state.nonce, t_ev=state.t_ev, t_cs=state.t_cs)
 

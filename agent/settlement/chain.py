@@ -9,8 +9,10 @@ node (anvil in the tests), through the same signed-raw-transaction path the agen
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from web3 import EthereumTesterProvider, Web3
+from web3.types import RPCEndpoint, Wei
 
 from agent.errors import SettlementError
 from agent.keys import SettlementKey
@@ -22,6 +24,9 @@ from agent.settlement.txsign import DigestSigner
 ETHER = 10**18
 DEFAULT_MIN_WINDOW_S = 60
 DEFAULT_MAX_WINDOW_S = 30 * 24 * 3600
+
+if TYPE_CHECKING:  # a test dependency, imported only where the chain is built
+    from eth_tester import EthereumTester
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,10 +61,10 @@ def deploy_contracts(w3: Web3, deployer: DigestSigner, *, token: bytes | None = 
 
 
 def _constructor_args(w3: Web3, abi: list[dict[str, object]], args: list[object]) -> bytes:
-    types = next(
-        [i["type"] for i in item["inputs"]]  # type: ignore[index,union-attr]
-        for item in abi if item["type"] == "constructor")
-    return w3.codec.encode(types, args)
+    constructor = next(item for item in abi if item["type"] == "constructor")
+    inputs = constructor["inputs"]
+    assert isinstance(inputs, list)  # the compiler's ABI
+    return w3.codec.encode([str(i["type"]) for i in inputs], args)
 
 
 def mint(w3: Web3, minter: DigestSigner, token: bytes, to: bytes, amount: int) -> TxResult:
@@ -74,10 +79,12 @@ def advance_time(w3: Web3, seconds: int) -> int:
     provider = w3.provider
     if isinstance(provider, EthereumTesterProvider):
         latest = w3.eth.get_block("latest")["timestamp"]
-        provider.ethereum_tester.time_travel(latest + seconds)
+        tester = provider.ethereum_tester
+        assert tester is not None
+        tester.time_travel(latest + seconds)
     else:  # anvil / hardhat dev RPC
-        provider.make_request("evm_increaseTime", [seconds])
-        provider.make_request("evm_mine", [])
+        provider.make_request(RPCEndpoint("evm_increaseTime"), [seconds])
+        provider.make_request(RPCEndpoint("evm_mine"), [])
     return w3.eth.get_block("latest")["timestamp"]
 
 
@@ -126,14 +133,21 @@ class InProcessChain:
         return advance_time(self.w3, seconds)
 
     def snapshot(self) -> int:
-        return self.w3.provider.ethereum_tester.take_snapshot()  # type: ignore[attr-defined]
+        snapshot_id: int = self._tester().take_snapshot()
+        return snapshot_id
 
     def revert(self, snapshot_id: int) -> None:
-        self.w3.provider.ethereum_tester.revert_to_snapshot(snapshot_id)  # type: ignore[attr-defined]
+        self._tester().revert_to_snapshot(snapshot_id)
+
+    def _tester(self) -> EthereumTester:
+        provider = self.w3.provider
+        assert isinstance(provider, EthereumTesterProvider) and provider.ethereum_tester
+        tester: EthereumTester = provider.ethereum_tester
+        return tester
 
 
 def _send_ether(w3: Web3, to: bytes, amount: int) -> None:
     """From eth-tester's pre-funded account 0 (it signs for its own accounts)."""
     txh = w3.eth.send_transaction({"from": w3.eth.accounts[0],
-                                   "to": Web3.to_checksum_address(to), "value": amount})
+                                   "to": Web3.to_checksum_address(to), "value": Wei(amount)})
     w3.eth.wait_for_transaction_receipt(txh)

@@ -16,7 +16,6 @@ Usage (DESIGN s6)::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 from web3 import Web3
@@ -25,7 +24,14 @@ from web3.contract import Contract
 from agent.channel.state import ChannelState, derive_channel_id
 from agent.errors import ChannelError, SettlementError, SignatureError
 from agent.settlement import artifacts
-from agent.settlement.model import ChannelRecord, SignedState, Status, TxResult
+from agent.settlement.model import (
+    ChannelRecord,
+    SignedState,
+    Status,
+    TxResult,
+    unpack_closing,
+    unpack_deposits,
+)
 from agent.settlement.rpc import Sender, SendPolicy, connect
 from agent.settlement.txsign import DigestSigner
 
@@ -69,8 +75,10 @@ class SettlementClient:
         self.contract = self.w3.eth.contract(address=Web3.to_checksum_address(self.address),
                                              abi=compiled.abi)
         self._token: Contract | None = None
-        # channel id -> (latest record seen, its block): later views scan logs from there
-        self._records: dict[bytes, tuple[ChannelRecord, int]] = {}
+        # channel id -> (ev, cs, window, block of its Opened log): Terms never change
+        self._records: dict[bytes, tuple[bytes, bytes, int, int]] = {}
+        # (channel id, closing nonce) -> (t_ev, t_cs), from Closing logs
+        self._amounts: dict[tuple[bytes, int], tuple[int, int]] = {}
 
     @property
     def chain_id(self) -> int:
@@ -90,27 +98,57 @@ class SettlementClient:
 
     # --- reads --------------------------------------------------------------------------
     def view(self, channel_id: bytes) -> ChannelView:
-        """Status and current record, rebuilt from RecordSet logs and checked against the
-        hash the contract stores."""
-        stored = self.sender.call(lambda: self.contract.functions.channels(channel_id).call(),
-                                  "channels")
+        """Status and current record: the contract's three slots in one call, the Terms
+        from the ``Opened`` log (checked against the stored hash, cached), and while closing
+        t_ev / t_cs of the closing nonce from its ``Closing`` log."""
+        stored, deposits, closing = self.sender.call(
+            lambda: self.contract.functions.read(channel_id).call(), "read")
         if stored == bytes(32):
             return ChannelView(channel_id, Status.UNKNOWN, None)
         if stored == SETTLED_MARK:
             return ChannelView(channel_id, Status.SETTLED, None)
+        ev, cs, window, block = self._terms(channel_id, stored)
+        dep_ev, dep_cs = unpack_deposits(deposits)
+        record = ChannelRecord(ev, cs, dep_ev, dep_cs, window)
+        if closing == 0:
+            return ChannelView(channel_id, Status.OPEN, record)
+        deadline, nonce, to_ev = unpack_closing(closing)
+        t_ev, t_cs = self._closing_amounts(channel_id, nonce, block)
+        record = ChannelRecord(ev, cs, dep_ev, dep_cs, window, deadline, nonce, t_ev, t_cs)
+        if record.to_ev != to_ev:
+            raise SettlementError("the Closing log does not match the stored closing state",
+                                  reason="record-missing")
+        return ChannelView(channel_id, Status.CLOSING, record)
+
+    def _terms(self, channel_id: bytes, stored: bytes) -> tuple[bytes, bytes, int, int]:
         cached = self._records.get(channel_id)
-        if cached is not None and cached[0].hash() == stored:   # no log scan needed
-            return _view(channel_id, cached[0])
-        start = cached[1] if cached is not None else self.from_block
-        logs = self.sender.call(lambda: self.contract.events.RecordSet.get_logs(
-            from_block=start, argument_filters={"channel_id": channel_id}), "eth_getLogs")
-        for entry in reversed(logs):
-            record = record_from_log(entry["args"]["record"])
-            if record.hash() == stored:
-                self._records[channel_id] = (record, entry["blockNumber"])
-                return _view(channel_id, record)
-        raise SettlementError("the node has no RecordSet log matching the stored channel "
+        if cached is not None:
+            return cached
+        logs = self.sender.call(lambda: self.contract.events.Opened.get_logs(
+            from_block=self.from_block, argument_filters={"channel_id": channel_id}),
+            "eth_getLogs")
+        for entry in logs:
+            args = entry["args"]
+            terms = (_addr(args["ev"]), _addr(args["cs"]), int(args["window"]))
+            if ChannelRecord(terms[0], terms[1], 0, 0, terms[2]).terms_hash() == stored:
+                self._records[channel_id] = (*terms, entry["blockNumber"])
+                return self._records[channel_id]
+        raise SettlementError("the node has no Opened log matching the stored channel "
                               "(pruned logs? set from_block)", reason="record-missing")
+
+    def _closing_amounts(self, channel_id: bytes, nonce: int, block: int) -> tuple[int, int]:
+        key = (channel_id, nonce)
+        if key not in self._amounts:
+            logs = self.sender.call(lambda: self.contract.events.Closing.get_logs(
+                from_block=block, argument_filters={"channel_id": channel_id}), "eth_getLogs")
+            for entry in logs:  # one Closing per nonce: nonces only grow while closing
+                args = entry["args"]
+                self._amounts[(channel_id, int(args["nonce"]))] = (int(args["t_ev"]),
+                                                                   int(args["t_cs"]))
+        if key not in self._amounts:
+            raise SettlementError("the node has no Closing log for the stored closing state",
+                                  reason="record-missing")
+        return self._amounts[key]
 
     def record(self, channel_id: bytes) -> ChannelRecord:
         view = self.view(channel_id)
@@ -121,8 +159,9 @@ class SettlementClient:
 
     def balance(self, account: bytes) -> int:
         address = Web3.to_checksum_address(account)
-        return self.sender.call(lambda: self.token.functions.balanceOf(address).call(),
-                                "balanceOf")
+        balance: int = self.sender.call(
+            lambda: self.token.functions.balanceOf(address).call(), "balanceOf")
+        return balance
 
     # --- writes -------------------------------------------------------------------------
     def open_channel(self, ev: bytes, cs: bytes, salt: bytes, window_s: int,
@@ -136,7 +175,7 @@ class SettlementClient:
     def deposit(self, channel_id: bytes, amount: int) -> TxResult:
         record = self.record(channel_id)   # first: no approve for a channel that is not open
         self._ensure_allowance(amount)
-        return self._send("deposit", [channel_id, _rec(record), amount])
+        return self._send("deposit", [channel_id, _terms_arg(record), amount])
 
     def cooperative_close(self, state: ChannelState, sig_ev: bytes, sig_cs: bytes) -> TxResult:
         if not state.final:
@@ -151,16 +190,39 @@ class SettlementClient:
             if channel_id is None:
                 raise SettlementError("close needs a state or a channel id", reason="bad-state")
             record = self.record(channel_id)
-            return self._send("close", [channel_id, _rec(record), (0, 0, 0, 0, False),
+            return self._send("close", [channel_id, _terms_arg(record), (0, 0, 0, 0, False),
                                         EMPTY_SIG, EMPTY_SIG])
         return self._state_call("close", state, sig_ev, sig_cs)
 
     def challenge(self, state: ChannelState, sig_ev: bytes, sig_cs: bytes) -> TxResult:
         return self._state_call("challenge", state, sig_ev, sig_cs)
 
+    def close_or_challenge(self, state: ChannelState, sig_ev: bytes,
+                           sig_cs: bytes) -> TxResult | None:
+        """Put our latest co-signed state on chain whatever the peer did first: close an
+        open channel, challenge a closing one whose nonce is lower, nothing (None) when
+        the chain already holds this nonce or a higher one. A peer's close that lands
+        ahead of ours turns our close into a challenge (one retry), so the outcome never
+        depends on who was first (issue 14)."""
+        for attempt in range(2):
+            view = self.view(state.channel_id)
+            if view.record is None:
+                raise SettlementError(f"channel 0x{state.channel_id.hex()} is "
+                                      f"{view.status.value}",
+                                      reason=f"channel-{view.status.value}")
+            if view.status is Status.CLOSING and view.record.nonce >= state.nonce:
+                return None
+            fn = "close" if view.status is Status.OPEN else "challenge"
+            try:
+                return self._state_call(fn, state, sig_ev, sig_cs)
+            except SettlementError as exc:
+                if attempt or exc.reason not in ("rejected", "reverted"):
+                    raise
+        raise AssertionError("unreachable")
+
     def settle(self, channel_id: bytes) -> TxResult:
         record = self.record(channel_id)
-        return self._send("settle", [channel_id, _rec(record)])
+        return self._send("settle", [channel_id, _terms_arg(record)])
 
     def withdraw(self) -> TxResult:
         return self._send("withdraw", [])
@@ -176,7 +238,7 @@ class SettlementClient:
                                                      record.dep_cs)
         except (SignatureError, ChannelError, ValueError) as exc:
             raise SettlementError(f"{fn}: state refused: {exc}", reason="bad-state") from exc
-        args = [state.channel_id, _rec(record),
+        args: list[object] = [state.channel_id, _terms_arg(record),
                 (state.nonce, state.t_ev, state.t_cs, state.wh, state.final), sig_ev, sig_cs]
         return self._send(fn, args)
 
@@ -199,18 +261,19 @@ class SettlementClient:
         return self.sender.transact(bytes.fromhex(self.token.address[2:]), data, "approve")
 
 
-def _view(channel_id: bytes, record: ChannelRecord) -> ChannelView:
-    status = Status.OPEN if record.deadline == 0 else Status.CLOSING
-    return ChannelView(channel_id, status, record)
-
-
 def _cs(address: bytes) -> str:
     return Web3.to_checksum_address(address)
 
 
-def _rec(record: ChannelRecord) -> tuple[object, ...]:
-    """The ABI tuple web3 wants for the contract's ``Record`` struct (checksum addresses)."""
-    return (_cs(record.ev), _cs(record.cs), *record.as_tuple()[2:])
+def _terms_arg(record: ChannelRecord) -> tuple[str, str, int]:
+    """The ABI tuple web3 wants for the contract's ``Terms`` struct (checksum addresses)."""
+    return (_cs(record.ev), _cs(record.cs), record.window)
+
+
+def _addr(value: str | bytes) -> bytes:
+    if isinstance(value, str):
+        return bytes.fromhex(value.removeprefix("0x"))
+    return bytes(value)
 
 
 def _address(value: bytes | str) -> bytes:
@@ -219,10 +282,3 @@ def _address(value: bytes | str) -> bytes:
     if len(value) != 20:
         raise SettlementError("a contract address is 20 bytes", reason="bad-address")
     return value
-
-
-def record_from_log(value: object) -> ChannelRecord:
-    if isinstance(value, Mapping):
-        value = [value[k] for k in ("ev", "cs", "dep_ev", "dep_cs", "window", "deadline",
-                                    "nonce", "t_ev", "t_cs")]
-    return ChannelRecord.from_tuple(value)  # type: ignore[arg-type]

@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # web3 is imported only by the commands that talk to a node
 EXIT_OK, EXIT_FAIL = 0, 1
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     channel = subparsers.add_parser(
         "channel", help="settle payment channels on the chain: status, close, settle, watch",
         description="Payment channels on the settlement contract, through the JSON-RPC node "
@@ -59,11 +59,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="close unilaterally even with a final state")
     p = add("settle", cmd_settle, "pay out a closing channel after its dispute window")
     p.add_argument("channel_id", help="channel id, 0x + 64 hex digits")
-    p = add("watch", cmd_watch, "watchtower: challenge stale closes with the latest delegated "
-            "states (*.state files in a directory) until interrupted")
-    p.add_argument("--states", type=Path, help="directory of delegated *.state files "
+    p = add("watch", cmd_watch, "watchtower: challenge stale closes with the best valid state "
+            "handed off to it (*.handoff files in a directory) until interrupted")
+    p.add_argument("--states", type=Path, help="directory of *.handoff files "
                    "(default: [settlement] watch_dir)")
+    p.add_argument("--store", type=Path, help="the tower's crash-safe store (default: "
+                   "[settlement] watch_store, else <state dir>/watchtower.store)")
     p.add_argument("--poll", type=float, default=None, help="seconds between polls")
+    p.add_argument("--margin", type=int, default=None,
+                   help="warn when a stale close leaves fewer seconds than this")
     p.add_argument("--once", action="store_true", help="poll once and exit")
 
 
@@ -168,23 +172,36 @@ def cmd_settle(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from agent.settlement.watchtower import Watchtower, WatchtowerService, states_from_dir
+    from agent.settlement.towerstore import TowerStore
+    from agent.settlement.watchtower import Watchtower, WatchtowerService, handoffs_from_dir
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     client, settings = _client(args)
     directory = args.states or settings.watch_dir
     if directory is None or not directory.is_dir():
-        raise ConfigError(key="watch_dir", expected="a directory of *.state files",
+        raise ConfigError(key="watch_dir", expected="a directory of *.handoff files",
                           found=str(directory))
-    tower = Watchtower(client.chain_id, client.address)
-    service = WatchtowerService(client, tower, from_block=client.from_block,
-                                sources=[states_from_dir(directory)])
-    if args.once:
-        sent = service.poll_once()
-        print(json.dumps({"challenges": len(sent), **dict(tower.counters)}))
-        return EXIT_OK
+    store_path = args.store or settings.watch_store
+    if store_path is None:
+        state_dir = _settings(args)[3]
+        if state_dir is None:
+            raise ConfigError(key="watch_store", expected="a path for the tower's store",
+                              found=None)
+        store_path = Path(state_dir) / "watchtower.store"
+    store = TowerStore(store_path)
     try:
-        service.run(poll_s=args.poll or settings.poll_s)
-    except KeyboardInterrupt:
-        pass
-    return EXIT_OK
+        margin = args.margin if args.margin is not None else settings.margin_s
+        tower = Watchtower(client.chain_id, client.address, margin_s=margin, store=store)
+        service = WatchtowerService(client, tower, from_block=client.from_block,
+                                    sources=[handoffs_from_dir(directory)])
+        if args.once:
+            sent = service.poll_once()
+            print(json.dumps({"challenges": len(sent), **dict(tower.counters)}))
+            return EXIT_OK
+        try:
+            service.run(poll_s=args.poll or settings.poll_s)
+        except KeyboardInterrupt:
+            pass
+        return EXIT_OK
+    finally:
+        store.close()

@@ -26,12 +26,15 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import requests
+from eth_typing import HexStr
+from hexbytes import HexBytes
 from web3 import HTTPProvider, Web3
 from web3.exceptions import ContractLogicError, TransactionNotFound, Web3Exception
+from web3.types import TxParams, TxReceipt, Wei
 
 from agent.errors import SettlementError
 from agent.settlement.model import TxResult
-from agent.settlement.settings import SendPolicy
+from agent.settlement.settings import SendPolicy as SendPolicy  # re-exported for callers
 from agent.settlement.txsign import DigestSigner, Tx, contract_address, tx_hash
 
 log = logging.getLogger(__name__)
@@ -109,7 +112,8 @@ class Sender:
         confirmation depth. The estimate runs on the latest block, the transaction lands in
         the next one: at a dispute-window edge the two can differ, which surfaces as
         ``reverted`` rather than ``rejected``."""
-        request = {"from": self.address, "data": "0x" + data.hex(), "value": value}
+        request: TxParams = {"from": self.address, "data": HexStr("0x" + data.hex()),
+                             "value": Wei(value)}
         if to is not None:
             request["to"] = Web3.to_checksum_address(to)
         if gas is None:
@@ -127,7 +131,7 @@ class Sender:
         except SettlementError as exc:
             if exc.reason == "node-unavailable":
                 raise
-            priority = DEFAULT_PRIORITY_FEE
+            priority = Wei(DEFAULT_PRIORITY_FEE)
         pending = self.call(lambda: self.w3.eth.get_transaction_count(self.address, "pending"),
                             "eth_getTransactionCount")
         tx = Tx(self.chain_id, pending, priority, 2 * base_fee + priority, gas, to, value, data)
@@ -167,9 +171,10 @@ class Sender:
         block = self.call(lambda: self.w3.eth.get_block(receipt["blockNumber"]), "eth_getBlock")
         return TxResult(bytes(txh), receipt["gasUsed"], receipt["blockNumber"], block["timestamp"])
 
-    def _receipt(self, txh: bytes, what: str):  # -> TxReceipt | None
+    def _receipt(self, txh: bytes, what: str) -> TxReceipt | None:
         try:
-            return self.call(lambda: self.w3.eth.get_transaction_receipt(txh), f"{what} receipt")
+            return self.call(lambda: self.w3.eth.get_transaction_receipt(HexBytes(txh)),
+                             f"{what} receipt")
         except SettlementError as exc:
             if isinstance(exc.__cause__, TransactionNotFound):
                 return None

@@ -7,8 +7,11 @@
     confirmations = 1                # blocks on top of the including one, plus one
     retries = 3                      # per JSON-RPC call, on connection errors only
     timeout_s = 120                  # per transaction, mined and confirmed
-    watch_dir = "/var/lib/edge-agent/watch"   # `channel watch`: delegated *.state files
+    watch_dir = "/var/lib/edge-agent/watch"   # `channel watch`: hand-offs (*.handoff files)
+    watch_store = "/var/lib/edge-agent/watchtower.store"  # `channel watch`: what it guards
+                                     # (default: <state_dir>/watchtower.store)
     poll_s = 2.0                     # `channel watch`: seconds between polls
+    margin_s = 600                   # `channel watch`: warn when a stale close leaves less
 """
 
 from __future__ import annotations
@@ -43,7 +46,9 @@ class SettlementConfig:
     from_block: int = 0
     policy: SendPolicy = SendPolicy()
     watch_dir: Path | None = None
+    watch_store: Path | None = None
     poll_s: float = 2.0
+    margin_s: int = 600
 
     @classmethod
     def from_table(cls, table: Table) -> SettlementConfig:
@@ -54,6 +59,7 @@ class SettlementConfig:
         if contract_text is not None and not _ADDRESS.match(contract_text):
             raise table.error("contract", "a 0x-prefixed 20-byte hex address", contract_text)
         watch = table.opt_str("watch_dir")
+        watch_store = table.opt_str("watch_store")
         value = cls(
             node=node,
             contract=bytes.fromhex(contract_text[2:]) if contract_text else None,
@@ -62,7 +68,9 @@ class SettlementConfig:
                               retries=table.int("retries", 3, min=1, max=100),
                               timeout_s=table.float("timeout_s", 120.0, min=1.0)),
             watch_dir=Path(watch) if watch else None,
+            watch_store=Path(watch_store) if watch_store else None,
             poll_s=table.float("poll_s", 2.0, min=0.05),
+            margin_s=table.int("margin_s", 600, min=0),
         )
         table.reject_unknown()
         return value

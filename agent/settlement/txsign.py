@@ -50,7 +50,8 @@ class Tx:
         """The raw signed transaction for eth_sendRawTransaction."""
         sig = signer.sign_digest(self.signing_hash())
         r, s, v = int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:64], "big"), sig[64]
-        return b"\x02" + rlp.encode(self._fields() + [v - 27, r, s])
+        encoded: bytes = rlp.encode(self._fields() + [v - 27, r, s])  # rlp has no types
+        return b"\x02" + encoded
 
 
 def tx_hash(raw: bytes) -> bytes:

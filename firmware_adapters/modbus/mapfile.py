@@ -6,7 +6,7 @@ documented per-request limit (``max_read``), its function code(s), word order an
 its "not available" sentinels (map-level per type, ``sentinels = { uint32 = [0xFFFFFFFF] }``,
 or per register), its physical limits (``[limits]``) and its identity registers
 (``[identity] serial = {...}``, ``model = {..., match = [...]}``: read once per connection;
-``match`` makes ``map = "auto"`` recognise the model).
+``match`` makes ``map = "auto"`` recognise the model: text prefixes, or exact model codes).
 
 Every problem is a ConfigError naming the file and the key (firmware_adapters may not
 import agent.config, hence the small reader at the end).

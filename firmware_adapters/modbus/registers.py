@@ -145,14 +145,15 @@ class RegisterSpec:
 class IdentityKind(StrEnum):
     UINT16 = "uint16"
     UINT32 = "uint32"
-    ASCII = "ascii"
+    ASCII = "ascii"  # two characters per register, high byte first
+    CHAR = "char"    # one character per register, in the low byte (Carlo Gavazzi 5000h)
 
 
 @dataclass(frozen=True, slots=True)
 class IdentityField:
     """Where a meter states who it is (serial number, model): read once per connection,
-    never per poll. ``match``: prefixes of the model text (or decimal codes) that make
-    ``map = "auto"`` pick this map."""
+    never per poll. ``match``: what makes ``map = "auto"`` pick this map: prefixes of the
+    model text (ascii, char), or the exact decimal model codes (uint16, uint32)."""
 
     function: int
     address: int
@@ -174,8 +175,18 @@ class IdentityField:
             return str(words[0])
         if self.kind is IdentityKind.UINT32:
             return str((words[0] << 16) | words[1])
-        text = b"".join(w.to_bytes(2, "big") for w in words).decode("latin-1")
+        if self.kind is IdentityKind.CHAR:
+            text = "".join(chr(w & 0xFF) for w in words)
+        else:
+            text = b"".join(w.to_bytes(2, "big") for w in words).decode("latin-1")
         return "".join(c for c in text if c.isascii() and (c.isalnum() or c in "._-"))[:32]
+
+    def matches(self, text: str) -> bool:
+        """Whether a decoded identity names this map's model: a code equals one of
+        ``match``; a text starts with one (a code 341 must not match 3410)."""
+        if self.kind in (IdentityKind.UINT16, IdentityKind.UINT32):
+            return text in self.match
+        return any(text.startswith(prefix) for prefix in self.match)
 
 
 @dataclass(frozen=True, slots=True)

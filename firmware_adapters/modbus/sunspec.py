@@ -10,8 +10,14 @@ registers (``*_SF``: value x 10^SF), uint32 ("acc32") energy counters in Wh; "no
 implemented" is 0x8000 (int16) and a scale factor of 0x8000 (sunssf).
 
 ``map = "auto"``: the SunSpec header first, then every built-in map that documents a
-model register with ``match`` prefixes (Iskra "WM3M4", ABB "B23"/"B24", Schneider
-"iEM3"), in name order. The first that answers and matches is taken.
+model register with ``match`` values: first the maps whose model register holds text
+(Iskra "WM3M4", ABB "B23"/"B24", Schneider "iEM3"), then those with a numeric model code,
+holding registers before input registers (Eastron FC02h, Finder 39000, Carlo Gavazzi
+000Bh), each group in name order. Text names itself; a bare number at an address where another
+make keeps a measurement can match by chance (an Eastron's input register 000Bh is half
+of its phase 3 current float), so the codes kept apart from the measurements go first. A
+code must equal a documented value, a text start with one. The first that answers and
+matches is taken; each identity register is read at most once per detection.
 
 The planning is pure (:func:`sunspec_map`); the discovery is a short coroutine over a
 ``read(function, address, count)`` callable that raises our AdapterErrors.
@@ -26,6 +32,7 @@ from agent.errors import AdapterError, ConfigError, DecodeError
 from firmware_adapters.modbus.mapfile import builtin_maps, load_map
 from firmware_adapters.modbus.registers import (
     FUNCTION_HOLDING,
+    FUNCTION_INPUT,
     DataType,
     IdentityField,
     IdentityKind,
@@ -118,20 +125,31 @@ async def detect(read: Read, rated_power_w: int = 44_850) -> tuple[str, MeterMap
         return "sunspec", await discover_sunspec(read, rated_power_w)
     except ConfigError:
         pass
+    candidates = []
     for name in builtin_maps():
         meter_map = load_map(name)
         field = meter_map.model_id
-        if field is None or not field.match:
+        if field is not None and field.match:
+            candidates.append((field.kind is not IdentityKind.ASCII,
+                               field.function == FUNCTION_INPUT, name, meter_map, field))
+    seen: dict[tuple[int, int, int], list[int] | None] = {}
+    for _, _, name, meter_map, field in sorted(candidates, key=lambda c: c[:3]):
+        key = (field.function, field.address, field.count)
+        if key not in seen:
+            try:
+                seen[key] = await read(*key)
+            except AdapterError as exc:
+                if exc.reason == "line-down":
+                    raise
+                seen[key] = None
+        words = seen[key]
+        if words is None:
             continue
         try:
-            text = field.decode(await read(field.function, field.address, field.count))
-        except AdapterError as exc:
-            if exc.reason == "line-down":
-                raise
-            continue
+            text = field.decode(words)
         except DecodeError:
             continue
-        if any(text.startswith(prefix) for prefix in field.match):
+        if field.matches(text):
             return name, meter_map
     raise ConfigError(key="map", expected="a meter that identifies itself (SunSpec, "
                       "or a model register of a built-in map)", found="no match")

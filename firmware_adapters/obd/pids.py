@@ -131,16 +131,23 @@ def decode_monitor_status(data: bytes) -> tuple[Signal, ...]:
 
 
 def decode_hybrid_battery(data: bytes) -> tuple[Signal, ...]:
-    """PID 9A (SAE J1979-DA, hybrid/EV battery system data): A = support bits (bit 0
-    voltage, bit 1 current), B-C voltage at 1/64 V, D-E signed current at 0.1 A. The current
-    keeps the ECU's sign; a value the ECU flags unsupported is not emitted."""
+    """PID 9A (SAE J1979-DA, Hybrid/EV Vehicle System Data, 6 bytes): A = support bits
+    (bit 0 the charging state in B, bit 1 the battery voltage, bit 2 the current), B =
+    Hybrid/EV charging state, C-D = battery system voltage at 1/64 V (0.015625 V/bit),
+    E-F = battery system current at 0.1 A/bit, signed, positive while the battery
+    discharges. Layout and sign as decoded from a production hybrid (Honda e:HEV, support
+    mask 0x07, 238-264 V, -105..+116 A with discharge positive: papataku/honda_ehev_analyzer
+    docs/PHASE29_SESSION12_STANDARD_HEV.md) and as AWS IoT FleetWise Edge's J1979 table
+    places the fields (C-D x 0.015625, E-F x 0.1). VSS counts current into the battery as
+    positive, so the current is negated. A value the ECU flags unsupported is not
+    emitted."""
     out: list[Signal] = []
-    if data[0] & 0x01:
-        out.append(("Vehicle.Powertrain.TractionBattery.CurrentVoltage", "V",
-                    round(int.from_bytes(data[1:3], "big") / 64, 6)))
     if data[0] & 0x02:
+        out.append(("Vehicle.Powertrain.TractionBattery.CurrentVoltage", "V",
+                    round(int.from_bytes(data[2:4], "big") / 64, 6)))
+    if data[0] & 0x04:
         out.append(("Vehicle.Powertrain.TractionBattery.CurrentCurrent", "A",
-                    round(int.from_bytes(data[3:5], "big", signed=True) / 10, 6)))
+                    round(-int.from_bytes(data[4:6], "big", signed=True) / 10, 6)))
     return tuple(out)
 
 

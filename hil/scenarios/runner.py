@@ -137,7 +137,7 @@ def _positive(text: str) -> float:
     return value
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``edge-agent hil run|list`` (registered through hil/commands.py)."""
     hil = subparsers.add_parser(
         "hil", help="hardware-in-the-loop scenarios: run one and judge its expectations",

@@ -123,9 +123,6 @@ class Profile:
     def power_at(self, t_s: float) -> int:
         return round(_interpolate(self.power_w, t_s))
 
-    def speed_at(self, t_s: float) -> float:
-        return _interpolate(self.speed_kmh, t_s) if self.speed_kmh else 0.0
-
     def energy_wh(self, t_s: float) -> float:
         """Exact integral of the power from 0 to ``t_s`` in Wh (trapezoids are exact here)."""
         total, points = 0.0, self.power_w

@@ -118,12 +118,14 @@ def _temp(c: float) -> bytes:
 
 
 def _hv_battery(s: VehicleState) -> bytes:
-    """PID 9A: voltage and current supported (A = 0x03), 1/64 V and signed 0.1 A."""
+    """PID 9A (J1979-DA): A = 0x06 (voltage and current supported, no charging state),
+    B = charging state (0), C-D voltage at 1/64 V, E-F current at 0.1 A, signed, positive
+    while discharging (VSS counts charging as positive, hence the minus)."""
     values = sim_uds.physical(s)
     volts = values["Vehicle.Powertrain.TractionBattery.CurrentVoltage"]
     amps = values["Vehicle.Powertrain.TractionBattery.CurrentCurrent"]
-    return bytes((0x03,)) + round(volts * 64).to_bytes(2, "big") + \
-        round(amps * 10).to_bytes(2, "big", signed=True) + b"\x00"
+    return bytes((0x06, 0x00)) + round(volts * 64).to_bytes(2, "big") + \
+        round(-amps * 10).to_bytes(2, "big", signed=True)
 
 
 ENCODERS: dict[int, Callable[[VehicleState, float], bytes]] = {

@@ -246,10 +246,12 @@ class MeterModel:
 
 def identity_words(field: IdentityField, text: str) -> list[int]:
     """The registers a meter shows its serial or model in (ASCII two per register, high
-    byte first, NUL padded; or a decimal number)."""
+    byte first, NUL padded; one letter per register; or a decimal number)."""
     if field.kind is IdentityKind.ASCII:
         data = text.encode("ascii", "replace")[:2 * field.count].ljust(2 * field.count, b"\0")
         return [int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2)]
+    if field.kind is IdentityKind.CHAR:  # one letter per register (Carlo Gavazzi 5000h)
+        return list(text.encode("ascii", "replace")[:field.count].ljust(field.count, b"\0"))
     number = int(text) if text.isdigit() else 0
     if field.kind is IdentityKind.UINT16:
         return [number & 0xFFFF]

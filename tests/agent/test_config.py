@@ -40,7 +40,7 @@ url = "mqtt://localhost"
     ("[[sources]]\nkind = 'x'", "sources[0].id: expected a value, found nothing (the key is required)"),
     ("[[sources]]\nid='a'\nkind='x'\n[[sources]]\nid='a'\nkind='y'", "sources[1].id: expected a unique source id"),
     ("[device\n", "not valid TOML"),
-    ("surprise = 1", "surprise: expected one of batch, channel, device"),
+    ("surprise = 1", "surprise: expected one of batch, channel, chargers, device"),
 ])
 def test_errors_are_one_clear_line(tmp_path, text, message):
     with pytest.raises(ConfigError) as info:

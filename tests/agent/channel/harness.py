@@ -30,6 +30,7 @@ class Setup:
     credit_window_wh: int = 100
     pay_step_wh: int = 10
     tolerance_wh: int = 50
+    require_funding_check: bool = False  # the station's ledger check: its own tests turn it on
     salt: bytes = field(default_factory=lambda: os.urandom(32))
     ev_id: IdentityKey = field(default_factory=IdentityKey.generate)
     cs_id: IdentityKey = field(default_factory=IdentityKey.generate)
@@ -50,7 +51,8 @@ class Setup:
                     tariff_sig=sign_tariff(self.tariff, self.cs_id),
                     deposit_ev=self.deposit_ev, deposit_cs=self.deposit_cs,
                     dispute_window_s=3600, credit_window_wh=self.credit_window_wh,
-                    pay_step_wh=self.pay_step_wh)
+                    pay_step_wh=self.pay_step_wh,
+                    require_funding_check=self.require_funding_check)
 
     def vehicle_kwargs(self) -> dict[str, object]:
         return dict(identity=self.ev_id, settlement=self.ev_key, station=self.cs_party,
@@ -88,6 +90,7 @@ class Link:
         self.events: list[tuple[str, Action]] = []
         self.sent: list[tuple[str, bytes]] = []
         self.now = 0.0
+        self.wall: float | None = None  # both parties' wall clock (None: none; charge sets it)
 
     def run(self, side: str, actions: list[Action]) -> None:
         """Execute actions of ``side`` in order, delivering sends to the other side."""
@@ -101,19 +104,20 @@ class Link:
                     self.sent.append((who, action.data))
                     peer = self.ev if who == "cs" else self.cs
                     other = "ev" if who == "cs" else "cs"
-                    queue.append((other, peer.receive(action.data, self.now)))
+                    queue.append((other, peer.receive(action.data, self.now, self.wall)))
                 else:
                     self.events.append((who, action))
 
     def deliver(self, side: str, data: bytes) -> list[Action]:
         """Hand ``data`` to ``side`` and run what it answers; return its actions."""
         party = self.cs if side == "cs" else self.ev
-        actions = party.receive(data, self.now)
+        actions = party.receive(data, self.now, self.wall)
         self.run(side, actions)
         return actions
 
     def charge(self, steps: int, wh: int = 10, ts_s: int = 1_700_000_000) -> None:
         """Meter ``steps`` increments of ``wh`` at the station (raw register values)."""
+        self.wall = ts_s  # the vehicle's clock agrees with the station's
         for _ in range(steps):
             raw = self.cs.base[0] + self.cs.import_wh + wh if self.cs.base else 1_000_000
             exp = self.cs.base[1] + self.cs.export_wh if self.cs.base else 500_000

@@ -100,7 +100,7 @@ def test_credit_window_pauses_and_resumes_delivery() -> None:
     link.open_and_fund()
     assert events(link, "cs", DeliveryResumed)
     # The vehicle goes silent: drop everything it sends from now on.
-    link.ev.receive = lambda data, now: []  # type: ignore[method-assign]
+    link.ev.receive = lambda data, now, wall=None: []  # type: ignore[method-assign]
     link.charge(5)
     assert link.cs.headroom_wh == 0 and link.cs.unpaid_wh == 50
     assert len(events(link, "cs", DeliveryPaused)) == 1
@@ -140,7 +140,7 @@ def test_lost_ack_is_recovered_by_the_retransmit_timer() -> None:
     link = Link(Setup())
     link.open_and_fund()
     real = link.ev.receive
-    link.ev.receive = lambda data, now: (  # type: ignore[method-assign]
+    link.ev.receive = lambda data, now, wall=None: (  # type: ignore[method-assign]
         [] if data[1] == MsgType.ACK else real(data, now))
     link.charge(1)
     assert link.cs.nonce == 1 and link.ev.nonce == 0

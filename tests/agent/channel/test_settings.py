@@ -85,7 +85,7 @@ meter = "m"
     ((f'contract = "{CONTRACT}"', "poll_s = 1.0"), "settlement.contract: expected the channel "
                                                    "contract"),
     (("price_per_kwh = 100", "price_per_kwh = 100\ncredit_windoww_wh = 5"),
-     "did you mean 'credit_window_wh'"),
+     'did you mean "credit_window_wh"'),
 ])
 def test_bad_channel_values_name_file_key_expected_found(tmp_path: Path, change: tuple,
                                                          message: str) -> None:

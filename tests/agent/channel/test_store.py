@@ -96,7 +96,7 @@ def test_restart_resumes_the_session(tmp_path: Path) -> None:
     sends the very same signed state, and the session goes on to a clean close."""
     link = charged_link(5)
     real = link.ev.receive
-    link.ev.receive = lambda data, now: [a for a in real(data, now)  # type: ignore[method-assign]
+    link.ev.receive = lambda data, now, wall=None: [a for a in real(data, now, wall)  # type: ignore[method-assign]
                                          if type(a).__name__ == "Persist"]
     link.charge(1)
     assert link.ev.pending is not None and link.cs.nonce == 5

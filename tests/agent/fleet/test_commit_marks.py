@@ -186,7 +186,7 @@ def test_offline_status_carries_the_signed_head(tmp_path, mosquitto):
     assert proc.returncode == 0, out
     payload = asyncio.run(retained_status(mosquitto.url, "cs-h"))
     status = json.loads(payload)
-    assert status["state"] == "offline"
+    assert status["state"] == "offline", out
     keys = KeyStore(tmp_path / "cs-h").load()
     head = open_head(head_from_status(payload), lambda kid: keys.identity.public)
     _, next_seq = spool_seqs(tmp_path, "cs-h")

@@ -36,9 +36,9 @@ class Raw:
 
 
 def _abi(value: object) -> object:
-    if isinstance(value, ChannelRecord):
+    if isinstance(value, ChannelRecord):  # what callers pass back: the channel's Terms
         return (Web3.to_checksum_address(value.ev), Web3.to_checksum_address(value.cs),
-                *value.as_tuple()[2:])
+                value.window)
     if isinstance(value, ChannelState):
         return (value.nonce, value.t_ev, value.t_cs, value.wh, value.final)
     if isinstance(value, bytes) and len(value) == 20:
@@ -114,11 +114,6 @@ ANVIL_HINT = ("anvil not found. Install it once with: npm install --prefix .venv
               "or deselect with -m 'not anvil')")
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "anvil: runs against an anvil node started by the test "
-                                       "(fails, does not skip, when anvil is missing)")
-
-
 def find_anvil() -> str | None:
     import shutil
     from pathlib import Path
@@ -173,3 +168,89 @@ def anvil_url() -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+# --- one adversary test, two chains: eth-tester and anvil ------------------------------------
+
+class AnvilChain:
+    """What the tests use of InProcessChain, on an anvil node (its dev RPC funds our keys,
+    snapshots and moves the clock)."""
+
+    def __init__(self, url: str) -> None:
+        from agent.settlement.chain import deploy_contracts
+        from agent.settlement.rpc import connect
+
+        self.w3 = connect(url)
+        self.deployer = SettlementKey.generate()
+        self._set_balance(self.deployer.address)
+        self.deployment = deploy_contracts(self.w3, self.deployer, min_window_s=1)
+
+    def _set_balance(self, address: bytes) -> None:
+        self.w3.provider.make_request("anvil_setBalance",
+                                      [Web3.to_checksum_address(address), hex(10 * 10**18)])
+
+    @property
+    def token(self) -> bytes:
+        return self.deployment.token
+
+    @property
+    def contract(self) -> bytes:
+        return self.deployment.channel
+
+    @property
+    def chain_id(self) -> int:
+        return self.w3.eth.chain_id
+
+    def fund(self, address: bytes, *, ether: int = 1, tokens: int = 0) -> None:
+        from agent.settlement.chain import mint
+
+        if ether:
+            self._set_balance(address)
+        if tokens:
+            mint(self.w3, self.deployer, self.token, address, tokens)
+
+    def advance_time(self, seconds: int) -> int:
+        from agent.settlement.chain import advance_time
+
+        return advance_time(self.w3, seconds)
+
+    def snapshot(self) -> str:
+        return self.w3.provider.make_request("evm_snapshot", [])["result"]
+
+    def revert(self, snapshot_id: str) -> None:
+        self.w3.provider.make_request("evm_revert", [snapshot_id])
+
+
+def _parties_on(chain: InProcessChain | AnvilChain) -> Parties:
+    keys = [SettlementKey.generate() for _ in range(3)]
+    for key in keys:
+        fund_party(chain, key)  # type: ignore[arg-type]
+    return Parties(chain, *keys)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def anvil_parties(anvil_url: str) -> Parties:
+    return _parties_on(AnvilChain(anvil_url))
+
+
+@pytest.fixture(scope="module", params=["eth-tester", pytest.param("anvil", marks=pytest.mark.anvil)])
+def backend_parties(request: pytest.FixtureRequest) -> Parties:
+    """Three funded parties on eth-tester, then the same on anvil (a real node)."""
+    if request.param == "anvil":
+        return request.getfixturevalue("anvil_parties")  # type: ignore[no-any-return]
+    return _parties_on(InProcessChain.start(min_window_s=1))
+
+
+@pytest.fixture
+def on_both(backend_parties: Parties) -> Iterator[Parties]:
+    """``backend_parties`` rolled back after each test."""
+    snap = backend_parties.chain.snapshot()
+    yield backend_parties
+    backend_parties.chain.revert(snap)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def on_anvil(anvil_parties: Parties) -> Iterator[Parties]:
+    snap = anvil_parties.chain.snapshot()
+    yield anvil_parties
+    anvil_parties.chain.revert(snap)  # type: ignore[arg-type]

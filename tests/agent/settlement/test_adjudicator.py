@@ -224,15 +224,17 @@ class Trace:
         return f"{name}:{got}"
 
     def compare(self, balances: bool = True) -> None:
-        """Stored channel hashes always; token balances when something may have moved."""
+        """The channel's three storage slots always; token balances when something may have
+        moved."""
         for cid in self.ids:
-            stored = self.setup.channel.functions.channels(cid).call(self.setup.caller)
+            stored = tuple(self.setup.channel.functions.read(cid).call(self.setup.caller))
             if cid not in self.ref.channels:
-                assert stored == bytes(32)
+                assert stored == (bytes(32), 0, 0)
             elif self.ref.channels[cid] is None:
-                assert stored == SETTLED
+                assert stored == (SETTLED, 0, 0)
             else:
-                assert stored == self.ref.channels[cid].hash()
+                r = self.ref.channels[cid]
+                assert stored == (r.terms_hash(), r.packed_deposits(), r.packed_closing())
         if balances:
             for address, amount in self.ref.tokens.items():
                 assert self.setup.balance(address) == amount

@@ -23,5 +23,5 @@ def test_load_gives_deployable_bytecode_and_the_abi() -> None:
     channel = artifacts.load("EvEdgeChannel")
     names = {item.get("name") for item in channel.abi}
     assert {"open", "deposit", "coopClose", "close", "challenge", "settle", "withdraw",
-            "RecordSet", "Settled"} <= names
+            "read", "Opened", "Deposited", "Closing", "Settled", "Credited"} <= names
     assert channel.bytecode[:2] != b"" and len(channel.bytecode) > 1000

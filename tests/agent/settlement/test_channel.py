@@ -41,8 +41,16 @@ def open_funded(p: Parties, dep_ev: int = 1000, dep_cs: int = 500,
     return channel_id, record
 
 
-def stored(p: Parties, channel_id: bytes) -> bytes:
-    return p.client(p.ev).contract.functions.channels(channel_id).call()
+def stored(p: Parties, channel_id: bytes) -> tuple[bytes, int, int]:
+    """The channel's three storage slots: Terms hash, packed deposits, packed closing."""
+    return tuple(p.client(p.ev).contract.functions.read(channel_id).call())  # type: ignore[return-value]
+
+
+def slots(record: ChannelRecord) -> tuple[bytes, int, int]:
+    return record.terms_hash(), record.packed_deposits(), record.packed_closing()
+
+
+SETTLED_SLOTS = ((1).to_bytes(32, "big"), 0, 0)
 
 
 def closing(record: ChannelRecord, deadline: int, nonce: int, t_ev: int,
@@ -62,7 +70,7 @@ def malleate(sig: bytes) -> bytes:
 def test_open_and_deposits_store_the_record_hash_and_move_tokens(parties: Parties) -> None:
     p = parties
     channel_id, record = open_funded(p, 1000, 500)
-    assert stored(p, channel_id) == record.hash()
+    assert stored(p, channel_id) == slots(record)
     assert p.balance(p.ev) == TOKENS - 1000 and p.balance(p.cs) == TOKENS - 500
     assert p.balance(p.chain.contract) == 1500
     view = p.client(p.cs).view(channel_id)
@@ -74,7 +82,7 @@ def test_open_by_the_station_credits_its_side(parties: Parties) -> None:
     salt = new_salt()
     p.raw(p.cs)("open", p.ev.address, p.cs.address, salt, WINDOW, 70)
     cid = derive_channel_id(p.chain.chain_id, p.chain.contract, p.ev.address, p.cs.address, salt)
-    assert stored(p, cid) == ChannelRecord(p.ev.address, p.cs.address, 0, 70, WINDOW).hash()
+    assert stored(p, cid) == slots(ChannelRecord(p.ev.address, p.cs.address, 0, 70, WINDOW))
 
 
 @pytest.mark.parametrize("case", ["outsider", "same-party", "zero-address", "window-low",
@@ -117,12 +125,12 @@ def test_deposit_rules(parties: Parties) -> None:
     cid, record = open_funded(p, 100, 0)
     with rejected("not a party"):
         p.raw(p.other)("deposit", cid, record, 5)
-    forged = ChannelRecord(p.ev.address, p.cs.address, 10**6, 0, WINDOW)
+    forged = ChannelRecord(p.ev.address, p.cs.address, 100, 0, WINDOW + 1)
     with rejected("record"):
         p.raw(p.ev)("deposit", cid, forged, 5)
     p.raw(p.ev)("deposit", cid, record, 5)       # top-up of the opener's own side
     record = ChannelRecord(p.ev.address, p.cs.address, 105, 0, WINDOW)
-    assert stored(p, cid) == record.hash()
+    assert stored(p, cid) == slots(record)
     with rejected(""):                           # more than the depositor holds: the token reverts
         p.raw(p.cs)("deposit", cid, record, TOKENS + 1)
     tx = p.raw(p.ev)("close", cid, record, p.state(cid, 0, 0), b"", b"")
@@ -141,7 +149,7 @@ def test_cooperative_close_settles_at_once_and_only_once(parties: Parties) -> No
     assert p.balance(p.ev) == TOKENS - 1000 + 800
     assert p.balance(p.cs) == TOKENS - 500 + 700
     assert p.balance(p.chain.contract) == 0
-    assert stored(p, cid) == (1).to_bytes(32, "big")
+    assert stored(p, cid) == SETTLED_SLOTS
     with rejected("record"):
         p.raw(p.ev)("coopClose", cid, record, final, *sigs)
     with rejected("record"):
@@ -255,7 +263,7 @@ def test_unilateral_close_challenge_and_settle(parties: Parties) -> None:
     tx = p.raw(p.ev)("close", cid, record, old, *p.sigs(old))      # the EV closes stale
     deadline = tx.block_timestamp + WINDOW
     rec = closing(record, deadline, 3, 100)
-    assert stored(p, cid) == rec.hash()
+    assert stored(p, cid) == slots(rec)
     with rejected("not open"):
         p.raw(p.cs)("close", cid, rec, new, *p.sigs(new))
     with rejected("stale"):
@@ -264,7 +272,7 @@ def test_unilateral_close_challenge_and_settle(parties: Parties) -> None:
         p.raw(p.other)("settle", cid, rec)
     p.raw(p.other)("challenge", cid, rec, new, *p.sigs(new))          # a watchtower
     rec = closing(record, deadline, 9, 400, 50)
-    assert stored(p, cid) == rec.hash()
+    assert stored(p, cid) == slots(rec)
     p.chain.advance_time(WINDOW + 1)
     newer = p.state(cid, 10, 500)
     with rejected("not in window"):
@@ -301,13 +309,15 @@ def test_cooperative_close_during_the_window_needs_a_newer_final_state(parties: 
     assert p.balance(p.cs) == TOKENS - 500 + 750
 
 
-def test_record_must_match_the_stored_hash(parties: Parties) -> None:
+def test_terms_must_match_the_stored_hash(parties: Parties) -> None:
+    """Callers pass the Terms (ev, cs, window) back; deposits and the closing state are
+    read from storage, so no caller can pass other deposits."""
     p = parties
     cid, record = open_funded(p, 1000, 500)
     final = p.state(cid, 1, 10, final=True)
-    for forged in (ChannelRecord(p.ev.address, p.cs.address, 2000, 500, WINDOW),
+    for forged in (ChannelRecord(p.ev.address, p.cs.address, 1000, 500, WINDOW + 1),
                    ChannelRecord(p.other.address, p.cs.address, 1000, 500, WINDOW),
-                   ChannelRecord(p.ev.address, p.cs.address, 1000, 500, WINDOW, 1)):
+                   ChannelRecord(p.ev.address, p.other.address, 1000, 500, WINDOW)):
         with rejected("record"):
             p.raw(p.ev)("coopClose", cid, forged, final, *p.sigs(final))
     with rejected("record"):

@@ -15,8 +15,10 @@ from agent.keys import KeyStore, SettlementKey
 from agent.settlement.chain import advance_time, deploy_contracts, mint
 from agent.settlement.client import SettlementClient
 from agent.settlement.commands import register
+from agent.settlement.handoff import Handoff
 from agent.settlement.model import SignedState
 from agent.settlement.rpc import connect
+from agent.settlement.watchtower import drop_handoff
 
 from .conftest import new_salt
 
@@ -60,7 +62,8 @@ def test_status_close_settle_watch_on_anvil(anvil_url: str, tmp_path: Path,
                       f'from_block = {dep.block}\n')
     base = ["--config", str(config)]
     ev = SettlementClient(anvil_url, dep.channel, ev_key, from_block=dep.block)
-    cid = ev.open_channel(ev_key.address, cs_key.address, new_salt(), 20, 1000).channel_id
+    salt = new_salt()
+    cid = ev.open_channel(ev_key.address, cs_key.address, salt, 20, 1000).channel_id
     cid_hex = "0x" + cid.hex()
 
     assert run(["channel", "status", cid_hex, "--json", *base]) == 0
@@ -79,9 +82,16 @@ def test_status_close_settle_watch_on_anvil(anvil_url: str, tmp_path: Path,
     assert "closing at nonce 1" in capsys.readouterr().out
     watch_dir = tmp_path / "watch"
     watch_dir.mkdir()
-    latest.rename(watch_dir / latest.name)
+    latest.rename(watch_dir / latest.name)   # a bare state: not an authenticated hand-off
     assert run(["channel", "watch", "--once", "--states", str(watch_dir), *base]) == 0
-    assert json.loads(capsys.readouterr().out)["challenges"] == 1
+    assert json.loads(capsys.readouterr().out)["challenges"] == 0
+    handoff = Handoff.make(SignedState.decode((watch_dir / latest.name).read_bytes()),
+                           ev_key.address, cs_key.address, salt, cs_key)
+    drop_handoff(watch_dir, handoff)
+    assert run(["channel", "watch", "--once", "--states", str(watch_dir), *base]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["challenges"] == 1 and out["state-accepted"] == 1
+    assert (tmp_path / "state" / "watchtower.store").stat().st_mode & 0o777 == 0o600
     advance_time(w3, 21)
     assert run(["channel", "settle", cid_hex, *base]) == 0
     assert run(["channel", "status", cid_hex, *base]) == 0

@@ -36,12 +36,16 @@ def test_random_bytes_raise_only_our_errors(data: bytes) -> None:
         pass
 
 
-def test_record_hash_matches_abi_encoding() -> None:
+def test_terms_hash_and_packed_slots_match_the_contract_layout() -> None:
     from eth_abi import encode
     from eth_hash.auto import keccak
 
+    from agent.settlement.model import unpack_closing, unpack_deposits
+
     r = ChannelRecord(b"\x01" * 20, b"\x02" * 20, 5, 6, 7, 8, 9, 10, 11)
-    words = encode(["(address,address,uint256,uint256,uint256,uint256,uint256,uint256,uint256)"],
-                   [("0x" + "01" * 20, "0x" + "02" * 20, 5, 6, 7, 8, 9, 10, 11)])
-    assert r.hash() == keccak(words)
-    assert ChannelRecord.from_tuple(r.as_tuple()) == r
+    words = encode(["(address,address,uint256)"], [("0x" + "01" * 20, "0x" + "02" * 20, 7)])
+    assert r.terms_hash() == keccak(words)
+    assert r.terms_tuple() == ("0x" + "01" * 20, "0x" + "02" * 20, 7)
+    assert unpack_deposits(r.packed_deposits()) == (5, 6)
+    assert unpack_closing(r.packed_closing()) == (8, 9, 5 - 10 + 11)
+    assert ChannelRecord(b"\x01" * 20, b"\x02" * 20, 5, 6, 7).packed_closing() == 0

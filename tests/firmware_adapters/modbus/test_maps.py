@@ -59,19 +59,43 @@ def test_every_builtin_map_has_a_trap() -> None:
     assert set(TRAPS) == set(builtin_maps())
 
 
-async def serve(function: int, registers: dict[int, list[int]]) -> tuple[ModbusTcpServer, int]:
-    """A plain pymodbus server: junk (0x4D4D) everywhere, the trap where it belongs."""
-    junk = [0x4D4D] * 65_535
-    for address, words in registers.items():
-        junk[address:address + len(words)] = words
-    regs = SimData(0, values=junk, datatype=SimType.REGISTERS)
-    empty = SimData(0, count=65_535, values=0x4D4D, datatype=SimType.REGISTERS)
+async def serve(function: int, registers: dict[int, list[int]],
+                other: dict[int, list[int]] | None = None) -> tuple[ModbusTcpServer, int]:
+    """A plain pymodbus server: junk (0x4D4D) everywhere, the trap where it belongs in the
+    ``function`` table, and ``other`` (identity registers) in the other table."""
+    def table(contents: dict[int, list[int]]) -> SimData:
+        junk = [0x4D4D] * 65_535
+        for address, words in contents.items():
+            junk[address:address + len(words)] = words
+        return SimData(0, values=junk, datatype=SimType.REGISTERS)
+
+    regs, rest = table(registers), table(other or {})
     bits = [SimData(0, count=16, values=False, datatype=SimType.BITS)]
-    holding, inputs = (regs, empty) if function == 3 else (empty, regs)
+    holding, inputs = (regs, rest) if function == 3 else (rest, regs)
     device = SimDevice(id=1, simdata=(bits, list(bits), [holding], [inputs]))
     server = ModbusTcpServer([device], address=("127.0.0.1", 0))
     await server.serve_forever(background=True)
     return server, server.transport.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+
+def text(value: str, words: int) -> list[int]:
+    data = value.encode("ascii").ljust(2 * words, b"\0")
+    return [int.from_bytes(data[i:i + 2], "big") for i in range(0, 2 * words, 2)]
+
+
+# map -> (function, {address: words}): the model register as each maker documents it (or
+# as real meters answer it, where the document is silent; see each map file's notes).
+IDENTITY: dict[str, tuple[int, dict[int, list[int]]]] = {
+    "abb_b23": (3, {0x8960: text("B23 ", 6)}),       # type designation, ASCII
+    "iem3x5x": (3, {49: text("iEM3255", 20)}),       # register 50 "Meter Model", UTF8
+    "wm3m4": (4, {1: text("WM3M4C", 8)}),            # 30001-30008 model, ASCII
+    "sdm120": (3, {0xFC02: [32]}),                    # 464515 meter code
+    "sdm230": (3, {0xFC02: [43]}),
+    "sdm630": (3, {0xFC02: [112]}),
+    "sdm72d": (3, {0xFC02: [137]}),
+    "finder7m": (4, {9000: [5]}),                     # 39000 device group 5 = "7M"
+    "em340": (4, {0x000B: [341]}),                    # 000Bh CG identification code
+}
 
 
 @pytest.mark.parametrize("map_name", sorted(TRAPS))
@@ -95,3 +119,51 @@ def test_the_trap_value_decodes_only_with_the_right_map(map_name) -> None:
     sink = asyncio.run(asyncio.wait_for(main(), 30))
     energy = [r for r in sink.readings if r.name == "1-0:1.8.0"]
     assert [r.value for r in energy] == [expected]
+
+
+def test_every_map_with_a_model_register_has_an_identity() -> None:
+    from firmware_adapters.modbus.mapfile import load_map
+    assert set(IDENTITY) == {name for name in builtin_maps() if load_map(name).model_id}
+
+
+async def read_auto(function: int, registers: dict[int, list[int]],
+                    identity: tuple[int, dict[int, list[int]]]) -> Sink:
+    id_function, id_registers = identity
+    same = id_function == function
+    server, port = await serve(function, {**registers, **id_registers} if same else registers,
+                               None if same else id_registers)
+    source = ModbusTcpSource.from_options("m", {"host": "127.0.0.1", "port": port,
+                                                "map": "auto", "timeout_s": 1.0,
+                                                "retries": 0}, "t")
+    sink = Sink()
+    try:
+        assert await source.ensure_line(sink)
+        await source.poll_once(sink)
+    finally:
+        source.link.close()
+        await server.shutdown()
+    return sink
+
+
+@pytest.mark.parametrize("map_name", sorted(IDENTITY))
+def test_map_auto_picks_the_model_its_document_names(map_name) -> None:
+    """The peer holds only the documented model register (junk elsewhere) and the trap:
+    map = "auto" must pick exactly this map, and the trap then decodes."""
+    from firmware_adapters.modbus.mapfile import load_map
+    function, registers, expected = TRAPS[map_name]
+    sink = asyncio.run(asyncio.wait_for(read_auto(function, registers, IDENTITY[map_name]), 30))
+    identified = [e for e in sink.events if e.code == "meter-identified"]
+    assert [dict(e.details)["model"] for e in identified] == [load_map(map_name).model[:64]]
+    energy = [r for r in sink.readings if r.name == "1-0:1.8.0"]
+    assert [r.value for r in energy] == [expected]
+
+
+@pytest.mark.parametrize("code", [340, 3410, 34])
+def test_a_model_code_must_equal_a_documented_value(code) -> None:
+    """340 is the EM340 engineering sample with the other word order (CG protocol v2r17,
+    table 2.8-2): no map; 3410 and 34 only share digits with 341."""
+    function, registers, _ = TRAPS["em340"]
+    sink = asyncio.run(asyncio.wait_for(read_auto(function, registers, (4, {0x000B: [code]})),
+                                        30))
+    assert not sink.readings
+    assert [dict(e.details).get("reason") for e in sink.events] == ["unidentified"]

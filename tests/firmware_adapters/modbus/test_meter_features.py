@@ -21,6 +21,7 @@ from agent.keys import IdentityKey
 from agent.ocmf import verify_record
 from agent.verify import Verifier
 from firmware_adapters.modbus.driver import ModbusTcpSource
+from firmware_adapters.modbus.mapfile import builtin_maps, load_map
 from hil.sim.meter import ChargingProfile, ManualClock, MeterSimulator
 from tests.firmware_adapters.modbus.support import Sink
 
@@ -113,7 +114,7 @@ def test_inverted_ct_swaps_the_counters_and_the_sign() -> None:
     assert got["1-0:1.8.0"] == served["1-0:2.8.0"] and got["1-0:2.8.0"] == served["1-0:1.8.0"]
 
 
-@pytest.mark.parametrize("map_name", ["wm3m4", "abb_b23", "iem3x5x"])
+@pytest.mark.parametrize("map_name", [n for n in builtin_maps() if load_map(n).model_id])
 def test_map_auto_finds_the_model_from_its_identity_registers(map_name) -> None:
     sim = MeterSimulator({5: map_name}, ChargingProfile.constant(2_000), clock=ManualClock())
     served = sim.served_values(5)

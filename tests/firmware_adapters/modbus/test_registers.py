@@ -16,6 +16,8 @@ from firmware_adapters.modbus.registers import (
     FLOAT32_MAX,
     MAX_REGISTERS_PER_READ,
     DataType,
+    IdentityField,
+    IdentityKind,
     MeterMap,
     Order,
     RegisterSpec,
@@ -251,3 +253,29 @@ def test_fuzz_block_decode_raises_only_decode_error(map_name, data) -> None:
         except DecodeError:
             continue
         assert all(isinstance(v, int) for v in values.values())
+
+
+def test_identity_kinds_decode_as_the_makers_lay_them_out() -> None:
+    # Carlo Gavazzi 5000h: one letter per register, in the low byte (protocol s2.9.9)
+    cg = IdentityField(4, 0x5000, IdentityKind.CHAR, 7)
+    assert cg.decode([0x32, 0x33, 0x35, 0x34, 0x31, 0x31, 0x57]) == "235411W"
+    assert cg.decode([0xFF32, 0x33, 0x35, 0x34, 0x31, 0x31, 0x00]) == "235411"
+    # ABB 8960h: two per register, high byte first, NUL padded
+    abb = IdentityField(3, 0x8960, IdentityKind.ASCII, 6, ("B23",))
+    assert abb.decode([0x4232, 0x3320, 0, 0, 0, 0]) == "B23" and abb.matches("B23")
+    # codes must be equal, texts only start alike
+    code = IdentityField(4, 0x000B, IdentityKind.UINT16, 1, ("341",))
+    assert code.matches(code.decode([341])) and not code.matches(code.decode([3410]))
+    assert not code.matches("34")
+    serial = IdentityField(3, 0xFC00, IdentityKind.UINT32, 2)
+    assert serial.decode([0x0001, 0xE240]) == "123456"
+
+
+@given(st.sampled_from(list(IdentityKind)), st.lists(st.integers(-5, 0x1_0005), min_size=0, max_size=9))
+def test_identity_decode_raises_only_decode_error(kind, words) -> None:
+    field = IdentityField(3, 0, kind, {"uint16": 1, "uint32": 2}.get(kind.value, 4))
+    try:
+        out = field.decode(words)
+    except DecodeError:
+        return
+    assert len(out) <= 32 and all(c.isalnum() or c in "._-" for c in out)

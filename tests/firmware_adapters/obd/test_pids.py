@@ -175,11 +175,18 @@ def test_monitor_status_pid_01() -> None:
 
 
 def test_hybrid_battery_pid_9a_emits_only_supported_values() -> None:
-    (ans,) = P.decode_answer(bytes.fromhex("419A03" + "5A00" + "FF9C" + "00")).signals
-    assert ans == (0x9A, (("Vehicle.Powertrain.TractionBattery.CurrentVoltage", "V", 360.0),
-                          ("Vehicle.Powertrain.TractionBattery.CurrentCurrent", "A", -10.0)))
-    (ans,) = P.decode_answer(bytes.fromhex("419A01" + "5A00" + "FF9C" + "00")).signals
+    # J1979-DA: A support bits, B charging state, C-D 1/64 V, E-F signed 0.1 A with the
+    # battery discharging positive; a B of 0x5A must not shift the voltage (byte C on).
+    (ans,) = P.decode_answer(bytes.fromhex("419A07" + "01" + "5A10" + "FF9C")).signals
+    assert ans == (0x9A, (("Vehicle.Powertrain.TractionBattery.CurrentVoltage", "V", 360.25),
+                          ("Vehicle.Powertrain.TractionBattery.CurrentCurrent", "A", 10.0)))
+    (ans,) = P.decode_answer(bytes.fromhex("419A06" + "00" + "3B90" + "0064")).signals
+    assert ans[1][1] == ("Vehicle.Powertrain.TractionBattery.CurrentCurrent", "A", -10.0)
+    assert ans[1][0][2] == 238.25  # 0x3B90 / 64: a hybrid pack's voltage
+    (ans,) = P.decode_answer(bytes.fromhex("419A03" + "00" + "5A10" + "FF9C")).signals
     assert [n for n, _, _ in ans[1]] == ["Vehicle.Powertrain.TractionBattery.CurrentVoltage"]
+    (ans,) = P.decode_answer(bytes.fromhex("419A01" + "00" + "5A10" + "FF9C")).signals
+    assert ans[1] == ()
 
 
 def test_obd_standard_and_fuel_type() -> None:
