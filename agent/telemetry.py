@@ -243,7 +243,10 @@ class Pipeline:
         self.spool.commit(out, self.sealer, declare=declare, lost=lost, acked=acked)
         if idle_at is None:
             return None
-        return idle_at, self._fetch(idle_at[1], self.uplink.config.window)
+        try:
+            return idle_at, self._fetch(idle_at[1], self.uplink.config.window)
+        except SpoolError:
+            return None  # committed all the same; the publisher's own fetch will say why
 
     # -- task "telemetry.publish" -----------------------------------------------------
     async def run_publisher(self) -> None:

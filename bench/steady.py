@@ -24,8 +24,8 @@ core (all threads, and any child processes), wakeups per second (voluntary conte
 switches of ALL its threads, /proc/<pid>/task/*/status: each is a thread going to sleep
 to be woken again; the process-level figure psutil gives counts the main thread only),
 involuntary switches per second (preemption: the machine's load, not the agent), RSS,
-readings per second (from the agents' own counts and timestamps) and CPU microseconds
-per reading. Goal (issue 18): ours at most the naive agent's CPU per reading.
+readings and QoS 1 messages per second (from the agents' own counts and timestamps) and
+CPU microseconds per reading. Goal (issue 18): ours at most the naive agent's CPU per reading.
 
 ``--baseline DIR`` also measures our agent run from another checkout (e.g. a worktree of
 the previous commit) in the same run: before/after on the same machine and load.
@@ -64,13 +64,13 @@ class _Count:
     (SIGUSR1): "<count> <time.time()>" (temp file and rename: never read half-written)."""
 
     def __init__(self, path: Path) -> None:
-        self.path, self.readings = path, 0
+        self.path, self.readings, self.messages = path, 0, 0
         signal.signal(signal.SIGUSR1, self._report)
-        self._report(signal.SIGUSR1, None)  # "0 <now>": the handler is in place
+        self._report(signal.SIGUSR1, None)  # "0 0 <now>": the handler is in place
 
     def _report(self, signum: int, frame: object) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(f"{self.readings} {time.time()}")
+        tmp.write_text(f"{self.readings} {self.messages} {time.time()}")
         tmp.replace(self.path)
 
 
@@ -92,6 +92,7 @@ def naive_vehicle(port: str, url: str, count_file: Path) -> None:
         if values:  # one message a second, as ours sends one envelope a second
             client.publish("naive/vehicle", json.dumps({"ts": time.time(), **values}), qos=1)
             count.readings += len(values)
+            count.messages += 1
         time.sleep(max(0.0, 1.0 - (time.monotonic() - started)))
 
 
@@ -122,6 +123,7 @@ def naive_station(port: int, url: str, count_file: Path) -> None:
                     values[spec.name] = struct.unpack(">f", struct.pack(">HH", *words))[0]
         client.publish("naive/station", json.dumps({"ts": time.time(), **values}), qos=1)
         count.readings += len(values)
+        count.messages += 1
         time.sleep(max(0.0, 1.0 - (time.monotonic() - started)))
 
 
@@ -137,7 +139,7 @@ def _paho(url: str, client_id: str):  # type: ignore[no-untyped-def]
 
 # --- measuring ------------------------------------------------------------------------------
 
-Count = Callable[[], tuple[int, float]]  # (readings so far, when that was true: time.time())
+Count = Callable[[], tuple[int, int, float]]  # (readings, messages published, time.time())
 
 
 def measure(pid: int, readings: Count, warmup_s: float, seconds: float) -> dict[str, float]:
@@ -146,17 +148,21 @@ def measure(pid: int, readings: Count, warmup_s: float, seconds: float) -> dict[
     that is a little stale (a status file written every 2 s) does not skew it."""
     proc = psutil.Process(pid)
     time.sleep(warmup_s)
-    cpu0, (vol0, inv0), (n0, at0), t0 = _cpu(proc), _switches(pid), readings(), time.monotonic()
+    cpu0, (vol0, inv0), (n0, m0, at0), t0 = (_cpu(proc), _switches(pid), readings(),
+                                             time.monotonic())
     time.sleep(seconds)
-    cpu1, (vol1, inv1), (n1, at1), t1 = _cpu(proc), _switches(pid), readings(), time.monotonic()
+    cpu1, (vol1, inv1), (n1, m1, at1), t1 = (_cpu(proc), _switches(pid), readings(),
+                                             time.monotonic())
     elapsed, cpu = t1 - t0, cpu1 - cpu0
     rate = (n1 - n0) / (at1 - at0) if at1 > at0 else 0.0
+    messages = (m1 - m0) / (at1 - at0) if at1 > at0 else 0.0
     return {"cpu_pct": round(100 * cpu / elapsed, 2),
             "wakeups_per_s": round((vol1 - vol0) / elapsed, 1),
             "preempted_per_s": round((inv1 - inv0) / elapsed, 1),
             "threads": proc.num_threads(),
             "rss_mb": round(proc.memory_info().rss / 2**20, 1),
             "readings_per_s": round(rate, 2),
+            "messages_per_s": round(messages, 2),  # QoS 1 publishes (ours: envelopes)
             "cpu_us_per_reading": round(1e6 * cpu / elapsed / rate, 1) if rate else None}
 
 
@@ -186,22 +192,22 @@ def _switches(pid: int) -> tuple[int, int]:
     return voluntary, involuntary
 
 
-def _status_readings(path: Path) -> tuple[int, float]:
+def _status_readings(path: Path) -> tuple[int, int, float]:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
-        return 0, 0.0
+        return 0, 0, 0.0
     return (sum(source["readings"] for source in data.get("sources", [])),
-            data.get("updated_ns", 0) / 1e9)
+            (data.get("uplink") or {}).get("published", 0), data.get("updated_ns", 0) / 1e9)
 
 
-def _signalled_count(pid: int, path: Path) -> tuple[int, float]:
+def _signalled_count(pid: int, path: Path) -> tuple[int, int, float]:
     """Ask the naive agent for its count (SIGUSR1) and wait for the answer."""
     path.unlink(missing_ok=True)
     os.kill(pid, signal.SIGUSR1)
     _wait(path.exists, "the naive agent's count", 10.0)
-    count, at = path.read_text().split()
-    return int(count), float(at)
+    count, messages, at = path.read_text().split()
+    return int(count), int(messages), float(at)
 
 
 def _wait(predicate, what: str, timeout_s: float = 60.0) -> None:  # type: ignore[no-untyped-def]
