@@ -12,7 +12,9 @@ same mosquitto:
   the same register blocks once a second, decodes them as float32 and publishes JSON.
 
 Fair by construction: the same PIDs and registers at the same rate, one QoS 1 message a
-second each (ours: one envelope per second, ``[batch] max_age_ms = 1000``), the same
+second each (ours: one envelope per poll cycle, ``[batch] max_age_ms = 900``: with the
+default 1000 a cycle's readings arrive about when the last batch is due, and half the
+envelopes carry two cycles, fewer messages than the naive agent sends), the same
 broker. Ours signs, chains and spools every batch (SQLite, WAL, ``synchronous=FULL``: an
 fsync per commit) before publishing; the naive ones do none of that. Ours writes its
 status file every 2 s (the default) to a tmpfs ``$RUNTIME_DIRECTORY``, as under systemd;
@@ -30,7 +32,7 @@ CPU microseconds per reading. Goal (issue 18): ours at most the naive agent's CP
 ``--baseline DIR`` also measures our agent run from another checkout (e.g. a worktree of
 the previous commit) in the same run: before/after on the same machine and load.
 
-    .venv/bin/python bench/steady.py [--seconds 60] [--warmup 10] [--baseline DIR]
+    .venv/bin/python bench/steady.py [--seconds 60] [--warmup 10] [--rounds N] [--baseline DIR]
 
 Prints one JSON line.
 """
@@ -272,7 +274,7 @@ state_dir = "{state}"
 
 [batch]
 max_readings = 50
-max_age_ms = 1000
+max_age_ms = 900
 
 {source}
 
@@ -344,49 +346,77 @@ def _ratio(ours: dict[str, float], naive: dict[str, float]) -> float | None:
     return round(ours["cpu_us_per_reading"] / naive["cpu_us_per_reading"], 2)
 
 
-def _vehicle(folder: Path, url: str, args: argparse.Namespace) -> dict[str, object]:
+def _vehicle_round(folder: Path, url: str, args: argparse.Namespace, tag: str
+                   ) -> dict[str, dict[str, float]]:
     pids = ", ".join(f"{name} = 1.0" for name in PIDS)
     runs: dict[str, dict[str, float]] = {}
-    trees = [("ours", None)] + ([("baseline", args.baseline)] if args.baseline else [])
-    for name, tree in trees:
-        emulator, port = _emulator(folder / f"elm-{name}")
+    for name, tree in _trees(args):
+        emulator, port = _emulator(folder / f"elm-{name}{tag}")
         try:
-            _progress(f"vehicle, {name}: {args.warmup + args.seconds:g} s")
-            runs[name] = _our_agent(folder / f"vehicle-{name}", "vehicle",
+            _progress(f"vehicle{tag}, {name}: {args.warmup + args.seconds:g} s")
+            runs[name] = _our_agent(folder / f"vehicle-{name}{tag}", "vehicle",
                                     VEHICLE_SOURCE.format(port=port, pids=pids), url,
                                     args.warmup, args.seconds, tree)
         finally:
             _stop(emulator)
-    emulator, port = _emulator(folder / "elm-naive")
+    emulator, port = _emulator(folder / f"elm-naive{tag}")
     try:
-        _progress(f"vehicle, naive: {args.warmup + args.seconds:g} s")
-        naive = _naive_agent("--naive-vehicle", [port, url], folder / "naive-vehicle.count",
-                             args.warmup, args.seconds)
+        _progress(f"vehicle{tag}, naive: {args.warmup + args.seconds:g} s")
+        runs[NAIVE["vehicle"]] = _naive_agent("--naive-vehicle", [port, url],
+                                              folder / f"naive-vehicle{tag}.count",
+                                              args.warmup, args.seconds)
     finally:
         _stop(emulator)
-    return {**runs, "naive_python_obd_paho": naive,
-            "cpu_per_reading_ratio": _ratio(runs["ours"], naive),
-            **({"baseline_ratio": _ratio(runs["baseline"], naive)} if args.baseline else {})}
+    return runs
 
 
-def _station(folder: Path, url: str, args: argparse.Namespace) -> dict[str, object]:
+def _station_round(folder: Path, url: str, args: argparse.Namespace, tag: str
+                   ) -> dict[str, dict[str, float]]:
     runs: dict[str, dict[str, float]] = {}
     meter, port = _meter()
     try:
-        trees = [("ours", None)] + ([("baseline", args.baseline)] if args.baseline else [])
-        for name, tree in trees:
-            _progress(f"station, {name}: {args.warmup + args.seconds:g} s")
-            runs[name] = _our_agent(folder / f"station-{name}", "station",
+        for name, tree in _trees(args):
+            _progress(f"station{tag}, {name}: {args.warmup + args.seconds:g} s")
+            runs[name] = _our_agent(folder / f"station-{name}{tag}", "station",
                                     STATION_SOURCE.format(port=port), url,
                                     args.warmup, args.seconds, tree)
-        _progress(f"station, naive: {args.warmup + args.seconds:g} s")
-        naive = _naive_agent("--naive-station", [str(port), url],
-                             folder / "naive-station.count", args.warmup, args.seconds)
+        _progress(f"station{tag}, naive: {args.warmup + args.seconds:g} s")
+        runs[NAIVE["station"]] = _naive_agent("--naive-station", [str(port), url],
+                                              folder / f"naive-station{tag}.count",
+                                              args.warmup, args.seconds)
     finally:
         _stop(meter)
-    return {**runs, "naive_pymodbus_paho": naive,
-            "cpu_per_reading_ratio": _ratio(runs["ours"], naive),
-            **({"baseline_ratio": _ratio(runs["baseline"], naive)} if args.baseline else {})}
+    return runs
+
+
+NAIVE = {"vehicle": "naive_python_obd_paho", "station": "naive_pymodbus_paho"}
+
+
+def _trees(args: argparse.Namespace) -> list[tuple[str, Path | None]]:
+    return [("ours", None)] + ([("baseline", args.baseline)] if args.baseline else [])
+
+
+def _setup(role: str, folder: Path, url: str, args: argparse.Namespace) -> dict[str, object]:
+    """``--rounds`` rounds of (ours, baseline, naive), each agent's figures from its median
+    round by CPU per reading, and every round's CPU per reading: the load on a shared
+    machine moves between measurements, the rounds show by how much."""
+    run = _vehicle_round if role == "vehicle" else _station_round
+    rounds = [run(folder, url, args, f"#{n}" if args.rounds > 1 else "")
+              for n in range(args.rounds)]
+    out: dict[str, object] = {}
+    for name in rounds[0]:
+        ordered = sorted((r[name] for r in rounds), key=lambda f: f["cpu_us_per_reading"] or 0)
+        out[name] = {**ordered[len(ordered) // 2],
+                     "cpu_us_per_reading_rounds": [r[name]["cpu_us_per_reading"]
+                                                   for r in rounds]}
+    naive = out[NAIVE[role]]
+    assert isinstance(naive, dict)
+    for name, _ in _trees(args):
+        figures = out[name]
+        assert isinstance(figures, dict)
+        out["cpu_per_reading_ratio" if name == "ours" else f"{name}_ratio"] = \
+            _ratio(figures, naive)
+    return out
 
 
 def main() -> None:
@@ -396,6 +426,8 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, metavar="DIR",
                         help="also measure the agent of this checkout (before/after)")
     parser.add_argument("--only", choices=("vehicle", "station"))
+    parser.add_argument("--rounds", type=int, default=1, metavar="N",
+                        help="repeat each set-up N times, report the median round")
     parser.add_argument("--naive-vehicle", nargs=3, metavar=("PORT", "URL", "COUNT"))
     parser.add_argument("--naive-station", nargs=3, metavar=("PORT", "URL", "COUNT"))
     args = parser.parse_args()
@@ -422,10 +454,10 @@ def main() -> None:
         broker = Mosquitto(folder / "broker").start()
         try:
             if args.only in (None, "vehicle"):
-                figures["vehicle"] = _vehicle(folder, broker.url, args)
+                figures["vehicle"] = _setup("vehicle", folder, broker.url, args)
             load.append(os.getloadavg()[0])
             if args.only in (None, "station"):
-                figures["station"] = _station(folder, broker.url, args)
+                figures["station"] = _setup("station", folder, broker.url, args)
         finally:
             broker.kill()
     load.append(os.getloadavg()[0])
