@@ -85,6 +85,7 @@ if TYPE_CHECKING:
     from web3 import Web3
 
     from agent.channel.context import Charger
+    from agent.channel.mux import TopicMux
     from agent.channel.service import ChannelService, ServiceSettings
     from agent.fleet_keys import FleetRegistry
     from agent.metrics import MetricsConfig, MetricsServer
@@ -369,14 +370,28 @@ class Runtime:
                     tg.create_task(publish_heads(self.uplink, self.mqtt.status_topic, self.heads,
                                                  self.spool_config.head_interval_s),
                                    name="chain-head")
+                # One reader of the uplink's incoming messages, routing by topic, shared by
+                # the commit follower and the channel service (agent.channel.mux). With a
+                # channel, the channel service runs it (where it always did: after its
+                # routes exist); the follower's route exists from its subscribe on.
+                mux = None
+                if self.uplink is not None and (self.spool_config.fleet_commit
+                                                or self.channel is not None):
+                    from agent.channel.mux import TopicMux
+
+                    mux = TopicMux(self.uplink, self.mqtt.status_topic)
+                    if self.channel is None:
+                        tg.create_task(mux.run(), name="mux")
                 if self.spool_config.fleet_commit:
-                    tg.create_task(self._follow_commits(), name="fleet-commit")
+                    assert mux is not None
+                    tg.create_task(self._follow_commits(mux), name="fleet-commit")
                 metrics = self._metrics_server()
                 if metrics is not None:
                     tg.create_task(self._serve_metrics(metrics), name="metrics")
                 if self.channel is not None:
                     assert self.uplink is not None
-                    tg.create_task(self.channel.run(self.uplink, self.mqtt.status_topic),
+                    tg.create_task(self.channel.run(self.uplink, self.mqtt.status_topic,
+                                                    mux),
                                    name="channel")
                 self.state = "running"
                 self.notifier.ready(f"{self.role} {self.device_id}: running")
@@ -392,7 +407,7 @@ class Runtime:
         except* _Stop:
             pass
 
-    async def _follow_commits(self) -> None:
+    async def _follow_commits(self, mux: TopicMux) -> None:
         from agent.fleet_commit import CommitFollower
 
         assert self.uplink is not None and self.pipeline is not None
@@ -402,9 +417,7 @@ class Runtime:
         async def delete(seq: int, digest: bytes) -> int:
             return await worker.call(spool.delete_committed, seq, digest)
 
-        # TODO(uplink rewrite): a per-topic message route; today the follower shares the
-        # uplink's one message queue (it skips what is not its topic).
-        await self.commits.run(self.uplink, self.uplink.messages(), delete)
+        await self.commits.run(mux, delete)
 
     async def _run_source(self, runner: SourceRunner) -> None:
         source = runner.source

@@ -106,7 +106,10 @@ class ChannelService:
         return SettlementClient(node, s.contract, self.keys.settlement, policy=s.policy,
                                 from_block=s.from_block)
 
-    async def run(self, uplink: Uplink, status_topic: str | None) -> None:
+    async def run(self, uplink: Uplink, status_topic: str | None,
+                  mux: TopicMux | None = None) -> None:
+        """``mux``: the agent's topic router when others read through it too (the
+        fleet-commit follower); it is run here all the same, at the point it always was."""
         from agent.channel.station_service import StationService
         from agent.channel.vehicle_service import VehicleService
 
@@ -115,7 +118,7 @@ class ChannelService:
         registry_path = (channel.station.registry if channel.station is not None
                          else channel.vehicle.registry if channel.vehicle is not None else None)
         registry = FleetRegistry.load(registry_path) if registry_path is not None else None
-        mux = TopicMux(uplink, status_topic)
+        mux = TopicMux(uplink, status_topic) if mux is None else mux
         ctx = Context(self.device_id, self.keys, channel, self.settings.settlement,
                       client, mux, self.config.device.state_dir,  # type: ignore[arg-type]
                       self.hub, self.emit, self.on_error, registry)

@@ -24,9 +24,11 @@ from agent.errors import ConfigError
 
 if TYPE_CHECKING:
     from agent.fleet.db import Database
+    from agent.fleet.ingest import AnchorSettings
 
 EXIT_OK, EXIT_FAIL = 0, 1
 DEFAULT_KEY = Path("fleet-commit.ed25519")
+DEFAULT_ANCHOR_KEY = Path("fleet-anchor.secp256k1")
 
 
 def default_db() -> str:
@@ -65,7 +67,22 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--ca", type=Path, help="with mqtts://: the broker's CA")
     p.add_argument("--cert", type=Path, help="with mqtts://: client certificate")
     p.add_argument("--key", type=Path, help="with mqtts://: client key")
+    p.add_argument("--anchor-node", metavar="URL",
+                   help="anchor Merkle roots of what this worker stores through this "
+                        "JSON-RPC node (with --anchor-contract)")
+    p.add_argument("--anchor-contract", metavar="0xADDRESS",
+                   help="the anchor contract (`edge-agent fleet anchor-deploy`)")
+    p.add_argument("--anchor-key", type=Path, default=DEFAULT_ANCHOR_KEY,
+                   help="secp256k1 key that sends the anchoring transactions (created "
+                        "0600 when missing; fund its address)")
+    p.add_argument("--anchor-every", type=float, default=10.0, metavar="MINUTES",
+                   help="anchoring period (default 10 minutes)")
     p.add_argument("-v", "--verbose", action="store_true")
+
+    p = add("anchor-deploy", cmd_anchor_deploy, "deploy the anchor contract through a "
+            "JSON-RPC node; prints its address", db=False)
+    p.add_argument("--node", required=True, metavar="URL")
+    p.add_argument("--anchor-key", type=Path, default=DEFAULT_ANCHOR_KEY)
 
     p = add("key", cmd_key, "print (and create) the commit-mark key: its public key goes "
             "into every agent's [spool] commit_keys", db=False)
@@ -99,7 +116,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--since", help="ISO 8601 time or ns since the epoch")
     p.add_argument("--until", help="ISO 8601 time or ns since the epoch (exclusive)")
     p.add_argument("--format", choices=("csv", "jsonl"), default="csv")
-    p = add("gaps", cmd_gaps, "seq ranges missing and not declared dropped")
+    p = add("gaps", cmd_gaps, "seq ranges missing and not declared dropped, and missing "
+            "tails (what the devices' signed heads name beyond the last stored)")
     p.add_argument("--device")
     add("devices", cmd_devices, "every device: last seen, seq, chain state, key")
     add("alarms", cmd_alarms, "forks, broken links, key/device mismatches")
@@ -138,12 +156,13 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    anchor = _anchor_settings(args)  # a bad option is an error before any key file is made
     key = load_or_create_commit_key(args.commit_key)
     client_id = args.client_id or f"fleet-ingest-{os.uname().nodename}-{os.getpid()}"
     broker = BrokerConfig(args.mqtt, client_id, group=args.group,
                           max_in_flight=args.max_in_flight, ca_file=args.ca,
                           cert_file=args.cert, key_file=args.key)
-    ingest = Ingest(IngestConfig(broker, args.db, batch_max=args.batch), key)
+    ingest = Ingest(IngestConfig(broker, args.db, batch_max=args.batch, anchor=anchor), key)
     print(f"fleet ingest: commit marks signed by {key.public.hex()} (kid {key.kid.hex()})",
           file=sys.stderr)
 
@@ -155,6 +174,45 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         await ingest.run(stop)
 
     asyncio.run(main())
+    return EXIT_OK
+
+
+def _anchor_settings(args: argparse.Namespace) -> AnchorSettings | None:
+    from agent.fleet.ingest import AnchorSettings, load_or_create_anchor_key
+
+    if args.anchor_node is None and args.anchor_contract is None:
+        return None
+    if args.anchor_node is None or args.anchor_contract is None:
+        raise ConfigError(key="--anchor-node/--anchor-contract", expected="both or neither",
+                          found=args.anchor_node or args.anchor_contract)
+    contract = _address(args.anchor_contract, "--anchor-contract")
+    if args.anchor_every <= 0:
+        raise ConfigError(key="--anchor-every", expected="minutes > 0", found=args.anchor_every)
+    key = load_or_create_anchor_key(args.anchor_key)
+    print(f"fleet ingest: anchoring every {args.anchor_every:g} min to 0x{contract.hex()} "
+          f"from 0x{key.address.hex()}", file=sys.stderr)
+    return AnchorSettings(args.anchor_node, contract, key, args.anchor_every * 60)
+
+
+def _address(text: str, key: str) -> bytes:
+    try:
+        address = bytes.fromhex(text.removeprefix("0x"))
+    except ValueError:
+        address = b""
+    if len(address) != 20:
+        raise ConfigError(key=key, expected="a 20-byte address, 0x...", found=text)
+    return address
+
+
+def cmd_anchor_deploy(args: argparse.Namespace) -> int:
+    from agent.fleet.anchor_chain import deploy_anchor
+    from agent.fleet.ingest import load_or_create_anchor_key
+
+    key = load_or_create_anchor_key(args.anchor_key)
+    address, tx = deploy_anchor(args.node, key)
+    print(f"anchor contract 0x{address.hex()} deployed in block {tx.block_number} "
+          f"(tx 0x{tx.tx_hash.hex()}); run the ingest with --anchor-node {args.node} "
+          f"--anchor-contract 0x{address.hex()}")
     return EXIT_OK
 
 
@@ -238,12 +296,18 @@ def cmd_readings(args: argparse.Namespace) -> int:
 def cmd_gaps(args: argparse.Namespace) -> int:
     from agent.fleet import queries
 
-    found = queries.gaps(_open(args), args.device)
+    db = _open(args)
+    found = queries.gaps(db, args.device)
+    tails = queries.tails(db, args.device)
     for device, first, last in found:
         span = f"{first}..{last}" if first != last else str(first)
         print(f"{device}  missing seq {span} ({last - first + 1})")
-    print(f"{len(found)} gap(s)")
-    return EXIT_OK if not found else EXIT_FAIL
+    for device, first, last in tails:
+        span = f"{first}..{last}" if first != last else str(first)
+        print(f"{device}  missing tail seq {span} ({last - first + 1}): the device's signed "
+              f"head says seq {last}")
+    print(f"{len(found)} gap(s), {len(tails)} missing tail(s)")
+    return EXIT_OK if not found and not tails else EXIT_FAIL
 
 
 def cmd_devices(args: argparse.Namespace) -> int:

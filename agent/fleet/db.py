@@ -21,7 +21,8 @@ Tables (why each one is there):
 - ``rejected``: messages that did not verify, raw, with the reason: the ingest acknowledged
   them, so they must not be lost (an unknown key may be registered later).
 - ``keys`` / ``revoked``: the fleet registry (agent.fleet.registry), shared by all workers.
-- ``anchors``: Merkle roots submitted on chain (agent.fleet.anchor).
+- ``anchors``: Merkle roots submitted on chain (agent.fleet.anchor); ``anchor_proofs``: the
+  offline inclusion proof of each root's transaction (agent.fleet.inclusion).
 
 Durability: SQLite runs in WAL mode with ``synchronous=FULL``, so a commit that returned is
 on disk, and only then does the ingest acknowledge to the broker (as agent.spool).
@@ -142,6 +143,10 @@ CREATE TABLE IF NOT EXISTS anchors (
     chain_id    BIGINT,
     contract    {blob},
     leaf_hashes {blob}  NOT NULL
+);
+CREATE TABLE IF NOT EXISTS anchor_proofs (
+    root        {blob}  PRIMARY KEY,
+    proof       {blob}  NOT NULL
 );
 """
 

@@ -146,7 +146,9 @@ class LogbookReport:
     events: list[tuple[str, int, str, str]] = field(default_factory=list)  # device seq code msg
     failures: list[str] = field(default_factory=list)
     envelopes: int = 0
-    anchored: int = 0
+    anchored: int = 0      # envelopes whose root's transaction is proven in a block
+    recorded: int = 0      # envelopes in a root the fleet recorded, not on chain (yet)
+    anchorings: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -163,7 +165,10 @@ class LogbookReport:
         for device, seq, code, message in self.events:
             lines.append(f"  event {code} ({device} seq {seq}): {message}")
         if self.anchored:
-            lines.append(f"  {self.anchored} envelope(s) anchored on chain")
+            lines.append(f"  {self.anchored} envelope(s) anchored on chain:")
+            lines += [f"    {line}" for line in self.anchorings]
+        if self.recorded:
+            lines.append(f"  {self.recorded} envelope(s) in Merkle roots not on chain (yet)")
         for reason in self.failures:
             lines.append(f"FAIL {reason}")
         lines.append("logbook verifies" if self.ok else "logbook verification FAILED")

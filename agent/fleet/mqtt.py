@@ -7,6 +7,11 @@ of a QoS 1 message to the receiver), and must bound what it holds unacknowledged
 
 - ``$share/<group>/<filter>`` (MQTT 5 s4.8.2): the broker hands each message to ONE member
   of the group, so any number of ingest processes on any number of machines split the load;
+- ``plain`` filters without ``$share``, for the devices' status (their signed chain
+  heads): MQTT 5 s4.8.2 sends no retained messages to a shared subscription (brokers that
+  follow it drop them; mosquitto 2 sends them anyway), and a live status on a shared one
+  reaches one member only. Every worker holds the plain one (heads are small; storing one
+  twice is a no-op);
 - Receive Maximum (MQTT 5 s3.1.2.11.3) = ``max_in_flight``: the broker sends no more QoS 1
   messages than that before we acknowledge some, so a slow database slows the broker's
   sending (back-pressure), and memory stays bounded;
@@ -72,20 +77,24 @@ class SharedSubscriber:
     """paho client on its own network thread; arrivals go to an asyncio queue."""
 
     def __init__(self, config: BrokerConfig, filters: tuple[str, ...],
-                 loop: asyncio.AbstractEventLoop, sink: Callable[[Arrival], None]) -> None:
+                 loop: asyncio.AbstractEventLoop, sink: Callable[[Arrival], None],
+                 plain: tuple[str, ...] = ()) -> None:
         parts = urlsplit(config.url)
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise ConfigError(key="--mqtt", expected="mqtt://host[:port] or mqtts://...",
                               found=config.url)
-        self.config, self.filters = config, filters
+        self.config, self.filters, self.plain = config, filters, plain
         self.host, self.tls = parts.hostname, parts.scheme == "mqtts"
         self.port = parts.port or (8883 if self.tls else 1883)
         self._loop, self._sink = loop, sink
         self.epoch = 0
         self.connected = threading.Event()
         self.connected_async = asyncio.Event()
+        self.subscribed_async = asyncio.Event()  # SUBACK of the first connection
         self._lock = threading.Lock()
         self._stopping = False
+        self._arrived: list[Arrival] = []   # paho thread -> loop, under _lock
+        self._wake_pending = False
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=config.client_id,
                                   protocol=paho.MQTTv5, manual_ack=True)
         if self.tls:
@@ -100,6 +109,7 @@ class SharedSubscriber:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
 
     def start(self) -> None:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho
@@ -125,8 +135,8 @@ class SharedSubscriber:
                 sent += 1
         return sent
 
-    def publish(self, topic: str, payload: bytes, retain: bool = True) -> None:
-        self.client.publish(topic, payload, qos=1, retain=retain)
+    def publish(self, topic: str, payload: bytes, retain: bool = True, qos: int = 1) -> None:
+        self.client.publish(topic, payload, qos=qos, retain=retain)
 
     # -- paho callbacks (its network thread) -----------------------------------------
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any,
@@ -137,11 +147,19 @@ class SharedSubscriber:
         with self._lock:
             self.epoch += 1
         options = SubscribeOptions(qos=1)
-        client.subscribe([(f"$share/{self.config.group}/{f}", options) for f in self.filters])
+        client.subscribe([(f"$share/{self.config.group}/{f}", options) for f in self.filters]
+                         + [(f, options) for f in self.plain])
         self.connected.set()
         self._loop.call_soon_threadsafe(self.connected_async.set)
         log.info("fleet ingest connected to %s:%d (group %s)", self.host, self.port,
                  self.config.group)
+
+    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reason_codes: Any,
+                      properties: Any) -> None:
+        refused = [code for code in reason_codes if getattr(code, "is_failure", False)]
+        if refused:
+            log.warning("fleet ingest: the broker refused a subscription: %s", refused)
+        self._loop.call_soon_threadsafe(self.subscribed_async.set)
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any,
                        properties: Any) -> None:
@@ -151,8 +169,17 @@ class SharedSubscriber:
             log.warning("fleet ingest: connection lost (%s); reconnecting", reason_code)
 
     def _on_message(self, client: paho.Client, userdata: Any, message: Any) -> None:
+        received = time.time_ns()
         with self._lock:
-            epoch = self.epoch
-        arrival = Arrival(epoch, message.mid, message.qos, message.topic,
-                          bytes(message.payload), time.time_ns())
-        self._loop.call_soon_threadsafe(self._sink, arrival)
+            self._arrived.append(Arrival(self.epoch, message.mid, message.qos, message.topic,
+                                         bytes(message.payload), received))
+            wake, self._wake_pending = not self._wake_pending, True
+        if wake:  # one loop wake-up per burst, not per message (each is a self-pipe write)
+            self._loop.call_soon_threadsafe(self._hand_over)
+
+    def _hand_over(self) -> None:
+        """On the event loop: pass what arrived since the last wake-up to the sink."""
+        with self._lock:
+            arrived, self._arrived, self._wake_pending = self._arrived, [], False
+        for arrival in arrived:
+            self._sink(arrival)

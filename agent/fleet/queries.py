@@ -48,6 +48,19 @@ def gaps(db: Database, device: str | None = None) -> list[tuple[str, int, int]]:
     return out
 
 
+def tails(db: Database, device: str | None = None) -> list[tuple[str, int, int]]:
+    """(device, first, last) of every missing TAIL: seqs above the highest stored that the
+    device's own signed head (its retained status, last will or timer: agent.chain_head)
+    says it has sealed. No window over stored rows can see these; only the device's word
+    can. Workers read the retained heads through a plain subscription (agent.fleet.mqtt)."""
+    where, args = ("AND device = ?", (device,)) if device else ("", ())
+    return [(dev, max(int(top), int(base)) + 1, int(claimed)) for dev, base, top, claimed in
+            db.query("SELECT device, base_seq, max_seq, claimed_seq FROM devices WHERE "
+                     f"claimed_seq IS NOT NULL AND claimed_seq > max_seq {where} "
+                     "ORDER BY device", args)
+            if int(claimed) > max(int(top), int(base))]
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceRow:
     device: str

@@ -8,7 +8,7 @@ from agent.chain_head import head_from_status
 from agent.envelope import COMMIT_CONTENT_TYPE, open_head, seal_head
 from agent.errors import EdgeAgentError
 from agent.fleet.logbook import verify_bundle
-from agent.fleet_commit import CommitFollower
+from agent.fleet_commit import CommitFollower, seal_commit_batch
 from agent.keys import IdentityKey
 
 KEY = IdentityKey(bytes([4]) * 32)
@@ -85,3 +85,47 @@ def test_structured_hostile_bundles_are_reported_not_raised(parts):
     bundle = dcbor.dumps({"type": "evedge-logbook", "v": 1, "vin": "X", "made_ns": 1, **parts})
     report = verify_bundle(bundle)
     assert not report.ok
+
+
+# --- batched commit marks: one signature over many devices' heads -------------------------
+
+HEADS = [(f"dev-{c}", 40 + i, bytes([i]) * 32) for i, c in enumerate("abcde")]
+BATCH = dict(seal_commit_batch(KEY, HEADS, 99))
+
+
+def test_a_batch_mark_gives_each_device_its_own_head_only():
+    for device, seq, digest in HEADS:
+        follower = CommitFollower(device, [KEY.public])
+        mark = follower.check(BATCH[device])
+        assert (mark.device, mark.seq, mark.hash, mark.ts_ns) == (device, seq, digest, 99)
+        others = [d for d in BATCH if d != device]
+        assert all(follower.check(BATCH[d]) is None for d in others)
+        assert follower.counters["mark_refused_other-device"] == len(others)
+    stranger = CommitFollower("dev-a", [IdentityKey(bytes([5]) * 32).public])
+    assert stranger.check(BATCH["dev-a"]) is None
+    assert stranger.counters["mark_refused_unknown-key"] == 1
+
+
+def test_a_batch_mark_with_another_head_or_path_is_refused():
+    from agent import dcbor
+
+    root_mark, index, path, device, seq, digest = dcbor.loads(BATCH["dev-c"])
+    for forged in ([root_mark, index, path, device, seq + 1, digest],   # a higher seq
+                   [root_mark, index, path, device, seq, bytes(32)],    # another hash
+                   [root_mark, index + 1, path, device, seq, digest],   # another leaf
+                   [root_mark, index, path[:-1], device, seq, digest]):
+        follower = CommitFollower("dev-c", [KEY.public])
+        assert follower.check(dcbor.dumps(forged)) is None
+        assert follower.counters["mark_refused_mark-path"] == 1, follower.counters
+
+
+@settings(max_examples=400)
+@given(st.data())
+def test_mangled_batch_marks_are_counted_never_raised(data):
+    original = bytearray(BATCH[data.draw(st.sampled_from(sorted(BATCH)))])
+    for _ in range(data.draw(st.integers(1, 3))):
+        original[data.draw(st.integers(0, len(original) - 1))] = data.draw(st.integers(0, 255))
+    follower = CommitFollower("dev-a", [KEY.public])
+    mark = follower.check(bytes(original))
+    assert mark is None or (mark.device, mark.seq) == ("dev-a", 40)
+    assert mark is not None or sum(follower.counters.values()) == 1

@@ -3,14 +3,18 @@ database, acknowledge after commit, commit marks, garbage kept in `rejected`."""
 
 import asyncio
 import contextlib
+import subprocess
+import sys
+from pathlib import Path
 
-from agent.envelope import COMMIT_CONTENT_TYPE, open_head
+from agent.chain_head import HeadStatus
 from agent.fleet import queries
 from agent.fleet.db import open_database
 from agent.fleet.ingest import Ingest, IngestConfig
 from agent.fleet.mqtt import BrokerConfig
+from agent.fleet_commit import CommitFollower
 from agent.keys import IdentityKey
-from agent.topics import commit_topic, telemetry_topic
+from agent.topics import commit_topic, status_topic, telemetry_topic
 from agent.uplink import MqttConfig, Uplink
 
 from .helpers import Device, register
@@ -30,8 +34,7 @@ async def workers(url, db_url, n=2):
     tasks = [asyncio.create_task(i.run(stop)) for i in ingests]
     try:
         for ingest in ingests:
-            await asyncio.wait_for(ingest.ready.wait(), 10)
-        await asyncio.sleep(0.2)  # SUBACK of the shared subscriptions
+            await asyncio.wait_for(ingest.ready.wait(), 10)  # set on SUBACK
         yield ingests
     finally:
         stop.set()
@@ -69,8 +72,9 @@ def test_two_workers_share_the_stream_and_agree_on_the_chain(tmp_path, mosquitto
                 await wait_for(stored)
                 async with asyncio.timeout(10):
                     async for message in up.messages():
-                        mark = open_head(message.payload, lambda kid: COMMIT_KEY.public,
-                                         COMMIT_CONTENT_TYPE)
+                        mark = CommitFollower("car-0", [COMMIT_KEY.public]).check(
+                            message.payload)
+                        assert mark is not None
                         marks.append(mark)
                         if mark.seq == 59:
                             break
@@ -87,3 +91,49 @@ def test_two_workers_share_the_stream_and_agree_on_the_chain(tmp_path, mosquitto
     assert marks[-1].hash == sent["car-0"][59].hash
     assert db.query("SELECT reason FROM rejected") == [("malformed-cbor",)]
     db.close()
+
+
+def test_heads_reach_every_worker_and_name_the_missing_tail(tmp_path, mosquitto):
+    """The status topics are subscribed plainly, not shared: MQTT 5 s4.8.2 sends no
+    retained message to a shared subscription (spec-following brokers drop it; mosquitto
+    happens to send it), and a live status on a shared one reaches a single member. So the
+    retained head published before any worker ran AND the next live one reach EVERY
+    worker, and `fleet gaps` reports the tail the broker never delivered."""
+    db_url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    db = open_database(db_url)
+    car = Device("car-tail", seed=7)
+    register(db, car)
+    sent = car.envelopes(12)   # the device sealed 0..11; only 0..4 will ever arrive
+    sealed_up_to = [10]
+    head = HeadStatus(car.key, car.name, "car-tail",
+                      lambda: (sealed_up_to[0], sent[sealed_up_to[0] - 1].hash))
+
+    async def main():
+        async with Uplink(MqttConfig.from_url(mosquitto.url, "car-tail")) as up:
+            await up.wait_connected()
+            await up.publish(status_topic(car.name), head.payload("online"), retain=True)
+            async with workers(mosquitto.url, db_url) as ingests:
+                for sealed in sent[:5]:
+                    await up.publish(telemetry_topic(car.name), sealed.data)
+                await wait_for(lambda: all(i.counters["heads"] == 1 for i in ingests))
+                sealed_up_to[0] = 12  # a live head, after both subscribed
+                await up.publish(status_topic(car.name), head.payload("online"), retain=True)
+
+                def done():
+                    rows = db.query("SELECT max_seq, claimed_seq FROM devices")
+                    return rows == [(4, 11)] and all(i.counters["heads"] == 2 for i in ingests)
+
+                await wait_for(done)
+                return ingests
+
+    ingests = asyncio.run(main())
+    assert [i.counters["heads"] for i in ingests] == [2, 2]  # retained and live, each worker
+    assert queries.gaps(db) == []                            # no hole below the top...
+    assert queries.tails(db) == [("car-tail", 5, 11)]        # ...but the tail is missing
+    db.close()
+    cli = subprocess.run([str(Path(sys.executable).parent / "edge-agent"), "fleet", "gaps",
+                          "--db", db_url], capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 1, cli.stderr
+    assert "car-tail  missing tail seq 5..11 (7): the device's signed head says seq 11" \
+        in cli.stdout
+    assert "0 gap(s), 1 missing tail(s)" in cli.stdout

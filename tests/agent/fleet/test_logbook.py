@@ -102,7 +102,9 @@ def test_anchor_proofs_are_checked(fleet):
                                merkle_proof(hashes, index)) == root == merkle_root(hashes)
     bundle = make_bundle(db, VIN)
     report = verify_bundle(bundle)
-    assert report.ok and report.anchored == 7
+    # recorded, not on chain: the paths check, nothing is claimed about time
+    assert report.ok and report.recorded == 7 and report.anchored == 0
+    assert "7 envelope(s) in Merkle roots not on chain (yet)" in report.format()
 
     def bend(b):
         b["anchors"][0]["root"] = bytes(32)
