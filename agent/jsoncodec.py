@@ -27,10 +27,20 @@ T = TypeVar("T")
 MAX_JSON_BYTES = 1 << 20
 
 
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+
+
 def to_json_value(value: object) -> object:
-    """Dataclasses -> dicts, tuples -> lists, bytes -> hex; everything else as it is."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_json_value(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    """Dataclasses -> dicts, tuples -> lists, bytes -> hex; everything else as it is.
+
+    (Plain values first and the field names cached per class: the runtime encodes its
+    status snapshot every 2 s, and dataclasses.fields() per value was most of that.)"""
+    kind = type(value)
+    if kind in _PLAIN:
+        return value
+    names = _field_names(kind)
+    if names is not None:
+        return {name: to_json_value(getattr(value, name)) for name in names}
     if isinstance(value, tuple | list):
         return [to_json_value(item) for item in value]
     if isinstance(value, Mapping):
@@ -38,6 +48,21 @@ def to_json_value(value: object) -> object:
     if isinstance(value, bytes):
         return value.hex()
     return value
+
+
+_FIELDS: dict[type, tuple[str, ...] | None] = {}
+
+
+def _field_names(kind: type) -> tuple[str, ...] | None:
+    """The fields of a dataclass, None for any other class (a dataclass class itself is
+    a value of class ``type``: not encoded as its fields). Cached per class."""
+    try:
+        return _FIELDS[kind]
+    except KeyError:
+        names = tuple(f.name for f in dataclasses.fields(kind)) \
+            if dataclasses.is_dataclass(kind) else None
+        _FIELDS[kind] = names
+        return names
 
 
 @functools.cache

@@ -13,9 +13,12 @@ How the bytes move:
   CONNECT itself on that thread. Back on the loop the socket is handed over: ``add_reader``
   -> ``loop_read``; ``on_socket_register_write`` -> a write in this turn of the loop, and
   ``add_writer`` -> ``loop_write`` only while the socket is full (``want_write()`` after a
-  write); one timer -> ``loop_misc`` each second (keepalive: PINGREQ after ``keepalive``
-  seconds of silence, and the connection dropped when no PINGRESP follows within another
-  ``keepalive``). Then it waits for the CONNACK.
+  write); one timer -> ``loop_misc`` every ``keepalive / 4`` seconds, at least 1 s
+  (keepalive: PINGREQ after ``keepalive`` seconds of silence, sent up to a quarter late,
+  well within the broker's 1.5 x ``keepalive`` (MQTT 5 s3.1.2.10); the connection dropped
+  when no PINGRESP follows within another ``keepalive``: about 2.25 x at worst). A timer
+  each second would wake an idle agent once a second for nothing. Then it waits for
+  the CONNACK.
 - Every callback after that runs on the loop's thread (paho calls them from ``loop_read``,
   ``loop_write`` or ``loop_misc``), so PUBACKs resolve futures directly, and a PUBACK can
   never come before its future exists.
@@ -71,7 +74,7 @@ from agent.errors import UplinkError
 log = logging.getLogger("edge_agent.uplink")
 T = TypeVar("T")
 
-MISC_INTERVAL_S = 1.0  # loop_misc: keepalive has a resolution of a second anyway
+MISC_INTERVAL_S = 1.0  # loop_misc at least this far apart (keepalive counts in seconds)
 # paho's connect() blocks (TCP connect, TLS handshake) for up to connect_timeout_s.
 _CONNECT_THREADS = ThreadPoolExecutor(4, thread_name_prefix="mqtt-connect")
 
@@ -153,8 +156,9 @@ class Connection:
     ``closed`` resolves (with the UplinkError saying why) when the connection ends."""
 
     def __init__(self, client: paho.Client, *, tls: bool,
-                 sink: Callable[[Incoming], None]) -> None:
+                 sink: Callable[[Incoming], None], keepalive_s: int = 0) -> None:
         self._client, self._tls, self._sink = client, tls, sink
+        self._misc_interval_s = max(MISC_INTERVAL_S, keepalive_s / 4)
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self.connack: asyncio.Future[ReasonCode] = self._loop.create_future()
@@ -180,7 +184,7 @@ class Connection:
                    clean_start: bool | None = None,
                    properties: Properties | None = None) -> Connection:
         """Connect and wait for a successful CONNACK; raises a classified UplinkError."""
-        conn = cls(client, tls=tls, sink=sink)
+        conn = cls(client, tls=tls, sink=sink, keepalive_s=keepalive_s)
         client.connect_timeout = timeout_s
         start = clean_start if clean_start is not None else paho.MQTT_CLEAN_START_FIRST_ONLY
         job = _CONNECT_THREADS.submit(client.connect, host, port, keepalive_s,
@@ -226,7 +230,7 @@ class Connection:
         client.on_socket_register_write = self._on_register_write
         client.on_socket_unregister_write = self._on_unregister_write
         self._loop.add_reader(self._fd, self._on_readable)
-        self._misc_handle = self._loop.call_later(MISC_INTERVAL_S, self._on_misc)
+        self._misc_handle = self._loop.call_later(self._misc_interval_s, self._on_misc)
         self.flush()  # the CONNECT, if paho could not write it all on the thread
         # The CONNACK may have been in the socket already: the reader fires next turn.
 
@@ -363,7 +367,7 @@ class Connection:
             return
         self._client.loop_misc()
         if self._sock is not None:
-            self._misc_handle = self._loop.call_later(MISC_INTERVAL_S, self._on_misc)
+            self._misc_handle = self._loop.call_later(self._misc_interval_s, self._on_misc)
 
     def _add_writer(self) -> None:
         if not self._writing and self._fd >= 0:

@@ -482,8 +482,10 @@ class Runtime:
             self.errors.add(time.time_ns(), "status", exc)
             log.warning("status: %s", exc, extra=_recorded("status", exc))
 
+        # Not under systemd: no STATUS= line to format every tick.
+        notifier = self.notifier if self.notifier.enabled else None
         await publish_status(self.status, self.status_file, self.status_config.interval_s,
-                             self.notifier, watchdog_interval_s(), on_error)
+                             notifier, watchdog_interval_s(), on_error)
 
     def _metrics_server(self) -> MetricsServer | None:
         cfg = self.metrics_config
@@ -509,7 +511,7 @@ class Runtime:
         if self.pipeline is not None:
             p = self.pipeline
             s = p.spool
-            spool = SpoolStatus(depth=s.rows, bytes=s.total_bytes,
+            spool = SpoolStatus(depth=p.depth, bytes=s.total_bytes,
                                 capacity_bytes=self.spool_config.max_bytes,
                                 next_seq=p.sealer.next_seq,
                                 dropped=s.counters.get("dropped", 0),

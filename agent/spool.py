@@ -269,22 +269,27 @@ class Spool:
 
     # -- writing ----------------------------------------------------------------------
     def commit(self, items: Sequence[Outgoing], sealer: DropSealer | None = None, *,
-               declare: bool = False, lost: DroppedRange | None = None) -> list[int]:
+               declare: bool = False, lost: DroppedRange | None = None,
+               acked: Sequence[int] = ()) -> list[int]:
         """Store sealed envelopes and the sealer's chain head in one transaction. With
         ``sealer``: apply the drop policy when the new rows would push the spool over its
         cap; record ``lost`` (envelopes sealed but never stored) as a pending drop; and
         with ``declare``, seal every pending drop into a drop envelope, all in the same
-        transaction. Returns the new row ids."""
+        transaction. ``acked``: rows the broker acknowledged, deleted in the same
+        transaction first (as :meth:`delete_acked` would, without a transaction and an
+        fsync of their own). Returns the new row ids."""
         incoming = sum(len(i.envelope.data) + ROW_OVERHEAD_BYTES for i in items)
         try:
             with self._transaction():
+                gone_bytes, gone_rows = self._delete_ids(acked)
                 ids = [self._insert(i.topic, i.envelope) for i in items]
-                freed = dropped_rows = 0
+                freed, dropped_rows = gone_bytes, gone_rows
                 if sealer is not None:
                     if lost is not None:
                         self._add_pending(lost)
-                    if self.total_bytes + incoming > self.config.max_bytes:
-                        freed, dropped_rows = self._apply_drop_policy(incoming)
+                    if self.total_bytes - gone_bytes + incoming > self.config.max_bytes:
+                        drop_freed, drop_rows = self._apply_drop_policy(incoming - gone_bytes)
+                        freed, dropped_rows = freed + drop_freed, dropped_rows + drop_rows
                     if declare:
                         declared = self._declare(sealer)
                         ids += [row_id for row_id, _ in declared]
@@ -441,17 +446,24 @@ class Spool:
             return 0
         try:
             with self._transaction():
-                marks = ",".join("?" * len(ids))
-                nbytes, count = self._db.execute(
-                    f"SELECT COALESCE(SUM(nbytes), 0), COUNT(*) FROM outbox WHERE id IN ({marks})",
-                    ids).fetchone()
-                self._db.execute(f"DELETE FROM outbox WHERE id IN ({marks})", ids)
+                nbytes, count = self._delete_ids(ids)
         except sqlite3.Error as exc:
             raise SpoolError(f"spool delete failed: {exc}",
                              reason=_reason(exc, self.config.path)) from exc
-        self.total_bytes -= int(nbytes)
-        self.rows -= int(count)
-        return int(count)
+        self.total_bytes -= nbytes
+        self.rows -= count
+        return count
+
+    def _delete_ids(self, ids: Sequence[int]) -> tuple[int, int]:
+        """Delete rows by id inside the caller's transaction; returns (bytes, rows) gone."""
+        if not ids:
+            return 0, 0
+        marks = ",".join("?" * len(ids))
+        nbytes, count = self._db.execute(
+            f"SELECT COALESCE(SUM(nbytes), 0), COUNT(*) FROM outbox WHERE id IN ({marks})",
+            ids).fetchone()
+        self._db.execute(f"DELETE FROM outbox WHERE id IN ({marks})", ids)
+        return int(nbytes), int(count)
 
     def delete_committed(self, seq: int, digest: bytes) -> int:
         """Delete every envelope of the device chain up to ``seq``: the fleet committed

@@ -14,6 +14,11 @@ Rules:
   deletes a row only after its PUBACK. After a reconnect it starts again from the oldest
   row still in the spool, so what was in flight is sent again, in order: a subscriber sees
   a duplicate only for a message whose PUBACK we never got (QoS 1 redelivery).
+- Steady-state cost (bench/steady.py): one spool transaction (one fsync) per commit, which
+  also deletes the rows acknowledged since the last one; an idle publisher sleeps until a
+  commit, a failed publish or an acknowledgement, with no timer of its own. A delete that
+  waits for the next commit is safe: until then the row is only resent after a crash or a
+  reconnect, a QoS 1 duplicate the verifier removes.
 - A publish the broker refuses (ACL: ``not-authorised``) leaves the row in the spool and
   is retried after a capped exponential back-off.
 - With ``[spool] keep_until = "fleet-commit"`` a PUBACK of an envelope only frees its
@@ -63,8 +68,12 @@ log = logging.getLogger("edge_agent.telemetry")
 T = TypeVar("T")
 
 MAX_ENVELOPES_PER_COMMIT = 64
-ACK_FLUSH_ROWS = 256  # delete acknowledged rows in batches of this many ...
-ACK_FLUSH_S = 0.2  # ... or after this long
+# Acknowledged rows are deleted by the sealer's next commit, in its transaction (no
+# transaction, fsync and thread hop of their own); by the publisher itself once this many
+# wait, or once they waited ACK_LINGER_S (no commit came: the sources are quiet), or at
+# once while draining at shutdown.
+ACK_FLUSH_ROWS = 256
+ACK_LINGER_S = 2.0
 
 
 class SpoolWorker:
@@ -101,9 +110,18 @@ class Pipeline:
         self._batcher = Batcher(batch.max_readings, batch.max_age_ms * 1_000_000)
         self._queue: asyncio.Queue[Reading | Event | _Flush] = asyncio.Queue(queue_size)
         self._clock = clock
-        self._new_rows = asyncio.Event()
+        self._new_rows = asyncio.Event()  # a commit stored rows: the publisher fetches
+        self._wake = asyncio.Event()  # the idle publisher: new rows, a failure, acks due
         self._progress = asyncio.Event()
-        self._acked: list[int] = []
+        self._acked: list[int] = []  # acknowledged, not deleted yet (see ACK_FLUSH_ROWS)
+        self._acked_since = 0.0  # monotonic time of the oldest of them
+        self._linger: asyncio.TimerHandle | None = None  # wakes the publisher for them
+        self._draining = False
+        # The idle publisher's place, (stream, cursor): a commit fetches the next rows for
+        # it in the same hop to the spool thread (_prefetched), see _stream.
+        self._stream_no = 0
+        self._idle_at: tuple[int, int] | None = None
+        self._prefetched: tuple[tuple[int, int], list[SpoolRow]] | None = None
         self._refused_backoff = Backoff(uplink.config.backoff_initial_s,
                                         uplink.config.backoff_max_s)
         self._lost_bytes = 0  # of envelopes sealed whose commit failed, not yet recorded
@@ -189,10 +207,11 @@ class Pipeline:
                             self._lost_bytes, "disk-full", self.telemetry_topic)
 
     async def _commit(self, out: list[Outgoing]) -> None:
-        commit = functools.partial(self.spool.commit, out, self.sealer,
-                                   declare=self.uplink.connected, lost=self._lost(out))
+        acked = self._take_acked()
+        commit = functools.partial(self._commit_and_fetch, out, self.uplink.connected,
+                                   self._lost(out), acked, self._idle_at)
         try:
-            await self.worker.call(commit)
+            prefetched = await self.worker.call(commit)
         except SpoolError as exc:
             # Nothing of `out` was stored, so nothing of it can be published; its seqs are
             # declared lost by the next commit that succeeds (see the module docstring).
@@ -202,11 +221,32 @@ class Pipeline:
             self.counters["envelopes_lost_uncommitted"] += len(out)
             log.error("spool commit failed (%s): %d envelope(s) not stored", exc.reason,
                       len(out))
+            # The acknowledged rows go on their own: on a full disk, deleting them is what
+            # frees the pages the next commit needs.
+            self._acked[:0] = acked
+            await self._flush_acks()
             return
         self._lost_bytes = 0
         self.disk_full = False
         self.counters["envelopes_committed"] += len(out)
+        self._deleted(acked)
+        if prefetched is not None:
+            self._prefetched = prefetched
         self._new_rows.set()
+        self._wake.set()
+
+    def _commit_and_fetch(self, out: list[Outgoing], declare: bool, lost: DroppedRange | None,
+                          acked: list[int], idle_at: tuple[int, int] | None
+                          ) -> tuple[tuple[int, int], list[SpoolRow]] | None:
+        """Runs on the spool thread: the commit, then, for a publisher idle at ``idle_at``,
+        the fetch it would make next (saves it a hop to this thread per commit)."""
+        self.spool.commit(out, self.sealer, declare=declare, lost=lost, acked=acked)
+        if idle_at is None:
+            return None
+        try:
+            return idle_at, self._fetch(idle_at[1], self.uplink.config.window)
+        except SpoolError:
+            return None  # committed all the same; the publisher's own fetch will say why
 
     # -- task "telemetry.publish" -----------------------------------------------------
     async def run_publisher(self) -> None:
@@ -232,21 +272,19 @@ class Pipeline:
 
     async def _stream(self) -> None:
         """Publish from the oldest row on, in order, ``window`` at a time, until the
-        connection fails (raises UplinkError)."""
+        connection fails (raises UplinkError). Idle, it sleeps until a commit, a failed
+        publish or an acknowledgement to delete: no timer ticks while nothing happens."""
         window = asyncio.Semaphore(self.uplink.config.window)
         failed: list[UplinkError] = []
         cursor = 0
-        last_flush = time.monotonic()
+        self._stream_no += 1
         while True:
-            self._new_rows.clear()
-            rows = await self.worker.call(self._fetch, cursor, self.uplink.config.window)
+            rows = self._take_prefetched(cursor)
+            if rows is None:
+                self._new_rows.clear()
+                rows = await self.worker.call(self._fetch, cursor, self.uplink.config.window)
             if not rows:
-                await self._flush_acks()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(ACK_FLUSH_S):  # not wait_for: gh-86296
-                        await self._new_rows.wait()
-                if failed:
-                    raise failed[0]
+                await self._wait_for_rows(failed, cursor)
                 continue
             for row in rows:
                 await window.acquire()
@@ -257,9 +295,52 @@ class Pipeline:
                 fut.add_done_callback(functools.partial(self._on_ack, row.id, keep, window,
                                                         failed))
                 cursor = row.id
-            if len(self._acked) >= ACK_FLUSH_ROWS or time.monotonic() - last_flush > ACK_FLUSH_S:
+            if self._acks_due():
                 await self._flush_acks()
-                last_flush = time.monotonic()
+            if len(rows) < self.uplink.config.window:
+                # Caught up with every commit before that fetch; a later one sets _new_rows.
+                await self._wait_for_rows(failed, cursor)
+
+    def _take_prefetched(self, cursor: int) -> list[SpoolRow] | None:
+        """The rows a commit fetched for this publisher while it was idle, if it is still
+        where it was then (same stream, same cursor): exactly what its own fetch would
+        return, read after that commit and marked in flight in the same step. The latest
+        commit's fetch covers every earlier commit, hence _new_rows is cleared."""
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is None or prefetched[0] != (self._stream_no, cursor):
+            return None  # stale (a reconnect, or the publisher fetched itself meanwhile)
+        self._new_rows.clear()
+        self.counters["prefetched"] += 1
+        return prefetched[1]
+
+    async def _wait_for_rows(self, failed: list[UplinkError], cursor: int) -> None:
+        """Until a commit stored rows; raises the first failed publish. Acknowledged rows
+        that no commit took in time are deleted here."""
+        self._idle_at = (self._stream_no, cursor)
+        try:
+            while not self._new_rows.is_set():
+                if failed:
+                    raise failed[0]
+                if self._acks_due():
+                    await self._flush_acks()
+                    continue
+                self._wake.clear()
+                await self._wake.wait()
+        finally:
+            self._idle_at = None
+
+    def _acks_due(self) -> bool:
+        return bool(self._acked) and (
+            self._draining or len(self._acked) >= ACK_FLUSH_ROWS
+            or time.monotonic() - self._acked_since >= ACK_LINGER_S)
+
+    def _take_acked(self) -> list[int]:
+        """The acknowledged rows, to be deleted by the caller; the linger timer is off."""
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        acked, self._acked = self._acked, []
+        return acked
 
     def _fetch(self, cursor: int, limit: int) -> list[SpoolRow]:
         """Runs on the spool thread: fetch and mark in flight in one step, so the drop
@@ -278,27 +359,44 @@ class Pipeline:
                 self.spool.clear_in_flight((row_id,))
                 self.counters["acked_kept"] += 1
             else:
+                if not self._acked:  # no commit may come: wake the publisher at the latest then
+                    self._acked_since = time.monotonic()
+                    self._linger = asyncio.get_running_loop().call_later(ACK_LINGER_S,
+                                                                         self._wake.set)
                 self._acked.append(row_id)
+                if self._draining:
+                    self._wake.set()
             self.counters["acked"] += 1
             self._refused_backoff.reset()
         else:
             failed.append(exc if isinstance(exc, UplinkError) else UplinkError(str(exc)))
+            self._wake.set()
 
     async def _flush_acks(self) -> None:
         if not self._acked:
             return
-        ids, self._acked = self._acked, []
+        ids = self._take_acked()
         try:
             await self.worker.call(self.spool.delete_acked, ids)
         except SpoolError as exc:
             # Not deleting only means sending again later (a duplicate), never a loss.
             self.counters[f"delete_failed_{exc.reason}"] += 1
             return
+        self._deleted(ids)
+
+    def _deleted(self, ids: list[int]) -> None:
+        if not ids:
+            return
         self.spool.clear_in_flight(ids)
         self.counters["deleted"] += len(ids)
         self._progress.set()
 
     # -- helpers ----------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        """Rows in the spool not acknowledged yet (acknowledged ones await their delete)."""
+        return max(self.spool.rows - len(self._acked), 0)
+
     async def run(self) -> None:
         """Both tasks under one TaskGroup (for callers without their own supervisor)."""
         async with asyncio.TaskGroup() as tg:
@@ -307,6 +405,8 @@ class Pipeline:
 
     async def wait_drained(self, timeout_s: float) -> None:
         """Wait until everything emitted so far is sealed, published and deleted."""
+        self._draining = True  # acknowledged rows are deleted at once from now on
+        self._wake.set()
         await self.flush()
         async with asyncio.timeout(timeout_s):
             while not (self._queue.empty() and len(self._batcher) == 0 and self.spool.rows == 0):

@@ -41,7 +41,8 @@ adds, and why:
 - A PUBACK with a failure reason code (0x87 from an ACL) fails the publish with
   ``reason="not-authorised"``: the row stays in the spool.
 - Keepalive: a half-open connection (peer frozen, cable pulled) is noticed within about
-  2 x ``keepalive_s``, and every pending publish fails with ``reason="disconnected"``.
+  2 x ``keepalive_s`` (2.25 x at worst), and every pending publish fails with
+  ``reason="disconnected"``.
 """
 
 from __future__ import annotations

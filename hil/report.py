@@ -5,6 +5,14 @@ verification summary, injected faults, events, expectation results), its JSON fo
 HTML page with hand-made inline SVG plots (power, energy, amount paid over time), the
 receipt, the verification summary and, for HIL, one pass/fail row per expectation.
 
+Time axes are in session time: wall time since the start times the rig's ``time_scale``
+(simulated seconds per wall second: the demo's simulated minutes, the clock its kW and kWh
+are on), in minutes once the session is longer than three. A stretch without readings
+(an agent down, a meter timing out) is a break in the line and a grey "no readings" band,
+never a straight line drawn across it. The vehicle's own signals (``signals``: its state of
+charge, its own energy count) are plotted beside the station meter's, and ``tails`` says
+for each agent whether the last envelope it committed reached the capture.
+
 Rules: the page is one self-contained file (no script, no external stylesheet, font or
 image: it must open on a laptop in a garage with no network); every string from the record
 is HTML-escaped; money and energy are integers in the record and formatted here with integer
@@ -32,6 +40,8 @@ if TYPE_CHECKING:
 RECORD_VERSION = 1
 MAX_RECORD_BYTES = 64 << 20
 MAX_PLOT_POINTS = 1500          # per series; more is invisible and bloats the page
+GAP_FACTOR = 5.0                # no point for 5x a series' median spacing: a gap
+SOC = "Vehicle.Powertrain.TractionBattery.StateOfCharge.Current"
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +154,33 @@ class FaultWindow:
 
 
 @dataclass(frozen=True, slots=True)
+class PlotSignal:
+    """Verified readings to plot: those of ``device``/``source`` named ``name``. ``chart``
+    "energy" adds them to the energy chart (as Wh since the first one when ``relative``);
+    any other value is a chart of its own, titled ``label``."""
+
+    chart: str
+    label: str
+    unit: str
+    device: str
+    source: str
+    name: str
+    relative: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ChainTail:
+    """An agent's chain head at the end (the last envelope it committed: seq and hash) and
+    whether the capture holds that very envelope; ``last_seq`` -1: it sealed nothing."""
+
+    role: str
+    device: str
+    last_seq: int
+    last_hash: str                  # hex
+    captured: bool
+
+
+@dataclass(frozen=True, slots=True)
 class SessionEvent:
     t_ns: int
     where: str                      # device or task name
@@ -172,6 +209,9 @@ class SessionRecord:
     events: tuple[SessionEvent, ...] = ()
     expectations: tuple[ExpectationResult, ...] = ()
     scenario: str = ""
+    time_scale: float = 1.0         # simulated seconds per wall second (session time)
+    signals: tuple[PlotSignal, ...] = ()
+    tails: tuple[ChainTail, ...] = ()
     format: int = RECORD_VERSION
 
     @property
@@ -250,15 +290,44 @@ def _thin(points: Sequence[tuple[float, float]], limit: int) -> list[tuple[float
     return kept
 
 
+def gaps(points: Sequence[tuple[float, float]], factor: float = GAP_FACTOR
+         ) -> list[tuple[float, float]]:
+    """(from, to) x ranges where a series has no point for longer than ``factor`` times
+    its median spacing: its source was silent there."""
+    steps = sorted(b[0] - a[0] for a, b in zip(points, points[1:], strict=False))
+    if len(steps) < 2:
+        return []
+    limit = factor * max(steps[len(steps) // 2], 1e-9)
+    return [(a[0], b[0]) for a, b in zip(points, points[1:], strict=False)
+            if b[0] - a[0] > limit]
+
+
+def _segments(points: Sequence[tuple[float, float]]) -> list[list[tuple[float, float]]]:
+    """The series cut at its gaps, each piece thinned to its share of MAX_PLOT_POINTS."""
+    cuts = {start for start, _ in gaps(points)}
+    pieces: list[list[tuple[float, float]]] = [[]]
+    for point in points:
+        pieces[-1].append(point)
+        if point[0] in cuts:
+            pieces.append([])
+    total = max(len(points), 1)
+    return [_thin(piece, max(2, MAX_PLOT_POINTS * len(piece) // total))
+            for piece in pieces if piece]
+
+
 def svg_chart(points: Sequence[tuple[float, float]], *, title: str, unit: str,
               bands: Sequence[tuple[float, float, str]] = (), width: int = 720,
-              height: int = 220) -> str:
-    """A line chart as inline SVG. ``points`` are (seconds since start, value); ``bands`` are
-    shaded x ranges (fault windows) with a label."""
+              height: int = 220, more: Sequence[tuple[str, Sequence[tuple[float, float]]]] = (),
+              label: str = "", x_label: str = "time (s)") -> str:
+    """A line chart as inline SVG. ``points`` are (time since start, value); ``bands`` are
+    shaded x ranges (fault windows) with a label; ``more`` are further named series drawn
+    beside ``points`` (named ``label``) with a legend. Each series breaks at its gaps; the
+    gaps of ``points`` are grey "no readings" bands."""
     left, right, top, bottom = 64, 16, 28, 36
     plot_w, plot_h = width - left - right, height - top - bottom
-    xs = [x for x, _ in points] or [0.0]
-    ys = [y for _, y in points] or [0.0]
+    every = [*points, *(p for _, series in more for p in series)]
+    xs = [x for x, _ in every] or [0.0]
+    ys = [y for _, y in every] or [0.0]
     x_max = max(max(xs), max((b[1] for b in bands), default=0.0), 1.0)
     y_min, y_max = min(0.0, min(ys)), max(ys)
     if y_max <= y_min:
@@ -277,12 +346,18 @@ def svg_chart(points: Sequence[tuple[float, float]], *, title: str, unit: str,
            f'width="{width}" height="{height}" role="img" aria-label="{html.escape(title)}">',
            f'<text x="{left}" y="18" class="title">{html.escape(title)} ({html.escape(unit)})'
            '</text>']
-    for start, end, label in bands:
+    for start, end, text in bands:
         x0, x1 = sx(max(0.0, start)), sx(min(x_max, end))
         out.append(f'<rect class="fault" x="{x0:.1f}" y="{top}" width="{max(x1 - x0, 1):.1f}" '
-                   f'height="{plot_h}"><title>{html.escape(label)}</title></rect>')
+                   f'height="{plot_h}"><title>{html.escape(text)}</title></rect>')
         out.append(f'<text class="fault-label" x="{x0 + 2:.1f}" y="{top + 12}">'
-                   f'{html.escape(label)}</text>')
+                   f'{html.escape(text)}</text>')
+    for start, end in gaps(points):
+        x0, x1 = sx(start), sx(end)
+        out.append(f'<rect class="gap" x="{x0:.1f}" y="{top}" width="{max(x1 - x0, 1):.1f}" '
+                   f'height="{plot_h}"><title>no readings</title></rect>'
+                   f'<text class="gap-label" x="{x0 + 2:.1f}" y="{top + plot_h - 4}">'
+                   'no readings</text>')
     y = y_bottom
     while y <= y_top + y_step / 2:
         out.append(f'<line class="grid" x1="{left}" x2="{left + plot_w}" y1="{sy(y):.1f}" '
@@ -296,10 +371,19 @@ def svg_chart(points: Sequence[tuple[float, float]], *, title: str, unit: str,
                    f'text-anchor="middle">{_tick_label(x)}</text>')
         x += x_step
     out.append(f'<text class="tick" x="{left + plot_w}" y="{height - 4}" text-anchor="end">'
-               'time (s)</text>')
-    coords = " ".join(f"{sx(px):.1f},{sy(py):.1f}" for px, py in _thin(points, MAX_PLOT_POINTS))
-    if coords:
-        out.append(f'<polyline class="series" points="{coords}"/>')
+               f'{html.escape(x_label)}</text>')
+    for index, (_, series) in enumerate([(label, points), *more]):
+        for piece in _segments(series):
+            coords = " ".join(f"{sx(px):.1f},{sy(py):.1f}" for px, py in piece)
+            out.append(f'<polyline class="series s{index}" points="{coords}"/>')
+    if more:
+        legend = [label or title, *(name for name, _ in more)]
+        x = float(left + plot_w)
+        for index in reversed(range(len(legend))):
+            text = html.escape(legend[index])
+            x -= 14 + 6.2 * len(legend[index])
+            out.append(f'<line class="series s{index}" x1="{x:.1f}" x2="{x + 10:.1f}" y1="14" '
+                       f'y2="14"/><text class="tick" x="{x + 13:.1f}" y="18">{text}</text>')
     out.append("</svg>")
     return "\n".join(out)
 
@@ -315,8 +399,10 @@ text-align:left;vertical-align:top}td.num{text-align:right;font-variant-numeric:
 .pass{color:#176d2c;font-weight:bold}.fail{color:#b00020;font-weight:bold}
 pre{background:#f6f6f6;padding:8px;overflow-x:auto}
 svg .series{fill:none;stroke:#1f5fbf;stroke-width:1.6}svg .grid{stroke:#e3e3e3}
+svg .s1{stroke:#d0542a;stroke-dasharray:5 3}svg .s2{stroke:#2a9d4b}
 svg .tick{font-size:10px;fill:#555}svg .title{font-size:12px;font-weight:bold}
 svg .fault{fill:#f5a623;opacity:.18}svg .fault-label{font-size:10px;fill:#a06000}
+svg .gap{fill:#888;opacity:.14}svg .gap-label{font-size:10px;fill:#666}
 """
 
 
@@ -378,27 +464,95 @@ def _expectations_html(results: Sequence[ExpectationResult]) -> str:
     return "<table>" + "".join(rows) + "</table>"
 
 
-def render_html(record: SessionRecord) -> str:
-    t0 = record.started_ns
-    secs = [(s.t_ns - t0) / 1e9 for s in record.samples]
-    bands = [((f.start_ns - t0) / 1e9, (f.end_ns - t0) / 1e9, f.kind) for f in record.faults]
+@dataclass(frozen=True, slots=True)
+class SessionClock:
+    """Wall ns -> session time on the charts: ``(t - t0) x time_scale``, in minutes once
+    the session is longer than three (the demo: simulated minutes)."""
+
+    t0_ns: int
+    time_scale: float
+    per_unit_s: float               # 60 for minutes, 1 for seconds
+
+    @classmethod
+    def of(cls, record: SessionRecord) -> SessionClock:
+        scale = record.time_scale if record.time_scale > 0 else 1.0
+        span_s = (record.ended_ns - record.started_ns) / 1e9 * scale
+        return cls(record.started_ns, scale, 60.0 if span_s > 180 else 1.0)
+
+    def __call__(self, t_ns: int) -> float:
+        return (t_ns - self.t0_ns) / 1e9 * self.time_scale / self.per_unit_s
+
+    @property
+    def unit(self) -> str:
+        return "min" if self.per_unit_s == 60 else "s"
+
+    @property
+    def label(self) -> str:
+        simulated = f", simulated x{self.time_scale:g}" if self.time_scale != 1 else ""
+        return f"session time ({self.unit}{simulated})"
+
+
+def _signal_points(record: SessionRecord, signal: PlotSignal, clock: SessionClock
+                   ) -> list[tuple[float, float]]:
+    mine = sorted((r.ts_ns, r.value) for r in record.readings
+                  if (r.device, r.source, r.name) == (signal.device, signal.source, signal.name)
+                  and r.ts_ns >= record.started_ns)
+    base = mine[0][1] if mine and signal.relative else 0.0
+    return [(clock(ts), value - base) for ts, value in mine]
+
+
+def _charts(record: SessionRecord, clock: SessionClock) -> list[str]:
+    xs = [clock(s.t_ns) for s in record.samples]
+    bands = [(clock(f.start_ns), clock(f.end_ns), f.kind) for f in record.faults]
     decimals = record.receipt.decimals if record.receipt else 0
     token = record.receipt.token if record.receipt else "TOKEN"
-    charts = [
-        svg_chart([(x, s.power_w) for x, s in zip(secs, record.samples, strict=True)],
-                  title="Power", unit="W", bands=bands),
-        svg_chart([(x, s.energy_wh) for x, s in zip(secs, record.samples, strict=True)],
-                  title="Energy", unit="Wh", bands=bands),
-        svg_chart([(x, s.paid / 10**decimals) for x, s in zip(secs, record.samples, strict=True)],
-                  title="Amount paid", unit=token, bands=bands),
-    ]
+
+    def chart(values: Sequence[float], title: str, unit: str,
+              more: Sequence[tuple[str, Sequence[tuple[float, float]]]] = (),
+              label: str = "") -> str:
+        return svg_chart(list(zip(xs, values, strict=True)), title=title, unit=unit,
+                         bands=bands, x_label=clock.label, more=more, label=label)
+
+    energy = [(s.label, _signal_points(record, s, clock)) for s in record.signals
+              if s.chart == "energy"]
+    charts = [chart([s.power_w for s in record.samples], "Power", "W"),
+              chart([s.energy_wh for s in record.samples], "Energy", "Wh",
+                    more=[(label, points) for label, points in energy if points],
+                    label="station meter" if energy else "")]
+    for signal in record.signals:
+        points = _signal_points(record, signal, clock)
+        if signal.chart != "energy" and points:
+            charts.append(svg_chart(points, title=signal.label, unit=signal.unit,
+                                    bands=bands, x_label=clock.label))
+    charts.append(chart([s.paid / 10**decimals for s in record.samples], "Amount paid",
+                        token))
+    return charts
+
+
+def _tails_html(tails: Sequence[ChainTail]) -> str:
+    rows = ["<tr><th>Agent</th><th>Device</th><th>Last envelope committed</th>"
+            "<th>In the capture</th></tr>"]
+    for tail in tails:
+        seq = f"seq {tail.last_seq} ({tail.last_hash[:16]})" if tail.last_seq >= 0 \
+            else "none sealed"
+        verdict = '<td class="pass">yes</td>' if tail.captured else '<td class="fail">NO</td>'
+        rows.append(f"<tr><td>{html.escape(tail.role)}</td><td>{html.escape(tail.device)}</td>"
+                    f"<td>{html.escape(seq)}</td>{verdict}</tr>")
+    return "<table>" + "".join(rows) + "</table>"
+
+
+def render_html(record: SessionRecord) -> str:
+    clock = SessionClock.of(record)
+    charts = _charts(record, clock)
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(record.started_ns / 1e9))
     duration = (record.ended_ns - record.started_ns) / 1e9
+    simulated = (f" ({duration * clock.time_scale / 60:.1f} simulated minutes at "
+                 f"x{clock.time_scale:g})") if clock.time_scale != 1 else ""
     parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
              f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
              f"<title>{html.escape(record.title)}</title><style>{_CSS}</style></head><body>",
              f"<h1>{html.escape(record.title)}</h1>",
-             f"<p>Started {started}, {duration:.0f} s"
+             f"<p>Started {started}, {duration:.0f} s{simulated}"
              + (f", scenario <code>{html.escape(record.scenario)}</code>" if record.scenario
                 else "") + "</p>"]
     if record.passed is not None:
@@ -411,12 +565,14 @@ def render_html(record: SessionRecord) -> str:
         parts += ["<h2>Receipt</h2>", _receipt_html(record.receipt)]
     if record.verification is not None:
         parts += ["<h2>Verification</h2>", _verification_html(record.verification)]
+    if record.tails:
+        parts += ["<h2>Last envelopes</h2>", _tails_html(record.tails)]
     parts.append("<h2>Over time</h2>")
     parts += [f"<figure>{chart}</figure>" for chart in charts]
     if record.events:
-        parts.append("<h2>Events</h2><table>")
+        parts.append(f"<h2>Events</h2><table><tr><th>{html.escape(clock.label)}</th></tr>")
         for event in record.events:
-            parts.append(f"<tr><td class=\"num\">{(event.t_ns - t0) / 1e9:.1f} s</td>"
+            parts.append(f"<tr><td class=\"num\">{clock(event.t_ns):.1f} {clock.unit}</td>"
                          f"<td>{html.escape(event.where)}</td><td>{html.escape(event.code)}</td>"
                          f"<td>{html.escape(event.message)}</td></tr>")
         parts.append("</table>")

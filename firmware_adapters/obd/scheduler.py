@@ -16,7 +16,11 @@ States::
   the VIN, calibration IDs and ECU name once (service 09 PIDs 02/04/0A), if enabled. A
   source with no PIDs configured (an EV read through its UDS profile only) skips discovery.
 * run: each PID has a period; due PIDs are batched up to ``max_pids`` per request (6 on CAN,
-  SAE J1979 s6.1.2). A PID no ECU answers is backed off: its period doubles per miss up to
+  SAE J1979 s6.1.2). The schedule is fixed-rate: a PID answered is next due one period
+  after its previous due time, not after the answer (else every cycle would grow by the
+  request's latency: 4 PIDs at 1 Hz over an ELM327 taking 0.2 s per request gave 3.3
+  readings/s, not 4); a PID more than a period late is asked again at once, never in a
+  catch-up burst. A PID no ECU answers is backed off: its period doubles per miss up to
   ``max_backoff`` times; an answer resets it. Stored, pending and permanent DTCs (services
   03, 07, 0A) are read every ``dtc_period``; a stored DTC not seen before brings a freeze
   frame (service 02, frame 0) as an ``obd-freeze-frame`` event. Service 04 (clear) is never
@@ -76,6 +80,12 @@ class _PidState:
     period_ns: int
     due_ns: int = 0
     misses: int = 0
+
+
+def _served(st: _PidState, now: int) -> None:
+    """Asked and done with: next due one period after the due time just served (fixed
+    rate), or now if that is past already (late by more than a period: no burst)."""
+    st.due_ns = max(st.due_ns + st.period_ns, now)
 
 
 @dataclass(slots=True)
@@ -243,7 +253,8 @@ class Poller:
         if plan.kind == "bitmap":
             self._on_bitmap(plan, decoded)
         elif plan.kind == "pids":
-            self._on_values(plan, decoded, now, ts_ns, time_status, out)
+            garbled = len(decoded) < len(answers)  # an ECU answered, but not in J1979 form
+            self._on_values(plan, decoded, now, ts_ns, time_status, out, garbled)
         elif plan.kind in ("vin", "info"):
             self._on_info(decoded, ts_ns, time_status, out)
         elif plan.kind == "dtcs":
@@ -312,7 +323,7 @@ class Poller:
         if st is not None:
             if got:
                 st.misses = 0
-                st.due_ns = now + st.period_ns
+                _served(st, now)
             else:
                 self._miss(st, now)
         for name, unit, value in got or ():
@@ -327,7 +338,11 @@ class Poller:
                     self.supported.setdefault(pid, set()).add(ecu)
 
     def _on_values(self, plan: Plan, decoded: Mapping[int, P.Answer], now: int, ts_ns: int,
-                   status: TimeStatus, out: list[Reading | Event]) -> None:
+                   status: TimeStatus, out: list[Reading | Event], garbled: bool) -> None:
+        """Readings of a PID answer. A PID without a value is backed off only when no
+        ECU answered the request at all: an answer that did not decode (counted and
+        reported by on_answers) says an ECU is there, so the PID is asked again at its
+        period (a backed-off 1 Hz PID went quiet for 2 s after every garbled answer)."""
         got: dict[int, tuple[P.Signal, ...]] = {}
         for ans in decoded.values():  # lowest ECU number first: the first value wins
             if isinstance(ans, P.PidValues):
@@ -342,7 +357,9 @@ class Poller:
             st = self._pid_state[pid]
             if pid in got:
                 st.misses = 0
-                st.due_ns = now + st.period_ns
+                _served(st, now)
+            elif garbled:
+                _served(st, now)
             else:
                 self.counters["pid-missed"] += 1
                 self._miss(st, now)
@@ -383,7 +400,7 @@ class Poller:
             if backoff:
                 self._miss(st, now)
             else:
-                st.due_ns = now + st.period_ns
+                _served(st, now)
         if plan.kind == "bitmap":
             self._asked_bitmaps.discard(plan.pids[0])
 

@@ -44,6 +44,10 @@ def receipt_checks(rig: Rig, record) -> list[tuple[str, bool, str]]:
          f"vehicle balance {_money(rig.balances['vehicle'])}"),
         ("every envelope verifies", bool(v and v.ok),
          f"{v.envelopes if v else 0} envelopes, {v.readings if v else 0} readings"),
+        ("each agent's last envelope reached the capture",
+         bool(record.tails) and all(t.captured for t in record.tails),
+         ", ".join(f"{t.role} seq {t.last_seq}{'' if t.captured else ' MISSING'}"
+                   for t in record.tails)),
     ]
     return checks
 

@@ -66,6 +66,9 @@ from agent.verify import VerifyReport
 from firmware_adapters.base import Source
 from hil.broker import EmbeddedBroker, Mosquitto, start_broker
 from hil.report import (
+    SOC,
+    ChainTail,
+    PlotSignal,
     Receipt,
     RecordedReading,
     Sample,
@@ -339,7 +342,36 @@ class Rig:
         return SessionRecord(title=self.record_title(),
                              started_ns=started, ended_ns=time.time_ns(),
                              samples=tuple(self.samples), readings=record[0],
-                             receipt=record[1], verification=record[2])
+                             receipt=record[1], verification=record[2],
+                             time_scale=self.settings.time_scale if self.settings.charging
+                             else self.settings.ecu_time_scale,
+                             signals=self._signals(), tails=self.tails())
+
+    def _signals(self) -> tuple[PlotSignal, ...]:
+        """The vehicle's own signals for the report, beside the station meter's."""
+        vehicle = self.agents.get("vehicle")
+        if vehicle is None:
+            return ()
+        ev = vehicle.keys.device_id
+        own = (PlotSignal("energy", "car's own count", "Wh", ev, OBC_ID, IMPORT_WH,
+                          relative=True),) if self.settings.charging else ()
+        return (*own, PlotSignal("soc", "State of charge", "%", ev, ECU_ID, SOC))
+
+    def tails(self) -> tuple[ChainTail, ...]:
+        """Each agent's final chain head (its spool's: the last envelope committed), and
+        whether the capture holds that envelope (a lost tail is invisible otherwise)."""
+        out = []
+        for role, agent in self.agents.items():
+            pipeline = agent.runtime.pipeline if agent.runtime is not None else None
+            device = agent.keys.device_id
+            if pipeline is None or pipeline.spool.next_seq == 0:
+                out.append(ChainTail(role, device, -1, "", True))
+                continue
+            seq, head = pipeline.spool.next_seq - 1, pipeline.spool.head
+            captured = any((o.device, o.seq, o.hash) == (device, seq, head)
+                           for o in self.opened)
+            out.append(ChainTail(role, device, seq, head.hex(), captured))
+        return tuple(out)
 
     async def _drive(self, broker_url: str, ev: DeviceKeys, registry: FleetRegistry
                      ) -> tuple[tuple[RecordedReading, ...], None, VerificationSummary]:

@@ -437,10 +437,16 @@ def test_disk_full_loses_only_uncommitted_readings_and_declares_them(tmp_path, m
             await pipeline.wait_drained(10)
             pages = await worker.call(lambda: spool._db.execute("PRAGMA page_count").fetchone()[0])
             await worker.call(spool._db.execute, f"PRAGMA max_page_count={pages}")
-            await emit_readings(pipeline, 50, 500)
-            await pipeline.flush()
-            await until(lambda: pipeline.counters["commit_failed_disk-full"] > 0, 10)
-            assert pipeline.disk_full
+            # No PUBACK meanwhile, so the spool must grow: a commit also deletes the rows
+            # acknowledged since the last one, whose pages would otherwise hold the new rows.
+            os.kill(mosquitto.pid, signal.SIGSTOP)
+            try:
+                await emit_readings(pipeline, 50, 500)
+                await pipeline.flush()
+                await until(lambda: pipeline.counters["commit_failed_disk-full"] > 0, 10)
+                assert pipeline.disk_full
+            finally:
+                os.kill(mosquitto.pid, signal.SIGCONT)
             await worker.call(spool._db.execute, "PRAGMA max_page_count=1073741823")
             await emit_readings(pipeline, 550, 50)
             await pipeline.wait_drained(20)

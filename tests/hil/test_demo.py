@@ -46,6 +46,9 @@ def test_demo_in_a_fresh_virtualenv_the_readme_way(tmp_path):
     # every envelope verifies, also when checked again from the capture by the new install
     assert verification["ok"] and verification["envelopes"] > 10
     assert "<svg" in (out / "session.html").read_text()
+    # each agent's last committed envelope reached the capture (issue 18)
+    assert sorted(t["role"] for t in record["tails"]) == ["station", "vehicle"]
+    assert all(t["captured"] and t["last_seq"] > 0 for t in record["tails"]), record["tails"]
     again = subprocess.run([str(project / ".venv" / "bin" / "edge-agent"), "verify",
                             str(out / "capture.cbor"), "--registry", str(out / "fleet.toml")],
                            capture_output=True, text=True, timeout=120)

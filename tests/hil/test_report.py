@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -17,8 +18,11 @@ from agent.keys import KeyStore
 from agent.readings import Reading
 from agent.verify import verify_capture
 from hil.report import (
+    SOC,
+    ChainTail,
     ExpectationResult,
     FaultWindow,
+    PlotSignal,
     Receipt,
     RecordedReading,
     Sample,
@@ -27,6 +31,7 @@ from hil.report import (
     VerificationSummary,
     format_amount,
     format_energy,
+    gaps,
     load_record,
     recorded_readings,
     render_html,
@@ -202,3 +207,66 @@ def test_page_is_readable_on_a_phone() -> None:
     assert '<meta name="viewport" content="width=device-width, initial-scale=1">' in page
     assert "svg{max-width:100%;height:auto}" in _CSS and "overflow-x:auto" in _CSS
     assert "@media (max-width:480px)" in _CSS
+
+
+def charged(*, hole: tuple[int, int] | None = None, time_scale: float = 120.0) -> SessionRecord:
+    """100 wall seconds of charging at x120 (200 simulated minutes), the meter read every
+    second except in ``hole``; the car reports its own count and its state of charge."""
+    skip = range(*hole) if hole else range(0)
+    samples = tuple(Sample(T0 + i * S, 11_000, i * 3, i * 900, i * 3)
+                    for i in range(100) if i not in skip)
+    own = tuple(RecordedReading(T0 + i * S, "ev-1", "obc0", "1-0:1.8.0", 50_000 + i * 3 - i // 10)
+                for i in range(0, 100, 2))
+    soc = tuple(RecordedReading(T0 + i * S, "ev-1", "ecu0", SOC, 20 + i * 0.5)
+                for i in range(0, 100, 4))
+    return dataclasses.replace(
+        record(), samples=samples, readings=own + soc, time_scale=time_scale, faults=(),
+        signals=(PlotSignal("energy", "car's own count", "Wh", "ev-1", "obc0", "1-0:1.8.0",
+                            relative=True),
+                 PlotSignal("soc", "State of charge", "%", "ev-1", "ecu0", SOC)),
+        tails=(ChainTail("vehicle", "ev-1", 41, "ab" * 32, False),
+               ChainTail("station", "cs-1", 57, "cd" * 32, True)))
+
+
+def test_time_axes_are_session_time_in_simulated_minutes() -> None:
+    # 100 wall seconds at x120 are 200 simulated minutes: the demo's console says 11 kW,
+    # and 3 Wh a wall second is 11 kW only on that clock.
+    page = render_html(charged())
+    assert page.count("session time (min, simulated x120)") >= 4  # every chart, the events
+    assert "200.0 simulated minutes at x120" in page
+    assert ">100.0 min<" in page  # the event 50 wall seconds in
+    power = re.search(r'aria-label="Power".*?</svg>', page, re.S).group(0)
+    assert ">150<" in power and ">50<" in power  # ticks in minutes (0..198), not 0..100 s
+    plain = render_html(charged(time_scale=1.0))
+    assert "session time (s)" in plain and "simulated" not in plain
+
+
+def test_a_stretch_without_readings_is_a_gap_not_a_line() -> None:
+    page = render_html(charged(hole=(40, 60)))
+    power = re.search(r'aria-label="Power".*?</svg>', page, re.S).group(0)
+    assert len(parse(power).polylines) == 2            # broken at the hole
+    assert power.count('class="gap"') == 1 and "no readings" in power
+    assert gaps([(x, 0) for x in (0, 1, 2, 3, 10, 11, 12)]) == [(3, 10)]
+    whole = re.search(r'aria-label="Power".*?</svg>', render_html(charged()), re.S).group(0)
+    assert len(parse(whole).polylines) == 1 and 'class="gap"' not in whole
+
+
+def test_the_vehicles_own_signals_are_plotted_beside_the_meter() -> None:
+    page = render_html(charged())
+    energy = re.search(r'aria-label="Energy".*?</svg>', page, re.S).group(0)
+    lines = parse(energy).polylines
+    assert len(lines) == 2 and "car&#x27;s own count" in energy and "station meter" in energy
+    own = [tuple(map(float, p.split(","))) for p in lines[1].split()]
+    assert own[0][1] == 220 - 36  # relative: the car's count starts at 0 Wh on the chart
+    soc = re.search(r'aria-label="State of charge".*?</svg>', page, re.S).group(0)
+    assert len(parse(soc).polylines) == 1 and "(%)" in soc
+
+
+def test_each_agents_last_envelope_is_checked_against_the_capture(tmp_path: Path) -> None:
+    rec = charged()
+    page = render_html(rec)
+    assert "Last envelopes" in page
+    assert page.count('<td class="fail">NO</td>') == 1 and "seq 41" in page
+    assert page.count('<td class="pass">yes</td>') == 1 and "seq 57" in page
+    json_path, _ = write_report(rec, tmp_path)
+    assert load_record(json_path) == rec  # signals, tails and time_scale round-trip

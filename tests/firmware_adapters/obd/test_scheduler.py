@@ -226,3 +226,64 @@ def test_a_flapping_link_doubles_the_hold_so_events_cannot_flood() -> None:
     assert 0 < codes.count("vehicle-asleep") <= 60
     gaps = [b - a for a, b in zip(asleep_at, asleep_at[1:], strict=False)]
     assert not gaps or max(gaps) >= 16 * NS
+
+
+FOUR = {0x04: NS, 0x05: NS, 0x0C: NS, 0x0D: NS}  # bench/steady.py: 4 PIDs at 1 Hz
+VALUES = {0x04: b"\x80", 0x05: b"\x5f", 0x0C: b"\x1a\xf8", 0x0D: b"\x37"}
+
+
+def four_pids() -> Poller:
+    p = Poller(FOUR, source="t", read_vin=False, dtc_period_ns=None)
+    discover(p, set(FOUR))
+    return p
+
+
+def poll_for(p: Poller, seconds: int, latency_ns: int) -> tuple[int, int]:
+    """Drive the poller as the source does, each answer ``latency_ns`` after its request;
+    returns (requests, readings) sent and made before ``seconds`` of poller time."""
+    now = requests = readings = 0
+    while now < seconds * NS:
+        plan = p.next_request(now)
+        if plan is None:
+            now = p.next_time(now)
+            continue
+        requests += 1
+        now += latency_ns
+        payload = b"\x41" + b"".join(bytes((pid,)) + VALUES[pid] for pid in plan.pids)
+        readings += sum(isinstance(r, Reading) for r in p.on_answers(plan, {0: payload},
+                                                                     now, now))
+    return requests, readings
+
+
+def test_the_request_latency_does_not_stretch_the_period() -> None:
+    # Fixed rate: 4 PIDs at 1 Hz over an adapter taking 200 ms per request are 4 readings
+    # a second (a period counted from each answer made it 1.2 s: 200 in 60 s, not 240).
+    assert poll_for(four_pids(), 60, NS // 5) == (60, 240)
+
+
+def test_a_poller_late_by_more_than_a_period_asks_at_once_without_a_burst() -> None:
+    # 2.5 s per request for a 1 s period: back to back (24 in 60 s), never a catch-up of
+    # the missed slots, and every request still asks all four PIDs.
+    p = four_pids()
+    requests, readings = poll_for(p, 60, 5 * NS // 2)
+    assert (requests, readings) == (24, 96)
+    assert p.next_time(60 * NS) == 60 * NS
+
+
+def test_a_garbled_answer_is_asked_again_at_its_period_not_backed_off() -> None:
+    # ELM327-emulator merges a second ECU's frame into a multi-PID answer ("41 04 00 41 04
+    # 00 05 .."): an ECU answered, not in J1979 form. Reported once, counted, and the PIDs
+    # are due again one period later; backing them off cost 2 s of readings each time.
+    p = four_pids()
+    plan = p.next_request(0)
+    assert plan is not None and set(plan.pids) == set(FOUR)
+    out = p.on_answers(plan, {0: bytes.fromhex("410400410400055f0c1af80d37")}, 0, 0)
+    assert [(e.code, e.details[1][1]) for e in out if isinstance(e, Event)] == [
+        ("obd-bad-answer", "decode-unexpected-pid")]
+    assert p.counters["pid-missed"] == 0
+    assert p.next_time(0) == NS
+    again = p.next_request(NS)
+    assert again is not None and set(again.pids) == set(FOUR)
+    # Nobody answering at all still backs them off.
+    p.on_answers(again, {}, NS, NS)
+    assert p.counters["no-answer"] == 1 and p.next_time(NS) == NS + 2 * NS

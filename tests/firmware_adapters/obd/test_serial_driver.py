@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from elm import obd_message
 
+from agent.readings import Event, Reading
+
 from firmware_adapters.obd.serial_driver import Elm327Source
 from tests.firmware_adapters.obd.peers import (
     _stop,
@@ -82,11 +84,40 @@ def test_emulator_odometer_answer_with_a_wrong_service_byte_is_flagged(elm_port:
     assert all("<data>61 A6" in r for r in ObdMessage["car"]["ODOMETER"]["Response"])
     src = Elm327Source.from_options("elm", {"port": elm_port, "pids": {"ODOMETER": 0.05,
                                                                         "SPEED": 0.05}}, "t")
-    items = asyncio.run(collect(src, lambda xs: len(named(xs, "Vehicle.Speed")) >= 3, 60))
+
+    def mismatch_seen(xs: list[Reading | Event]) -> bool:
+        # 01 A6 is asked alone once its back-off parts it from SPEED (a multi-PID request
+        # gets no A6 answer from the emulator at all)
+        return len(named(xs, "Vehicle.Speed")) >= 3 and src.counters["elm-resync"] >= 1
+
+    items = asyncio.run(collect(src, mismatch_seen, 60))
     assert not named(items, "Vehicle.TraveledDistance")
     assert any(e.code == "obd-bad-answer" and ("reason", "rx-mismatch")
                in e.details for e in events(items))
     assert src.counters["rx-mismatch"] >= 1 and src.counters["elm-resync"] >= 1
+
+
+def test_a_garbled_multi_pid_answer_costs_one_cycle_never_a_back_off(elm_port: str) -> None:
+    # bench/steady.py's 4 PIDs at 1 Hz gave 3.3 readings/s: the emulator merges the second
+    # ECU's frame of one ENGINE_LOAD answer in its list into the multi-PID answer (which
+    # then does not parse), and the poller backed all four PIDs off for it. An answer that
+    # does not parse is an ECU answering: reported, and the PIDs asked again at their period.
+    four = {"SPEED": 0.05, "RPM": 0.05, "COOLANT_TEMP": 0.05, "ENGINE_LOAD": 0.05}
+    src = Elm327Source.from_options("elm", {"port": elm_port, "pids": four, "dtc_period_s": 0,
+                                            "read_vin": False}, "t")
+
+    def after_a_garbled_answer(xs: list[Reading | Event]) -> bool:
+        return src.counters["decode-unexpected-pid"] >= 1 and \
+            len(named(xs, "Vehicle.Speed")) >= 6
+
+    items = asyncio.run(collect(src, after_a_garbled_answer, 60))
+    assert src.counters["pid-missed"] == 0 and src.counters["no-answer"] == 0
+    assert all(st.misses == 0 for st in src.poller._pid_state.values())
+    counts = {len(named(items, name)) for name in (
+        "Vehicle.Speed", "Vehicle.OBD.EngineSpeed", "Vehicle.OBD.CoolantTemperature",
+        "Vehicle.OBD.EngineLoad")}
+    assert len(counts) == 1  # every answer that parsed carried all four
+    assert [e.code for e in events(items)] == ["obd-bad-answer"]  # reported once
 
 
 def test_reconnects_after_the_adapter_is_unplugged(tmp_path: Path) -> None:
