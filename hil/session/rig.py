@@ -77,7 +77,7 @@ from hil.report import (
     recorded_readings,
 )
 from hil.session.chain import serialised
-from hil.session.site import CHARGER_ID, METER_ID, Site
+from hil.session.site import BMS_ID, CHARGED_WH, CHARGER_ID, METER_ID, Site
 from hil.sim.ecu_source import HIL_PIDS
 from hil.sim.meter import ChargingProfile
 from hil.sim.plant import Plant
@@ -353,7 +353,7 @@ class Rig:
         if vehicle is None:
             return ()
         ev = vehicle.keys.device_id
-        own = (PlotSignal("energy", "car's own count", "Wh", ev, OBC_ID, IMPORT_WH,
+        own = (PlotSignal("energy", "car's own count", "Wh", ev, BMS_ID, CHARGED_WH,
                           relative=True),) if self.settings.charging else ()
         return (*own, PlotSignal("soc", "State of charge", "%", ev, ECU_ID, SOC))
 

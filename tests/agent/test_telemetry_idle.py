@@ -124,8 +124,8 @@ def test_one_reading_a_second_costs_one_spool_transaction(tmp_path: Path,
             for n in range(30):
                 await pipeline.emit(reading(n))
                 committed = pipeline.counters["envelopes_committed"]
-                await until(lambda: pipeline.counters["envelopes_committed"] > committed
-                            and pipeline.counters["acked"] == committed + 1, 10)
+                await until(lambda done=committed: pipeline.counters["envelopes_committed"] > done
+                            and pipeline.counters["acked"] == done + 1, 10)
             assert pipeline.counters["deleted"] >= 29  # all but the last, by the commits
             assert worker.calls["delete_acked"] == 0
             assert worker.calls["_commit_and_fetch"] == 30

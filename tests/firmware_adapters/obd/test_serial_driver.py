@@ -16,7 +16,6 @@ import pytest
 from elm import obd_message
 
 from agent.readings import Event, Reading
-
 from firmware_adapters.obd.serial_driver import Elm327Source
 from tests.firmware_adapters.obd.peers import (
     _stop,
