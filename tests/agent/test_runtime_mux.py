@@ -20,7 +20,6 @@ from agent.fleet.ingest import Ingest, IngestConfig
 from agent.fleet.mqtt import BrokerConfig
 from agent.keys import IdentityKey, KeyStore
 from agent.uplink import MqttConfig, Uplink
-from hil.session.wallbox import StandInWallbox
 from tests.agent.channel.test_service import _request
 from tests.agent.channel.world import Agent, World, until
 
@@ -29,19 +28,20 @@ REQUESTS = 8
 
 
 class StationOnly(World):
-    """The channel tests' world without its vehicle agent (only requests are sent)."""
+    """The channel tests' world (its plant's meter and wallbox, an idle vehicle agent: only
+    a stranger's requests are sent), the station's spool kept until the fleet commits it."""
 
-    def _vehicle(self) -> Agent:
-        return Agent("vehicle", self.tmp / "vehicle.toml", self.ev_keys, [])
+    def _station(self) -> Agent:
+        agent = super()._station()
+        config = tomllib.loads(agent.config_path.read_text())
+        config["spool"] = {"keep_until": "fleet-commit",
+                           "commit_keys": [COMMIT_KEY.public.hex()]}
+        agent.config_path.write_bytes(tomli_w.dumps(config).encode())
+        return agent
 
 
 def test_channel_and_commit_follower_share_one_agent(mosquitto, tmp_path: Path) -> None:
     world = StationOnly(tmp_path, mosquitto.url)
-    config = tomllib.loads(world.station.config_path.read_text())
-    config["spool"] = {"keep_until": "fleet-commit", "commit_keys": [COMMIT_KEY.public.hex()]}
-    world.station.config_path.write_bytes(tomli_w.dumps(config).encode())
-    meter = world.station.sources[0].source.simulator  # type: ignore[attr-defined]
-    world.station.chargers = {"wb": StandInWallbox("wb", meter)}
     stranger, _ = KeyStore(tmp_path / "stranger").init("ev-x")
     db_url = f"sqlite:///{tmp_path / 'fleet.db'}"
     db = open_database(db_url)
@@ -63,26 +63,29 @@ def test_channel_and_commit_follower_share_one_agent(mosquitto, tmp_path: Path) 
                         answers.append(offers.decode(message.payload).message)
 
                 collector = asyncio.create_task(collect())
-                runtime = world.station.start(world.node)
-                await asyncio.wait_for(runtime.ready.wait(), 30)
-                assert runtime.channel is not None and runtime.uplink is not None
-                await asyncio.wait_for(runtime.channel.ready.wait(), 30)
-                for _ in range(REQUESTS):
-                    await runtime.uplink.publish("evedge/v1/cs-1/request", _request(stranger))
-                try:
-                    await until(lambda: len(answers) == REQUESTS, 30)
-                except TimeoutError:
-                    raise AssertionError(f"{len(answers)} answers; channel counters "
-                                         f"{dict(runtime.channel.counters)}") from None
-                follower = runtime.commits
-                assert follower is not None
-                try:
-                    await until(lambda: follower.counters["deleted"] > 0, 30)
-                except TimeoutError:
-                    raise AssertionError(f"follower {dict(follower.counters)}, ingest "
-                                         f"{dict(ingest.counters)}") from None
-                counters = dict(follower.counters)
-                await world.station.finish()
+                async with world.running():
+                    runtime = world.station.runtime
+                    assert runtime is not None
+                    await asyncio.wait_for(runtime.ready.wait(), 30)
+                    assert runtime.channel is not None and runtime.uplink is not None
+                    await asyncio.wait_for(runtime.channel.ready.wait(), 30)
+                    for _ in range(REQUESTS):
+                        await runtime.uplink.publish("evedge/v1/cs-1/request",
+                                                     _request(stranger))
+                    try:
+                        await until(lambda: len(answers) == REQUESTS, 30)
+                    except TimeoutError:
+                        raise AssertionError(f"{len(answers)} answers; channel counters "
+                                             f"{dict(runtime.channel.counters)}") from None
+                    follower = runtime.commits
+                    assert follower is not None
+                    try:
+                        await until(lambda: follower.counters["deleted"] > 0, 30)
+                    except TimeoutError:
+                        raise AssertionError(f"follower {dict(follower.counters)}, ingest "
+                                             f"{dict(ingest.counters)}") from None
+                    counters = dict(follower.counters)
+                    await world.station.finish()
                 collector.cancel()
             return answers, counters, dict(ingest.counters)
         finally:
