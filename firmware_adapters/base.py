@@ -12,6 +12,7 @@ go on at all (an AdapterUnavailable for a missing optional dependency, say).
 from __future__ import annotations
 
 import abc
+import asyncio
 import hashlib
 import re
 import time
@@ -25,6 +26,18 @@ from agent.readings import Event, Reading, TimeStatus
 Emit = Callable[[Reading | Event], Awaitable[None]]
 Clock = Callable[[], tuple[int, TimeStatus]]
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def raise_if_cancelled() -> None:
+    """Raise CancelledError if the running task was cancelled and that cancellation got
+    lost. pymodbus awaits every reply with ``asyncio.wait_for``, which on Python 3.11
+    swallows a cancellation that arrives as the reply does (CPython gh-86296): the task
+    then polls on as if never cancelled and the agent's shutdown hangs. A poll loop around
+    such a library calls this once per cycle; the task's ``cancelling()`` count still
+    says it was asked to stop."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def system_clock() -> tuple[int, TimeStatus]:

@@ -63,7 +63,7 @@ from agent.backoff import Backoff
 from agent.errors import AdapterError, AdapterUnavailable, DecodeError
 from agent.options import Table
 from agent.readings import Event
-from firmware_adapters.base import Clock, system_clock
+from firmware_adapters.base import Clock, raise_if_cancelled, system_clock
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +219,7 @@ class Charger(abc.ABC):
         report = on_event or (lambda event: None)
         try:
             while True:
+                raise_if_cancelled()   # pymodbus can lose our cancel (see there)
                 started = time.monotonic()
                 if not await self.poll_once(on_status, report):
                     await asyncio.sleep(self._backoff.next())

@@ -53,7 +53,7 @@ from agent.backoff import Backoff
 from agent.errors import AdapterError, AdapterUnavailable, ConfigError, DecodeError
 from agent.options import Table
 from agent.readings import METER_SIGNALS, Event, Reading, TimeStatus
-from firmware_adapters.base import Clock, Emit, Source, system_clock
+from firmware_adapters.base import Clock, Emit, Source, raise_if_cancelled, system_clock
 from firmware_adapters.modbus.links import Link, PollConfig, RtuLink, TcpLink
 from firmware_adapters.modbus.mapfile import load_map, map_from_table
 from firmware_adapters.modbus.plausibility import PlausibilityChecker
@@ -177,6 +177,7 @@ class ModbusSource(Source):
                           max(self.poll.backoff_max_s, self.poll.backoff_initial_s))
         try:
             while True:
+                raise_if_cancelled()   # pymodbus can lose our cancel (see there)
                 started = time.monotonic()
                 if not await self.ensure_line(emit):
                     await asyncio.sleep(backoff.next())

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 
 import pytest
 
 from agent.errors import ConfigError
 from agent.readings import Event
-from firmware_adapters.evse.base import ChargerStatus, CpState
+from firmware_adapters.evse.base import Charger, ChargerStatus, CpState
 from firmware_adapters.registry import charger_class
 from hil.sim.evse_charger import HilEvseCharger
 
@@ -79,3 +80,56 @@ def test_hil_evse_follows_plug_enable_and_limit_over_modbus() -> None:
         (CpState.A, False, 16.0, 0), (CpState.B, False, 16.0, 0),
         (CpState.C, True, 10.0, 6900), (CpState.A, True, 10.0, 0)]
     assert events == []
+
+
+
+class _LostCancelCharger(Charger):
+    """A charger whose reply and our cancel arrive in one loop iteration, awaited with
+    ``asyncio.wait_for`` as pymodbus awaits its replies: on Python 3.11 wait_for then
+    returns the reply and the cancel is gone (CPython gh-86296)."""
+
+    kind = "test-lost-cancel"
+
+    @classmethod
+    def from_options(cls, charger_id: str, options: Mapping[str, object],
+                     where: str) -> _LostCancelCharger:
+        return cls(charger_id, (1,))
+
+    async def open(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    async def set_enabled(self, connector: int, enabled: bool) -> None:
+        pass
+
+    async def set_current_limit(self, connector: int, amps: float) -> None:
+        pass
+
+    async def read_status(self, connector: int) -> ChargerStatus:
+        loop = asyncio.get_running_loop()
+        reply: asyncio.Future[ChargerStatus] = loop.create_future()
+        task = asyncio.current_task()
+        assert task is not None
+
+        def both() -> None:
+            reply.set_result(ChargerStatus(connector, CpState.B, True, 16.0))
+            task.cancel()
+
+        loop.call_soon(both)
+        return await asyncio.wait_for(reply, 5)
+
+
+def test_a_cancel_lost_inside_a_library_still_ends_the_watch() -> None:
+    charger = _LostCancelCharger("wb0", (1,))
+
+    async def scenario() -> bool:
+        watch = asyncio.ensure_future(charger.watch(lambda status: None, 0.01))
+        done, _ = await asyncio.wait({watch}, timeout=3)
+        if not done:
+            watch.cancel()   # a second cancel, to clean up the failing case
+            await asyncio.wait({watch}, timeout=3)
+        return bool(done) and watch.cancelled()
+
+    assert asyncio.run(scenario()), "the watch polled on after its task was cancelled"
