@@ -226,8 +226,8 @@ class MetricsServer:
             return
         async with self._clients:
             try:
-                status, body, head_only = await asyncio.wait_for(self._respond(reader),
-                                                                 REQUEST_TIMEOUT_S)
+                async with asyncio.timeout(REQUEST_TIMEOUT_S):   # not wait_for: gh-86296
+                    status, body, head_only = await self._respond(reader)
             except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
                     ValueError, ConnectionError):
                 self.counters["bad-request"] += 1

@@ -260,7 +260,8 @@ class ChannelDriver:
         await self._drained.wait()
         if self._last_publish is not None:
             with contextlib.suppress(UplinkError, TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(self._last_publish), timeout_s)
+                async with asyncio.timeout(timeout_s):  # not wait_for: gh-86296
+                    await asyncio.shield(self._last_publish)
 
     def stop(self) -> None:
         """Nothing more is carried out (steps still waiting for the disk are dropped, as
@@ -460,7 +461,8 @@ async def _linger(driver: ChannelDriver, linger_s: float) -> None:
     while (left := end - driver.now()) > 0:
         driver.arrived.clear()
         try:
-            await asyncio.wait_for(driver.arrived.wait(), min(0.1, linger_s, left))
+            async with asyncio.timeout(min(0.1, linger_s, left)):  # not wait_for: gh-86296
+                await driver.arrived.wait()
         except TimeoutError:
             return  # quiet
 

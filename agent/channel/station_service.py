@@ -298,8 +298,9 @@ class StationService:
             return
         record = session.view.record
         try:
-            await asyncio.wait_for(meter.begin_transaction(connector.meter_unit, {
-                "FV": "1.0", "GI": "ev-edge-agent", "ID": record.vehicle}), METER_TX_TIMEOUT_S)
+            async with asyncio.timeout(METER_TX_TIMEOUT_S):   # not wait_for: gh-86296
+                await meter.begin_transaction(connector.meter_unit, {
+                    "FV": "1.0", "GI": "ev-edge-agent", "ID": record.vehicle})
         except (AdapterError, TimeoutError) as exc:   # the final METER then has no record
             self.ctx.counters["meter-transaction-failed"] += 1
             await self.ctx.event("meter-transaction-failed", f"connector {connector.id}: the "
@@ -314,8 +315,8 @@ class StationService:
         if meter is None:
             return ""
         try:
-            return await asyncio.wait_for(meter.end_transaction(connector.meter_unit),
-                                          METER_TX_TIMEOUT_S)
+            async with asyncio.timeout(METER_TX_TIMEOUT_S):   # not wait_for: gh-86296
+                return await meter.end_transaction(connector.meter_unit)
         except (AdapterError, TimeoutError) as exc:
             self.ctx.counters["meter-transaction-failed"] += 1
             await self.ctx.event("meter-transaction-failed", f"connector {connector.id}: no "
@@ -359,8 +360,8 @@ class StationService:
                 await uplink.publish(offer_topic(self.ctx.device_id, connector.id), data,
                                      retain=True)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._offers_changed.wait(),
-                                       self.config.offer_interval_s)
+                async with asyncio.timeout(self.config.offer_interval_s):   # gh-86296
+                    await self._offers_changed.wait()
 
     # -- requests ----------------------------------------------------------------------
     async def _on_request(self, payload: bytes, tg: asyncio.TaskGroup) -> None:
@@ -517,7 +518,8 @@ class StationService:
         channel = session.channel
         # a resumed session starts with the service: the charger's watch opens the line
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._polled[connector.config.charger].wait(), FIRST_POLL_S)
+            async with asyncio.timeout(FIRST_POLL_S):   # not wait_for: gh-86296
+                await self._polled[connector.config.charger].wait()
         with contextlib.suppress(AdapterError):
             await connector.charger.set_current_limit(connector.on_charger,
                                                       connector.config.max_current_a)

@@ -192,7 +192,8 @@ class VehicleService:
             await self.ctx.mux.uplink.publish(request_topic(station),
                                               offers.encode(request, self.ctx.keys.identity))
             try:
-                reply = await asyncio.wait_for(answer, self.config.answer_timeout_s)
+                async with asyncio.timeout(self.config.answer_timeout_s):  # gh-86296
+                    reply = await answer
             except TimeoutError:
                 raise Refused(f"no answer within {self.config.answer_timeout_s:g} s",
                               reason="no-answer") from None
@@ -230,7 +231,8 @@ class VehicleService:
             self._offer_seen.clear()
             left = deadline - time.monotonic()
             try:
-                await asyncio.wait_for(self._offer_seen.wait(), max(left, 0))
+                async with asyncio.timeout(max(left, 0)):  # not wait_for: gh-86296
+                    await self._offer_seen.wait()
             except TimeoutError:
                 raise Refused(f"no offer from {station} for connector {connector}",
                               reason="no-offer") from None

@@ -37,6 +37,7 @@ from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException
 
 from agent.errors import AdapterIOError, AdapterTimeout, AdapterUnavailable
+from firmware_adapters.base import raise_if_cancelled
 from firmware_adapters.evse.base import Charger, ChargerStatus, charger_table, connector_list
 from firmware_adapters.evse.maps import (
     READ_COILS,
@@ -147,6 +148,7 @@ class ModbusEvseCharger(Charger):
         except ModbusException as exc:
             raise AdapterTimeout(f"{self.id} unit {unit}: no valid reply",
                                  reason="no-response") from exc
+        raise_if_cancelled()   # pymodbus's wait_for can lose our cancel (adapters' base)
         if reply.isError():
             code = getattr(reply, "exception_code", 0)
             raise AdapterIOError(f"{self.id} unit {unit}: exception reply {code} to "
@@ -173,6 +175,7 @@ class ModbusEvseCharger(Charger):
         except ModbusException as exc:
             raise AdapterTimeout(f"{self.id} unit {unit}: no reply to a write",
                                  reason="no-response") from exc
+        raise_if_cancelled()   # pymodbus's wait_for can lose our cancel (adapters' base)
         if reply.isError():
             code = getattr(reply, "exception_code", 0)
             raise AdapterIOError(f"{self.id} unit {unit}: write to {write.address} refused "

@@ -22,6 +22,7 @@ from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException
 
 from agent.errors import AdapterIOError, AdapterTimeout, AdapterUnavailable
+from firmware_adapters.base import raise_if_cancelled
 from firmware_adapters.modbus.registers import FUNCTION_INPUT
 from firmware_adapters.modbus.rtu import LineFormat, diagnose_reply
 
@@ -62,6 +63,7 @@ async def _read_with(client: AsyncModbusTcpClient | AsyncModbusSerialClient, fun
         raise AdapterUnavailable("meter line is down", reason="line-down") from exc
     except ModbusException as exc:
         raise AdapterTimeout(f"unit {unit}: no valid reply", reason="no-response") from exc
+    raise_if_cancelled()   # pymodbus's wait_for can lose our cancel (firmware_adapters.base)
     if reply.isError():
         code = getattr(reply, "exception_code", 0)
         raise AdapterIOError(f"unit {unit}: exception reply {code}", reason="exception")
@@ -76,6 +78,7 @@ async def _write_with(client: AsyncModbusTcpClient | AsyncModbusSerialClient, ad
         raise AdapterUnavailable("meter line is down", reason="line-down") from exc
     except ModbusException as exc:
         raise AdapterTimeout(f"unit {unit}: no valid reply", reason="no-response") from exc
+    raise_if_cancelled()
     if reply.isError():
         code = getattr(reply, "exception_code", 0)
         raise AdapterIOError(f"unit {unit}: exception reply {code} to a write",
