@@ -251,7 +251,7 @@ def cbor_inputs(draw):
     return draw(st.binary(max_size=64))
 
 
-@settings(max_examples=4000)
+@settings(max_examples=2000)
 @given(cbor_inputs())
 def test_fast_path_equals_strict(data):
     """Whatever the input, loads (fast path first) and the strict decoder alone give the

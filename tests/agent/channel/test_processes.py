@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent.channel.procs import MINTED, PRICE, Chain, Site2, free_port
-from tests.agent.settlement.conftest import ANVIL_HINT, find_anvil
+from tests.agent.channel.procs import MINTED, PRICE, Chain, Site2
+from tests.agent.settlement.conftest import running_anvil
 
 pytestmark = pytest.mark.anvil
 
@@ -23,34 +23,8 @@ pytestmark = pytest.mark.anvil
 def chain() -> Iterator[Chain]:
     """anvil on a free loopback port with the contracts deployed (one per module; every
     test has its own device keys, so their balances are apart)."""
-    import subprocess
-    import time
-
-    import requests
-
-    binary = find_anvil()
-    if binary is None:
-        pytest.fail(ANVIL_HINT)
-    port = free_port()
-    proc = subprocess.Popen([binary, "--host", "127.0.0.1", "--port", str(port), "--silent",
-                             "--accounts", "1"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                requests.post(url, json={"jsonrpc": "2.0", "id": 1, "method": "eth_chainId",
-                                         "params": []}, timeout=1).raise_for_status()
-                break
-            except requests.RequestException:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("anvil did not start")
-                time.sleep(0.05)
+    with running_anvil() as url:
         yield Chain.deploy(url)
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @pytest.fixture

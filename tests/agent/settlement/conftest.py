@@ -3,6 +3,7 @@ contract caller that bypasses the client's own checks (so the contract's are tes
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Iterator
@@ -129,9 +130,10 @@ def find_anvil() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def anvil_url() -> Iterator[str]:
-    """anvil on a free loopback port, stopped by pid at teardown (even on failure)."""
+@contextlib.contextmanager
+def running_anvil() -> Iterator[str]:
+    """anvil on a free loopback port until the block ends, stopped by pid (even on
+    failure); its URL. Fails (never skips) when anvil is not installed."""
     import socket
     import subprocess
     import time
@@ -168,6 +170,13 @@ def anvil_url() -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def anvil_url() -> Iterator[str]:
+    """anvil for the module's tests."""
+    with running_anvil() as url:
+        yield url
 
 
 # --- one adversary test, two chains: eth-tester and anvil ------------------------------------

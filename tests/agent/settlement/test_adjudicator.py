@@ -246,13 +246,13 @@ def _abi(value: object) -> object:
 
 
 @pytest.mark.parametrize("examples", [
-    200, pytest.param(2000, marks=pytest.mark.slow, id="2000-slow")])
+    120, pytest.param(2000, marks=pytest.mark.slow, id="2000-slow")])
 def test_contract_and_reference_agree_on_generated_traces(setup: Setup, examples: int) -> None:
     p, snapshot = setup.p, setup.snapshot
     seen: dict[str, int] = {}
     traces = 0
 
-    @settings(max_examples=examples, deadline=None, derandomize=examples <= 200, database=None,
+    @settings(max_examples=examples, deadline=None, derandomize=examples <= 120, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
     @given(st.randoms(use_true_random=True).map(make_trace))
     def run(trace: list[tuple]) -> None:  # type: ignore[type-arg]
