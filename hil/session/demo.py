@@ -34,7 +34,10 @@ def receipt_checks(rig: Rig, record) -> list[tuple[str, bool, str]]:
     checks = [
         ("paid = tariff x paid energy (floor)", r.paid == expected_paid,
          f"{_money(r.paid)} = {r.paid_wh} Wh x {_money(r.price_per_kwh)}/kWh"),
-        ("paid energy within one pay step of the metered energy",
+        # what the meter counted after the last co-signed state (the stop takes a poll to
+        # reach the wallbox; at the demo's x120 that is tens of Wh) stays within the credit
+        # window the station grants beyond a pay step
+        ("unpaid energy within a pay step plus the credit window",
          0 <= r.energy_wh - r.paid_wh < step + rig.settings.credit_window_wh,
          f"metered {r.energy_wh} Wh, paid for {r.paid_wh} Wh"),
         ("station received on chain exactly what was paid", rig.balances["station"] == r.paid,
