@@ -397,19 +397,25 @@ class Runtime:
                 metrics = self._metrics_server()
                 if metrics is not None:
                     tg.create_task(self._serve_metrics(metrics), name="metrics")
+                producers = list(source_tasks)   # what emits into the pipeline
                 if self.channel is not None:
                     assert self.uplink is not None
-                    tg.create_task(self.channel.run(self.uplink, self.mqtt.status_topic,
-                                                    mux),
-                                   name="channel")
+                    producers.append(tg.create_task(
+                        self.channel.run(self.uplink, self.mqtt.status_topic, mux),
+                        name="channel"))
                 self.state = "running"
                 self.notifier.ready(f"{self.role} {self.device_id}: running")
                 self.ready.set()
                 await stop.wait()
                 self.state = "stopping"
                 self.notifier.stopping("flushing the spool")
-                for task in source_tasks:
+                # The producers end before the last flush, so nothing is sealed after it
+                # (an envelope committed as the publisher stops is safe in the spool, but
+                # it leaves only with the next start). A cancel cannot hang this: bounded.
+                for task in producers:
                     task.cancel()
+                if producers:
+                    await asyncio.wait(producers, timeout=DRAIN_GRACE_S)
                 with contextlib.suppress(TimeoutError):
                     await pipeline.wait_drained(DRAIN_GRACE_S)
                 raise _Stop

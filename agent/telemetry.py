@@ -125,6 +125,7 @@ class Pipeline:
         self._refused_backoff = Backoff(uplink.config.backoff_initial_s,
                                         uplink.config.backoff_max_s)
         self._lost_bytes = 0  # of envelopes sealed whose commit failed, not yet recorded
+        self._committing = False  # the sealer's commit is on the spool thread
         self.disk_full = False  # the last commit failed for want of space
         self.keep_until_commit = self.spool.config.fleet_commit
 
@@ -153,7 +154,12 @@ class Pipeline:
             if batch:
                 out.append(Outgoing(self.sealer.seal_readings(batch), self.telemetry_topic))
             if out or self._declaration_due():
-                await self._commit(out)
+                # sealed, not yet in the spool: a drain must wait for it (wait_drained)
+                self._committing = True
+                try:
+                    await self._commit(out)
+                finally:
+                    self._committing = False
 
     async def _next_item(self) -> Reading | Event | _Flush | None:
         deadline = self._batcher.deadline()
@@ -409,7 +415,8 @@ class Pipeline:
         self._wake.set()
         await self.flush()
         async with asyncio.timeout(timeout_s):
-            while not (self._queue.empty() and len(self._batcher) == 0 and self.spool.rows == 0):
+            while not (self._queue.empty() and len(self._batcher) == 0
+                       and not self._committing and self.spool.rows == 0):
                 self._progress.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(0.05):  # not wait_for: gh-86296

@@ -10,11 +10,12 @@ service needs of them (firmware_adapters/evse/base.py's Charger has this shape).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -23,6 +24,7 @@ from agent.channel.mux import TopicMux
 from agent.channel.protocol import Channel
 from agent.channel.sessions import JobRecord, SessionRecord
 from agent.channel.settings import ChannelSettings
+from agent.errors import ConfigError
 from agent.fleet_keys import FleetRegistry
 from agent.keys import DeviceKeys
 from agent.readings import Event, Reading
@@ -100,9 +102,17 @@ class ReadingHub:
     """One tap per source on the runtime, fanned out to the service's listeners (a
     connector's meter, the vehicle's energy count and plug signal)."""
 
-    def __init__(self, tap: Callable[[str], asyncio.Queue[Reading]]) -> None:
+    def __init__(self, tap: Callable[[str], asyncio.Queue[Reading]],
+                 source_ids: Iterable[str] = ()) -> None:
         self._tap = tap
         self._listeners: dict[str, list[Callable[[Reading], None]]] = {}
+        # Tapped now, before the sources start, not when the service has set itself up:
+        # what a source says first (an Eichrecht meter's key, said once per connection)
+        # would be gone by then. An id that is not a source fails in run(), as before.
+        self._early: dict[str, asyncio.Queue[Reading]] = {}
+        for source_id in source_ids:
+            with contextlib.suppress(ConfigError):
+                self._early[source_id] = tap(source_id)
 
     def listen(self, source_id: str, listener: Callable[[Reading], None]) -> None:
         self._listeners.setdefault(source_id, []).append(listener)
@@ -110,7 +120,8 @@ class ReadingHub:
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
             for source_id, listeners in self._listeners.items():
-                tg.create_task(self._pump(self._tap(source_id), listeners),
+                queue = self._early.pop(source_id, None) or self._tap(source_id)
+                tg.create_task(self._pump(queue, listeners),
                                name=f"channel.readings[{source_id}]")
 
     @staticmethod
@@ -163,6 +174,9 @@ class Context:
         await self.event("session-input-rejected", f"{what} refused: {reason} {detail}"[:300],
                          input=what, reason=reason, count=self.counters[key])
 
+
+
+HISTORY = 10   # ended sessions that `status` still shows (a restart reads them back)
 
 @dataclass
 class SessionView:

@@ -89,7 +89,7 @@ class ChannelService:
         self.device_id, self.keys, self.config = device_id, keys, config
         self.chargers = dict(chargers)
         self.meters = dict(meters or {})   # sources with an Eichrecht meter
-        self.hub = ReadingHub(tap)
+        self.hub = ReadingHub(tap, _sources_read(settings.channel))
         self.emit, self.on_error = emit, on_error
         self.node = node
         self.role: StationService | VehicleService | None = None
@@ -184,3 +184,17 @@ class ChannelService:
     @property
     def counters(self) -> dict[str, int]:
         return dict(self.context.counters) if self.context is not None else {}
+
+
+def _sources_read(channel: ChannelSettings) -> tuple[str, ...]:
+    """The sources the role listens to: each connector's meter; the car's energy count and
+    plug signal."""
+    if channel.station is not None:
+        return tuple(c.meter for c in channel.station.connectors)
+    vehicle = channel.vehicle
+    if vehicle is None:
+        return ()
+    ids = [vehicle.energy.source] if vehicle.energy is not None else []
+    if vehicle.plugged_source is not None:
+        ids.append(vehicle.plugged_source)
+    return tuple(ids)

@@ -32,12 +32,14 @@ import contextlib
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from agent.channel import offers
 from agent.channel.context import (
     FAULT_STATES,
+    HISTORY,
     PLUGGED_STATES,
     Charger,
     ChargerStatus,
@@ -136,7 +138,7 @@ class StationService:
         self.meters = meters or {}   # source id -> its Eichrecht meter's transactions
         self.connectors = {c.id: Connector(c, chargers[c.charger]) for c in config.connectors}
         self.sessions: dict[bytes, StationSession] = {}
-        self.history: list[SessionView] = []
+        self.history: deque[SessionView] = deque(maxlen=HISTORY)
         self._seen: dict[bytes, float] = {}          # request id -> wall time it expires
         self._offers_changed = asyncio.Event()
         # set by a charger's first answer or failure: requests are taken only once every
@@ -149,7 +151,7 @@ class StationService:
 
     # -- status ------------------------------------------------------------------------
     def views(self) -> list[SessionView]:
-        return self.history[-10:] + [s.view for s in self.sessions.values()]
+        return [*self.history] + [s.view for s in self.sessions.values()]
 
     # -- the service ------------------------------------------------------------------
     async def run(self) -> None:
@@ -489,6 +491,8 @@ class StationService:
             job = directory.job()
             if job is not None and job.done:
                 self._seen[record.request_id] = float("inf")
+                # still shown by `status` after a restart, as before it
+                self.history.append(SessionView(record, job=job))
                 return
             session = self._session(directory, record)
         except EdgeAgentError as exc:

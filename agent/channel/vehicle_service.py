@@ -30,13 +30,14 @@ import contextlib
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent import dcbor
 from agent.channel import offers
-from agent.channel.context import Context, SessionView
+from agent.channel.context import HISTORY, Context, SessionView
 from agent.channel.energy import EnergyCount
 from agent.channel.jobs import JobInputs, SettlementJob, watch_open
 from agent.channel.messages import key_id
@@ -99,7 +100,7 @@ class VehicleService:
         self._offer_seen = asyncio.Event()
         self._pending: dict[bytes, tuple[offers.Offer, asyncio.Future[offers.Message]]] = {}
         self.session: VehicleSession | None = None
-        self.history: list[SessionView] = []
+        self.history: deque[SessionView] = deque(maxlen=HISTORY)
         self.plugged: bool | None = None
         self._starting = False
         self._tg: asyncio.TaskGroup | None = None
@@ -109,7 +110,7 @@ class VehicleService:
 
     def views(self) -> list[SessionView]:
         now = [self.session.view] if self.session is not None else []
-        return self.history[-10:] + now
+        return [*self.history] + now
 
     # -- the service ------------------------------------------------------------------
     async def run(self) -> None:
@@ -408,6 +409,8 @@ class VehicleService:
             record = directory.session()
             job = directory.job()
             if job is not None and job.done:
+                # still shown by `status` after a restart, as before it
+                self.history.append(SessionView(record, job=job))
                 return
             session = self._session(directory, record)
         except EdgeAgentError as exc:

@@ -18,7 +18,8 @@ def run(*args, cwd=None, check=True):
     proc = subprocess.run([EDGE_AGENT, *args], cwd=cwd, capture_output=True, text=True,
                           timeout=120, env=env)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{args} exited {proc.returncode}: {proc.stderr}")
+        raise AssertionError(f"{args} exited {proc.returncode}: {proc.stderr}\n"
+                             f"{proc.stdout[-3000:]}")
     return proc
 
 
