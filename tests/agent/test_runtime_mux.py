@@ -41,7 +41,9 @@ class StationOnly(World):
 
 
 def test_channel_and_commit_follower_share_one_agent(mosquitto, tmp_path: Path) -> None:
-    world = StationOnly(tmp_path, mosquitto.url)
+    # no session runs: a slow meter keeps the one event loop (station, ingest) free for
+    # the requests and marks under test
+    world = StationOnly(tmp_path, mosquitto.url, meter_interval_s=1.0)
     stranger, _ = KeyStore(tmp_path / "stranger").init("ev-x")
     db_url = f"sqlite:///{tmp_path / 'fleet.db'}"
     db = open_database(db_url)
@@ -73,14 +75,14 @@ def test_channel_and_commit_follower_share_one_agent(mosquitto, tmp_path: Path) 
                         await runtime.uplink.publish("evedge/v1/cs-1/request",
                                                      _request(stranger))
                     try:
-                        await until(lambda: len(answers) == REQUESTS, 30)
+                        await until(lambda: len(answers) == REQUESTS, 60)
                     except TimeoutError:
                         raise AssertionError(f"{len(answers)} answers; channel counters "
                                              f"{dict(runtime.channel.counters)}") from None
                     follower = runtime.commits
                     assert follower is not None
                     try:
-                        await until(lambda: follower.counters["deleted"] > 0, 30)
+                        await until(lambda: follower.counters["deleted"] > 0, 60)
                     except TimeoutError:
                         raise AssertionError(f"follower {dict(follower.counters)}, ingest "
                                              f"{dict(ingest.counters)}") from None

@@ -85,6 +85,7 @@ class World:
     settlement: dict[str, Any] = field(default_factory=dict)
     others: tuple[str, ...] = ()       # more vehicles in the registry (keys in .other_keys)
     revoked: tuple[str, ...] = ()      # ... of which these are revoked
+    meter_interval_s: float = 0.05     # the station's meter poll (plant time is x10)
 
     def __post_init__(self) -> None:
         self.chain = InProcessChain.start()
@@ -105,7 +106,7 @@ class World:
         self.chain.fund(self.ev_keys.settlement.address, tokens=2 * DEPOSIT)
         self.chain.fund(self.cs_keys.settlement.address, tokens=self.deposit_cs)
         self.site = Site(time_scale=self.time_scale, obc_max_current_a=32.0,
-                         meter_interval_s=0.05, meter_map=self.meter_map)
+                         meter_interval_s=self.meter_interval_s, meter_map=self.meter_map)
         self.plant = Plant(self.site.plant())
         self.plant.set_profile(1, ChargingProfile.constant(self.demand_w))
         self.station: Agent
