@@ -34,12 +34,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from agent.backoff import Backoff
-from agent.channel.protocol import Closed
+from agent.channel.protocol import Channel, Closed, Phase
 from agent.channel.records import CosignedRecord
 from agent.channel.sessions import JobRecord, SessionDir
 from agent.errors import SettlementError
 
 if TYPE_CHECKING:  # web3 only where a node is configured
+    from agent.channel.context import Context, SessionView
     from agent.settlement.client import ChannelView, SettlementClient
     from agent.settlement.model import TxResult
 
@@ -55,6 +56,37 @@ class JobInputs:
     funded: bool                      # the channel was (said to be) funded on chain
     submitter: bool                   # we send the cooperative close
     end_reason: str
+
+
+async def settle_session(ctx: Context, directory: SessionDir, channel: Channel,
+                         view: SessionView, final: Closed | None, reason: str, *,
+                         submitter: bool, ended: Callable[[], None] = lambda: None
+                         ) -> JobRecord:
+    """The end of a session, the same on both sides: the ``session-ended`` event, the
+    settlement job run to its end (``view.job`` follows it), the ``session-settled``
+    event. ``ended`` runs between the first and the job (the vehicle frees its slot then)."""
+    # Funded or not, once OPEN went out the peer may have deposited: the job finds out on
+    # the ledger (nothing there: nothing to settle; open: close and settle).
+    inputs = JobInputs(channel.channel_id, final, channel.cosigned,
+                       funded=channel.phase is not Phase.IDLE, submitter=submitter,
+                       end_reason=reason)
+
+    def changed(job: JobRecord) -> None:
+        view.job = job
+
+    job = SettlementJob(ctx.client, directory, inputs,
+                        coop_grace_s=ctx.settings.coop_grace_s,
+                        poll_s=ctx.settlement.poll_s, on_change=changed)
+    short = channel.channel_id.hex()
+    await ctx.event("session-ended", f"session 0x{short[:12]} ended: {reason}",
+                    channel=short, reason=reason)
+    ended()
+    done = await job.run()
+    await ctx.event("session-settled", f"channel 0x{short} {done.state} ({done.close}) at "
+                    f"nonce {done.nonce}: vehicle paid {done.t_ev}, station paid {done.t_cs}",
+                    channel=short, state=done.state, close=done.close or "none",
+                    nonce=done.nonce, t_ev=done.t_ev, t_cs=done.t_cs, tx=done.tx.hex())
+    return done
 
 
 class SettlementJob:

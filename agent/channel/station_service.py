@@ -48,7 +48,7 @@ from agent.channel.context import (
     TransactionMeter,
     cp_state,
 )
-from agent.channel.jobs import JobInputs, SettlementJob, watch_open
+from agent.channel.jobs import settle_session, watch_open
 from agent.channel.messages import key_id, sign_tariff
 from agent.channel.protocol import Action, Closed, CloseRequested, Phase
 from agent.channel.records import OpenParams, Party
@@ -603,26 +603,7 @@ class StationService:
         reason = view.end_reason or (view.job.end_reason if view.job else "") or "closed"
         if final is not None and not view.end_reason:
             view.end_reason = reason
-        # Funded or not, once OPEN went out the vehicle may have deposited: the job finds
-        # out on the ledger (nothing there: nothing to settle; open: close and settle).
-        inputs = JobInputs(channel.channel_id, final, channel.cosigned,
-                           funded=channel.phase is not Phase.IDLE,
-                           submitter=self.ctx.settings.submit == "station", end_reason=reason)
-
-        def changed(job: object) -> None:
-            view.job = job  # type: ignore[assignment]
-
-        job = SettlementJob(self.ctx.client, session.dir, inputs,
-                            coop_grace_s=self.ctx.settings.coop_grace_s,
-                            poll_s=self.ctx.settlement.poll_s, on_change=changed)
-        await self.ctx.event("session-ended", f"session 0x{channel.channel_id.hex()[:12]} "
-                             f"ended: {reason}", channel=channel.channel_id.hex(), reason=reason)
-        done = await job.run()
-        await self.ctx.event("session-settled", f"channel 0x{channel.channel_id.hex()} "
-                             f"{done.state} ({done.close}) at nonce {done.nonce}: vehicle paid "
-                             f"{done.t_ev}, station paid {done.t_cs}",
-                             channel=channel.channel_id.hex(), state=done.state,
-                             close=done.close or "none", nonce=done.nonce, t_ev=done.t_ev,
-                             t_cs=done.t_cs, tx=done.tx.hex())
+        await settle_session(self.ctx, session.dir, channel, view, final, reason,
+                             submitter=self.ctx.settings.submit == "station")
         self.sessions.pop(channel.channel_id, None)
         self.history.append(view)

@@ -39,7 +39,7 @@ from agent import dcbor
 from agent.channel import offers
 from agent.channel.context import HISTORY, Context, SessionView
 from agent.channel.energy import EnergyCount
-from agent.channel.jobs import JobInputs, SettlementJob, watch_open
+from agent.channel.jobs import settle_session, watch_open
 from agent.channel.messages import key_id
 from agent.channel.meter_proof import check_meter_proof
 from agent.channel.mux import Incoming
@@ -546,27 +546,13 @@ class VehicleService:
         channel, view = session.channel, session.view
         reason = view.end_reason or (view.job.end_reason if view.job else "") or "closed"
         view.end_reason = reason
-        inputs = JobInputs(channel.channel_id, final, channel.cosigned,
-                           funded=channel.phase is not Phase.IDLE,
-                           submitter=self.ctx.settings.submit == "vehicle", end_reason=reason)
 
-        def changed(job: object) -> None:
-            view.job = job  # type: ignore[assignment]
+        def ended() -> None:
+            self.session = None if self.session is session else self.session
+            self.history.append(view)
 
-        job = SettlementJob(self.ctx.client, session.dir, inputs,
-                            coop_grace_s=self.ctx.settings.coop_grace_s,
-                            poll_s=self.ctx.settlement.poll_s, on_change=changed)
-        await self.ctx.event("session-ended", f"session 0x{channel.channel_id.hex()[:12]} "
-                             f"ended: {reason}", channel=channel.channel_id.hex(), reason=reason)
-        self.session = None if self.session is session else self.session
-        self.history.append(view)
-        done = await job.run()
-        await self.ctx.event("session-settled", f"channel 0x{channel.channel_id.hex()} "
-                             f"{done.state} ({done.close}) at nonce {done.nonce}: vehicle paid "
-                             f"{done.t_ev}, station paid {done.t_cs}",
-                             channel=channel.channel_id.hex(), state=done.state,
-                             close=done.close or "none", nonce=done.nonce, t_ev=done.t_ev,
-                             t_cs=done.t_cs, tx=done.tx.hex())
+        await settle_session(self.ctx, session.dir, channel, view, final, reason,
+                             submitter=self.ctx.settings.submit == "vehicle", ended=ended)
 
     # -- small state files ---------------------------------------------------------------
     def _save_energy(self, session: VehicleSession, force: bool = False) -> None:

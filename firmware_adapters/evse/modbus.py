@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import Self
 
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException
+from pymodbus.pdu import ModbusPDU
 
 from agent.errors import AdapterIOError, AdapterTimeout, AdapterUnavailable
 from firmware_adapters.base import raise_if_cancelled
@@ -133,53 +134,49 @@ class ModbusEvseCharger(Charger):
 
     async def _read(self, read: Read, unit: int) -> Sequence[int]:
         client = self._client()
-        try:
-            if read.function == READ_COILS:
-                reply = await client.read_coils(read.address, count=read.count, device_id=unit)
-            elif read.function == READ_HOLDING:
-                reply = await client.read_holding_registers(read.address, count=read.count,
-                                                            device_id=unit)
-            else:
-                reply = await client.read_input_registers(read.address, count=read.count,
-                                                          device_id=unit)
-        except ConnectionException as exc:
-            raise AdapterUnavailable(f"{self.id}: charger line is down",
-                                     reason="line-down") from exc
-        except ModbusException as exc:
-            raise AdapterTimeout(f"{self.id} unit {unit}: no valid reply",
-                                 reason="no-response") from exc
-        raise_if_cancelled()   # pymodbus's wait_for can lose our cancel (adapters' base)
-        if reply.isError():
-            code = getattr(reply, "exception_code", 0)
-            raise AdapterIOError(f"{self.id} unit {unit}: exception reply {code} to "
-                                 f"FC {read.function} at {read.address}", reason="exception")
+        if read.function == READ_COILS:
+            request = client.read_coils(read.address, count=read.count, device_id=unit)
+        elif read.function == READ_HOLDING:
+            request = client.read_holding_registers(read.address, count=read.count,
+                                                    device_id=unit)
+        else:
+            request = client.read_input_registers(read.address, count=read.count,
+                                                  device_id=unit)
+        reply = await self._ask(request, unit, "no valid reply", "exception reply {code} to "
+                                f"FC {read.function} at {read.address}")
         if read.function == READ_COILS:
             return [int(bit) for bit in reply.bits[:read.count]]
         return list(reply.registers)
 
     async def _write(self, write: Write, unit: int) -> None:
         client = self._client()
+        if write.function == WRITE_COIL:
+            request = client.write_coil(write.address, bool(write.values[0]), device_id=unit)
+        elif write.function == WRITE_REGISTER:
+            request = client.write_register(write.address, write.values[0], device_id=unit)
+        else:
+            request = client.write_registers(write.address, list(write.values), device_id=unit)
+        await self._ask(request, unit, "no reply to a write",
+                        f"write to {write.address} refused (exception {{code}})")
+
+    async def _ask(self, request: Awaitable[ModbusPDU], unit: int, silent: str,
+                   refused: str) -> ModbusPDU:
+        """One request's reply, pymodbus's failures as ours: the line down, no reply
+        (``silent``), an exception reply (``refused``, with ``{code}``)."""
         try:
-            if write.function == WRITE_COIL:
-                reply = await client.write_coil(write.address, bool(write.values[0]),
-                                                device_id=unit)
-            elif write.function == WRITE_REGISTER:
-                reply = await client.write_register(write.address, write.values[0],
-                                                    device_id=unit)
-            else:
-                reply = await client.write_registers(write.address, list(write.values),
-                                                     device_id=unit)
+            reply = await request
         except ConnectionException as exc:
             raise AdapterUnavailable(f"{self.id}: charger line is down",
                                      reason="line-down") from exc
         except ModbusException as exc:
-            raise AdapterTimeout(f"{self.id} unit {unit}: no reply to a write",
+            raise AdapterTimeout(f"{self.id} unit {unit}: {silent}",
                                  reason="no-response") from exc
         raise_if_cancelled()   # pymodbus's wait_for can lose our cancel (adapters' base)
         if reply.isError():
             code = getattr(reply, "exception_code", 0)
-            raise AdapterIOError(f"{self.id} unit {unit}: write to {write.address} refused "
-                                 f"(exception {code})", reason="exception")
+            raise AdapterIOError(f"{self.id} unit {unit}: {refused.format(code=code)}",
+                                 reason="exception")
+        return reply
 
     def _unit(self, connector: int) -> int:
         return self.map.unit_for(connector, self.unit)
