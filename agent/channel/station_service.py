@@ -586,14 +586,13 @@ class StationService:
         client = self.ctx.client
         for attempt in range(FUNDING_CHECKS):  # a second node may lag the vehicle's
             try:
-                await asyncio.to_thread(check_channel_funded, client, params)
+                record = await asyncio.to_thread(check_channel_funded, client, params)
                 break
             except SettlementError as exc:
                 if attempt == FUNDING_CHECKS - 1 or exc.reason == "funding-mismatch":
                     raise
                 await asyncio.sleep(self.ctx.settlement.poll_s)
         if params.deposit_cs > 0:  # what V2G pay-outs come from: ours to put in, once
-            record = await asyncio.to_thread(client.record, params.channel_id)
             if record.dep_cs < params.deposit_cs:
                 await asyncio.to_thread(client.deposit, params.channel_id,
                                         params.deposit_cs - record.dep_cs)

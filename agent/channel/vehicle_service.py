@@ -508,8 +508,7 @@ class VehicleService:
         deadline = time.monotonic() + FUNDING_WAIT_S
         while True:
             try:
-                await asyncio.to_thread(check_channel_funded, client, params)
-                record = await asyncio.to_thread(client.record, params.channel_id)
+                record = await asyncio.to_thread(check_channel_funded, client, params)
                 if record.dep_cs >= params.deposit_cs:
                     return
                 raise SettlementError("the station's deposit is not on the ledger",

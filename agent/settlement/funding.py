@@ -12,11 +12,11 @@ from __future__ import annotations
 from agent.channel.records import OpenParams
 from agent.errors import SettlementError
 from agent.settlement.client import SettlementClient
-from agent.settlement.model import Status
+from agent.settlement.model import ChannelRecord, Status
 
 
-def check_channel_funded(client: SettlementClient, params: OpenParams) -> None:
-    """Return if the ledger shows the channel of ``params`` open and funded; raise
+def check_channel_funded(client: SettlementClient, params: OpenParams) -> ChannelRecord:
+    """The channel's record if the ledger shows the channel of ``params`` open and funded; raise
     SettlementError (reason ``not-funded`` or ``funding-mismatch``) otherwise."""
     if params.contract != client.address or params.chain_id != client.chain_id:
         raise SettlementError("the channel names another chain or contract than our node's",
@@ -34,3 +34,4 @@ def check_channel_funded(client: SettlementClient, params: OpenParams) -> None:
     if problems:
         raise SettlementError(f"channel 0x{params.channel_id.hex()} on the ledger differs from "
                               f"OPEN: {', '.join(problems)}", reason="funding-mismatch")
+    return record
