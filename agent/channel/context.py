@@ -198,7 +198,7 @@ class SessionView:
         return ChannelStatus(
             channel_id=self.record.channel_id.hex(), peer=peer, state=phase,
             nonce=state.nonce if state else (job.nonce if job else 0),
-            energy_wh=state.wh if state else 0,
+            energy_wh=state.wh if state else (job.wh if job else 0),
             t_ev=state.t_ev if state else (job.t_ev if job else 0),
             t_cs=state.t_cs if state else (job.t_cs if job else 0),
             connector=self.record.connector,

@@ -98,7 +98,10 @@ class SettlementJob:
         self.on_change = on_change
         self.counters: Counter[str] = Counter()
         job = directory.job()
-        self.job = job if job is not None else JobRecord(end_reason=inputs.end_reason)
+        ours = inputs.final.state if inputs.final is not None else \
+            inputs.latest.state if inputs.latest is not None else None
+        self.job = job if job is not None else JobRecord(
+            end_reason=inputs.end_reason, wh=ours.wh if ours is not None else 0)
         self._backoff = Backoff(poll_s, max(poll_s, 30.0))
 
     async def run(self) -> JobRecord:

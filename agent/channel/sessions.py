@@ -134,6 +134,7 @@ class JobRecord:
     t_cs: int = 0
     tx: bytes = b""           # our last transaction, if any
     updated_ns: int = 0
+    wh: int = 0               # the energy of our state it settles (status after a restart)
 
     @property
     def done(self) -> bool:
@@ -141,13 +142,14 @@ class JobRecord:
 
     def encode(self) -> bytes:
         return dcbor.dumps({0: self.state, 1: self.end_reason, 2: self.close, 3: self.nonce,
-                            4: self.t_ev, 5: self.t_cs, 6: self.tx, 7: self.updated_ns})
+                            4: self.t_ev, 5: self.t_cs, 6: self.tx, 7: self.updated_ns,
+                            8: self.wh})
 
     @classmethod
     def decode(cls, item: dict[int, object]) -> JobRecord:
         try:
             return cls(_s(item, 0), _s(item, 1), _s(item, 2), _i(item, 3), _i(item, 4),
-                       _i(item, 5), _b(item, 6), _i(item, 7))
+                       _i(item, 5), _b(item, 6), _i(item, 7), _i(item, 8) if 8 in item else 0)
         except MalformedEnvelope as exc:
             raise SpoolError(f"job record damaged: {exc}", reason="store-corrupt") from exc
 

@@ -107,3 +107,15 @@ def test_restart_resumes_the_session(tmp_path: Path) -> None:
     assert link.cs.nonce == link.ev.nonce == 6
     link.run("ev", link.ev.close(link.now))
     assert link.cs.phase is link.ev.phase is Phase.CLOSED
+
+
+def test_a_job_record_keeps_the_energy_it_settles_and_reads_older_ones() -> None:
+    import cbor2
+
+    from agent.channel.sessions import JobRecord
+
+    job = JobRecord(state="settled", close="cooperative", nonce=8, t_ev=4200, wh=14)
+    assert JobRecord.decode(cbor2.loads(job.encode())) == job
+    older = cbor2.loads(job.encode())
+    del older[8]   # written before the field existed
+    assert JobRecord.decode(older).wh == 0
