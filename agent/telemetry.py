@@ -258,8 +258,6 @@ class Pipeline:
     async def run_publisher(self) -> None:
         while True:
             await self.uplink.wait_connected()
-            if self.spool.pending:
-                await self.flush()  # the sealer declares what was dropped meanwhile
             try:
                 await self._stream()
             except UplinkError as exc:
@@ -321,8 +319,13 @@ class Pipeline:
 
     async def _wait_for_rows(self, failed: list[UplinkError], cursor: int) -> None:
         """Until a commit stored rows; raises the first failed publish. Acknowledged rows
-        that no commit took in time are deleted here."""
+        that no commit took in time are deleted here. Drops not declared yet are declared
+        now: every row kept is out, and the link is up. (Not only after a reconnect: the
+        commit that was to declare them may have run in a moment the link was down, and
+        the publisher does not notice a drop and reconnect while it has nothing to send.)"""
         self._idle_at = (self._stream_no, cursor)
+        if self.spool.pending and self.uplink.connected:
+            await self.flush()  # the sealer's commit declares (Spool.commit(declare=True))
         try:
             while not self._new_rows.is_set():
                 if failed:
@@ -410,13 +413,15 @@ class Pipeline:
             tg.create_task(self.run_publisher(), name="telemetry.publish")
 
     async def wait_drained(self, timeout_s: float) -> None:
-        """Wait until everything emitted so far is sealed, published and deleted."""
+        """Wait until everything emitted so far is sealed, published and deleted, and every
+        drop is declared (its declaration published and deleted)."""
         self._draining = True  # acknowledged rows are deleted at once from now on
         self._wake.set()
         await self.flush()
         async with asyncio.timeout(timeout_s):
             while not (self._queue.empty() and len(self._batcher) == 0
-                       and not self._committing and self.spool.rows == 0):
+                       and not self._committing and self.spool.rows == 0
+                       and self.spool.pending == 0):
                 self._progress.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(0.05):  # not wait_for: gh-86296
