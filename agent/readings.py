@@ -42,6 +42,10 @@ class TimeStatus(StrEnum):
     RELATIVE = "R"
 
 
+_TIME_STATUS: dict[str, TimeStatus] = {status.value: status for status in TimeStatus}
+_VALUE_TYPES = (int, float, str, bytes)
+
+
 @dataclass(frozen=True, slots=True)
 class Reading:
     """One value. ``flags`` marks readings an adapter found implausible (e.g. ``"implausible"``).
@@ -67,30 +71,45 @@ class Reading:
     meter: str = ""
 
     def __post_init__(self) -> None:
-        _check_text(self.name, "name", 1, MAX_NAME_LEN, self.name)
-        value = self.value
-        if isinstance(value, bool) or not isinstance(value, int | float | str | bytes):
-            raise ValueError(f"{self.name}: value must be int, float, str or bytes")
-        if isinstance(value, int) and not CBOR_INT_MIN <= value <= CBOR_INT_MAX:
-            raise ValueError(f"{self.name}: integer value outside CBOR's 64-bit range")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{self.name}: value must be finite, got {value!r}")
-        if isinstance(value, str):
-            _check_text(value, "value", 0, MAX_TEXT_VALUE_LEN, self.name)
-        if isinstance(value, bytes) and len(value) > MAX_TEXT_VALUE_LEN:
-            raise ValueError(f"{self.name}: value longer than {MAX_TEXT_VALUE_LEN}")
-        _check_text(self.unit, "unit", 0, MAX_UNIT_LEN, self.name)
-        if isinstance(self.ts_ns, bool) or not isinstance(self.ts_ns, int) \
-                or not 0 <= self.ts_ns <= CBOR_INT_MAX:
-            raise ValueError(f"{self.name}: ts_ns must be a non-negative 64-bit int")
+        # Every check has a fast form for the common case (exact built-in types, ASCII
+        # text, which always encodes as UTF-8) and falls back to the full check, which
+        # decides and words the error: readings are built per value on the agent and per
+        # reading at the fleet's ingest, and the full checks were most of their cost.
+        name, value = self.name, self.value
+        if type(name) is not str or not 1 <= len(name) <= MAX_NAME_LEN or not name.isascii():
+            _check_text(name, "name", 1, MAX_NAME_LEN, name)
+        if type(value) is int:
+            if not CBOR_INT_MIN <= value <= CBOR_INT_MAX:
+                raise ValueError(f"{name}: integer value outside CBOR's 64-bit range")
+        elif type(value) is float:
+            if not math.isfinite(value):
+                raise ValueError(f"{name}: value must be finite, got {value!r}")
+        elif type(value) is bytes and len(value) <= MAX_TEXT_VALUE_LEN:
+            pass
+        elif not (type(value) is str and len(value) <= MAX_TEXT_VALUE_LEN
+                  and value.isascii()):
+            _check_value(name, value)
+        unit = self.unit
+        if type(unit) is not str or len(unit) > MAX_UNIT_LEN or not unit.isascii():
+            _check_text(unit, "unit", 0, MAX_UNIT_LEN, name)
+        ts_ns = self.ts_ns
+        if type(ts_ns) is not int or not 0 <= ts_ns <= CBOR_INT_MAX:
+            if isinstance(ts_ns, bool) or not isinstance(ts_ns, int) \
+                    or not 0 <= ts_ns <= CBOR_INT_MAX:
+                raise ValueError(f"{name}: ts_ns must be a non-negative 64-bit int")
         if not isinstance(self.time_status, TimeStatus):
             object.__setattr__(self, "time_status", TimeStatus(self.time_status))
-        _check_text(self.source, "source", 0, MAX_SOURCE_LEN, self.name)
-        _check_text(self.meter, "meter", 0, MAX_METER_LEN, self.name)
-        if not isinstance(self.flags, tuple) or len(self.flags) > MAX_FLAGS:
-            raise ValueError(f"{self.name}: flags must be a tuple of at most {MAX_FLAGS}")
-        for flag in self.flags:
-            _check_text(flag, "flag", 1, MAX_FLAG_LEN, self.name)
+        source, meter = self.source, self.meter
+        if type(source) is not str or len(source) > MAX_SOURCE_LEN or not source.isascii():
+            _check_text(source, "source", 0, MAX_SOURCE_LEN, name)
+        if meter != "":
+            _check_text(meter, "meter", 0, MAX_METER_LEN, name)
+        flags = self.flags
+        if flags != ():
+            if not isinstance(flags, tuple) or len(flags) > MAX_FLAGS:
+                raise ValueError(f"{name}: flags must be a tuple of at most {MAX_FLAGS}")
+            for flag in flags:
+                _check_text(flag, "flag", 1, MAX_FLAG_LEN, name)
 
     def to_cbor_item(self) -> list[object]:
         """The envelope's array form: [name, value, unit, ts_ns, status, source(, flags
@@ -119,18 +138,36 @@ class Reading:
             raise ValueError("reading flags must be a non-empty array when last")
         if not isinstance(meter, str) or len(item) == 8 and not meter:
             raise ValueError("reading meter must be a non-empty string when present")
-        for field, kind in ((name, str), (unit, str), (ts_ns, int), (status, str), (source, str)):
-            if not isinstance(field, kind) or isinstance(field, bool):
-                raise ValueError("a reading field has the wrong type")
-        if not isinstance(value, int | float | str | bytes) or isinstance(value, bool):
+        if not (type(name) is str and type(unit) is str and type(ts_ns) is int
+                and type(status) is str and type(source) is str):  # the fast form first
+            for field, kind in ((name, str), (unit, str), (ts_ns, int), (status, str),
+                                (source, str)):
+                if not isinstance(field, kind) or isinstance(field, bool):
+                    raise ValueError("a reading field has the wrong type")
+        if type(value) not in _VALUE_TYPES and (
+                not isinstance(value, int | float | str | bytes) or isinstance(value, bool)):
             raise ValueError("a reading value has the wrong type")
-        if not all(isinstance(flag, str) for flag in flags):
+        if flags and not all(isinstance(flag, str) for flag in flags):
             raise ValueError("reading flags must be strings")
-        try:
-            time_status = TimeStatus(status)
-        except ValueError:
-            raise ValueError(f"unknown time status {status!r}") from None
+        time_status = _TIME_STATUS.get(status)  # status is a str (checked above)
+        if time_status is None:
+            raise ValueError(f"unknown time status {status!r}")
         return cls(name, value, unit, ts_ns, time_status, source, tuple(flags), meter)
+
+
+def _check_value(name: str, value: object) -> None:
+    """The full check of a value that is not an exact int, float or short bytes or ASCII
+    text (the fast forms in Reading.__post_init__)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str | bytes):
+        raise ValueError(f"{name}: value must be int, float, str or bytes")
+    if isinstance(value, int) and not CBOR_INT_MIN <= value <= CBOR_INT_MAX:
+        raise ValueError(f"{name}: integer value outside CBOR's 64-bit range")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name}: value must be finite, got {value!r}")
+    if isinstance(value, str):
+        _check_text(value, "value", 0, MAX_TEXT_VALUE_LEN, name)
+    if isinstance(value, bytes) and len(value) > MAX_TEXT_VALUE_LEN:
+        raise ValueError(f"{name}: value longer than {MAX_TEXT_VALUE_LEN}")
 
 
 def _check_text(text: object, what: str, low: int, high: int, name: object) -> None:

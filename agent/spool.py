@@ -19,8 +19,8 @@ Rules this module keeps:
   ``declare=True`` (the pipeline asks when the uplink is connected): sealing one per pass
   would put a drop envelope, which is never dropped, between every two passes, and a later
   pass could only merge it by dropping everything older than it (the spool emptied of
-  telemetry, dozens of declarations per outage). Event, drop and channel rows are never
-  dropped: they may push the spool above its cap (``counters["over_cap"]``), and a kept
+  telemetry, dozens of declarations per outage). Event and drop rows are never dropped:
+  they may push the spool above its cap (``counters["over_cap"]``), and a kept
   event between two runs makes two declarations.
 - Envelopes sealed but never committed (a full disk) are declared the same way: the
   pipeline passes them as ``lost`` to the next commit (reason ``disk-full``).
@@ -56,7 +56,6 @@ from agent.envelope import GENESIS, KIND_DROP, KIND_EVENT, KIND_TELEMETRY, Seale
 from agent.errors import SpoolError
 from agent.options import Table
 
-KIND_CHANNEL = "channel"
 DROPPABLE = frozenset({KIND_TELEMETRY})
 ROW_OVERHEAD_BYTES = 64  # rough per-row cost in SQLite beyond the payload (keys, header)
 MIN_FREE_BYTES = 64 * 1024  # below this a file system counts as full (SQLite's -shm: 32 kB)
@@ -64,7 +63,7 @@ MIN_FREE_BYTES = 64 * 1024  # below this a file system counts as full (SQLite's 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     id     INTEGER PRIMARY KEY AUTOINCREMENT,
-    seq    INTEGER UNIQUE,            -- NULL for channel messages (not in the device chain)
+    seq    INTEGER UNIQUE,            -- NULL only in spools of 0.1.0 dev (a channel row)
     kind   TEXT    NOT NULL,
     topic  TEXT    NOT NULL,
     data   BLOB    NOT NULL,
@@ -314,21 +313,6 @@ class Spool:
             self.counters["over_cap"] += 1
         return ids
 
-    def commit_channel(self, topic: str, data: bytes) -> int:
-        """A channel message (not in the device chain): stored, never dropped."""
-        nbytes = len(data) + ROW_OVERHEAD_BYTES
-        try:
-            with self._transaction():
-                cur = self._db.execute(
-                    "INSERT INTO outbox(seq, kind, topic, data, hash, nbytes) "
-                    "VALUES (NULL, ?, ?, ?, NULL, ?)", (KIND_CHANNEL, topic, data, nbytes))
-        except sqlite3.Error as exc:
-            raise SpoolError(f"spool commit failed: {exc}",
-                             reason=_reason(exc, self.config.path)) from exc
-        self.total_bytes += nbytes
-        self.rows += 1
-        return int(cur.lastrowid or 0)
-
     def _insert(self, topic: str, envelope: SealedEnvelope,
                 declared: tuple[int, int, int] | None = None) -> int:
         first, last, nbytes = declared or (None, None, None)
@@ -571,5 +555,5 @@ def _no_space(path: Path) -> bool:
     return info.f_bavail * info.f_frsize < MIN_FREE_BYTES
 
 
-__all__ = ["KIND_CHANNEL", "KIND_DROP", "KIND_EVENT", "KIND_TELEMETRY", "Outgoing", "Spool",
+__all__ = ["KIND_DROP", "KIND_EVENT", "KIND_TELEMETRY", "Outgoing", "Spool",
            "SpoolConfig", "SpoolRow"]

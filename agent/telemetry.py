@@ -25,7 +25,8 @@ Rules:
   place in the window: the row stays (no longer "in flight", so the drop policy may take
   it) until a fleet commit mark covers it (agent.fleet_commit); after a reconnect the
   publisher starts again from the oldest row, so what the fleet has not committed is sent
-  again. Channel rows (no seq) still leave on PUBACK.
+  again. (A row without a seq, which only a spool of 0.1.0 dev holds, leaves on
+  PUBACK.)
 - A failed commit (disk full) is counted and logged. Its envelopes are never stored, so
   never published: their seqs are given up (the sealer is NOT set back, so no seq is ever
   handed out twice, even if the failed commit's outcome was not what SQLite reported), and

@@ -170,15 +170,18 @@ class SettlementJob:
                                   final.sig_cs)
             self._sent(tx, state="settled")
             return
+        # "submitting" until the close is mined: "closing" says it is on chain (the
+        # dispute window runs from its block), so a status, or a test that moves the
+        # chain's clock, never takes a close still on its way for one already made.
         latest = self.inputs.latest
         if latest is not None:
-            self._save(self.job.update(state="closing", close="unilateral",
+            self._save(self.job.update(state="submitting", close="unilateral",
                                        nonce=latest.state.nonce, t_ev=latest.state.t_ev,
                                        t_cs=latest.state.t_cs))
             tx = await self._call(self.client.close, latest.state, latest.sig_ev,
                                   latest.sig_cs)
         else:  # nothing co-signed: the initial state (everything back to its owner)
-            self._save(self.job.update(state="closing", close="unilateral", nonce=0))
+            self._save(self.job.update(state="submitting", close="unilateral", nonce=0))
             tx = await self._call(lambda: self.client.close(channel_id=self.inputs.channel_id))
         self._sent(tx, state="closing")
 

@@ -126,7 +126,8 @@ def _oi(item: dict[int, object], key: int) -> int | None:
 class JobRecord:
     """The settlement job of one session (agent/channel/jobs.py)."""
 
-    state: str = "pending"    # pending | waiting | closing | settled | nothing-to-settle
+    state: str = "pending"    # pending | waiting | submitting | closing | settled |
+    #                           nothing-to-settle ("closing": a close is on chain)
     end_reason: str = ""      # why the session ended (max-energy, driver-stop, ...)
     close: str = ""           # cooperative | unilateral | challenged
     nonce: int = 0            # the nonce settled (or closed on)

@@ -150,16 +150,6 @@ def test_events_alone_may_exceed_the_cap_but_are_never_dropped(tmp_path):
     assert spool.counters["over_cap"] > 0 and spool.counters["nothing_droppable"] > 0
 
 
-def test_channel_messages_are_stored_in_order_and_never_dropped(tmp_path):
-    spool = Spool.open(SpoolConfig(tmp_path / "s.sqlite", max_bytes=64 * 1024, low_water=0.5))
-    sealer = sealer_for(spool)
-    spool.commit_channel("evedge/v1/channel/ab/ev", b"PAY")
-    while spool.counters["drop_passes"] == 0:
-        spool.commit(readings(sealer, 5, size=20), sealer)
-    first = spool.fetch(0, 1)[0]
-    assert (first.kind, first.seq, first.data) == ("channel", None, b"PAY")
-
-
 def test_garbage_file_is_a_spool_error(tmp_path):
     path = tmp_path / "s.sqlite"
     path.write_bytes(b"this is not a database" * 100)
