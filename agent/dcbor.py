@@ -135,7 +135,13 @@ def _check(value: object, depth: int) -> bool:
             raise ValueError(f"integer {value} needs a bignum tag (RFC 8949 s3.4.3)")
     elif isinstance(value, list | tuple):
         for item in value:
-            if isinstance(item, float):
+            kind = type(item)  # exact types inline (a reading is mostly str and int)
+            if kind is str or kind is bytes:
+                continue
+            if kind is int:
+                if not INT_MIN <= item <= INT_MAX:
+                    raise ValueError(f"integer {item} needs a bignum tag (RFC 8949 s3.4.3)")
+            elif kind is float:
                 special = special or _long_half(item)
             elif not isinstance(item, _SCALARS):
                 special = _check(item, depth + 1) or special
