@@ -63,7 +63,7 @@ MIN_FREE_BYTES = 64 * 1024  # below this a file system counts as full (SQLite's 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     id     INTEGER PRIMARY KEY AUTOINCREMENT,
-    seq    INTEGER UNIQUE,            -- NULL only in spools of 0.1.0 dev (a channel row)
+    seq    INTEGER UNIQUE,            -- every row is in the device chain (never NULL)
     kind   TEXT    NOT NULL,
     topic  TEXT    NOT NULL,
     data   BLOB    NOT NULL,
@@ -147,7 +147,7 @@ class SpoolConfig:
 @dataclass(frozen=True, slots=True)
 class SpoolRow:
     id: int
-    seq: int | None
+    seq: int
     kind: str
     topic: str
     data: bytes
@@ -352,7 +352,7 @@ class Spool:
         covers ``need`` bytes (so a pass stops at the low-water mark, not below)."""
         run: list[_Row] = []
         covered = 0
-        for row in self._rows("seq IS NOT NULL"):
+        for row in self._rows():
             sendable = row.kind in DROPPABLE and row.id not in in_flight
             if not run:
                 if sendable:
@@ -406,10 +406,10 @@ class Spool:
             self.counters["drop_envelopes"] += 1
         return out
 
-    def _rows(self, where: str, args: tuple[object, ...] = ()) -> list[_Row]:
+    def _rows(self) -> list[_Row]:
         return [_Row(*r) for r in self._db.execute(
             "SELECT id, seq, kind, topic, hash, nbytes, drop_first, drop_last, drop_bytes "
-            f"FROM outbox WHERE {where} ORDER BY seq", args)]
+            "FROM outbox ORDER BY seq")]
 
     # -- reading and deleting ---------------------------------------------------------
     def fetch(self, after_id: int, limit: int) -> list[SpoolRow]:
@@ -465,9 +465,8 @@ class Spool:
                     return 0
                 nbytes, count = self._db.execute(
                     "SELECT COALESCE(SUM(nbytes), 0), COUNT(*) FROM outbox "
-                    "WHERE seq IS NOT NULL AND seq <= ?", (seq,)).fetchone()
-                self._db.execute("DELETE FROM outbox WHERE seq IS NOT NULL AND seq <= ?",
-                                 (seq,))
+                    "WHERE seq <= ?", (seq,)).fetchone()
+                self._db.execute("DELETE FROM outbox WHERE seq <= ?", (seq,))
         except sqlite3.Error as exc:
             raise SpoolError(f"spool delete failed: {exc}", reason=_reason(exc)) from exc
         self.total_bytes -= int(nbytes)
@@ -487,7 +486,7 @@ class Spool:
 
     def seqs(self) -> list[int]:
         return [r[0] for r in self._db.execute(
-            "SELECT seq FROM outbox WHERE seq IS NOT NULL ORDER BY seq")]
+            "SELECT seq FROM outbox ORDER BY seq")]
 
     def kinds(self) -> Counter[str]:
         return Counter({r[0]: r[1] for r in self._db.execute(

@@ -25,8 +25,7 @@ Rules:
   place in the window: the row stays (no longer "in flight", so the drop policy may take
   it) until a fleet commit mark covers it (agent.fleet_commit); after a reconnect the
   publisher starts again from the oldest row, so what the fleet has not committed is sent
-  again. (A row without a seq, which only a spool of 0.1.0 dev holds, leaves on
-  PUBACK.)
+  again.
 - A failed commit (disk full) is counted and logged. Its envelopes are never stored, so
   never published: their seqs are given up (the sealer is NOT set back, so no seq is ever
   handed out twice, even if the failed commit's outcome was not what SQLite reported), and
@@ -296,7 +295,7 @@ class Pipeline:
                 if failed:
                     raise failed[0]
                 fut = self.uplink.publish_nowait(row.topic, row.data)
-                keep = self.keep_until_commit and row.seq is not None
+                keep = self.keep_until_commit
                 fut.add_done_callback(functools.partial(self._on_ack, row.id, keep, window,
                                                         failed))
                 cursor = row.id
@@ -325,7 +324,7 @@ class Pipeline:
         commit that was to declare them may have run in a moment the link was down, and
         the publisher does not notice a drop and reconnect while it has nothing to send.)"""
         self._idle_at = (self._stream_no, cursor)
-        if self.spool.pending and self.uplink.connected:
+        if self._declaration_due():
             await self.flush()  # the sealer's commit declares (Spool.commit(declare=True))
         try:
             while not self._new_rows.is_set():

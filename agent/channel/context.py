@@ -175,7 +175,6 @@ class Context:
                          input=what, reason=reason, count=self.counters[key])
 
 
-
 HISTORY = 10   # ended sessions that `status` still shows (a restart reads them back)
 
 @dataclass
