@@ -29,6 +29,10 @@ involuntary switches per second (preemption: the machine's load, not the agent),
 readings and QoS 1 messages per second (from the agents' own counts and timestamps) and
 CPU microseconds per reading. Goal (issue 18): ours at most the naive agent's CPU per reading.
 
+The station round also measures the register reads alone, at the same one cycle a second
+(``reads_alone_pymodbus_sync``: the naive agent's client; ``..._async``: ours), so the
+share of each agent's CPU that pymodbus takes is seen beside the rest.
+
 ``--baseline DIR`` also measures our agent run from another checkout (e.g. a worktree of
 the previous commit) in the same run: before/after on the same machine and load.
 
@@ -127,6 +131,63 @@ def naive_station(port: int, url: str, count_file: Path) -> None:
         count.readings += len(values)
         count.messages += 1
         time.sleep(max(0.0, 1.0 - (time.monotonic() - started)))
+
+
+def pymodbus_floor(port: int, seconds: float) -> None:
+    """The register reads alone, the values not even decoded, at the agents' rate (one poll
+    cycle a second: every block of the SDM630 map once): CPU per cycle and per reading (a
+    cycle gives one reading per register of the map, as the naive agent counts them)
+    through pymodbus's blocking client (the naive agent's) for ``seconds``, then its asyncio
+    client (ours) for as long, against the same simulator. At one cycle a second the code
+    runs with cold caches and costs several times what it does back to back, so only a
+    paced figure compares with the agents'. Prints one JSON object: the share of each
+    agent's CPU that its reads alone take."""
+    import asyncio
+
+    from pymodbus.client import AsyncModbusTcpClient, ModbusTcpClient
+
+    from firmware_adapters.modbus.mapfile import load_map
+    from firmware_adapters.modbus.registers import plan_blocks
+
+    blocks = plan_blocks(load_map("sdm630"))
+    readings = sum(len(block.specs) for block in blocks)
+    cycles = max(1, int(seconds))
+
+    def figures(started: float) -> dict[str, float]:
+        per_cycle = (time.process_time() - started) / cycles * 1e6
+        return {"cpu_us_per_cycle": round(per_cycle, 1),
+                "cpu_us_per_reading": round(per_cycle / readings, 1)}
+
+    sync = ModbusTcpClient("127.0.0.1", port=port, timeout=2)
+    sync.connect()
+    started = time.process_time()
+    for _ in range(cycles):
+        begun = time.monotonic()
+        for block in blocks:
+            read = sync.read_input_registers if block.function == 4 else \
+                sync.read_holding_registers
+            read(block.address, count=block.count, device_id=1)
+        time.sleep(max(0.0, 1.0 - (time.monotonic() - begun)))
+    blocking = figures(started)
+    sync.close()
+
+    async def run_async() -> dict[str, float]:
+        client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=2)
+        await client.connect()
+        started = time.process_time()
+        for _ in range(cycles):
+            begun = time.monotonic()
+            for block in blocks:
+                read = client.read_input_registers if block.function == 4 else \
+                    client.read_holding_registers
+                await read(block.address, count=block.count, device_id=1)
+            await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - begun)))
+        out = figures(started)
+        client.close()
+        return out
+
+    print(json.dumps({"reads_alone_pymodbus_sync": blocking,
+                      "reads_alone_pymodbus_async": asyncio.run(run_async())}))
 
 
 def _paho(url: str, client_id: str):  # type: ignore[no-untyped-def]
@@ -384,6 +445,11 @@ def _station_round(folder: Path, url: str, args: argparse.Namespace, tag: str
         runs[NAIVE["station"]] = _naive_agent("--naive-station", [str(port), url],
                                               folder / f"naive-station{tag}.count",
                                               args.warmup, args.seconds)
+        _progress(f"station{tag}, register reads alone: {2 * args.floor_seconds:g} s")
+        floor = subprocess.run([sys.executable, __file__, "--pymodbus-floor", str(port),
+                                "--floor-seconds", str(args.floor_seconds)],
+                               check=True, capture_output=True, cwd=ROOT)
+        runs.update(json.loads(floor.stdout))
     finally:
         _stop(meter)
     return runs
@@ -430,7 +496,14 @@ def main() -> None:
                         help="repeat each set-up N times, report the median round")
     parser.add_argument("--naive-vehicle", nargs=3, metavar=("PORT", "URL", "COUNT"))
     parser.add_argument("--naive-station", nargs=3, metavar=("PORT", "URL", "COUNT"))
+    parser.add_argument("--floor-seconds", type=float, default=20.0,
+                        help="how long the station's register reads alone are measured, "
+                        "with each client")
+    parser.add_argument("--pymodbus-floor", type=int, metavar="PORT")
     args = parser.parse_args()
+    if args.pymodbus_floor:
+        pymodbus_floor(args.pymodbus_floor, args.floor_seconds)
+        return
     if args.naive_vehicle:
         naive_vehicle(args.naive_vehicle[0], args.naive_vehicle[1], Path(args.naive_vehicle[2]))
         return
