@@ -9,6 +9,7 @@ that need them, so ``--help`` and ``keys`` stay fast on a Pi.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -20,6 +21,7 @@ from agent import __version__
 from agent.errors import ConfigError, EdgeAgentError
 
 if TYPE_CHECKING:
+    from agent.fleet_keys import RegisteredKey
     from agent.keys import KeyStore
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -213,6 +215,10 @@ def cmd_registry_revoke(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _kid_hex(entry: RegisteredKey | None) -> str | None:
+    return entry.kid.hex() if entry is not None else None
+
+
 def cmd_registry_show(args: argparse.Namespace) -> int:
     from agent.fleet_keys import FleetRegistry
     from agent.keys import fingerprint
@@ -227,10 +233,15 @@ def cmd_registry_show(args: argparse.Namespace) -> int:
                       "address": "0x" + e.address.hex(), "added_ns": e.added_ns,
                       "rotated_from": e.rotated_from.hex() if e.rotated_from else None,
                       "replaces": [k.hex() for k in e.replaces],
+                      "superseded_by": _kid_hex(registry.superseded_by(e.kid)),
                       "revoked": e.kid in registry.revoked} for e in entries]}))
         return EXIT_OK
     for entry in entries:
         state = "REVOKED" if entry.kid in registry.revoked else "valid"
+        successor = registry.superseded_by(entry.kid)
+        if successor is not None:  # still valid for what it signed (agent.fleet_keys)
+            how = "rotated to" if successor.rotated_from == entry.kid else "replaced by"
+            state += f" (for what it signed; {how} {successor.kid.hex()})"
         how = f"  replaces {', '.join(k.hex() for k in entry.replaces)}" if entry.replaces else ""
         print(f"{entry.device}  kid {entry.kid.hex()}  {fingerprint(entry.ed25519)}  "
               f"0x{entry.address.hex()}  {state}{how}")
@@ -243,7 +254,7 @@ def cmd_registry_show(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from agent.fleet_keys import FleetRegistry
-    from agent.verify import verify_capture
+    from agent.verify import ENVELOPE_MAGIC, verify_capture
 
     if args.logbook:
         from agent.fleet.logbook import verify_bundle
@@ -274,6 +285,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
             data = Path(args.file).read_bytes()
         except OSError as exc:
             raise ConfigError(f"{args.file}: cannot read the capture: {exc.strerror}") from None
+        if data and ENVELOPE_MAGIC not in data:
+            raise ConfigError(f"{args.file}: not a capture of envelopes: none of its "
+                              f"{len(data)} bytes starts one (a capture is a CBOR sequence "
+                              f"of COSE_Sign1 envelopes, like the demo's capture.cbor)")
         report = verify_capture(data, registry)
     print(report.to_json() if args.json else report.format())
     return EXIT_OK if report.ok else EXIT_FAIL
@@ -462,6 +477,25 @@ def _register_plugins(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         register(sub)
 
 
+_OS_ERROR_HINTS = {
+    errno.EACCES: "permission denied: check the owner and mode of the file and of its folder "
+                  "(ls -ld), or run as a user who may write there",
+    errno.EPERM: "not permitted: check the owner and mode of the file and of its folder",
+    errno.EROFS: "the file system is read-only: choose a folder on a writable one",
+    errno.ENOTDIR: "a part of this path is a file, not a folder: choose another path",
+    errno.EISDIR: "this is a folder; a file was expected here",
+    errno.ENOENT: "no such file or folder",
+    errno.ENOSPC: "the disk is full: free some space and run it again",
+}
+
+
+def os_error_text(exc: OSError) -> str:
+    """``PATH: what went wrong, in words``, for a message (no Python repr of the path)."""
+    what = _OS_ERROR_HINTS.get(exc.errno or 0, exc.strerror or str(exc))
+    path = exc.filename if exc.filename is not None else "(no path)"
+    return f"{os.fsdecode(path)}: {what}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -478,6 +512,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_FAIL
     except BrokenPipeError:
         return EXIT_OK
+    except OSError as exc:
+        # A file or directory a command was given or needs (demo --out, a key store's
+        # folder) that cannot be written or read: say which and why, not a traceback.
+        if os.environ.get("EDGE_AGENT_DEBUG"):
+            raise
+        print(f"edge-agent: error: {os_error_text(exc)}", file=sys.stderr)
+        return EXIT_FAIL
     finally:
         if "agent.statedir" in sys.modules:   # a command's lock lasts as long as the command
             sys.modules["agent.statedir"].release_all()

@@ -320,8 +320,8 @@ class _Decoder:
     def _take(self, n: int) -> bytes:
         end = self.pos + n
         if end > len(self.data):
-            raise MalformedCBOR(f"truncated: need {n} bytes at offset {self.pos}",
-                                offset=self.pos)
+            raise MalformedCBOR(f"truncated at offset {self.pos}: an item declares {n} "
+                                f"bytes, {len(self.data) - self.pos} remain", offset=self.pos)
         chunk = self.data[self.pos:end]
         self.pos = end
         return chunk

@@ -30,8 +30,8 @@ that should not speak for a device speak for it:
 * a second rotation from one key (``already-rotated``): a copy of an old key must not fork
   the device's key history;
 * re-adding a revoked key (``revoked-key``);
-* a provisioning record for a device id that already has keys (``device-exists``): a
-  second ``keys init`` with the same ``--device-id`` on another box. A legitimate
+* a provisioning record for a device id that already has keys, revoked ones included
+  (``device-exists``): a second ``keys init`` with the same ``--device-id`` on another box. A legitimate
   re-provisioning (the SD card died, the box was swapped) passes ``replace=True``
   (``registry add --replace``), recorded on the new key as ``replaces``/``replaced_ns``;
   the old keys stay valid for what they signed (revoke them if the old box is lost);
@@ -98,6 +98,13 @@ class FleetRegistry:
     def devices(self) -> list[str]:
         return sorted({k.device for k in self.keys.values()})
 
+    def superseded_by(self, kid: bytes) -> RegisteredKey | None:
+        """The key that rotated away from ``kid`` or replaced it, if any."""
+        for other in self.keys.values():
+            if other.rotated_from == kid or kid in other.replaces:
+                return other
+        return None
+
     def current_keys(self, device: str) -> list[RegisteredKey]:
         """The device's keys that nothing has rotated away from or replaced (and that are
         not revoked): normally one."""
@@ -142,15 +149,20 @@ class FleetRegistry:
             self._check_rotation(device, rotated_from)
         else:
             current = self.current_keys(device)
-            if current and not replace:
-                kids = ", ".join(k.kid.hex() for k in current)
+            # Every key the device id ever had, revoked ones too: once its key is revoked,
+            # a new `keys init` under the same id is still a re-provisioning, never silent.
+            known = current or [k for k in self.keys.values() if k.device == device]
+            if known and not replace:
+                kids = ", ".join(k.kid.hex() for k in known)
+                has = f"already has key {kids}" if current else \
+                    f"is known here (its key {kids} is revoked)"
                 raise RegistryRefusal(
-                    f"device {device} already has key {kids}: a second `keys init` with this "
-                    f"device id (another box?) is refused. If this box legitimately replaces "
-                    f"the old one, run `edge-agent registry add --replace` (recorded in the "
+                    f"device {device} {has}: a second `keys init` with this device id "
+                    f"(another box?) is refused. If this box legitimately replaces the old "
+                    f"one, run `edge-agent registry add --replace` (recorded in the "
                     f"registry), and revoke the old key if the old box is lost",
-                    kid=current[0].kid, reason="device-exists")
-            replaces = tuple(k.kid for k in current)
+                    kid=known[0].kid, reason="device-exists")
+            replaces = tuple(k.kid for k in known)
         entry = RegisteredKey(
             device=device, kid=kid, ed25519=public, secp256k1=record["secp256k1"],  # type: ignore[arg-type]
             added_ns=created_ns,

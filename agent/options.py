@@ -14,6 +14,7 @@ import difflib
 from collections.abc import Iterator, Mapping, Set
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import SplitResult, urlsplit
 
 from agent.errors import ConfigError, Prose, show_value
 
@@ -197,3 +198,20 @@ def _range(kind: str, low: float | None, high: float | None) -> str:
 def _show(value: object) -> str:
     return show_value(value)
 
+
+
+def split_url(url: str, key: str, expected: str) -> SplitResult:
+    """``urlsplit``, with what urllib raises ValueError for as a ConfigError naming the key:
+    a URL it cannot split (an unclosed "[": ``expected`` says what was), or a port out of
+    0..65535 or not a number (found only when ``.port`` is read)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise ConfigError(key=key, expected=f"{expected} (an IPv6 address in [ ])",
+                          found=url) from None
+    try:
+        parts.port  # noqa: B018 - reading it is the check
+    except ValueError:
+        raise ConfigError(key=key, expected="a port from 1 to 65535 after the host",
+                          found=url) from None
+    return parts

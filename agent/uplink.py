@@ -53,12 +53,12 @@ import json
 import logging
 import random
 import ssl
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
@@ -68,12 +68,16 @@ from paho.mqtt.properties import Properties
 from agent.backoff import Backoff
 from agent.errors import ConfigError, UplinkError
 from agent.mqtt_connection import NOT_AUTHORISED, Connection, Incoming
-from agent.options import Table
+from agent.options import Table, split_url
 from agent.topics import status_topic
 
 log = logging.getLogger("edge_agent.uplink")
 
 RETRY_PAUSE_S = 0.05
+# A connection the broker ends this soon after accepting it, SHORT_SESSION_STREAK times in a
+# row, is taken for a session take-over (Uplink._session_ended).
+SHORT_SESSION_S = 5.0
+SHORT_SESSION_STREAK = 3
 EXIT_GRACE_S = 2.0  # the "offline" status and a clean DISCONNECT at exit, at most
 V5, V311 = MQTTProtocolVersion.MQTTv5, MQTTProtocolVersion.MQTTv311
 StatusPayload = Callable[[str], bytes]
@@ -107,17 +111,14 @@ class MqttConfig:
 
     @classmethod
     def from_url(cls, url: str, client_id: str, **options: Any) -> MqttConfig:
-        parts = urlsplit(url)
+        parts = split_url(url, "mqtt.url", "mqtt://host[:port] or mqtts://host[:port]")
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise ConfigError(key="mqtt.url", expected="mqtt://host[:port] or mqtts://...",
                               found=url)
-        try:
-            port = parts.port  # urllib raises ValueError for "99999" or "x"
-            if port == 0:
-                raise ValueError("port 0")
-        except ValueError:
+        port = parts.port
+        if port == 0:
             raise ConfigError(key="mqtt.url", expected="a port from 1 to 65535 after the host",
-                              found=url) from None
+                              found=url)
         tls = parts.scheme == "mqtts"
         return cls(host=parts.hostname, port=port or (8883 if tls else 1883),
                    client_id=client_id, tls=tls, **options)
@@ -180,6 +181,7 @@ class Uplink:
         self.epoch = 0  # +1 per successful connection
         self.status_payload: StatusPayload = status_payload or self.default_status
         self._backoff = Backoff(config.backoff_initial_s, config.backoff_max_s, rng)
+        self._short_sessions = 0  # connections in a row the broker ended soon after CONNACK
         self._conn: Connection | None = None
         self._connected = asyncio.Event()
         self._subscriptions: list[str] = []
@@ -362,11 +364,13 @@ class Uplink:
             self._make_client(protocol), cfg.host, cfg.port, keepalive_s=cfg.keepalive_s,
             timeout_s=cfg.connect_timeout_s, tls=cfg.tls, sink=self._receive,
             clean_start=False if protocol == V5 else None, properties=properties)
+        started = time.monotonic()
         try:
             self._conn, self.protocol, self.downgraded = conn, protocol, downgraded
             self.epoch += 1
             self.counters["connections"] += 1
-            self._backoff.reset()
+            if self._short_sessions < SHORT_SESSION_STREAK:
+                self._backoff.reset()  # else the back-off grows (see _session_ended)
             self.last_error = None
             self._connected.set()
             log.info("uplink connected to %s:%d (MQTT %s%s, epoch %d)", cfg.host, cfg.port,
@@ -377,6 +381,29 @@ class Uplink:
             self._connected.clear()
             self._conn = None
             conn.abort()
+            self._session_ended(time.monotonic() - started)
+
+    def _session_ended(self, lasted_s: float) -> None:
+        """Say it when the broker ends connection after connection soon after accepting
+        it. That is what a session take-over looks like when the broker only closes the
+        socket (mosquitto 2.0 does, without MQTT 5's DISCONNECT 0x8E): two agents with one
+        client id kick each other off, and reconnecting at once would keep them at it
+        several times a second. So after SHORT_SESSION_STREAK such connections the
+        back-off is no longer reset on connect, and the log says why in plain words."""
+        if self._closed.is_set() or self._leaving or lasted_s >= SHORT_SESSION_S:
+            self._short_sessions = 0
+            return
+        self._short_sessions += 1
+        if self._short_sessions == SHORT_SESSION_STREAK:
+            self.counters["short_session_streaks"] += 1
+            log.warning(
+                "uplink: the broker closed %d connections in a row within %g s of accepting "
+                "them. Most likely another client uses our client id %r (a second agent "
+                "with a copy of this device's identity, on another box?): each connection "
+                "takes the session from the other. Two agents fork the signed chain; stop "
+                "one of them. (Or the broker refuses something we send: see its log.) "
+                "Reconnecting with a growing back-off until a connection lasts.",
+                self._short_sessions, SHORT_SESSION_S, self.config.client_id)
 
     async def _serve(self, conn: Connection) -> None:
         if self.config.status_topic:

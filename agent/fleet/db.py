@@ -38,6 +38,7 @@ from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from agent.errors import ConfigError, EdgeAgentError
+from agent.options import split_url
 
 T = TypeVar("T")
 
@@ -269,7 +270,7 @@ class Database:
 
 def open_database(url: str) -> Database:
     """Open (and create the schema of) ``sqlite:///PATH`` or ``postgresql://...``."""
-    parts = urlsplit(url)
+    parts = split_url(url, "--db", "sqlite:///PATH or postgresql://user@host[:port]/db")
     if parts.scheme == "sqlite":
         path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
         if not path:
@@ -307,8 +308,12 @@ def open_database(url: str) -> Database:
 
 def _redact(url: str) -> str:
     """The URL without its password (secrets never reach messages)."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "(the URL given)"  # unparsable: it may still hold a password
+    if password is None:
         return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    netloc = parts.netloc.replace(f":{password}@", ":***@")
     return parts._replace(netloc=netloc).geturl()

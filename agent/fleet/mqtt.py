@@ -35,7 +35,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -44,6 +43,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.errors import ConfigError
+from agent.options import split_url
 
 log = logging.getLogger("edge_agent.fleet.mqtt")
 
@@ -79,7 +79,7 @@ class SharedSubscriber:
     def __init__(self, config: BrokerConfig, filters: tuple[str, ...],
                  loop: asyncio.AbstractEventLoop, sink: Callable[[Arrival], None],
                  plain: tuple[str, ...] = ()) -> None:
-        parts = urlsplit(config.url)
+        parts = split_url(config.url, "--mqtt", "mqtt://host[:port] or mqtts://host[:port]")
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise ConfigError(key="--mqtt", expected="mqtt://host[:port] or mqtts://...",
                               found=config.url)

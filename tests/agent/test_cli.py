@@ -87,6 +87,9 @@ def test_demo_capture_verifies_and_a_tampered_one_fails(tmp_path):
     ("junk", ("verify", "{tmp}/junk", "--registry", "{tmp}/junk"), "junk: not a fleet registry file"),
     (None, ("registry", "revoke", "0011223344556677", "--registry", "{tmp}/empty.toml"), "not in the registry, nothing revoked"),
     ("role", ("config", "check", "{tmp}/role.toml"), "modbus-tcp is a source for the station role"),
+    ("ipv6", ("config", "check", "{tmp}/ipv6.toml"), "an IPv6 address in [ ]"),
+    ("junk", ("verify", "{tmp}/junk", "--registry", "{tmp}/empty.toml"), "junk: not a capture of envelopes"),
+    ("file", ("demo", "--out", "{tmp}/afile/out"), "afile/out: a part of this path is a file, not a folder"),
 ])
 def test_errors_are_one_line_without_traceback(tmp_path, setup, args, message):
     if setup == "world-readable":
@@ -100,6 +103,8 @@ def test_errors_are_one_line_without_traceback(tmp_path, setup, args, message):
         (tmp_path / "port.toml").write_text("[mqtt]\nurl = 'mqtt://localhost:99999'\n")
     if setup == "junk":   # bytes whose CBOR head claims an absurd length
         (tmp_path / "junk").write_bytes(bytes.fromhex("5b0a2f2f2f2f2f2f2f") + os.urandom(64))
+    if setup == "ipv6":
+        (tmp_path / "ipv6.toml").write_text("[mqtt]\nurl = 'mqtt://[::1'\n")
     if setup == "role":
         (tmp_path / "role.toml").write_text("[device]\nrole = 'vehicle'\n[mqtt]\nurl = "
                                             "'mqtt://x'\n[[sources]]\nid = 'm'\nkind = "

@@ -91,3 +91,19 @@ def test_the_registry_file_is_readable_by_the_service_and_keeps_its_mode(tmp_pat
     registry.save(path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
     assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]
+
+
+def test_a_device_whose_key_is_revoked_is_still_known_and_needs_replace(tmp_path):
+    # The old box was lost and its key revoked: a new `keys init` under the same device id
+    # is a re-provisioning, refused without --replace and recorded with it.
+    _, first, _, registry = provisioned(tmp_path, "box1", "ev-0042")
+    registry.revoke(first.identity.kid)
+    _, record = KeyStore(tmp_path / "box2").init("ev-0042")
+    with pytest.raises(RegistryRefusal) as info:
+        registry.add_record(record)
+    assert info.value.reason == "device-exists" and "is revoked" in str(info.value)
+    assert len(registry.keys) == 1
+    entry = registry.add_record(record, replace=True, now_ns=456)
+    assert entry.replaces == (first.identity.kid,) and entry.replaced_ns == 456
+    assert registry.superseded_by(first.identity.kid) == entry
+    assert registry.superseded_by(entry.kid) is None
