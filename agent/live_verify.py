@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.chain_head import head_from_status
+from agent.errors import UplinkError
 from agent.fleet_keys import FleetRegistry
 from agent.topics import ROOT
 from agent.uplink import MqttConfig, Uplink
@@ -122,4 +123,10 @@ async def verify_mqtt(url: str, registry: FleetRegistry, *, envelopes: int | Non
         if subscribed is not None:
             subscribed.set()
         await collect(up, live, until=done, idle_s=idle_s, timeout_s=timeout_s)
+    if up.epoch == 0:
+        # Never connected: nothing was verified because nothing could be, an error (not
+        # a verification that found no envelope).
+        why = up.last_error if up.last_error is not None else "unreachable"
+        raise UplinkError(f"broker {config.host}:{config.port}: {why}; nothing was verified",
+                          reason="unreachable")
     return live.report()

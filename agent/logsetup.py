@@ -8,7 +8,7 @@ Rules:
 
 * Verbosity. Default: INFO for our loggers (``edge_agent.*``, ``agent.*``,
   ``firmware_adapters.*``, ``hil.*``), WARNING for libraries. ``-v``: our DEBUG lines too,
-  but not the MQTT library's packet dump (paho logs it through the uplink's logger, so it
+  but not the MQTT library's packet dump (paho logs it as ``paho.mqtt.client``, and it
   is told apart by the file that logged it). ``-vv``: everything, packet dump included.
 * Formats. ``text`` (default on a terminal: time, level, logger, message), ``json`` (one
   object a line: ``ts``, ``level``, ``logger``, ``message`` and the structured fields), and
@@ -253,10 +253,10 @@ def setup_logging(verbosity: int = 0, fmt: str = "auto", stream: TextIO | None =
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbosity else logging.INFO)
-    if not verbosity:
-        # Libraries log below WARNING at a rate the filter would only throw away.
-        for name in ("paho", "aiomqtt", "amqtt", "pymodbus", "can", "web3", "asyncio"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    # Libraries log below WARNING at a rate the filter would only throw away; with -v and
+    # more their levels are left to the filter (NOTSET: a set-up before may have raised them).
+    for name in ("paho", "aiomqtt", "amqtt", "pymodbus", "can", "web3", "asyncio"):
+        logging.getLogger(name).setLevel(logging.NOTSET if verbosity else logging.WARNING)
     return handler
 
 

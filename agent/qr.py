@@ -4,7 +4,8 @@ A record is ~290 bytes of CBOR (two public keys and three signatures): as one QR
 is version 11 or more (61+ modules, plus the quiet zone), wider than a 60-column terminal.
 So the terminal shows it split in two codes, each small enough for version 8 at error
 level L (49 modules + a 4-module quiet zone on each side = 57 columns in segno's compact
-mode, which draws two module rows per text line):
+mode, which draws two module rows per text line); a bigger record (a rotation, a long
+device id) in as many parts as it takes for each to fit:
 
     EVEDGE2:<part>/<parts>:<base32 of that part of the CBOR, no padding>
 
@@ -43,14 +44,20 @@ def single_text(cbor: bytes) -> str:
 
 
 def print_terminal(cbor: bytes, out: TextIO) -> None:
-    """The split codes, each at most TERMINAL_COLUMNS wide, with a caption."""
+    """The split codes, each at most TERMINAL_COLUMNS wide, with a caption: two parts for a
+    provisioning record, more for a bigger one (a rotation record carries a third key
+    signature and the old key id; a long device id adds its bytes)."""
     import segno
 
-    texts = split_texts(cbor)
-    for index, text in enumerate(texts, 1):
-        code = segno.make(text, error="l", boost_error=False)
-        print(f"\nQR part {index} of {len(texts)} (scan both; `registry add` takes both lines):",
-              file=out)
+    for parts in range(2, 10):
+        texts = split_texts(cbor, parts)
+        codes = [segno.make(text, error="l", boost_error=False) for text in texts]
+        # compact mode: one text column per module, the quiet zone included
+        if max(code.symbol_size(scale=1)[0] for code in codes) <= TERMINAL_COLUMNS:
+            break
+    for index, code in enumerate(codes, 1):
+        print(f"\nQR part {index} of {len(codes)} (scan all {len(codes)}; `registry add` takes "
+              f"their lines in any order):", file=out)
         code.terminal(out=out, compact=True)
 
 

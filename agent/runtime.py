@@ -452,6 +452,7 @@ class Runtime:
 
         while True:
             runner.state = "running"
+            log.debug("source[%s] (%s): started", source.id, runner.kind)
             try:
                 await source.run(emit)
                 runner.state = "stopped"

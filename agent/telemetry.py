@@ -235,6 +235,10 @@ class Pipeline:
         self._lost_bytes = 0
         self.disk_full = False
         self.counters["envelopes_committed"] += len(out)
+        if out and log.isEnabledFor(logging.DEBUG):
+            log.debug("spool: committed seq %d-%d (%d bytes); %d acknowledged row(s) deleted",
+                      out[0].envelope.seq, out[-1].envelope.seq,
+                      sum(len(o.envelope.data) for o in out), len(acked))
         self._deleted(acked)
         if prefetched is not None:
             self._prefetched = prefetched
@@ -295,6 +299,7 @@ class Pipeline:
                 if failed:
                     raise failed[0]
                 fut = self.uplink.publish_nowait(row.topic, row.data)
+                log.debug("published seq %d (%d bytes) to %s", row.seq, len(row.data), row.topic)
                 keep = self.keep_until_commit
                 fut.add_done_callback(functools.partial(self._on_ack, row.id, keep, window,
                                                         failed))

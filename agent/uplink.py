@@ -342,7 +342,8 @@ class Uplink:
                              clean_session=False if protocol == V311 else None,
                              # paho must never reconnect (or downgrade) inside loop_read:
                              reconnect_on_failure=False)
-        client.enable_logger(log)
+        # paho's own logger: its packet dump (-vv) is labelled as paho's, not as ours
+        client.enable_logger(logging.getLogger("paho.mqtt.client"))
         if cfg.status_topic:
             client.will_set(cfg.status_topic, self.status_payload("lost"), qos=1, retain=True)
         if cfg.username is not None:
@@ -442,6 +443,7 @@ class Uplink:
             reason = "not-authorised" if any(c.value == NOT_AUTHORISED or c.value == 0x80
                                              for c in codes) else "subscribe-refused"
             raise UplinkError(f"broker refused subscription to {topic}", reason=reason)
+        log.debug("subscribed to %s", topic)
 
 
 __all__ = ["Incoming", "MqttConfig", "Uplink"]

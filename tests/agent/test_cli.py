@@ -1,6 +1,7 @@
 """The CLI as a new user meets it: help texts, the technician's flow, one-line errors."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -133,3 +134,16 @@ def test_demo_refuses_no_energy():
     for value in ("0", "-5"):
         proc = run("demo", "--energy-wh", value, check=False)
         assert proc.returncode == 2 and "expected 1 to 200000 Wh" in proc.stderr
+
+
+def test_verify_mqtt_without_a_broker_is_an_error_not_zero_envelopes(tmp_path):
+    (tmp_path / "fleet.toml").write_text("")
+    with socket.socket() as sock:   # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = run("verify", "--mqtt", f"mqtt://127.0.0.1:{port}", "--duration", "1.5",
+               "--registry", str(tmp_path / "fleet.toml"), check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"error: broker 127.0.0.1:{port}: " in proc.stderr
+    assert "nothing was verified" in proc.stderr
+    assert "no envelope was checked" not in proc.stdout + proc.stderr

@@ -74,6 +74,22 @@ def test_keys_init_qr_fits_60_columns_and_scans_back(tmp_path):
     assert FleetRegistry.load(tmp_path / "fleet.toml").devices() == ["ev-0042"]
 
 
+def test_a_rotation_with_a_long_device_id_fits_60_columns_and_scans_back(tmp_path):
+    device = "fleet-north-depot-" + "x" * 22   # 40 characters
+    KeyStore(tmp_path / "s").init(device)
+    result = subprocess.run([EDGE_AGENT, "keys", "rotate", "--state-dir", str(tmp_path / "s")],
+                            capture_output=True, text=True, timeout=60, check=True)
+    codes = terminal_codes(result.stdout)
+    assert len(codes) >= 3      # a rotation record does not fit two 60-column codes
+    assert max(len(line) for code in codes for line in code) <= TERMINAL_COLUMNS
+    scanned = []
+    for index, code in enumerate(codes):
+        to_pbm(code, tmp_path / f"part{index}.pbm")
+        scanned.append(zbarimg(tmp_path / f"part{index}.pbm"))
+    assert decode_text("\n".join(reversed(scanned))) == \
+        record_to_cbor(KeyStore(tmp_path / "s").latest_record())
+
+
 @pytest.mark.parametrize("suffix", [".png", ".svg"])
 def test_keys_export_qr_writes_an_image_to_print(tmp_path, suffix):
     KeyStore(tmp_path / "s").init("ev-7")
