@@ -121,7 +121,7 @@ def parse_config(top: Table) -> Config:
     sources = []
     seen: set[str] = set()
     for table in top.tables("sources"):
-        source_id = table.str("id")
+        source_id = table.nonempty_str("id")
         if source_id in seen:
             raise table.error("id", "a unique source id", source_id)
         seen.add(source_id)
@@ -129,7 +129,7 @@ def parse_config(top: Table) -> Config:
         sources.append(SourceConfig(source_id, kind, table.rest(), table.where))
     chargers: list[ChargerConfig] = []
     for table in top.tables("chargers"):
-        charger_id = table.str("id")
+        charger_id = table.nonempty_str("id")
         if charger_id in {c.id for c in chargers}:
             raise table.error("id", "a unique charger id", charger_id)
         chargers.append(ChargerConfig(charger_id, table.str("kind"), table.rest(), table.where))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import builtins
 import difflib
+import math
 from collections.abc import Iterator, Mapping, Set
 from pathlib import Path
 from typing import TypeVar
@@ -64,8 +65,16 @@ class Table:
         if name in self.data:
             return self.data[name]
         if default is _MISSING:
+            # A typo of this very key (``urll``) is why it is missing: say so here, the
+            # unknown-key check would only come after this error.
+            # (cutoff 0.75: "urll" for "url" is 0.86, but "kind", a key read later, for
+            # "id" is 0.67)
+            typo = difflib.get_close_matches(name, [k for k in self.data if k not in self._used
+                                                    and isinstance(k, builtins.str)], n=1,
+                                             cutoff=0.75)
+            hint = f"; is {typo[0]} a typo of {name}?" if typo else ""
             raise ConfigError(file=self.where, key=self.key(name), expected="a value",
-                              found=Prose("nothing (the key is required)"))
+                              found=Prose(f"nothing (the key is required{hint})"))
         return default
 
     def raw(self, name: builtins.str, default: object = _MISSING) -> object:
@@ -115,7 +124,9 @@ class Table:
               min: builtins.float | None = None,
               max: builtins.float | None = None) -> builtins.float:
         value = self._get(name, default)
+        # nan and inf pass every comparison with a bound the wrong way (nan < min is False)
         if isinstance(value, bool) or not isinstance(value, int | float) or \
+                not math.isfinite(value) or \
                 (min is not None and value < min) or (max is not None and value > max):
             raise self.error(name, _range("a number", min, max), value)
         return float(value)

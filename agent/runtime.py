@@ -167,6 +167,18 @@ class Settings:
                    metrics=metrics, registry=registry, channel=channel)
 
 
+def _located(exc: ConfigError, where: str, table: str) -> ConfigError:
+    """``exc`` with the file and the table's path in front, when it did not say them (a
+    kind's registry, a meter map's loader: code that never saw the file)."""
+    if exc.file is not None or str(exc).startswith(where):
+        return exc
+    key = exc.key if exc.key is None or exc.key.startswith(table) else \
+        f"{table}.{exc.key.removeprefix('sources.')}"
+    if exc.expected is None:
+        return ConfigError(f"{where}: {table}: {exc}", file=where, key=key)
+    return ConfigError(file=where, key=key, expected=exc.expected, found=exc.found)
+
+
 def build_sources(config: Config) -> list[SourceRunner]:
     """Instantiate every ``[[sources]]`` entry; config errors surface before anything runs,
     including two sources that claim one resource (a serial port) with different settings:
@@ -183,8 +195,11 @@ def build_sources(config: Config) -> list[SourceRunner]:
                 f"kinds for a {role}: {', '.join(kinds_for_role(role))}",
                 file=entry.where, key=f"sources.{entry.id}.kind",
                 expected=f"a {role} source kind", found=entry.kind)
-        cls = source_class(entry.kind)
-        source = cls.from_options(entry.id, entry.options, entry.where)
+        try:
+            cls = source_class(entry.kind)
+            source = cls.from_options(entry.id, entry.options, entry.where)
+        except ConfigError as exc:
+            raise _located(exc, entry.where, f"sources.{entry.id}") from None
         for resource, settings in source.claims().items():
             other = claimed.setdefault(resource, (entry.id, settings))
             if other[1] != settings:

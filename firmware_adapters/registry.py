@@ -15,10 +15,11 @@ modules is a bug and propagates as it is.
 
 from __future__ import annotations
 
+import difflib
 import functools
 from importlib.metadata import EntryPoint, entry_points
 
-from agent.errors import AdapterUnavailable, ConfigError
+from agent.errors import AdapterUnavailable, ConfigError, Prose
 from firmware_adapters.base import Source
 from firmware_adapters.evse.base import Charger
 
@@ -43,7 +44,10 @@ def load_kind(group: str, kind: str, what: str) -> object:
         entry = _kinds(group)[kind]
     except KeyError:
         known = ", ".join(known_kinds(group)) or "none installed"
-        raise ConfigError(key=f"{what}.kind", expected=f"one of: {known}", found=kind) from None
+        near = difflib.get_close_matches(kind, known_kinds(group), n=1)
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        raise ConfigError(key=f"{what}.kind", expected=f"one of: {known}",
+                          found=Prose(f'"{kind}"{hint}')) from None
     try:
         return entry.load()
     except ModuleNotFoundError as exc:

@@ -15,13 +15,14 @@ import agent.config, hence the small reader at the end).
 from __future__ import annotations
 
 import builtins
+import difflib
 import tomllib
 from collections.abc import Mapping
 from fractions import Fraction
 from importlib import resources
 from pathlib import Path
 
-from agent.errors import ConfigError
+from agent.errors import ConfigError, Prose
 from agent.readings import METER_SIGNALS
 from firmware_adapters.modbus.registers import (
     FUNCTION_HOLDING,
@@ -154,8 +155,10 @@ def load_map(name_or_path: str) -> MeterMap:
     else:
         path = Path(name_or_path)
         if path.suffix != ".toml":
+            near = difflib.get_close_matches(name_or_path, builtin_maps(), n=1)
+            hint = f" (did you mean {near[0]}?)" if near else ""
             raise ConfigError(key="map", expected=f"one of {', '.join(builtin_maps())} "
-                              "or a .toml file", found=name_or_path)
+                              "or a .toml file", found=Prose(f'"{name_or_path}"{hint}'))
         try:
             text, where = path.read_text(encoding="utf-8"), str(path)
         except OSError as exc:

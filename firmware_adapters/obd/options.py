@@ -4,9 +4,11 @@ ConfigError naming the file, the key, what was expected and what was found."""
 
 from __future__ import annotations
 
-from agent.errors import LocalProtocolError
+import difflib
+
+from agent.errors import LocalProtocolError, Prose
 from agent.options import Table
-from firmware_adapters.obd.pids import pid_spec
+from firmware_adapters.obd.pids import PIDS_BY_KEY, pid_spec
 from firmware_adapters.obd.uds import load_profile
 
 NS = 1_000_000_000
@@ -25,8 +27,11 @@ def pid_periods(o: Table, key: str = "pids") -> dict[int, int]:
         try:
             spec = pid_spec(ref)
         except LocalProtocolError:
+            near = difflib.get_close_matches(ref.upper(), PIDS_BY_KEY, n=1)
+            hint = f" (did you mean {near[0]}?)" if near else ""
             raise o.error(f"{key}.{ref}", "a PID key (SPEED) or hex (0D) from the "
-                          "table in firmware_adapters/obd/pids.py", ref) from None
+                          "table in firmware_adapters/obd/pids.py", Prose(f'"{ref}"{hint}')
+                          ) from None
         if isinstance(period, bool) or not isinstance(period, int | float) \
                 or not 0.01 <= period <= 86400:
             raise o.error(f"{key}.{ref}", "a period in seconds, 0.01..86400", period)

@@ -147,3 +147,32 @@ def test_verify_mqtt_without_a_broker_is_an_error_not_zero_envelopes(tmp_path):
     assert f"error: broker 127.0.0.1:{port}: " in proc.stderr
     assert "nothing was verified" in proc.stderr
     assert "no envelope was checked" not in proc.stdout + proc.stderr
+
+
+VEHICLE = "[device]\nrole = 'vehicle'\n[mqtt]\nurl = 'mqtt://x'\n"
+STATION = "[device]\nrole = 'station'\n[mqtt]\nurl = 'mqtt://x'\n"
+
+
+@pytest.mark.parametrize("text,message", [
+    (VEHICLE + "[[sources]]\nid = 'car'\nkind = 'hil-ecuu'\n",
+     "c.toml: sources.car.kind: expected one of: "),
+    (VEHICLE + "[[sources]]\nid = 'car'\nkind = 'hil-ecuu'\n", '"hil-ecuu" (did you mean hil-ecu?)'),
+    (STATION + "[[sources]]\nid = 'm'\nkind = 'modbus-tcp'\nhost = 'x'\nmap = 'sdm63'\n",
+     'c.toml: sources.m.map: expected one of '),
+    (STATION + "[[sources]]\nid = 'm'\nkind = 'modbus-tcp'\nhost = 'x'\nmap = 'sdm63'\n",
+     '"sdm63" (did you mean sdm630?)'),
+    (VEHICLE + "[[sources]]\nid = 'car'\nkind = 'hil-ecu'\npids = { SPEEDD = 1.0 }\n",
+     '"SPEEDD" (did you mean SPEED?)'),
+    ("[device]\nrole = 'vehicle'\n[mqtt]\nurll = 'mqtt://x'\n",
+     "mqtt.url: expected a value, found nothing (the key is required; is urll a typo of url?)"),
+    (VEHICLE + "[spool]\nlow_water = nan\n", "spool.low_water: expected a number in "),
+    (VEHICLE + "[batch]\nmax_age_ms = inf\n", "batch.max_age_ms: expected "),
+    (VEHICLE + "[[sources]]\nid = ''\nkind = 'hil-ecu'\n", 'id: expected a non-empty string, found ""'),
+])
+def test_config_check_says_where_what_and_the_nearest_known_name(tmp_path, text, message):
+    (tmp_path / "c.toml").write_text(text)
+    proc = run("config", "check", str(tmp_path / "c.toml"), check=False)
+    assert proc.returncode == 2, proc.stdout
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert str(tmp_path / "c.toml") in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
