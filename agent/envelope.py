@@ -218,6 +218,9 @@ def _open_sign1(data: bytes, lookup: KeyLookup, max_bytes: int,
             or not isinstance(payload, bytes) or not isinstance(signature, bytes):
         raise MalformedEnvelope("COSE_Sign1 items have the wrong types",
                                 reason="cose-structure")
+    if len(signature) != 64:
+        raise MalformedEnvelope(f"the signature is {len(signature)} bytes, an Ed25519 one is 64",
+                                reason="cose-structure")
     if unprotected:
         raise MalformedEnvelope("the unprotected header must be empty (its bytes are not "
                                 "signed but change the envelope's hash)",
@@ -285,8 +288,9 @@ def _decode_payload(payload: bytes, kid: bytes, digest: bytes) -> OpenedEnvelope
                                 reason="payload-schema")
     device, boot, seq = body_map[P_DEVICE], body_map[P_BOOT], body_map[P_SEQ]
     prev, kind, body = body_map[P_PREV], body_map[P_KIND], body_map[P_BODY]
+    # type(seq) is int: CBOR true decodes to Python True, an int to isinstance
     if not isinstance(device, str) or not isinstance(boot, bytes) or len(boot) != BOOT_ID_LEN \
-            or not isinstance(seq, int) or seq < 0 or not isinstance(prev, bytes) \
+            or type(seq) is not int or seq < 0 or not isinstance(prev, bytes) \
             or len(prev) != 32 or kind not in KINDS:
         raise MalformedEnvelope("payload header fields have wrong types or sizes",
                                 reason="payload-schema")
@@ -304,6 +308,9 @@ def _decode_payload(payload: bytes, kid: bytes, digest: bytes) -> OpenedEnvelope
             events = tuple(Event.from_cbor_item(item) for item in body)
         else:
             drop = _decode_drop(body)
+            if drop.last >= seq:
+                raise ValueError(f"declares {drop.first}..{drop.last} dropped, not all before "
+                                 f"its own seq {seq}")
     except (ValueError, TypeError) as exc:
         raise MalformedEnvelope(f"{kind} body: {exc}", reason=f"{kind}-body") from None
     return OpenedEnvelope(kid, device, boot, seq, prev, kind, readings, events, drop, digest)
@@ -319,6 +326,9 @@ def _decode_drop(body: object) -> DropNotice:
             or not isinstance(body["reason"], str) or body["first"] > body["last"]:
         raise ValueError("drop range or hash malformed")
     first, last, count, nbytes = ints
+    if count != last - first + 1:  # a declared range is a run of consecutive seqs
+        raise ValueError(f"count {count} is not the {last - first + 1} envelopes of "
+                         f"{first}..{last}")
     return DropNotice(first, last, count, nbytes, body["last_hash"], body["reason"])
 
 

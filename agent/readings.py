@@ -366,5 +366,7 @@ class Event:
         details = item.get("det", {})
         if not isinstance(details, dict) or set(item) - {"code", "msg", "ts", "src", "det"}:
             raise ValueError("unexpected event fields")
+        if "det" in item and not details:   # the sealer leaves it out: one encoding only
+            raise ValueError("det is absent when there are no details, never empty")
         return cls(item["code"], item["msg"], item["ts"], item["src"],
                    tuple(sorted(details.items())))

@@ -109,7 +109,9 @@ class VerifyReport:
             "ok": self.ok,
             "devices": {name: {k: v for k, v in vars(d).items() if k != "device"}
                         for name, d in self.devices.items()},
-            "failures": dict(self.failures),
+            # zero envelopes checked is a failure of its own, with its own code
+            "failures": dict(self.failures) if self.envelopes else
+            {**self.failures, "no-envelopes": 1},
             "envelopes": self.envelopes,
         }
 

@@ -205,6 +205,25 @@ PAYLOAD = dcbor.dumps({1: "dev-a", 2: bytes(16), 3: 0, 4: bytes(32), 5: "telemet
     (_sign1({1: -8, 4: KEY.kid, 33: 1}, {}, PAYLOAD), "protected-header"),
     (_sign1({1: -8, 4: KEY.kid}, {}, dcbor.dumps({1: "dev-a"})), "payload-schema"),
     (b"\xd2\x84\x41", "malformed-cbor"),
+    # seq is a uint: CBOR true is not seq 1 (nor false seq 0)
+    (_sign1({1: -8, 4: KEY.kid}, {}, dcbor.dumps(
+        {1: "dev-a", 2: bytes(16), 3: True, 4: bytes(32), 5: "telemetry", 6: []})),
+     "payload-schema"),
+    # a drop declares envelopes before its own seq, a run of last - first + 1 of them
+    (_sign1({1: -8, 4: KEY.kid}, {}, dcbor.dumps(
+        {1: "dev-a", 2: bytes(16), 3: 1, 4: bytes(32), 5: "drop", 6: {
+            "first": 1, "last": 9, "count": 9, "bytes": 900, "last_hash": bytes(32),
+            "reason": "spool-full"}})), "drop-body"),
+    (_sign1({1: -8, 4: KEY.kid}, {}, dcbor.dumps(
+        {1: "dev-a", 2: bytes(16), 3: 20, 4: bytes(32), 5: "drop", 6: {
+            "first": 1, "last": 9, "count": 3, "bytes": 900, "last_hash": bytes(32),
+            "reason": "spool-full"}})), "drop-body"),
+    # "det": {} would be a second encoding of the event without details
+    (_sign1({1: -8, 4: KEY.kid}, {}, dcbor.dumps(
+        {1: "dev-a", 2: bytes(16), 3: 0, 4: bytes(32), 5: "event", 6: [
+            {"code": "door-open", "msg": "", "ts": 1, "src": "s", "det": {}}]})), "event-body"),
+    # bstr .size 64
+    (_sign1({1: -8, 4: KEY.kid}, {}, PAYLOAD)[:-66] + b"\x58\x3f" + bytes(63), "cose-structure"),
 ])
 def test_json_report_names_the_specific_reason(data, reason):
     good = [e.data for e in stream(2)]
@@ -231,6 +250,7 @@ def test_zero_envelopes_checked_is_a_failure():
     report = verify_capture(b"", REGISTRY)
     assert not report.ok and "no envelope was checked" in report.format()
     assert json.loads(report.to_json())["ok"] is False
+    assert json.loads(report.to_json())["failures"] == {"no-envelopes": 1}
 
 
 # --- chain heads (issue 15.3): a truncated tail shows -------------------------------------
