@@ -264,10 +264,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise ConfigError(f"{args.logbook}: cannot read the logbook: {exc.strerror}") \
                 from None
-        # The bundle carries its keys; a registry file, when there is one, adds trust.
-        book = verify_bundle(bundle, FleetRegistry.load_or_empty(args.registry))
-        print(json.dumps({"ok": book.ok, "failures": book.failures}) if args.json
-              else book.format())
+        # The bundle carries its keys; a registry file, when there is one, is the trust
+        # anchor (every signing key must be in it); without one the report says so.
+        if Path(args.registry).exists():
+            trusted: FleetRegistry | None = FleetRegistry.load(args.registry)
+        elif Path(args.registry) == default_registry():
+            trusted = None
+        else:
+            raise ConfigError(f"{args.registry}: no such registry file (leave --registry out "
+                              f"to check the logbook against its own keys only)")
+        book = verify_bundle(bundle, trusted, str(args.registry))
+        print(book.to_json() if args.json else book.format())
         return EXIT_OK if book.ok else EXIT_FAIL
     registry = FleetRegistry.load(args.registry)
     if args.mqtt:

@@ -347,8 +347,13 @@ def cmd_logbook(args: argparse.Namespace) -> int:
     from agent.fleet.logbook import make_bundle, verify_bundle
 
     data = make_bundle(_open(args), args.vin)
+    report = verify_bundle(data)  # what a reader will check: never write one that fails
+    if not report.ok:
+        for reason in report.failures:
+            print(f"FAIL {reason}")
+        print(f"{args.out} not written: the logbook of VIN {args.vin} does not verify")
+        return EXIT_FAIL
     args.out.write_bytes(data)
-    report = verify_bundle(data)
     print(f"wrote {args.out}: {len(data)} bytes, {report.envelopes} signed envelope(s), "
           f"{len(report.history)} odometer reading(s); check it with "
           f"`edge-agent verify --logbook {args.out}`")
