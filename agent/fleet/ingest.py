@@ -169,9 +169,18 @@ class Ingest:
                          tg.create_task(self._mark_timer(), name="fleet.marks")]
                 if self.config.anchor is not None:
                     tasks.append(tg.create_task(self._anchor_timer(), name="fleet.anchor"))
-                await self.subscriber.subscribed_async.wait()
-                self.ready.set()
-                await stop.wait()
+                # A stop while the broker is still out of reach ends the ingest too.
+                subscribed = asyncio.ensure_future(self.subscriber.subscribed_async.wait())
+                stopping = asyncio.ensure_future(stop.wait())
+                try:
+                    await asyncio.wait((subscribed, stopping),
+                                       return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    subscribed.cancel()
+                    stopping.cancel()
+                if not stop.is_set():
+                    self.ready.set()
+                    await stop.wait()
                 for task in tasks:
                     task.cancel()
         finally:

@@ -110,6 +110,8 @@ class SharedSubscriber:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
+        self.client.on_connect_fail = self._on_connect_fail
+        self._unreachable_said = False
 
     def start(self) -> None:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho
@@ -150,9 +152,16 @@ class SharedSubscriber:
         client.subscribe([(f"$share/{self.config.group}/{f}", options) for f in self.filters]
                          + [(f, options) for f in self.plain])
         self.connected.set()
+        self._unreachable_said = False
         self._loop.call_soon_threadsafe(self.connected_async.set)
         log.info("fleet ingest connected to %s:%d (group %s)", self.host, self.port,
                  self.config.group)
+
+    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        if not self._unreachable_said:  # once per outage: paho retries every 1-5 s
+            self._unreachable_said = True
+            log.warning("fleet ingest: broker %s:%d unreachable; retrying until it answers "
+                        "(Ctrl-C or SIGTERM stops)", self.host, self.port)
 
     def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reason_codes: Any,
                       properties: Any) -> None:

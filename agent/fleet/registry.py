@@ -103,16 +103,26 @@ def add_records(db: Database, records: list[dict[str, object]]) -> list[Register
     return db.transaction(work)
 
 
-def revoke(db: Database, kid: bytes, revoked_ns: int | None = None) -> None:
+def revoke(db: Database, kid: bytes, revoked_ns: int | None = None) -> tuple[int, bool]:
+    """Revoke ``kid`` for envelopes signed from ``revoked_ns`` (now) on. Revoking it again
+    from an earlier time moves the revocation earlier; a later time changes nothing (a
+    revocation never narrows). Returns (the revocation time in force, whether it changed)."""
     when = time.time_ns() if revoked_ns is None else revoked_ns
 
-    def work(d: Database) -> None:
+    def work(d: Database) -> tuple[int, bool]:
         registry = _load_in(d)
         registry.revoke(kid)
-        d.execute("INSERT INTO revoked (kid, revoked_ns) VALUES (?, ?) ON CONFLICT DO NOTHING",
-                  (kid, when))
+        rows = d.query("SELECT revoked_ns FROM revoked WHERE kid = ?", (kid,))
+        if not rows:
+            d.execute("INSERT INTO revoked (kid, revoked_ns) VALUES (?, ?)", (kid, when))
+            return when, True
+        current = int(rows[0][0])
+        if when >= current:
+            return current, False
+        d.execute("UPDATE revoked SET revoked_ns = ? WHERE kid = ?", (when, kid))
+        return when, True
 
-    db.transaction(work)
+    return db.transaction(work)
 
 
 def import_toml(db: Database, path: str | os.PathLike[str]) -> tuple[int, int]:
@@ -148,6 +158,9 @@ def _load_in(db: Database) -> FleetRegistry:
 
 def _write_key(db: Database, entry: RegisteredKey, record: bytes | None) -> None:
     db.execute("INSERT INTO keys (kid, device, ed25519, secp256k1, added_ns, rotated_from, "
-               "record) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+               "record) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (kid) DO UPDATE SET "
+               # a key imported from a fleet.toml has no record: its record, once given,
+               # is kept (a logbook carries it); a record already there stays
+               "record = COALESCE(keys.record, excluded.record)",
                (entry.kid, entry.device, entry.ed25519, entry.secp256k1, entry.added_ns,
                 entry.rotated_from, record))

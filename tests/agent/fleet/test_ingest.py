@@ -3,6 +3,7 @@ database, acknowledge after commit, commit marks, garbage kept in `rejected`."""
 
 import asyncio
 import contextlib
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -137,3 +138,32 @@ def test_heads_reach_every_worker_and_name_the_missing_tail(tmp_path, mosquitto)
     assert "car-tail  missing tail seq 5..11 (7): the device's signed head says seq 11" \
         in cli.stdout
     assert "0 gap(s), 1 missing tail(s)" in cli.stdout
+
+
+def test_a_stop_ends_the_ingest_while_the_broker_is_unreachable(tmp_path):
+    """SIGTERM to an ingest started before its broker used to be ignored until the broker
+    answered (it waited for the SUBACK first)."""
+    with socket.socket() as sock:   # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        url = f"mqtt://127.0.0.1:{sock.getsockname()[1]}"
+
+    async def main() -> Ingest:
+        stop = asyncio.Event()
+        ingest = Ingest(config(url, f"sqlite:///{tmp_path / 'fleet.db'}", "ingest-x"),
+                        COMMIT_KEY)
+        task = asyncio.create_task(ingest.run(stop))
+        await asyncio.sleep(1.5)
+        assert not task.done()
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        return ingest
+
+    ingest = asyncio.run(main())
+    assert not ingest.ready.is_set()   # it never claimed to be subscribed
+
+
+def test_parse_time_keeps_every_microsecond():
+    from agent.fleet.commands import parse_time
+
+    assert parse_time("2026-05-01T00:00:00.000001Z") == 1_777_593_600_000_001_000
+    assert parse_time("2026-05-01T00:00:00.999999+00:00") == 1_777_593_600_999_999_000

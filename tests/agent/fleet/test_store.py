@@ -138,3 +138,28 @@ def test_envelopes_of_a_key_registered_later_are_stored_by_reverify(db):
     assert reverify_rejected(db, snap) == (3, 1)
     assert head(db, "late-1") == 2 and db.query("SELECT reason FROM rejected") == \
         [("malformed-cbor",)]
+
+
+def test_a_revocation_only_moves_earlier(db):
+    from agent.fleet import registry as fleet_registry
+
+    car = Device("car-r")
+    register(db, car)
+    assert fleet_registry.revoke(db, car.key.kid, 5_000) == (5_000, True)
+    assert fleet_registry.revoke(db, car.key.kid, 9_000) == (5_000, False)   # never narrows
+    assert fleet_registry.revoke(db, car.key.kid, 2_000) == (2_000, True)    # stolen earlier
+    assert fleet_registry.load(db).revoked_ns[car.key.kid] == 2_000
+
+
+def test_a_record_given_after_an_import_is_kept(db, tmp_path):
+    from agent.fleet import registry as fleet_registry
+    from agent.fleet_keys import FleetRegistry
+
+    car = Device("car-i")
+    toml = FleetRegistry()
+    toml.add_record(car.record)
+    toml.save(tmp_path / "fleet.toml")
+    assert fleet_registry.import_toml(db, tmp_path / "fleet.toml") == (1, 0)
+    assert car.key.kid not in fleet_registry.load(db).records   # a fleet.toml has none
+    fleet_registry.add_record(db, car.record)
+    assert car.key.kid in fleet_registry.load(db).records       # a logbook can carry it now
