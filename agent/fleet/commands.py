@@ -135,6 +135,9 @@ def _open(args: argparse.Namespace) -> Database:
     return open_database(args.db)
 
 
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
 def parse_time(text: str | None) -> int | None:
     if text is None:
         return None
@@ -147,7 +150,8 @@ def parse_time(text: str | None) -> int | None:
                           found=text) from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.UTC)
-    return int(when.timestamp() * 1e9)
+    # integer arithmetic: a float of ns since 1970 has 1/4 us steps (...001 us -> ...1024 ns)
+    return (when - EPOCH) // dt.timedelta(microseconds=1) * 1000
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -158,10 +162,22 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     anchor = _anchor_settings(args)  # a bad option is an error before any key file is made
     key = load_or_create_commit_key(args.commit_key)
+    if not 1 <= args.max_in_flight <= 65535:  # MQTT 5 Receive Maximum (s3.1.2.11.3)
+        raise ConfigError(key="--max-in-flight", expected="1 to 65535",
+                          found=args.max_in_flight)
+    if args.batch < 1:
+        raise ConfigError(key="--batch", expected="1 or more envelopes", found=args.batch)
     client_id = args.client_id or f"fleet-ingest-{os.uname().nodename}-{os.getpid()}"
+    # A session the broker keeps for a day only pays with a client id that the next start
+    # reuses: one named after this pid would be left behind in the shared group, holding
+    # its share of the messages for a worker that never returns.
+    expiry = 24 * 3600 if args.client_id else 0
+    if not args.client_id:
+        print(f"fleet ingest: client id {client_id}, a session for this run only (give "
+              f"--client-id to keep the broker session across restarts)", file=sys.stderr)
     broker = BrokerConfig(args.mqtt, client_id, group=args.group,
                           max_in_flight=args.max_in_flight, ca_file=args.ca,
-                          cert_file=args.cert, key_file=args.key)
+                          cert_file=args.cert, key_file=args.key, session_expiry_s=expiry)
     ingest = Ingest(IngestConfig(broker, args.db, batch_max=args.batch, anchor=anchor), key)
     print(f"fleet ingest: commit marks signed by {key.public.hex()} (kid {key.kid.hex()})",
           file=sys.stderr)
@@ -231,7 +247,13 @@ def cmd_registry_add(args: argparse.Namespace) -> int:
     from agent.keys import fingerprint
 
     db = _open(args)
-    entry = registry.add_record(db, _read_record(args.record))
+    record = _read_record(args.record)
+    known = registry.load(db).records
+    entry = registry.add_record(db, record)
+    if entry.kid in known:
+        print(f"key {entry.kid.hex()} ({fingerprint(entry.ed25519)}) of device {entry.device} "
+              f"is already in the registry with its record: nothing changed")
+        return EXIT_OK
     print(f"proof of possession checks: added key {entry.kid.hex()} "
           f"({fingerprint(entry.ed25519)}) for device {entry.device}")
     return EXIT_OK
@@ -246,10 +268,18 @@ def cmd_registry_revoke(args: argparse.Namespace) -> int:
             raise ValueError
     except ValueError:
         raise ConfigError(key="kid", expected="an 8-byte key id in hex", found=args.kid) from None
-    registry.revoke(_open(args), kid, parse_time(args.at))
-    print(f"revoked key {args.kid} for envelopes signed from "
-          f"{args.at or 'now'} on")
+    when, changed = registry.revoke(_open(args), kid, parse_time(args.at))
+    if changed:
+        print(f"revoked key {args.kid} for envelopes signed from {_iso(when)} on")
+    else:
+        print(f"key {args.kid} is already revoked from {_iso(when)} on, no later than "
+              f"{args.at or 'now'}: nothing changed")
     return EXIT_OK
+
+
+def _iso(ns: int) -> str:
+    """An ns timestamp as ISO 8601 UTC, to the microsecond (the form --at takes)."""
+    return (EPOCH + dt.timedelta(microseconds=ns // 1000)).isoformat().replace("+00:00", "Z")
 
 
 def cmd_registry_import(args: argparse.Namespace) -> int:
@@ -267,7 +297,7 @@ def cmd_registry_show(args: argparse.Namespace) -> int:
     snapshot = registry.load(_open(args))
     for entry in sorted(snapshot.registry.keys.values(), key=lambda e: (e.device, e.added_ns)):
         revoked = snapshot.revoked_ns.get(entry.kid)
-        state = "valid" if revoked is None else f"REVOKED from {revoked} ns"
+        state = "valid" if revoked is None else f"REVOKED from {_iso(revoked)}"
         record = "record" if entry.kid in snapshot.records else "no record"
         print(f"{entry.device}  kid {entry.kid.hex()}  {fingerprint(entry.ed25519)}  "
               f"{record}  {state}")
