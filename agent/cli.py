@@ -132,7 +132,7 @@ def cmd_keys_export(args: argparse.Namespace) -> int:
         return EXIT_OK
     data = record_to_cbor(record) if args.format == "cbor" else \
         (record_to_json(record) + "\n").encode()
-    if args.out:
+    if args.out and args.out != "-":   # "-": stdout, as without --out
         Path(args.out).write_bytes(data)
         print(f"wrote the {record['type']} record to {args.out}")
     else:
@@ -190,9 +190,10 @@ def cmd_registry_add(args: argparse.Namespace) -> int:
               f"is already in {args.registry}: nothing changed")
         return EXIT_OK
     registry.save(args.registry)
-    how = f", replacing {', '.join(k.hex() for k in entry.replaces)}" if entry.replaces else ""
+    how = f"; it replaces key {', '.join(k.hex() for k in entry.replaces)} (recorded)" \
+        if entry.replaces else ""
     print(f"proof of possession checks: added key {entry.kid.hex()} "
-          f"({fingerprint(entry.ed25519)}) for device {entry.device}{how} to {args.registry}")
+          f"({fingerprint(entry.ed25519)}) for device {entry.device} to {args.registry}{how}")
     return EXIT_OK
 
 

@@ -202,7 +202,14 @@ class FleetRegistry:
     # -- file ------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> FleetRegistry:
-        top = load_toml(path, "fleet registry file")
+        try:
+            top = load_toml(path, "fleet registry file")
+        except ConfigError as exc:
+            if Path(path).exists():
+                raise
+            raise ConfigError(f"{exc}: give the fleet's registry with --registry FILE (the "
+                              f"technician's `edge-agent registry add` writes it; the demo "
+                              f"leaves one in demo-out/fleet.toml)") from None
         registry = cls()
         for device in top.tables("devices"):
             device_id = device.str("id")

@@ -140,8 +140,8 @@ def read_secret(path: Path) -> bytes:
     try:
         info = path.stat()
     except FileNotFoundError:
-        raise KeyStoreError(f"no key file {path}: run `edge-agent keys init` first",
-                            reason="missing-key") from None
+        raise KeyStoreError(f"no key file {path}: run `edge-agent keys init --state-dir "
+                            f"{path.parent.parent}` first", reason="missing-key") from None
     if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise InsecureKeyFile(
             f"key file {path} is readable by others (mode {stat.S_IMODE(info.st_mode):04o}); "

@@ -337,6 +337,8 @@ class Runtime:
                 await self._supervise(stop)
         finally:
             self.state = "stopped"
+            for runner in self.sources:  # the last snapshot says what is true after exit
+                runner.state = "stopped"
             await asyncio.to_thread(worker.close)
             with contextlib.suppress(EdgeAgentError):
                 write_status(self.status_file, self.status())
@@ -546,7 +548,8 @@ class Runtime:
         if self.uplink is not None:
             up = self.uplink
             uplink = UplinkStatus(
-                state="connected" if up.connected else "connecting",
+                state="connected" if up.connected else
+                "stopped" if self.state == "stopped" else "connecting",
                 broker=f"{self.mqtt.host}:{self.mqtt.port}",
                 published=up.counters.get("published", 0),
                 reconnects=max(up.epoch - 1, 0),

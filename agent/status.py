@@ -89,7 +89,7 @@ class SpoolStatus:
 
 @dataclass(frozen=True, slots=True)
 class UplinkStatus:
-    state: str                          # connected | connecting | disconnected | disabled
+    state: str                          # connected | connecting | disconnected | disabled | stopped
     broker: str                         # host:port, never credentials
     since_ns: int | None = None         # when ``state`` was entered
     published: int = 0                  # acknowledged (PUBACK) since start

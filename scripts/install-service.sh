@@ -24,6 +24,12 @@ src=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 root=/ role=vehicle python=python3 pip_args=""
 while [ $# -gt 0 ]; do
   case "$1" in
+    --root|--role|--python|--pip-args)
+      if [ $# -lt 2 ]; then
+        echo "install-service.sh: $1 needs a value (see --help)" >&2; exit 2
+      fi ;;
+  esac
+  case "$1" in
     --root) root=$2; shift 2 ;;
     --role) role=$2; shift 2 ;;
     --python) python=$2; shift 2 ;;

@@ -131,7 +131,7 @@ def _positive(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number, found {text}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0: {text}")
     return value

@@ -139,6 +139,10 @@ def test_after_sigterm_status_says_stopped_and_honours_the_state_dir_variable(st
     log = log_path.read_text()
     assert "edge-agent station cs-ops-1 stopped on request" in log
     assert "Traceback" not in log
+    # the last snapshot says what is true after the exit: nothing runs, nothing connects
+    last = read_status(tmp_path / "state" / "status.json")
+    assert [s.state for s in last.sources] == ["stopped"]
+    assert last.uplink is not None and last.uplink.state == "stopped"
 
 
 def test_status_json_for_scripts(station):
