@@ -147,7 +147,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sub = hil.add_subparsers(dest="hil_command", metavar="ACTION", required=True)
     run = sub.add_parser("run", help="run one scenario; exit 0 when every expectation passes",
                          description="Run one scenario; exit 0 when every expectation passes.")
-    run.add_argument("scenario", help="a built-in scenario name (see `hil list`) or a .toml file")
+    scenario = run.add_argument("scenario",
+                                help="a built-in scenario name (see `hil list`) or a .toml file")
+    # what `edge-agent completion` offers here (a file name works too: complete -o default)
+    scenario.completion_words = [p.stem for p in builtin_scenarios()]  # type: ignore[attr-defined]
     run.add_argument("--out", type=Path, default=None,
                      help="directory for the report (default: ./hil-out/<scenario>)")
     run.add_argument("--time-scale", type=_positive, default=DEFAULT_TIME_SCALE,

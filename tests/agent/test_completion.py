@@ -24,6 +24,9 @@ def script(tmp_path: Path, shell: str) -> Path:
     (["edge-agent", "registry", "add", "--re"], ["--registry", "--replace"]),
     (["edge-agent", "wat"], ["watch"]),                  # a plugin command group
     (["edge-agent", "run", "--log"], ["--log-format"]),
+    (["edge-agent", "run", "--log-format", ""], ["auto", "journal", "json", "text"]),
+    (["edge-agent", "completion", ""], ["--help", "bash", "zsh"]),
+    (["edge-agent", "hil", "run", "happy"], ["happy-path"]),     # a built-in scenario
 ])
 def test_bash_completes_commands_and_options(tmp_path, words, expected):
     path = script(tmp_path, "bash")
