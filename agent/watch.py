@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from agent.envelope import KIND_DROP, OpenedEnvelope, open_envelope
 from agent.errors import (
@@ -42,6 +42,9 @@ from agent.errors import (
 from agent.fleet_keys import FleetRegistry
 from agent.readings import Reading
 from agent.topics import ROOT, device_of
+
+if TYPE_CHECKING:
+    from agent.mqtt_connection import Incoming
 
 MAX_READINGS_SHOWN = 6
 MAX_STATUS_BYTES = 4096
@@ -179,6 +182,19 @@ def topics(device: str | None) -> list[str]:
     return [f"{ROOT}/{middle}/{kind}" for kind in ("telemetry", "event", "status")]
 
 
+QUIET_HINT_S = 10.0
+
+
+def _quiet_hint(device: str | None, url: str) -> str:
+    """Said once when nothing arrived for QUIET_HINT_S: a typo in --device is silent."""
+    if device is None:
+        return (f"watch: nothing on {url} for {QUIET_HINT_S:g} s: is any device publishing to "
+                f"this broker? (still watching)")
+    return (f"watch: nothing from device {device} for {QUIET_HINT_S:g} s: is the id right "
+            f"(`edge-agent keys show` on the device prints it) and is it publishing to {url}? "
+            f"(still watching)")
+
+
 async def watch(url: str, registry: FleetRegistry, *, device: str | None = None,
                 as_json: bool = False, count: int | None = None,
                 duration_s: float | None = None, connect_timeout_s: float = 10.0,
@@ -205,19 +221,33 @@ async def watch(url: str, registry: FleetRegistry, *, device: str | None = None,
             await up.subscribe(topic)
         messages = up.messages()
         deadline = None if duration_s is None else time.monotonic() + duration_s
-        while count is None or shown < count:
-            try:
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                async with asyncio.timeout(left):
-                    message = await anext(messages)
-            except TimeoutError:
-                break
-            line = view.feed(message.topic, message.payload, time.time_ns())
-            if line is None:
-                continue
-            print(render(line, as_json), file=out, flush=True)
-            if line.kind in ("telemetry", "event"):
-                shown += 1
+        hint_at: float | None = time.monotonic() + QUIET_HINT_S  # once, if nothing comes
+        # The next message as a task of its own: a wait that ends for the hint must not
+        # cancel it (a cancelled anext would end the message stream).
+        pending: asyncio.Future[Incoming] | None = None
+        try:
+            while count is None or shown < count:
+                if pending is None:
+                    pending = asyncio.ensure_future(anext(messages))
+                ends = [t for t in (deadline, hint_at) if t is not None]
+                left = max(0.0, min(ends) - time.monotonic()) if ends else None
+                done, _ = await asyncio.wait({pending}, timeout=left)
+                if not done:
+                    if hint_at is not None and time.monotonic() >= hint_at:
+                        hint_at = None
+                        print(_quiet_hint(device, url), file=sys.stderr, flush=True)
+                        continue
+                    break
+                message, pending, hint_at = pending.result(), None, None
+                line = view.feed(message.topic, message.payload, time.time_ns())
+                if line is None:
+                    continue
+                print(render(line, as_json), file=out, flush=True)
+                if line.kind in ("telemetry", "event"):
+                    shown += 1
+        finally:
+            if pending is not None:
+                pending.cancel()
     return shown
 
 

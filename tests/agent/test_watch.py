@@ -118,3 +118,19 @@ def test_watch_without_a_broker_is_an_error(tmp_path):
     assert result.returncode == 1
     assert "no broker at mqtt://127.0.0.1" in result.stderr and "Traceback" not in result.stderr
     assert time.monotonic() - started < 60
+
+
+def test_watch_says_once_when_nothing_comes_from_the_device(mosquitto, monkeypatch, capsys):
+    """A typo in --device used to be silent forever."""
+    import asyncio
+    import io
+
+    from agent import watch as watch_module
+
+    monkeypatch.setattr(watch_module, "QUIET_HINT_S", 0.3)
+    out = io.StringIO()
+    shown = asyncio.run(watch_module.watch(mosquitto.url, FleetRegistry(), device="cs-nope",
+                                           duration_s=1.5, out=out))
+    err = capsys.readouterr().err
+    assert shown == 0 and out.getvalue() == ""
+    assert err.count("nothing from device cs-nope for 0.3 s: is the id right") == 1
