@@ -75,10 +75,13 @@ def lock_state_dir(path: Path, what: str = "edge-agent", *, reentrant: bool = Fa
         holder = _read_pid(fd)
         os.close(fd)
         who = f"pid {holder}" if holder else "another process"
+        # A second agent may want a directory of its own; a command on this device's
+        # state (keys rotate, channel close) waits for the agent to stop.
+        other = f", or give {what} a state directory of its own" if what == "this agent" \
+            else ", then run this command again"
         raise StateDirLocked(
             f"another agent ({who}) uses {path}: stop it first (`systemctl stop edge-agent` "
-            f"if it is the service), or give {what} a state directory of its own",
-            pid=holder) from None
+            f"if it is the service){other}", pid=holder) from None
     except OSError as exc:
         os.close(fd)
         raise _os_error(path, exc, "cannot lock") from None

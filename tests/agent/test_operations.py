@@ -108,6 +108,7 @@ def test_a_second_agent_on_the_state_directory_exits_at_once(station, tmp_path):
                              "--no-qr"], capture_output=True, text=True, timeout=60,
                             env=env_without_debug())
     assert rotate.returncode == 1 and f"another agent (pid {proc.pid})" in rotate.stderr
+    assert "then run this command again" in rotate.stderr and "of its own" not in rotate.stderr
     assert KeyStore(tmp_path / "state").load().device_id == "cs-ops-1"
 
 
