@@ -327,9 +327,12 @@ class Ingest:
                 continue
             owner = snapshot.registry.device_of(opened.kid)
             if owner != opened.device:
+                # The alarm is the key owner's: its key signed as another device (stolen, or
+                # copied onto another box); the detail names the device it claimed to be.
                 rejected.append(Rejection(arrival.topic, arrival.payload, "device-mismatch",
                                           f"envelope of {opened.device} signed by a key of "
-                                          f"{owner}", arrival.received_ns, opened.device))
+                                          f"{owner}", arrival.received_ns,
+                                          owner or opened.device, opened.seq))
                 continue
             verified.append(Verified(opened, arrival.payload, arrival.received_ns))
         return verified, rejected, claims

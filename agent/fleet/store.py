@@ -57,6 +57,7 @@ class Rejection:
     detail: str
     received_ns: int
     device: str | None = None  # set when the alarm belongs to a device (key mismatch)
+    seq: int | None = None     # the seq the envelope claims, when it opened
 
 
 @dataclass
@@ -111,7 +112,8 @@ def _store(db: Database, batch: Sequence[Verified], rejected: Sequence[Rejection
                                               refused.detail[:500], refused.raw,
                                               refused.received_ns))
         if refused.device is not None:
-            _alarm(db, refused.device, None, refused.reason, refused.detail, refused.raw, now)
+            _alarm(db, refused.device, refused.seq, refused.reason, refused.detail, refused.raw,
+                   now)
         result.counters[f"rejected_{refused.reason}"] += 1
     return result
 

@@ -167,3 +167,27 @@ def test_parse_time_keeps_every_microsecond():
 
     assert parse_time("2026-05-01T00:00:00.000001Z") == 1_777_593_600_000_001_000
     assert parse_time("2026-05-01T00:00:00.999999+00:00") == 1_777_593_600_999_999_000
+
+
+def test_a_key_signing_as_another_device_raises_the_key_owners_alarm(tmp_path, mosquitto):
+    db_url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    db = open_database(db_url)
+    thief, victim = Device("car-1", seed=1), Device("car-2", seed=2)
+    register(db, thief, victim)
+    # car-1's key signs envelopes that claim to be car-2's
+    impostor = Device("car-2", seed=1)
+
+    async def main():
+        async with workers(mosquitto.url, db_url, n=1) as (ingest,):
+            async with Uplink(MqttConfig.from_url(mosquitto.url, "pub")) as up:
+                await up.wait_connected()
+                for envelope in impostor.envelopes(3):
+                    await up.publish(telemetry_topic("car-2"), envelope.data)
+            await wait_for(lambda: ingest.counters["rejected_device-mismatch"] == 3)
+
+    asyncio.run(main())
+    alarms = db.query("SELECT device, seq, kind FROM alarms ORDER BY seq")
+    assert alarms == [("car-1", 0, "device-mismatch"), ("car-1", 1, "device-mismatch"),
+                      ("car-1", 2, "device-mismatch")]
+    assert db.query("SELECT COUNT(*) FROM envelopes")[0][0] == 0
+    db.close()
