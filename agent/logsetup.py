@@ -136,8 +136,9 @@ class RepeatFilter(logging.Filter):
             self._seen.clear()
         self._seen[key] = (now, 0)
         if last is not None and last[1]:
-            record.msg = f"{record.msg} [repeated {last[1]} times in the last " \
-                         f"{self.interval_s:g} s]"
+            note = f" [repeated {last[1]} times in the last {self.interval_s:g} s]"
+            record.msg = f"{record.msg}{note}"
+            record.repeat_note = note  # the status's error log counts on its own (StatusFeed)
         return True
 
 
@@ -278,6 +279,10 @@ class StatusFeed(logging.Handler):
         try:
             found = fields(record)
             reason = found.get("reason") or record.levelname.lower()
-            self.add(int(record.created * 1e9), found["where"], reason, record.getMessage())
+            message = record.getMessage()
+            note = getattr(record, "repeat_note", "")
+            if note and message.endswith(note):  # the log's note, not part of the error
+                message = message[:-len(note)]
+            self.add(int(record.created * 1e9), found["where"], reason, message)
         except Exception:  # noqa: BLE001 - logging must never raise (logging.Handler rule)
             self.handleError(record)

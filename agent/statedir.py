@@ -120,8 +120,14 @@ def _os_error(path: Path, exc: OSError, doing: str) -> StateDirError:
                              f"on persistent, writable storage ([device] state_dir)",
                              reason="state-dir-read-only")
     if exc.errno in (errno.EACCES, errno.EPERM):
-        return StateDirError(f"{doing} state directory {path}: permission denied (run as the "
-                             f"user that owns it, e.g. `sudo -u edge-agent edge-agent ...`)",
+        try:
+            owner = path.stat().st_uid
+        except OSError:
+            owner = None
+        fix = "its mode does not let its owner write: `chmod u+rwx " + str(path) + "`" \
+            if owner == os.geteuid() else \
+            "run as the user that owns it, e.g. `sudo -u edge-agent edge-agent ...`"
+        return StateDirError(f"{doing} state directory {path}: permission denied ({fix})",
                              reason="state-dir-permission")
     if exc.errno == errno.ENOTDIR:
         return StateDirError(f"state directory {path}: a part of the path is a file, not a "

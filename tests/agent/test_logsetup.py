@@ -153,3 +153,24 @@ def test_repeats_are_limited_per_distinct_error_and_counted():
                      "[repeated 239 times in the last 10 s]"]
     counts = {e.message.split(":")[0]: e.count for e in errors.snapshot()}
     assert counts == {"spool commit failed (disk-full)": 241, "another error": 240}
+
+
+def test_the_status_error_log_never_carries_the_logs_repeat_note():
+    """Handlers run in order: a feed after the rate-limited handler sees the record with
+    the log's "[repeated N times ...]" note in it, and must leave it out."""
+    now = [0.0]
+    handler = logging.StreamHandler(io.StringIO())
+    handler.addFilter(RepeatFilter(interval_s=10, clock=lambda: now[0]))
+    errors = ErrorLog()
+    logger = logging.getLogger("edge_agent.telemetry.repeat2")
+    logger.propagate = False
+    logger.addHandler(handler)                 # the log first ...
+    logger.addHandler(StatusFeed(errors.add_entry))   # ... then the status
+    try:
+        for i in range(3):
+            now[0] = i * 6.0                   # 0, 6 (suppressed), 12 (with the note)
+            logger.error("broker unreachable")
+    finally:
+        logger.handlers.clear()
+        logger.propagate = True
+    assert [(e.message, e.count) for e in errors.snapshot()] == [("broker unreachable", 3)]
