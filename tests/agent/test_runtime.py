@@ -200,7 +200,7 @@ timeout_s = 0.2
 
 
 @pytest.mark.parametrize("bad,message", [
-    ('[[sources]]\nid = "x"\nkind = "warp-drive"\n', "sources.kind: expected one of"),
+    ('[[sources]]\nid = "x"\nkind = "warp-drive"\n', "sources.x.kind: expected one of"),
     ('[[sources]]\nid = "m"\nkind = "hil-meter"\npower_w = "lots"\n', "power_w"),
     # issue 12 item 6: one RS-485 port, two line settings: a config error, not a retry loop
     ('[[sources]]\nid = "a"\nkind = "modbus-rtu"\nport = "/dev/ttyUSB9"\nmap = "sdm630"\n'
