@@ -442,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "fields), else text; json: one object a line")
 
     p = add(sub, "status", cmd_status, "print a running agent's sources, rates, spool depth, "
-            "uplink and channel state and last errors (exit 0 running, 3 not running)")
+            "uplink and channel state and last errors (exit 0 running, 3 not running, 4 the "
+            "status file cannot be read)")
     p.add_argument("--config", type=Path, default=None,
                    help="the agent's config (to find its status file)")
     p.add_argument("--file", type=Path, default=None, help="the status file itself")

@@ -40,7 +40,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -299,9 +299,12 @@ class Runtime:
         raise ConfigError(key="sources.id", expected="a configured source", found=source_id)
 
     # -- the supervisor --------------------------------------------------------------------
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event,
+                  on_locked: Callable[[], None] | None = None) -> None:
         # One agent per state directory (agent/statedir.py): a second one would fork the chain.
         lock_state_dir(self.config.device.state_dir, "this agent")
+        if on_locked is not None:  # `run` says "starting" only for an agent that starts
+            on_locked()
         # Every warning the log shows reaches the status too (issue 15.4); tasks started
         # below inherit the context, so a process with two agents keeps their errors apart.
         token = _running.set(self)
@@ -595,10 +598,12 @@ async def run_agent(config_path: str | os.PathLike[str],
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-    log.info("edge-agent %s: %s %s starting (pid %d, state %s)", __version__, runtime.role,
-             runtime.device_id, os.getpid(), config.device.state_dir)
+    def starting() -> None:
+        log.info("edge-agent %s: %s %s starting (pid %d, state %s)", __version__, runtime.role,
+                 runtime.device_id, os.getpid(), config.device.state_dir)
+
     try:
-        await runtime.run(stop)
+        await runtime.run(stop, on_locked=starting)
     finally:
         if runtime.state == "stopped":   # it ran (a refused start never got that far)
             why = "on request" if stop.is_set() else "after an error"

@@ -102,6 +102,7 @@ def test_a_second_agent_on_the_state_directory_exits_at_once(station, tmp_path):
     assert second.returncode == 1
     assert f"another agent (pid {proc.pid}) uses {tmp_path / 'state'}" in second.stderr
     assert "Traceback" not in second.stderr and "stopped" not in second.stderr
+    assert "starting" not in second.stderr   # refused before it says it starts
     assert time.monotonic() - started < 30
     # Every command that writes state takes the same lock.
     rotate = subprocess.run([EDGE_AGENT, "keys", "rotate", "--state-dir", str(tmp_path / "state"),
