@@ -9,7 +9,12 @@ station's connector, or pinned by the fleet), that
 2. the record is of the meter the vehicle expects (``MS``, when given);
 3. the energy the METER bills since the channel opened is not more than the meter's
    signed energy between the record's begin (``TX = "B"``) and its last reading, plus
-   ``tolerance_wh`` (the meter signs in its own resolution, usually 1 Wh).
+   ``tolerance_wh`` (the meter signs in its own resolution, usually 1 Wh), all of one
+   energy register (``RI``).
+
+What it does not prove: that the record is of this session (the meter key comes with the
+station's offer, and an older record of the same meter with more energy would pass); the
+vehicle's own energy count (``[channel.energy]``) is what bounds the bill against that.
 
 It raises, never returns a bool (agent.errors.ChannelError with a reason code the
 vehicle can put in its REJECT): ``meter-proof-missing``, ``meter-proof-invalid``,
@@ -37,6 +42,10 @@ def check_meter_proof(meter: MeterInfo, meter_public_key: str | bytes, *,
         raise ChannelError(f"record of meter {record.meter_serial!r}, expected "
                            f"{meter_serial!r}", reason="meter-proof-serial")
     energies = [(r.kind, wh) for r in record.readings if (wh := r.energy_wh) is not None]
+    registers = {r.obis for r in record.readings if r.energy_wh is not None}
+    if len(registers) > 1:  # a begin of one register and an end of another proves nothing
+        raise ChannelError(f"record mixes energy registers {sorted(registers)}",
+                           reason="meter-proof-invalid")
     begin = next((wh for kind, wh in energies if kind == "B"), None)
     if begin is None or len(energies) < 2:
         raise ChannelError("record has no begin and later energy reading",

@@ -274,6 +274,7 @@ REASONS: dict[str, str] = {
     "station-deposit-too-small": "V2G OPEN whose station deposit cannot pay one export window",
     "energy-mismatch": "metered energy beyond the vehicle's estimate plus tolerance",
     "conflicting-state": "peer holds another co-signed state with our nonce",
+    "after-final": "a state proposed after the final one was co-signed",
 }
 
 

@@ -197,6 +197,11 @@ class StationChannel(Channel):
                 return None, sig_ev, b""
             raise ChannelError("state older than the latest co-signed one",
                                reason="replayed-state", nonce=state.nonce)
+        if self.cosigned is not None and self.cosigned.state.final:
+            # Nothing follows a final state: a later one, even with the same amounts, would
+            # be what a restarted station settles from, and a non-final one fails coopClose.
+            raise ChannelError("the final state is co-signed: nothing follows it",
+                               reason="after-final", nonce=state.nonce)
         if state.final != final:
             raise ChannelError("final flag does not match the message",
                                reason="not-final" if final else "unexpected-final",

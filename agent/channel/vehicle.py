@@ -94,6 +94,10 @@ class VehicleChannel(Channel):
         self.exporting = False
         self.window = window  # proposals in flight at most (1: stop-and-wait)
         self.estimate_wh: int | None = None
+        # Our own energy count is configured ([channel.energy]): until it has a value, the
+        # energy we know we received is 0 Wh, not "unknown, pay what the station says" (a
+        # station that never switches on would be paid the whole deposit for one METER).
+        self.counts_energy = False
         # Set when the station's offer names its Eichrecht meter's key: the final METER is
         # signed only if its meter-signed record checks (raises ChannelError(reason)).
         self.final_meter_check: Callable[[MeterInfo], object] | None = None
@@ -343,8 +347,11 @@ class VehicleChannel(Channel):
         if not meter.final and (meter.t_ev, meter.t_cs, meter.import_wh) == (
                 (cos.t_ev, cos.t_cs, cos.wh) if cos else (0, 0, 0)):
             return []  # nothing new to pay for
-        if self.estimate_wh is not None:
-            allowed = self.estimate_wh + self.tolerance_wh + \
+        estimate = self.estimate_wh
+        if estimate is None and self.counts_energy:
+            estimate = 0
+        if estimate is not None:
+            allowed = estimate + self.tolerance_wh + \
                 meter.import_wh * self.tolerance_ppm // 1_000_000
             if meter.import_wh > allowed:
                 if self.withheld == meter.counter:

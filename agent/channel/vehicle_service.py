@@ -388,6 +388,7 @@ class VehicleService:
         if self.config.energy is not None:
             start, accumulated = directory.energy()
             energy = EnergyCount(self.config.energy, start, accumulated)
+            channel.counts_energy = True
         session = VehicleSession(SessionView(record, channel, directory.job()), directory,
                                  channel, store, energy)
         self.session = session

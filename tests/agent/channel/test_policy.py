@@ -146,3 +146,39 @@ def test_the_station_delivers_one_credit_window_until_the_ledger_confirms() -> N
     assert link.cs.headroom_wh == 0 and link.cs.cosigned.state.wh >= 100
     link.run("cs", link.cs.funding_checked(link.now))
     assert link.cs.headroom_wh == 100
+
+
+# --- the vehicle's own count ----------------------------------------------------------------
+
+def _forged_first_meter(link: Link) -> list[object]:
+    """A station that never switched on sends one METER worth the car's whole deposit."""
+    setup, cs = link.setup, link.cs
+    wh = setup.deposit_ev * 1000 // setup.tariff.price_per_kwh
+    info = MeterInfo(counter=1, import_wh=wh, export_wh=0, ts_s=1_700_000_000,
+                     charge_milli=wh * setup.tariff.price_per_kwh, credit_milli=0,
+                     tariff_id=cs.tariff_id)
+    return link.ev.receive(m.encode(cs.domain, MsgType.METER, info.to_body(), setup.cs_id),
+                           link.now, 1_700_000_000)
+
+
+def sent_pays(actions: list[object]) -> list[object]:
+    return [a for a in actions if getattr(a, "msg_type", None) == MsgType.PAY]
+
+
+def test_with_its_own_count_configured_the_car_pays_nothing_before_it_counts() -> None:
+    link = Link(Setup())
+    link.open_and_fund()
+    link.ev.counts_energy = True          # [channel.energy]: its count has no value yet
+    actions = _forged_first_meter(link)
+    assert sent_pays(actions) == []
+    assert link.ev.counters["energy-mismatch"] == 1
+    # the car's count catches up with what really flowed (nothing): still nothing paid
+    assert sent_pays(link.ev.estimate(0, link.now)) == []
+
+
+def test_without_a_count_of_its_own_the_car_pays_what_the_meter_says() -> None:
+    """No [channel.energy]: the car trusts the station's signed METER (the documented
+    mode, warned about at start); the check above is what a configured count adds."""
+    link = Link(Setup())
+    link.open_and_fund()
+    assert len(sent_pays(_forged_first_meter(link))) == 1

@@ -401,3 +401,23 @@ def test_meter_counters_are_never_reused_after_losing_unsynced_meters() -> None:
     assert new == METER_RESERVE + 1 and new not in signed
     # The vehicle accepts the re-metered statement and pays it.
     assert link.cs.cosigned is not None and link.cs.cosigned.state.wh == 60
+
+
+def test_nothing_is_cosigned_after_the_final_state() -> None:
+    """A car that proposes one more (non-final) state with the final amounts after CLOSED:
+    the station would settle from it after a restart, and coopClose refuses a non-final
+    state, so its settlement would retry for ever instead of closing."""
+    link = Link(Setup())
+    link.open_and_fund()
+    link.charge(3)
+    link.run("ev", link.ev.close(link.now))
+    cs = link.cs
+    final = cs.cosigned.state if cs.cosigned else None
+    assert final is not None and final.final
+    after = ChannelState(final.chain_id, final.contract, final.channel_id, final.nonce + 1,
+                         final.t_ev, final.t_cs, final.wh, False)
+    body = {0: after.to_cbor_item(), 1: link.setup.ev_key.sign_digest(after.digest()),
+            2: cs.last_meter.counter if cs.last_meter else 0}
+    actions = cs.receive(m.encode(cs.domain, MsgType.PAY, body, link.setup.ev_id), 1.0)
+    assert [a.reason for a in actions if isinstance(a, Rejected)] == ["after-final"]
+    assert cs.cosigned is not None and cs.cosigned.state == final

@@ -256,3 +256,35 @@ def test_the_vehicle_checks_a_meter_statement_against_the_meter_key() -> None:
     with pytest.raises(ChannelError) as info:
         check_meter_proof(meter, key, meter_serial="someone-else")
     assert info.value.reason == "meter-proof-serial"
+
+
+def test_a_meter_record_that_mixes_energy_registers_proves_nothing() -> None:
+    """A begin on the import register and an end on another (export, a tariff register):
+    their difference is not the energy of the session."""
+    import json
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    public = key.public_key().public_bytes(serialization.Encoding.DER,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    def reading(kind: str, kwh: float, register: str) -> dict[str, object]:
+        return {"TM": "2026-12-01T10:00:00,000+0000 S", "TX": kind, "RV": kwh,
+                "RI": register, "RU": "kWh", "RT": "AC", "EF": "", "ST": "G"}
+
+    def record(end_register: str) -> str:
+        payload = json.dumps({"FV": "1.0", "PG": "T1", "MS": "WM420001", "RD": [
+            reading("B", 1.0, "1-0:1.8.0"), reading("E", 21.0, end_register)]},
+            separators=(",", ":"))
+        signature = key.sign(payload.encode(), ec.ECDSA(hashes.SHA256()))
+        return f'OCMF|{payload}|{{"SA":"ECDSA-secp256r1-SHA256","SD":"{signature.hex()}"}}'
+
+    same = MeterInfo(7, 11_000, 0, 1, 0, 0, bytes(16), False, record("1-0:1.8.0"))
+    assert check_meter_proof(same, public).meter_serial == "WM420001"   # 20 kWh signed
+    mixed = MeterInfo(7, 11_000, 0, 1, 0, 0, bytes(16), False, record("1-0:2.8.0"))
+    with pytest.raises(ChannelError) as info:
+        check_meter_proof(mixed, public)
+    assert info.value.reason == "meter-proof-invalid" and "mixes energy registers" in \
+        str(info.value)
