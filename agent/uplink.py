@@ -370,8 +370,7 @@ class Uplink:
             self._conn, self.protocol, self.downgraded = conn, protocol, downgraded
             self.epoch += 1
             self.counters["connections"] += 1
-            if self._short_sessions < SHORT_SESSION_STREAK:
-                self._backoff.reset()  # else the back-off grows (see _session_ended)
+            self._backoff.reset()
             self.last_error = None
             self._connected.set()
             log.info("uplink connected to %s:%d (MQTT %s%s, epoch %d)", cfg.host, cfg.port,
@@ -388,9 +387,10 @@ class Uplink:
         """Say it when the broker ends connection after connection soon after accepting
         it. That is what a session take-over looks like when the broker only closes the
         socket (mosquitto 2.0 does, without MQTT 5's DISCONNECT 0x8E): two agents with one
-        client id kick each other off, and reconnecting at once would keep them at it
-        several times a second. So after SHORT_SESSION_STREAK such connections the
-        back-off is no longer reset on connect, and the log says why in plain words."""
+        client id kick each other off. The log says so once per streak, in plain words.
+        (The back-off is left alone: a broker that closes the connection after each
+        refused publish, an ACL change, ends connections the same way, and there the agent
+        must go on retrying at its pace.)"""
         if self._closed.is_set() or self._leaving or lasted_s >= SHORT_SESSION_S:
             self._short_sessions = 0
             return
@@ -402,8 +402,7 @@ class Uplink:
                 "them. Most likely another client uses our client id %r (a second agent "
                 "with a copy of this device's identity, on another box?): each connection "
                 "takes the session from the other. Two agents fork the signed chain; stop "
-                "one of them. (Or the broker refuses something we send: see its log.) "
-                "Reconnecting with a growing back-off until a connection lasts.",
+                "one of them. (Or the broker refuses something we send: see its log.)",
                 self._short_sessions, SHORT_SESSION_S, self.config.client_id)
 
     async def _serve(self, conn: Connection) -> None:

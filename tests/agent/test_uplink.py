@@ -136,26 +136,19 @@ def test_publish_returns_on_puback_and_subscribers_get_it_in_order(mosquitto):
     asyncio.run(main())
 
 
-def test_two_uplinks_with_one_client_id_are_told_and_back_off(mosquitto, caplog):
+def test_two_uplinks_with_one_client_id_are_told(mosquitto, caplog):
     """mosquitto ends a taken-over session by closing the socket (no DISCONNECT 0x8E), so
-    two agents with one identity kick each other off: the log says what that looks like,
-    and the back-off grows instead of the pair reconnecting several times a second."""
+    two agents with one identity kick each other off: the log says what that looks like."""
     async def main():
         async with Uplink(config(mosquitto.url, "ev-twin")) as one, \
                 Uplink(config(mosquitto.url, "ev-twin")) as two:
             await until(lambda: one.counters["short_session_streaks"]
                         + two.counters["short_session_streaks"] > 0)
-            await asyncio.sleep(2.0)
-            return one.epoch + two.epoch
 
     with caplog.at_level("WARNING", logger="edge_agent.uplink"):
-        connections = asyncio.run(main())
+        asyncio.run(main())
     told = [r.getMessage() for r in caplog.records if "within 5 s" in r.getMessage()]
     assert told and "another client uses our client id 'ev-twin'" in told[0]
-    # FAST caps the back-off at 0.4 s; reset on every connect it would allow ~40 or more
-    # connections in those ~2.5 s (each reconnect is immediate, ~20 ms). Grown, at most one
-    # per 0.2-0.4 s per uplink.
-    assert connections < 40
 
 
 def test_exit_ends_the_uplink_even_when_a_cancel_is_swallowed(mosquitto):
