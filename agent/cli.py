@@ -21,7 +21,6 @@ from agent import __version__
 from agent.errors import ConfigError, EdgeAgentError
 
 if TYPE_CHECKING:
-    from agent.fleet_keys import RegisteredKey
     from agent.keys import KeyStore
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -216,16 +215,13 @@ def cmd_registry_revoke(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _kid_hex(entry: RegisteredKey | None) -> str | None:
-    return entry.kid.hex() if entry is not None else None
-
-
 def cmd_registry_show(args: argparse.Namespace) -> int:
     from agent.fleet_keys import FleetRegistry
     from agent.keys import fingerprint
 
     registry = FleetRegistry.load(args.registry)
     entries = sorted(registry.keys.values(), key=lambda e: (e.device, e.added_ns))
+    successors = registry.successors()  # once: per entry it would be a pass over all keys
     if args.json:
         print(json.dumps({
             "devices": registry.devices(), "revoked": sorted(k.hex() for k in registry.revoked),
@@ -234,12 +230,13 @@ def cmd_registry_show(args: argparse.Namespace) -> int:
                       "address": "0x" + e.address.hex(), "added_ns": e.added_ns,
                       "rotated_from": e.rotated_from.hex() if e.rotated_from else None,
                       "replaces": [k.hex() for k in e.replaces],
-                      "superseded_by": _kid_hex(registry.superseded_by(e.kid)),
+                      "superseded_by": successors[e.kid].kid.hex() if e.kid in successors
+                      else None,
                       "revoked": e.kid in registry.revoked} for e in entries]}))
         return EXIT_OK
     for entry in entries:
         state = "REVOKED" if entry.kid in registry.revoked else "valid"
-        successor = registry.superseded_by(entry.kid)
+        successor = successors.get(entry.kid)
         if successor is not None:  # still valid for what it signed (agent.fleet_keys)
             how = "rotated to" if successor.rotated_from == entry.kid else "replaced by"
             state += f" (for what it signed; {how} {successor.kid.hex()})"

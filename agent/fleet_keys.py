@@ -31,8 +31,8 @@ that should not speak for a device speak for it:
   the device's key history;
 * re-adding a revoked key (``revoked-key``);
 * a provisioning record for a device id that already has keys, revoked ones included
-  (``device-exists``): a second ``keys init`` with the same ``--device-id`` on another box. A legitimate
-  re-provisioning (the SD card died, the box was swapped) passes ``replace=True``
+  (``device-exists``): a second ``keys init`` with the same ``--device-id`` on another
+  box. A legitimate re-provisioning (the SD card died, the box was swapped) passes ``replace=True``
   (``registry add --replace``), recorded on the new key as ``replaces``/``replaced_ns``;
   the old keys stay valid for what they signed (revoke them if the old box is lost);
 * revoking a key id the registry does not hold (``unknown-kid``), with the nearest one.
@@ -98,12 +98,14 @@ class FleetRegistry:
     def devices(self) -> list[str]:
         return sorted({k.device for k in self.keys.values()})
 
+    def successors(self) -> dict[bytes, RegisteredKey]:
+        """kid -> the key that rotated away from it or replaced it (one pass over all)."""
+        return {old: entry for entry in self.keys.values()
+                for old in ((entry.rotated_from,) if entry.rotated_from else ()) + entry.replaces}
+
     def superseded_by(self, kid: bytes) -> RegisteredKey | None:
         """The key that rotated away from ``kid`` or replaced it, if any."""
-        for other in self.keys.values():
-            if other.rotated_from == kid or kid in other.replaces:
-                return other
-        return None
+        return self.successors().get(kid)
 
     def current_keys(self, device: str) -> list[RegisteredKey]:
         """The device's keys that nothing has rotated away from or replaced (and that are

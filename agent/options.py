@@ -210,7 +210,6 @@ def _show(value: object) -> str:
     return show_value(value)
 
 
-
 def split_url(url: str, key: str, expected: str) -> SplitResult:
     """``urlsplit``, with what urllib raises ValueError for as a ConfigError naming the key:
     a URL it cannot split (an unclosed "[": ``expected`` says what was), or a port out of

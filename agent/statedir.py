@@ -124,7 +124,7 @@ def _os_error(path: Path, exc: OSError, doing: str) -> StateDirError:
             owner = path.stat().st_uid
         except OSError:
             owner = None
-        fix = "its mode does not let its owner write: `chmod u+rwx " + str(path) + "`" \
+        fix = f"its mode does not let its owner write: `chmod u+rwx {path}`" \
             if owner == os.geteuid() else \
             "run as the user that owns it, e.g. `sudo -u edge-agent edge-agent ...`"
         return StateDirError(f"{doing} state directory {path}: permission denied ({fix})",

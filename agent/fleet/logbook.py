@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 from agent import dcbor
@@ -183,9 +184,7 @@ class LogbookReport:
         self.codes.append(code)
 
     def to_dict(self) -> dict[str, object]:
-        reasons: dict[str, int] = {}
-        for code in self.codes:
-            reasons[code] = reasons.get(code, 0) + 1
+        reasons = dict(Counter(self.codes))
         return {
             "ok": self.ok, "vin": self.vin, "envelopes": self.envelopes,
             "mileage": [{"device": m.device, "seq": m.seq, "ts_ns": m.ts_ns, "km": m.km}
